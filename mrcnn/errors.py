@@ -1,0 +1,28 @@
+"""User-facing errors: every problem a user can cause is one of these, with a message that names it.
+
+The CLI and the app print ``str(err)`` and never a traceback.
+"""
+
+
+class MrcnnError(Exception):
+    """Base class: the message is meant for the user as it is."""
+
+
+class ImageError(MrcnnError):
+    """An image that cannot be read (missing, empty, truncated, not an image, too many pixels)."""
+
+
+class CheckpointError(MrcnnError):
+    """A checkpoint or weights file that is missing, corrupt, foreign or does not fit the architecture."""
+
+
+class ModelUnavailable(MrcnnError):
+    """A model whose weights are not on this machine (the message says how to get them)."""
+
+
+class DatasetError(MrcnnError):
+    """A dataset that cannot be used at all (per-item problems go into a validation report instead)."""
+
+
+class TrainingError(MrcnnError):
+    """A training run that cannot start or had to stop (bad config, non-finite loss)."""

@@ -1,0 +1,120 @@
+"""Small value types shared by every part: inference thresholds, RPN knobs and a detections container."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Everything applied after the network to turn candidates into detections (mmdetection's test_cfg)."""
+
+    score_thresh: float = 0.5
+    nms_thresh: float = 0.5  # per-class NMS IoU; 1.0 disables suppression
+    max_detections: int = 100
+    mask_thresh: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_fraction("score_thresh", self.score_thresh)
+        _check_fraction("nms_thresh", self.nms_thresh)
+        _check_fraction("mask_thresh", self.mask_thresh)
+        if int(self.max_detections) < 0:
+            raise ValueError(f"max_detections must be >= 0, got {self.max_detections!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> "Thresholds":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RpnSettings:
+    """Test-time RPN knobs (torchvision's rpn_* arguments); changing them re-runs RPN filtering only."""
+
+    pre_nms_top_n: int = 1000  # per FPN level
+    post_nms_top_n: int = 1000
+    nms_thresh: float = 0.7
+    score_thresh: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_fraction("rpn nms_thresh", self.nms_thresh)
+        _check_fraction("rpn score_thresh", self.score_thresh)
+        for name in ("pre_nms_top_n", "post_nms_top_n"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Detections:
+    """Detections of one image, all fields the same length N and indexed together (detectron2's Instances).
+
+    boxes: float32 (N, 4) xyxy in original-image pixels; scores: float32 (N,);
+    labels: int64 (N,) index into ``categories`` (0 is "__background__", never a detection);
+    masks: bool (N, H, W) at the mask threshold, or None when the model has no masks;
+    candidate_ids: int64 (N,) the candidate each came from (proposal_index * num_classes + label),
+    so the trace can say where a detection came from.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    candidate_ids: np.ndarray
+    categories: list[str]
+    image_size: tuple[int, int]  # (height, width) of the original image
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def __getitem__(self, index) -> "Detections":
+        """Select by integer array, slice or boolean mask, like a numpy array."""
+        if isinstance(index, (int, np.integer)):
+            index = [int(index)]
+        return Detections(
+            boxes=self.boxes[index],
+            scores=self.scores[index],
+            labels=self.labels[index],
+            masks=None if self.masks is None else self.masks[index],
+            candidate_ids=self.candidate_ids[index],
+            categories=self.categories,
+            image_size=self.image_size,
+        )
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self.categories[int(i)] for i in self.labels]
+
+    @property
+    def areas(self) -> np.ndarray:
+        """Mask area in pixels where there are masks, box area otherwise."""
+        if self.masks is not None:
+            return self.masks.reshape(len(self), -1).sum(axis=1).astype(np.int64)
+        w = self.boxes[:, 2] - self.boxes[:, 0]
+        h = self.boxes[:, 3] - self.boxes[:, 1]
+        return (w * h).astype(np.int64)
+
+    @classmethod
+    def empty(cls, categories: list[str], image_size: tuple[int, int], with_masks: bool = True) -> "Detections":
+        h, w = image_size
+        return cls(
+            boxes=np.zeros((0, 4), np.float32),
+            scores=np.zeros((0,), np.float32),
+            labels=np.zeros((0,), np.int64),
+            masks=np.zeros((0, h, w), bool) if with_masks else None,
+            candidate_ids=np.zeros((0,), np.int64),
+            categories=list(categories),
+            image_size=(int(h), int(w)),
+        )
+
+
+__all__ = ["Thresholds", "RpnSettings", "Detections"]
