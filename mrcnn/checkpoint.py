@@ -1,0 +1,155 @@
+"""Checkpoints in the DESIGN format, written atomically and read with ``weights_only=True``.
+
+``{"format": "mrcnn-checkpoint", "version": 1, "arch": {...}, "categories": [...],
+"state_dict": {...}, "meta": {...}}`` — tensors and plain Python types only, never pickled objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrcnn.errors import CheckpointError
+
+FORMAT = "mrcnn-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temp file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_checkpoint(arch: dict, categories: list[str], state_dict: dict, meta: dict | None = None,
+                    half: bool = False) -> dict:
+    """Assemble a checkpoint dict; ``half`` stores floating tensors as fp16 (they load back as fp32)."""
+    if not categories or categories[0] != "__background__":
+        raise ValueError("categories must start with '__background__'")
+    sd = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu()
+        sd[k] = v.half() if half and v.is_floating_point() else v.clone()
+    return {"format": FORMAT, "version": VERSION, "arch": dict(arch), "categories": list(categories),
+            "state_dict": sd, "meta": dict(meta or {})}
+
+
+def save_checkpoint(path: str | Path, arch: dict, categories: list[str], state_dict: dict,
+                    meta: dict | None = None, half: bool = False, extra: dict | None = None) -> Path:
+    """Save atomically. ``extra`` adds keys (e.g. optimizer state for resuming) beside the DESIGN keys."""
+    ckpt = make_checkpoint(arch, categories, state_dict, meta, half)
+    if extra:
+        ckpt.update(extra)
+    atomic_torch_save(ckpt, path)
+    return Path(path)
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """torch.load(weights_only=True) with every failure turned into one CheckpointError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses pickled objects: a foreign or unsafe file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a safe checkpoint (it holds pickled objects: {first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "central directory" in msg or "truncated" in msg.lower() or isinstance(err, EOFError):
+            reason = "file is truncated or corrupt"
+        else:
+            reason = "not a PyTorch checkpoint file"
+        raise CheckpointError(f"{path}: {reason} ({msg[:200]})") from None
+    except Exception as err:  # anything else torch.load raises on garbage
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def is_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and check a DESIGN-format checkpoint; raises CheckpointError naming the file and the problem."""
+    obj = read_torch_file(path)
+    if not is_checkpoint(obj):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(
+                f"{path}: a raw state dict, not an mrcnn checkpoint; name its architecture "
+                "(e.g. --model coco-r50-fpn --weights FILE)")
+        raise CheckpointError(f"{path}: not an mrcnn checkpoint (no 'format': '{FORMAT}' key)")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {obj.get('version')!r} is not supported (expected {VERSION})")
+    for key, kind in (("arch", dict), ("categories", list), ("state_dict", dict)):
+        if not isinstance(obj.get(key), kind):
+            raise CheckpointError(f"{path}: checkpoint is missing '{key}' or it is not a {kind.__name__}")
+    if not obj["categories"] or obj["categories"][0] != "__background__":
+        raise CheckpointError(f"{path}: categories must start with '__background__'")
+    obj.setdefault("meta", {})
+    return obj
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, source: str | Path) -> None:
+    """load_state_dict(strict) with a clear error: missing/unexpected keys and shape mismatches, first few named."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{source}: weights do not match the architecture: " + "; ".join(parts))
+    bad = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
+           if tuple(state_dict[k].shape) != tuple(v.shape)]
+    if bad:
+        first = ", ".join(f"{k} {a} vs model {b}" for k, a, b in bad[:3])
+        hint = ""
+        if any("cls_score" in k or "mask_fcn_logits" in k for k, _, _ in bad):
+            hint = " (the number of classes differs)"
+        raise CheckpointError(f"{source}: {len(bad)} tensors have the wrong shape{hint}: {first}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)

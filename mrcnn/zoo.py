@@ -1,0 +1,290 @@
+"""The model zoo: which models exist, whether their weights are here, and loading them.
+
+Names (DESIGN "Models"): ``shapes`` (bundled in weights/), ``coco-r50-fpn`` and ``coco-r50-fpn-v2``
+(torchvision's COCO weights, found in torch's hub cache, in weights/, or given as a file), or a path
+to a checkpoint. Nothing here downloads on import; ``download_weights`` does, when called.
+"""
+from __future__ import annotations
+
+import json
+import os
+import hashlib
+import re
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
+
+from mrcnn.architectures import build_model
+from mrcnn.checkpoint import (
+    atomic_write_bytes, file_sha256, is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file,
+)
+from mrcnn.errors import CheckpointError, MrcnnError, ModelUnavailable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("MRCNN_WEIGHTS_DIR", REPO_ROOT / "weights"))
+
+
+def runs_dir() -> Path:
+    """Where training runs started from the app live; their checkpoints join the model list."""
+    return Path(os.environ.get("MRCNN_RUNS_DIR", REPO_ROOT / "runs"))
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+@dataclass(frozen=True)
+class TorchvisionEntry:
+    arch: str
+    weights_enum: object  # torchvision WeightsEnum member: url + categories, no download needed
+
+    @property
+    def url(self) -> str:
+        return self.weights_enum.url
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.weights_enum.meta["categories"])
+
+
+TORCHVISION_MODELS = {
+    "coco-r50-fpn": TorchvisionEntry("maskrcnn_resnet50_fpn", MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
+    "coco-r50-fpn-v2": TorchvisionEntry("maskrcnn_resnet50_fpn_v2", MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
+}
+BUNDLED = {"shapes": "shapes.pt"}
+DEFAULT_MODEL = "shapes"
+
+
+@dataclass
+class ModelInfo:
+    """One row of the model list."""
+
+    name: str
+    kind: str  # "bundled" | "torchvision" | "checkpoint"
+    classes: list[str]  # without "__background__"
+    available: bool
+    path: str | None = None
+    reason: str = ""  # why not available, and how to get it
+    url: str | None = None  # where the weights can be downloaded from, if anywhere
+    card: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _real_classes(categories: list[str]) -> list[str]:
+    return [c for c in categories[1:] if c != "N/A"]
+
+
+def find_torchvision_weights(name: str) -> Path | None:
+    entry = TORCHVISION_MODELS[name]
+    for folder in (weights_dir(), hub_checkpoint_dir()):
+        candidate = folder / entry.filename
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_card(checkpoint_path: Path) -> dict:
+    """The model card beside a checkpoint (<stem>.json), else the checkpoint's own meta."""
+    card_path = checkpoint_path.with_suffix(".json")
+    if card_path.is_file():
+        try:
+            return json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    return {}
+
+
+def _checkpoint_info(name: str, path: Path, kind: str) -> ModelInfo:
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        return ModelInfo(name, kind, [], False, str(path), reason=str(err))
+    card = read_card(path) or dict(ckpt["meta"])
+    return ModelInfo(name, kind, _real_classes(ckpt["categories"]), True, str(path), card=card)
+
+
+def list_models(include_runs: bool = True) -> list[ModelInfo]:
+    """Every model we know of, available or not (with the reason)."""
+    infos = []
+    for name, filename in BUNDLED.items():
+        path = weights_dir() / filename
+        if path.is_file():
+            infos.append(_checkpoint_info(name, path, "bundled"))
+        else:
+            infos.append(ModelInfo(name, "bundled", ["circle", "square", "triangle"], False, str(path),
+                                   reason=f"{path} is missing; reproduce it with `bash weights/train_shapes.sh`"))
+    for name, entry in TORCHVISION_MODELS.items():
+        path = find_torchvision_weights(name)
+        if path is not None:
+            infos.append(ModelInfo(name, "torchvision", _real_classes(entry.categories), True, str(path),
+                                   url=entry.url, card={"source": "torchvision", "weights": "COCO_V1"}))
+        else:
+            infos.append(ModelInfo(
+                name, "torchvision", _real_classes(entry.categories), False, None, url=entry.url,
+                reason=(f"weights file {entry.filename} not found in {weights_dir()} or {hub_checkpoint_dir()}; "
+                        f"download it from {entry.url} (the app has a download button when online) "
+                        f"or pass --weights FILE")))
+    if include_runs and runs_dir().is_dir():
+        for ckpt_path in sorted(runs_dir().glob("*/checkpoint.pt")):
+            infos.append(_checkpoint_info(str(ckpt_path), ckpt_path, "checkpoint"))
+    return infos
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; asking for CUDA without one is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MrcnnError("--device cuda was asked for, but no CUDA device is available (use --device auto or cpu)")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MrcnnError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: eval mode, on its device. Shared between users: never mutate it."""
+
+    name: str
+    model: torch.nn.Module
+    categories: list[str]  # index 0 = "__background__"
+    arch: dict
+    source: str
+    sha256: str
+    meta: dict
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def has_masks(self) -> bool:
+        return getattr(self.model.roi_heads, "mask_head", None) is not None
+
+
+def _from_checkpoint(name: str, path: Path, device: torch.device) -> LoadedModel:
+    ckpt = load_checkpoint(path)
+    try:
+        model = build_model(ckpt["arch"], len(ckpt["categories"]))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: cannot build its architecture {ckpt['arch'].get('name')!r}: {err}") from None
+    load_state_dict_checked(model, ckpt["state_dict"], path)
+    meta = read_card(path) or dict(ckpt["meta"])
+    return LoadedModel(name, model.eval().to(device), list(ckpt["categories"]), dict(ckpt["arch"]), str(path),
+                       file_sha256(path), meta, device)
+
+
+def _from_torchvision(name: str, path: Path, device: torch.device) -> LoadedModel:
+    entry = TORCHVISION_MODELS[name]
+    obj = read_torch_file(path)
+    if is_checkpoint(obj):  # a fine-tuned checkpoint given with --weights
+        return _from_checkpoint(name, path, device)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # torchvision reference-scripts' training checkpoints
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    categories = entry.categories
+    head = obj.get("roi_heads.box_predictor.cls_score.weight")
+    if head is not None and head.shape[0] != len(categories):
+        categories = ["__background__"] + [f"class {i}" for i in range(1, head.shape[0])]
+    model = build_model({"name": entry.arch}, len(categories))
+    load_state_dict_checked(model, obj, path)
+    return LoadedModel(name, model.eval().to(device), categories, {"name": entry.arch}, str(path),
+                       file_sha256(path), {"source": "torchvision", "weights": "COCO_V1"}, device)
+
+
+def load_model(name: str, weights: str | Path | None = None, device: str | torch.device = "auto") -> LoadedModel:
+    """Load a model by name or checkpoint path. Raises ModelUnavailable / CheckpointError with a clear message."""
+    dev = resolve_device(device)
+    if name in TORCHVISION_MODELS:
+        path = Path(weights) if weights else find_torchvision_weights(name)
+        if path is None:
+            info = next(i for i in list_models(include_runs=False) if i.name == name)
+            raise ModelUnavailable(f"{name}: {info.reason}")
+        return _from_torchvision(name, path, dev)
+    if name in BUNDLED:
+        path = Path(weights) if weights else weights_dir() / BUNDLED[name]
+        if not path.is_file():
+            raise ModelUnavailable(f"{name}: {path} is missing; reproduce it with `bash weights/train_shapes.sh`")
+        return _from_checkpoint(name, path, dev)
+    path = Path(name)
+    if path.suffix in (".pt", ".pth") or path.exists() or os.sep in name:
+        return _from_checkpoint(str(path), Path(weights) if weights else path, dev)
+    known = ", ".join([*BUNDLED, *TORCHVISION_MODELS])
+    raise MrcnnError(f"unknown model {name!r}: use one of {known} or a checkpoint path")
+
+
+HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")  # torchvision: the file name carries a sha256 prefix
+
+
+def download_weights(name_or_url: str, dest_dir: str | Path | None = None,
+                     progress: Callable[[int, int | None], None] | None = None, timeout: float = 30.0) -> Path:
+    """Download a weights file with a progress callback(done_bytes, total_bytes|None) and torchvision's hash check.
+
+    The file appears under its final name only when complete and verified. Offline or on a bad hash,
+    raises ModelUnavailable with the reason.
+    """
+    url = TORCHVISION_MODELS[name_or_url].url if name_or_url in TORCHVISION_MODELS else name_or_url
+    filename = url.rsplit("/", 1)[-1]
+    dest = Path(dest_dir) if dest_dir else hub_checkpoint_dir()
+    target = dest / filename
+    expected = HASH_REGEX.search(filename)
+
+    sha = hashlib.sha256()
+    chunks: list[bytes] = []
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            total = resp.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            done = 0
+            while block := resp.read(1 << 20):
+                sha.update(block)
+                chunks.append(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ModelUnavailable(f"cannot download {url}: {reason} (offline? copy the file to {dest} instead)") from None
+    digest = sha.hexdigest()
+    if expected and not digest.startswith(expected.group(1)):
+        raise ModelUnavailable(f"downloaded {filename} is corrupt: sha256 {digest[:12]}… does not start with "
+                               f"{expected.group(1)} as its name says; nothing was saved")
+    atomic_write_bytes(target, b"".join(chunks))
+    return target
+
+
+def cli_models(args) -> int:
+    infos = list_models()
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    for info in infos:
+        status = "available" if info.available else "unavailable"
+        print(f"{info.name:<20} {info.kind:<12} {len(info.classes):>3} classes  {status}")
+        if info.available:
+            print(f"    {info.path}")
+        else:
+            print(f"    {info.reason}")
+    return 0
+
+
+__all__ = ["ModelInfo", "LoadedModel", "list_models", "load_model", "download_weights", "resolve_device",
+           "TORCHVISION_MODELS", "DEFAULT_MODEL"]
