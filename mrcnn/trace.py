@@ -1,0 +1,382 @@
+"""The trace: one staged run of Mask R-CNN on one image, keeping what every stage produced.
+
+    trace = run_trace(loaded_model, image_rgb_uint8)           # runs the network once
+    dets = trace.refilter(Thresholds(score_thresh=0.7))        # no network: candidates are cached
+    trace.set_rpn(RpnSettings(post_nms_top_n=300))             # RPN filtering + heads, never the backbone
+
+Stages (torchvision's GeneralizedRCNN.forward, taken apart): transform → backbone/FPN → RPN head
+and anchors → proposal filtering (pre-NMS top-N per level, NMS per level, post-NMS top-N) → box
+head on every proposal (the candidates: class probabilities and class-specific refined boxes) →
+per-class NMS → mask head (28×28 probabilities, memoised per candidate) → paste into the image.
+
+With the thresholds the model was built with, the detections equal torchvision's ``model(images)``
+on the same weights (tests/test_trace_equivalence.py). The shared model is only called, never
+changed: every knob is passed explicitly instead of being set on the model's modules.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import boxes as box_ops
+from torchvision.ops.poolers import _setup_scales
+
+from mrcnn.structures import Detections, RpnSettings, Thresholds
+from mrcnn.zoo import LoadedModel
+
+# torchvision's fixed constants in RPN filtering and detection post-processing
+RPN_MIN_BOX_SIZE = 1e-3
+DET_MIN_BOX_SIZE = 1e-2
+
+
+@dataclass
+class Proposals:
+    """RPN proposals in network-input pixels. ``*_pre`` = after per-level top-N, before NMS."""
+
+    boxes_pre: torch.Tensor  # (M, 4)
+    scores_pre: torch.Tensor  # (M,) objectness probability
+    levels_pre: torch.Tensor  # (M,) FPN level index
+    boxes: torch.Tensor  # (P, 4) kept after NMS and post-NMS top-N
+    scores: torch.Tensor  # (P,)
+    levels: torch.Tensor  # (P,)
+    num_suppressed: int  # removed by NMS (not by the top-N cut)
+
+
+@dataclass
+class Candidates:
+    """Box-head output for every proposal: what per-class NMS chooses detections from."""
+
+    probs: torch.Tensor  # (P, C) softmax class probabilities
+    boxes: torch.Tensor  # (P, C, 4) class-specific refined boxes, clipped, network-input pixels
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trace:
+    """Everything one image's run produced, plus re-filtering that reuses it. See the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, image: np.ndarray, thresholds: Thresholds | None = None,
+                 rpn: RpnSettings | None = None):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.categories = loaded.categories
+        self.image = image
+        self.original_size = (int(image.shape[0]), int(image.shape[1]))
+        self.thresholds = thresholds or Thresholds()
+        self.rpn_settings = rpn or RpnSettings()
+        self.timings_ms: dict[str, float] = OrderedDict()
+        self._mask_memo: dict[int, torch.Tensor] = {}  # candidate id -> (28, 28) probabilities
+        self._paste_memo: dict[int, tuple[int, int, np.ndarray]] = {}  # id -> (y0, x0, float32 crop)
+        self.last_refilter_ms = 0.0
+        self.last_mask_ms = 0.0  # of the last refilter: mask head + pasting for candidates not seen before
+        self._run_network()
+
+    # ---- timing -------------------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, stage: str):
+        store = self.timings_ms
+        _sync(self.device)
+        start = time.perf_counter()
+        yield
+        _sync(self.device)
+        store[stage] = store.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
+
+    # ---- the network, once ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run_network(self) -> None:
+        model = self.model
+        with self._timed("transform"):
+            tensor = torch.from_numpy(self.image).to(self.device).permute(2, 0, 1).float().div_(255.0)
+            image_list, _ = model.transform([tensor])
+        self.image_list = image_list
+        self.input_size = tuple(int(s) for s in image_list.image_sizes[0])  # (h, w) after resize
+        self.padded_size = tuple(int(s) for s in image_list.tensors.shape[-2:])
+
+        with self._timed("backbone"):
+            self.features: OrderedDict[str, torch.Tensor] = model.backbone(image_list.tensors)
+        feature_list = list(self.features.values())
+
+        with self._timed("rpn_head"):
+            objectness, deltas = model.rpn.head(feature_list)
+            anchors = model.rpn.anchor_generator(image_list, feature_list)[0]
+            # per level (1, A, Hi, Wi) -> A * Hi * Wi anchors
+            self.num_anchors_per_level = [int(o[0].numel()) for o in objectness]
+            self.objectness_maps = [o[0] for o in objectness]  # (A, Hi, Wi) logits
+            self.delta_maps = [d[0] for d in deltas]  # (A*4, Hi, Wi)
+            flat_obj, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+            self.anchors = anchors  # (sum A*Hi*Wi, 4) ordered (level, y, x, anchor)
+            self.anchor_objectness = flat_obj.reshape(-1)  # logits, same order as anchors
+            self.anchor_proposals = model.rpn.box_coder.decode(flat_deltas, [anchors]).reshape(-1, 4)
+
+        self._run_heads()
+        self.detections = self.refilter(self.thresholds)
+        self.timings_ms["detections"] = self.last_refilter_ms - self.last_mask_ms
+        self.timings_ms["masks"] = self.last_mask_ms
+
+    def _run_heads(self) -> None:
+        """RPN filtering and the box head: everything downstream of the cached features."""
+        with self._timed("rpn_filter"):
+            self.proposals = self._filter_proposals(self.rpn_settings)
+        with self._timed("box_head"):
+            self.candidates = self._box_head(self.proposals.boxes)
+        self._mask_memo.clear()
+        self._paste_memo.clear()
+
+    def _filter_proposals(self, rpn: RpnSettings) -> Proposals:
+        """torchvision's RegionProposalNetwork.filter_proposals, keeping the pre-NMS set as well."""
+        top_idx, levels, offset = [], [], 0
+        for level, (n, logits) in enumerate(zip(self.num_anchors_per_level,
+                                               self.anchor_objectness.split(self.num_anchors_per_level))):
+            k = min(int(rpn.pre_nms_top_n), n)
+            _, idx = logits.topk(k)
+            top_idx.append(idx + offset)
+            levels.append(torch.full((k,), level, dtype=torch.int64, device=self.device))
+            offset += n
+        idx = torch.cat(top_idx)
+        lvl = torch.cat(levels)
+        scores = torch.sigmoid(self.anchor_objectness[idx])
+        boxes = box_ops.clip_boxes_to_image(self.anchor_proposals[idx], self.input_size)
+        keep = box_ops.remove_small_boxes(boxes, RPN_MIN_BOX_SIZE)
+        boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+        keep = torch.where(scores >= rpn.score_thresh)[0]
+        boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+        keep = box_ops.batched_nms(boxes, scores, lvl, float(rpn.nms_thresh))
+        suppressed = int(boxes.shape[0] - keep.shape[0])
+        keep = keep[: int(rpn.post_nms_top_n)]
+        return Proposals(boxes, scores, lvl, boxes[keep], scores[keep], lvl[keep], suppressed)
+
+    def _box_head(self, proposals: torch.Tensor) -> Candidates:
+        heads = self.model.roi_heads
+        feats = heads.box_roi_pool(self.features, [proposals], [self.input_size])
+        class_logits, box_regression = heads.box_predictor(heads.box_head(feats))
+        boxes = heads.box_coder.decode(box_regression, [proposals])  # (P, C, 4)
+        boxes = box_ops.clip_boxes_to_image(boxes, self.input_size)
+        return Candidates(torch.softmax(class_logits, -1), boxes)
+
+    # ---- re-running from cached features ----------------------------------------------------------
+    @torch.inference_mode()
+    def set_rpn(self, rpn: RpnSettings) -> Detections:
+        """New RPN knobs: re-filter proposals and re-run the heads from the cached features."""
+        self.rpn_settings = rpn
+        for stage in ("rpn_filter", "box_head"):
+            self.timings_ms.pop(stage, None)
+        self._run_heads()
+        self.detections = self.refilter(self.thresholds)
+        return self.detections
+
+    @torch.inference_mode()
+    def refilter(self, thresholds: Thresholds) -> Detections:
+        """Detections for new thresholds from the cached candidates (the mask head runs only for
+        candidates not seen before; every other stage is reused)."""
+        start = time.perf_counter()
+        self.last_mask_ms = 0.0
+        self.thresholds = thresholds
+        keep_ids, scores, boxes = self._select(thresholds)
+        labels = keep_ids % self.num_classes
+        boxes_orig = resize_boxes(boxes, self.input_size, self.original_size)
+        masks = None
+        if self.loaded.has_masks:
+            masks = self._masks(keep_ids, boxes, boxes_orig, thresholds.mask_thresh)
+        self.detections = Detections(
+            boxes=boxes_orig.float().cpu().numpy().astype(np.float32).reshape(-1, 4),
+            scores=scores.float().cpu().numpy().astype(np.float32),
+            labels=labels.cpu().numpy().astype(np.int64),
+            masks=masks,
+            candidate_ids=keep_ids.cpu().numpy().astype(np.int64),
+            categories=self.categories,
+            image_size=self.original_size,
+        )
+        self.last_refilter_ms = (time.perf_counter() - start) * 1000.0
+        return self.detections
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.candidates.probs.shape[1])
+
+    def _select(self, t: Thresholds, apply_nms: bool = True):
+        """torchvision's RoIHeads.postprocess_detections on the cached candidates.
+
+        Returns candidate ids (proposal * C + class), scores and boxes (network-input pixels)."""
+        probs, boxes = self.candidates.probs, self.candidates.boxes
+        num_props, num_classes = probs.shape
+        ids = torch.arange(num_props * num_classes, device=probs.device).view(num_props, num_classes)
+        ids, scores, boxes = ids[:, 1:].reshape(-1), probs[:, 1:].reshape(-1), boxes[:, 1:].reshape(-1, 4)
+        keep = torch.where(scores > t.score_thresh)[0]
+        ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+        keep = box_ops.remove_small_boxes(boxes, DET_MIN_BOX_SIZE)
+        ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+        if apply_nms:
+            keep = box_ops.batched_nms(boxes, scores, ids % num_classes, float(t.nms_thresh))
+            keep = keep[: int(t.max_detections)]
+            ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+        return ids, scores, boxes
+
+    # ---- masks --------------------------------------------------------------------------------------
+    def mask_probs_28(self, candidate_ids, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, M, M) mask-head probabilities of these candidates' classes, computed once per candidate."""
+        ids = [int(i) for i in candidate_ids]
+        missing = [i for i in ids if i not in self._mask_memo]
+        if missing:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                if boxes is None:
+                    miss_boxes = self.candidate_boxes(missing)
+                else:
+                    pos = {cid: n for n, cid in enumerate(ids)}
+                    miss_boxes = boxes[[pos[i] for i in missing]]
+                heads = self.model.roi_heads
+                feats = heads.mask_roi_pool(self.features, [miss_boxes], [self.input_size])
+                logits = heads.mask_predictor(heads.mask_head(feats))  # (n, C, M, M)
+                labels = torch.tensor([i % self.num_classes for i in missing], device=logits.device)
+                probs = logits[torch.arange(len(missing), device=logits.device), labels].sigmoid()
+                for cid, p in zip(missing, probs):
+                    self._mask_memo[cid] = p
+            _sync(self.device)
+            self.last_mask_ms += (time.perf_counter() - t0) * 1000.0
+        if not ids:
+            size = self.model.roi_heads.mask_roi_pool.output_size[0] * 2
+            return torch.zeros((0, size, size), device=self.device)
+        return torch.stack([self._mask_memo[i] for i in ids])
+
+    def candidate_boxes(self, candidate_ids) -> torch.Tensor:
+        """Refined boxes (network-input pixels) of these candidates."""
+        ids = torch.as_tensor([int(i) for i in candidate_ids], dtype=torch.int64, device=self.device)
+        return self.candidates.boxes[ids // self.num_classes, ids % self.num_classes].reshape(-1, 4)
+
+    def _masks(self, ids: torch.Tensor, boxes: torch.Tensor, boxes_orig: torch.Tensor,
+               mask_thresh: float) -> np.ndarray:
+        h, w = self.original_size
+        out = np.zeros((len(ids), h, w), dtype=bool)
+        if len(ids) == 0:
+            return out
+        id_list = [int(i) for i in ids]
+        need = [n for n, cid in enumerate(id_list) if cid not in self._paste_memo]
+        if need:
+            probs = self.mask_probs_28([id_list[n] for n in need], boxes[need])
+            t0 = time.perf_counter()
+            pasted = paste_masks_in_image(probs[:, None], boxes_orig[need], self.original_size)
+            for n, full in zip(need, pasted[:, 0]):
+                self._paste_memo[id_list[n]] = _crop_nonzero(full.float().cpu().numpy())
+            self.last_mask_ms += (time.perf_counter() - t0) * 1000.0
+        for n, cid in enumerate(id_list):
+            y0, x0, crop = self._paste_memo[cid]
+            out[n, y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop > mask_thresh
+        return out
+
+    def mask_probs_full(self, candidate_id: int) -> np.ndarray:
+        """The pasted full-size probability map of one candidate (original-image pixels)."""
+        cid = int(candidate_id)
+        if cid not in self._paste_memo:
+            box = self.candidate_boxes([cid])
+            self._masks(torch.tensor([cid]), box, resize_boxes(box, self.input_size, self.original_size), 0.5)
+        y0, x0, crop = self._paste_memo[cid]
+        full = np.zeros(self.original_size, np.float32)
+        full[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+        return full
+
+    # ---- what the inspector asks about ------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """Network-input pixels per original pixel."""
+        return self.input_size[0] / self.original_size[0]
+
+    def to_original(self, boxes: torch.Tensor) -> np.ndarray:
+        """Boxes in network-input pixels -> float32 numpy boxes in original-image pixels."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        return resize_boxes(boxes, self.input_size, self.original_size).cpu().numpy().astype(np.float32)
+
+    @property
+    def level_names(self) -> list[str]:
+        return list(self.features.keys())
+
+    def anchor_settings(self) -> dict:
+        gen = self.model.rpn.anchor_generator
+        return {"sizes": [list(s) for s in gen.sizes], "aspect_ratios": [list(a) for a in gen.aspect_ratios]}
+
+    def anchors_at(self, level: int, y: int, x: int) -> torch.Tensor:
+        """The anchors centred on feature-map cell (y, x) of a level, network-input pixels."""
+        num_a, fh, fw = self.objectness_maps[level].shape
+        if not (0 <= y < fh and 0 <= x < fw):
+            raise ValueError(f"cell ({y}, {x}) is outside level {level}'s {fh}x{fw} grid")
+        start = sum(self.num_anchors_per_level[:level]) + (y * fw + x) * num_a
+        return self.anchors[start:start + num_a]
+
+    def proposal_of(self, candidate_id: int) -> tuple[torch.Tensor, float, int]:
+        """The RPN proposal a candidate was refined from: (box, objectness, level)."""
+        p = int(candidate_id) // self.num_classes
+        return self.proposals.boxes[p], float(self.proposals.scores[p]), int(self.proposals.levels[p])
+
+    @torch.inference_mode()
+    def roi_crops(self, candidate_id: int) -> dict:
+        """The RoIAlign inputs of one detection: the FPN level each box was assigned to and the crops
+        fed to the box head (its proposal, 7×7) and the mask head (its refined box, 14×14)."""
+        heads = self.model.roi_heads
+        proposal, _, _ = self.proposal_of(candidate_id)
+        det_box = self.candidate_boxes([candidate_id])
+        out = {}
+        for key, pooler, box in (("box", heads.box_roi_pool, proposal[None]), ("mask", heads.mask_roi_pool, det_box)):
+            feats = [self.features[k] for k in pooler.featmap_names]
+            _, mapper = _setup_scales(feats, [self.input_size], pooler.canonical_scale, pooler.canonical_level)
+            level = int(mapper([box])[0])
+            crop = pooler(self.features, [box], [self.input_size])[0]  # (channels, S, S)
+            out[key] = {"level": level, "level_name": pooler.featmap_names[level], "crop": crop.float().cpu(),
+                        "box": box[0].float().cpu()}
+        return out
+
+    def class_probs(self, candidate_id: int) -> np.ndarray:
+        """The box head's class probabilities for a detection's proposal (all classes)."""
+        p = int(candidate_id) // self.num_classes
+        return self.candidates.probs[p].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def nms_summary(self, thresholds: Thresholds | None = None) -> list[dict]:
+        """Per class: candidates above the score threshold before NMS, and how many NMS kept."""
+        t = thresholds or self.thresholds
+        ids, _, _ = self._select(t, apply_nms=False)
+        before = torch.bincount(ids % self.num_classes, minlength=self.num_classes).cpu().numpy()
+        kept_ids, _, _ = self._select(t)
+        kept = torch.bincount(kept_ids % self.num_classes, minlength=self.num_classes).cpu().numpy()
+        return [{"class": self.categories[c], "before_nms": int(before[c]), "kept": int(kept[c])}
+                for c in range(1, self.num_classes) if before[c] > 0]
+
+    def proposals_original(self, top_k: int | None = None, before_nms: bool = False):
+        """Proposal boxes (original pixels) and scores, highest first, for drawing."""
+        boxes = self.proposals.boxes_pre if before_nms else self.proposals.boxes
+        scores = self.proposals.scores_pre if before_nms else self.proposals.scores
+        order = torch.argsort(scores, descending=True)
+        if top_k is not None:
+            order = order[:top_k]
+        return self.to_original(boxes[order]), scores[order].float().cpu().numpy()
+
+    @property
+    def network_ms(self) -> float:
+        return sum(self.timings_ms.values())
+
+
+def _crop_nonzero(full: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """Keep only the bounding rectangle of a pasted mask's non-zero pixels (the rest is exactly 0)."""
+    rows = np.flatnonzero(full.any(axis=1))
+    if rows.size == 0:
+        return 0, 0, np.zeros((0, 0), np.float32)
+    cols = np.flatnonzero(full.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return int(y0), int(x0), np.ascontiguousarray(full[y0:y1, x0:x1])
+
+
+def run_trace(loaded: LoadedModel, image: np.ndarray, thresholds: Thresholds | None = None,
+              rpn: RpnSettings | None = None) -> Trace:
+    """Run the network once on an RGB uint8 image, stage by stage. See Trace."""
+    return Trace(loaded, image, thresholds, rpn)

@@ -1,0 +1,33 @@
+"""Tiny models and images shared by the tests (random weights, fixed seeds, small sizes)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mrcnn.architectures import build_model, light_arch
+from mrcnn.zoo import LoadedModel
+
+TINY_LIGHT = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, box_head_dim=32, mask_head_channels=[16],
+                        min_size=96, max_size=128)
+CATEGORIES = ["__background__", "circle", "square", "triangle"]
+
+
+def tiny_loaded(arch: dict | None = None, categories: list[str] | None = None, seed: int = 0,
+                **model_kwargs) -> LoadedModel:
+    """A random-weight model wrapped like zoo.load_model's result (CPU, eval)."""
+    arch = dict(arch or TINY_LIGHT, **model_kwargs)
+    categories = categories or CATEGORIES
+    torch.manual_seed(seed)
+    model = build_model(arch, len(categories)).eval()
+    return LoadedModel("tiny", model, categories, arch, "<memory>", "0" * 64, {}, torch.device("cpu"))
+
+
+def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth RGB image with a few bright rectangles: gives a random-weight net varied activations."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), np.full_like(xx, 90)], -1)
+    for _ in range(4):
+        y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        img[y0:y0 + rng.integers(6, h // 2), x0:x0 + rng.integers(6, w // 2)] = rng.integers(0, 256, 3)
+    return img.astype(np.uint8)

@@ -1,0 +1,164 @@
+"""Re-filtering properties and what the trace keeps for the inspector."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from mrcnn.structures import RpnSettings, Thresholds
+from mrcnn.trace import run_trace
+from tests.helpers import scene, tiny_loaded
+
+LOW = Thresholds(score_thresh=0.05)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return run_trace(tiny_loaded(seed=3), scene(96, 128, seed=1), LOW)
+
+
+class _Forbidden(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the network was run again")
+
+
+@contextmanager
+def forbid(*places):
+    """Replace submodules (parent, name) by ones that fail when called; restore them after.
+    (pytest's monkeypatch cannot restore nn.Module children: they live in _modules, not __dict__.)"""
+    saved = [(parent, name, getattr(parent, name)) for parent, name in places]
+    for parent, name, _ in saved:
+        setattr(parent, name, _Forbidden())
+    try:
+        yield
+    finally:
+        for parent, name, module in saved:
+            setattr(parent, name, module)
+
+
+@pytest.fixture
+def no_network(trace):
+    """Any call of the backbone, the RPN head or the box head fails the test."""
+    m = trace.model
+    with forbid((m, "backbone"), (m.roi_heads, "box_head"), (m.rpn, "head")):
+        yield trace
+
+
+def _keys(dets):
+    return set(dets.candidate_ids.tolist())
+
+
+def test_higher_score_threshold_gives_subset(trace, no_network):
+    low = trace.refilter(LOW)
+    assert len(low) > 3
+    for s in (0.1, 0.2, 0.3, 0.5):
+        high = trace.refilter(LOW.replace(score_thresh=s))
+        assert _keys(high) <= _keys(low)
+        assert (high.scores > s).all()
+
+
+def test_nms_iou_one_keeps_at_least_as_many(trace, no_network):
+    base = trace.refilter(LOW)
+    loose = trace.refilter(LOW.replace(nms_thresh=1.0))
+    assert len(loose) >= len(base)
+
+
+def test_max_detections_caps_and_keeps_the_best(trace, no_network):
+    full = trace.refilter(LOW.replace(nms_thresh=1.0, max_detections=100))
+    assert len(full) > 5
+    capped = trace.refilter(LOW.replace(nms_thresh=1.0, max_detections=5))
+    assert len(capped) == 5
+    np.testing.assert_allclose(capped.scores, np.sort(full.scores)[::-1][:5])
+    assert len(trace.refilter(LOW.replace(max_detections=0))) == 0
+
+
+def test_higher_mask_threshold_never_grows_a_mask(trace):
+    prev = trace.refilter(LOW.replace(mask_thresh=0.1))
+    assert prev.masks.any()
+    for m in (0.3, 0.5, 0.7, 0.9):
+        cur = trace.refilter(LOW.replace(mask_thresh=m))
+        np.testing.assert_array_equal(cur.candidate_ids, prev.candidate_ids)
+        assert not (cur.masks & ~prev.masks).any()
+        prev = cur
+
+
+def test_masks_are_memoised(trace):
+    trace.refilter(LOW)
+    with forbid((trace.model.roi_heads, "mask_head")):
+        again = trace.refilter(LOW.replace(mask_thresh=0.6, score_thresh=0.2))  # a subset: all memoised
+    assert trace.last_mask_ms == 0.0
+    assert again.masks.shape[1:] == (96, 128)
+
+
+def test_rpn_knobs_rerun_without_backbone():
+    loaded = tiny_loaded(seed=3)
+    image = scene(96, 128, seed=1)
+    trace = run_trace(loaded, image, LOW)
+    before = trace.detections
+    with forbid((loaded.model, "backbone"), (loaded.model.rpn, "head")):
+        few = trace.set_rpn(RpnSettings(post_nms_top_n=10))
+        assert trace.proposals.boxes.shape[0] == 10
+        assert len(set(few.candidate_ids // trace.num_classes)) <= 10
+        back = trace.set_rpn(RpnSettings())
+    np.testing.assert_allclose(back.scores, before.scores)
+    np.testing.assert_allclose(back.boxes, before.boxes)
+
+
+def test_rpn_knobs_match_torchvision():
+    loaded = tiny_loaded(seed=3)
+    image = scene(96, 128, seed=1)
+    rpn = RpnSettings(pre_nms_top_n=50, post_nms_top_n=20, nms_thresh=0.5)
+    trace = run_trace(loaded, image, LOW, rpn)
+    model = loaded.model
+    model.rpn._pre_nms_top_n = {"training": 2000, "testing": 50}
+    model.rpn._post_nms_top_n = {"training": 2000, "testing": 20}
+    model.rpn.nms_thresh = 0.5
+    model.roi_heads.score_thresh = 0.05
+    with torch.inference_mode():
+        ref = model([torch.from_numpy(image).permute(2, 0, 1).float() / 255.0])[0]
+    np.testing.assert_allclose(trace.detections.boxes, ref["boxes"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(trace.detections.scores, ref["scores"].numpy(), atol=1e-4)
+
+
+def test_trace_keeps_every_stage(trace):
+    assert trace.original_size == (96, 128)
+    assert trace.input_size[0] == 96 and trace.scale == pytest.approx(1.0)
+    assert trace.level_names == ["0", "1", "2", "3", "pool"]
+    assert len(trace.objectness_maps) == 5 and sum(trace.num_anchors_per_level) == trace.anchors.shape[0]
+    num_a, fh, fw = trace.objectness_maps[0].shape
+    assert num_a == 3 and trace.anchors_at(0, 2, 3).shape == (3, 4)
+    p = trace.proposals
+    assert p.boxes_pre.shape[0] >= p.boxes.shape[0] > 0
+    assert trace.candidates.probs.shape == (p.boxes.shape[0], 4)
+    assert torch.allclose(trace.candidates.probs.sum(1), torch.ones(p.boxes.shape[0]), atol=1e-5)
+    for stage in ("transform", "backbone", "rpn_head", "rpn_filter", "box_head", "detections", "masks"):
+        assert trace.timings_ms[stage] >= 0.0
+    dets = trace.refilter(LOW)
+    cid = int(dets.candidate_ids[0])
+    crops = trace.roi_crops(cid)
+    assert crops["box"]["crop"].shape == (16, 7, 7) and crops["mask"]["crop"].shape == (16, 14, 14)
+    assert 0 <= crops["box"]["level"] <= 3
+    assert trace.mask_probs_28([cid]).shape == (1, 28, 28)
+    assert trace.class_probs(cid).shape == (4,)
+    full = trace.mask_probs_full(cid)
+    np.testing.assert_array_equal(full > 0.05, trace.refilter(LOW.replace(mask_thresh=0.05)).masks[0])
+    summary = trace.nms_summary(LOW)
+    assert sum(r["kept"] for r in summary) == len(trace.refilter(LOW))
+    assert all(r["before_nms"] >= r["kept"] for r in summary)
+
+
+def test_boxes_in_original_pixels_when_resized():
+    loaded = tiny_loaded(seed=3)
+    image = scene(300, 200, seed=4)  # resized to min_size 96 internally
+    trace = run_trace(loaded, image, LOW)
+    assert trace.scale < 1.0
+    d = trace.detections
+    assert d.masks.shape[1:] == (300, 200)
+    assert (d.boxes[:, 2] <= 200 + 1e-3).all() and (d.boxes[:, 3] <= 300 + 1e-3).all()
+
+
+def test_refuses_non_rgb_input():
+    with pytest.raises(ValueError, match="RGB uint8"):
+        run_trace(tiny_loaded(), np.zeros((10, 10), np.uint8))

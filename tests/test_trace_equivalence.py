@@ -1,0 +1,69 @@
+"""Same weights -> same detections as torchvision's own model(images) (minGPT's equivalence test)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mrcnn.structures import Thresholds
+from mrcnn.trace import run_trace
+from tests.helpers import scene, tiny_loaded
+
+# Small test-time sizes keep the R50 models fast; box_score_thresh low so random weights give detections.
+R50_SMALL = {"min_size": 128, "max_size": 192}
+ARCHS = {
+    "light": None,
+    "r50": {"name": "maskrcnn_resnet50_fpn", **R50_SMALL},
+    "r50v2": {"name": "maskrcnn_resnet50_fpn_v2", **R50_SMALL},
+}
+SHAPES = {"square": (96, 96), "landscape": (80, 130), "portrait": (140, 72)}
+
+
+def _torchvision_output(loaded, image: np.ndarray, t: Thresholds) -> dict:
+    model = loaded.model
+    saved = (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img)
+    model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img = (
+        t.score_thresh, t.nms_thresh, t.max_detections)
+    try:
+        with torch.inference_mode():
+            return model([torch.from_numpy(image).permute(2, 0, 1).float() / 255.0])[0]
+    finally:
+        model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img = saved
+
+
+def _assert_same(trace_dets, ref: dict) -> None:
+    assert len(trace_dets) == ref["boxes"].shape[0]
+    np.testing.assert_array_equal(trace_dets.labels, ref["labels"].numpy())
+    np.testing.assert_allclose(trace_dets.boxes, ref["boxes"].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(trace_dets.scores, ref["scores"].numpy(), atol=1e-4, rtol=0)
+    ref_masks = (ref["masks"][:, 0] > 0.5).numpy()
+    differ = (trace_dets.masks != ref_masks).sum()
+    assert differ == 0, f"{differ} mask pixels differ"
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def loaded(request):
+    return tiny_loaded(ARCHS[request.param], seed=3)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_trace_equals_torchvision(loaded, shape):
+    image = scene(*SHAPES[shape], seed=1)
+    thresholds = Thresholds(score_thresh=0.05)  # torchvision's default box_score_thresh
+    trace = run_trace(loaded, image, thresholds)
+    ref = _torchvision_output(loaded, image, thresholds)
+    assert ref["boxes"].shape[0] > 0, "random weights should give some detections at 0.05"
+    _assert_same(trace.detections, ref)
+    # the DESIGN default thresholds too (0.5), re-filtered from the same trace
+    defaults = Thresholds()
+    _assert_same(trace.refilter(defaults), _torchvision_output(loaded, image, defaults))
+
+
+def test_no_detections_matches(loaded):
+    image = scene(96, 96, seed=2)
+    thresholds = Thresholds(score_thresh=0.999)
+    trace = run_trace(loaded, image, thresholds)
+    ref = _torchvision_output(loaded, image, thresholds)
+    assert len(trace.detections) == 0 == ref["boxes"].shape[0]
+    assert trace.detections.masks.shape == (0, 96, 96)
+    assert trace.detections.boxes.shape == (0, 4)
