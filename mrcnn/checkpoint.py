@@ -9,7 +9,6 @@ import hashlib
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +92,23 @@ def read_torch_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: file is empty")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses pickled objects: a foreign or unsafe file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a safe checkpoint (it holds pickled objects: {first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # torch.load raises many kinds on garbage; all mean "not readable"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "central directory" in msg or "truncated" in msg.lower() or isinstance(err, EOFError):
-            reason = "file is truncated or corrupt"
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            # weights_only refuses pickled objects: a foreign or unsafe file
+            detail = next((line for line in str(err).splitlines() if "Unsupported" in line), msg)
+            reason = f"not a safe checkpoint (it holds pickled Python objects: {detail.strip()[:160]})"
+        elif "central directory" in msg or isinstance(err, EOFError) or _starts_like_zip(path):
+            reason = f"file is truncated or corrupt ({msg[:160]})"
         else:
-            reason = "not a PyTorch checkpoint file"
-        raise CheckpointError(f"{path}: {reason} ({msg[:200]})") from None
-    except Exception as err:  # anything else torch.load raises on garbage
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
+            reason = f"not a PyTorch checkpoint file ({type(err).__name__}: {msg[:160]})"
+        raise CheckpointError(f"{path}: {reason}") from None
+
+
+def _starts_like_zip(path: Path) -> bool:
+    """torch.save writes zip archives: a file that starts like one but does not parse was cut short."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def is_checkpoint(obj: Any) -> bool:

@@ -1,0 +1,182 @@
+"""Model zoo, checkpoints and the weights download: every failure is one clear message naming the file."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrcnn.architectures import build_model
+from mrcnn.checkpoint import load_checkpoint, save_checkpoint
+from mrcnn.errors import CheckpointError, ModelUnavailable, MrcnnError
+from mrcnn.zoo import download_weights, list_models, load_model, resolve_device
+from tests.helpers import CATEGORIES, TINY_LIGHT
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = build_model(TINY_LIGHT, len(CATEGORIES))
+    return save_checkpoint(tmp_path / "tiny.pt", TINY_LIGHT, CATEGORIES, model.state_dict(),
+                           {"steps": 3}, half=True)
+
+
+def test_checkpoint_roundtrip_is_weights_only_and_rebuilds(tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    assert ckpt["format"] == "mrcnn-checkpoint" and ckpt["version"] == 1
+    loaded = load_model(str(tiny_ckpt), device="cpu")
+    assert loaded.categories == CATEGORIES and loaded.arch["name"] == "light"
+    assert not loaded.model.training and loaded.meta["steps"] == 3
+    assert len(loaded.sha256) == 64
+    assert next(loaded.model.parameters()).dtype == torch.float32  # fp16 storage loads as fp32
+
+
+def test_no_temp_files_left_behind(tiny_ckpt):
+    assert [p.name for p in tiny_ckpt.parent.iterdir()] == ["tiny.pt"]
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "file is empty"),
+    (b"this is not a checkpoint at all", "not a PyTorch checkpoint"),
+])
+def test_garbage_files(tmp_path, content, expected):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected) as err:
+        load_checkpoint(path)
+    assert "bad.pt" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(str(tmp_path / "nope.pt"))
+
+
+def test_truncated_file(tiny_ckpt):
+    data = tiny_ckpt.read_bytes()
+    tiny_ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
+        load_checkpoint(tiny_ckpt)
+    assert "tiny.pt" in str(err.value)
+
+
+class Evil:
+    """Any pickled class: weights_only loading must refuse it."""
+
+
+def test_pickled_objects_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "mrcnn-checkpoint", "obj": Evil()}, path)
+    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+        load_checkpoint(path)
+
+
+def test_foreign_dict_and_raw_state_dict(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"hello": [1, 2]}, path)
+    with pytest.raises(CheckpointError, match="not an mrcnn checkpoint"):
+        load_checkpoint(path)
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="raw state dict"):
+        load_checkpoint(path)
+
+
+def test_class_count_mismatch_names_keys(tmp_path):
+    model = build_model(TINY_LIGHT, 6)
+    path = tmp_path / "liar.pt"
+    save_checkpoint(path, TINY_LIGHT, CATEGORIES, model.state_dict())  # 4 categories, 6-class weights
+    with pytest.raises(CheckpointError, match="number of classes differs") as err:
+        load_model(str(path))
+    assert "cls_score" in str(err.value) and "liar.pt" in str(err.value)
+
+
+def test_architecture_mismatch_names_first_keys(tmp_path):
+    other = dict(TINY_LIGHT, depths=[2, 1, 1, 1])
+    model = build_model(other, len(CATEGORIES))
+    path = tmp_path / "arch.pt"
+    save_checkpoint(path, TINY_LIGHT, CATEGORIES, model.state_dict())
+    with pytest.raises(CheckpointError, match="unexpected keys \\(first: backbone.body.layer1.1"):
+        load_model(str(path))
+
+
+def test_raw_torchvision_state_dict_with_named_architecture(tmp_path):
+    arch = {"name": "maskrcnn_resnet50_fpn"}
+    torch.manual_seed(0)
+    sd = build_model(arch, 91).state_dict()
+    path = tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+    torch.save(sd, path)
+    loaded = load_model("coco-r50-fpn", weights=path, device="cpu")
+    assert loaded.categories[1] == "person" and len(loaded.categories) == 91
+    v2 = tmp_path / "v2.pth"
+    torch.save(sd, v2)
+    with pytest.raises(CheckpointError, match="v2.pth: weights do not match the architecture"):
+        load_model("coco-r50-fpn-v2", weights=v2)
+
+
+def test_coco_weights_found_in_weights_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    names = {i.name: i for i in list_models()}
+    assert not names["coco-r50-fpn"].available and "download it from" in names["coco-r50-fpn"].reason
+    assert not names["shapes"].available
+    with pytest.raises(ModelUnavailable, match="coco-r50-fpn"):
+        load_model("coco-r50-fpn")
+    torch.save(build_model({"name": "maskrcnn_resnet50_fpn"}, 91).state_dict(),
+               tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
+    names = {i.name: i for i in list_models()}
+    assert names["coco-r50-fpn"].available and len(names["coco-r50-fpn"].classes) == 80
+
+
+def test_unknown_model_and_device():
+    with pytest.raises(MrcnnError, match="unknown model 'nonesuch'"):
+        load_model("nonesuch")
+    with pytest.raises(MrcnnError, match="unknown device"):
+        resolve_device("tpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(MrcnnError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """Serves tmp_path/served on 127.0.0.1; yields the base URL."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    server.shutdown()
+
+
+def test_download_checks_hash_and_reports_progress(local_server, tmp_path):
+    base, served = local_server
+    payload = b"weights" * 300_000
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    (served / f"model-{prefix}.pth").write_bytes(payload)
+    seen = []
+    dest = tmp_path / "dest"
+    path = download_weights(f"{base}/model-{prefix}.pth", dest, progress=lambda d, t: seen.append((d, t)))
+    assert path.read_bytes() == payload
+    assert seen[-1] == (len(payload), len(payload)) and len(seen) >= 2
+
+
+def test_download_bad_hash_saves_nothing(local_server, tmp_path):
+    base, served = local_server
+    (served / "model-deadbeef.pth").write_bytes(b"not what the name promises")
+    dest = tmp_path / "dest"
+    with pytest.raises(ModelUnavailable, match="corrupt"):
+        download_weights(f"{base}/model-deadbeef.pth", dest)
+    assert not dest.exists() or not any(dest.iterdir())
+
+
+def test_download_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelUnavailable, match="cannot download"):
+        download_weights("http://127.0.0.1:9/model-abc.pth", tmp_path, timeout=2)
