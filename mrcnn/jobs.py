@@ -1,0 +1,217 @@
+"""Background training jobs: one `python -m mrcnn train` subprocess at a time per server.
+
+The job lives on disk, not in a Streamlit session, so it survives page reruns and browser reloads
+and every session sees the same job:
+
+    RUNS/current_job.json     which run is (or was last) active: run dir, pid, command, start time
+    RUN_DIR/train.log         the subprocess's stdout + stderr (the reason when it crashes)
+    RUN_DIR/metrics.jsonl     written by the trainer, one JSON object per logged step
+    RUN_DIR/status.json       written by the trainer at the end: finished | cancelled | failed
+    RUN_DIR/STOP              cancel flag the trainer polls (it saves a checkpoint, then exits)
+
+    job = start_job(["--model", "shapes", "--data", "shapes:200", "--steps", "100"], run_dir)
+    job.state()   # "running", "finished", "cancelled", "failed"
+    job.cancel()
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mrcnn.checkpoint import atomic_write_bytes
+from mrcnn.errors import MrcnnError
+from mrcnn.zoo import REPO_ROOT, runs_dir
+
+REGISTRY = "current_job.json"
+
+
+class JobError(MrcnnError):
+    """A job that cannot be started (another one runs, bad settings)."""
+
+
+@dataclass
+class Job:
+    run_dir: str
+    pid: int
+    command: list[str]
+    started: float
+    steps: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+    def is_alive(self) -> bool:
+        return _pid_alive(self.pid) and _same_command(self.pid, self.command)
+
+    def status(self) -> dict:
+        """The trainer's own final status, or what we can tell from outside."""
+        status_file = self.path / "status.json"
+        if status_file.is_file():
+            try:
+                return json.loads(status_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
+        if self.is_alive():
+            return {"state": "running", "message": ""}
+        return {"state": "failed", "message": _crash_reason(self.path / "train.log")}
+
+    def state(self) -> str:
+        return self.status()["state"]
+
+    def metrics(self) -> list[dict]:
+        """Every complete line of metrics.jsonl so far (a half-written last line is skipped)."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def progress(self) -> dict:
+        """step, steps, fraction, elapsed and ETA in seconds (from the measured step rate)."""
+        rows = [r for r in self.metrics() if "step" in r]
+        step = max((int(r["step"]) for r in rows), default=0)
+        elapsed = time.time() - self.started
+        eta = None
+        if step > 0 and self.state() == "running":
+            eta = elapsed / step * max(self.steps - step, 0)
+        return {"step": step, "steps": self.steps, "fraction": min(step / max(self.steps, 1), 1.0),
+                "elapsed_s": elapsed, "eta_s": eta}
+
+    def log_tail(self, lines: int = 20) -> str:
+        path = self.path / "train.log"
+        if not path.is_file():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cancel(self, grace_s: float = 60.0) -> None:
+        """Ask the trainer to stop (flag file + SIGTERM); it saves a checkpoint before it exits.
+        After ``grace_s`` without exiting it is killed."""
+        (self.path / "STOP").touch()
+        if not self.is_alive():
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + grace_s
+        while time.time() < deadline and self.is_alive():
+            time.sleep(0.1)
+        if self.is_alive():
+            os.kill(self.pid, signal.SIGKILL)
+            _write_status(self.path, "cancelled", "killed after it did not stop within the grace period")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as finished: reap it if it is ours
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return _not_zombie(pid)
+
+
+def _same_command(pid: int, command: list[str]) -> bool:
+    """Guards against a recycled pid (e.g. after a reboot) passing for our trainer."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pid
+    return any(a.decode(errors="replace") == command[-1] for a in args)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _crash_reason(log: Path) -> str:
+    """The last meaningful line of the log of a process that ended without a status."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no output"
+    return f"the training process ended unexpectedly (killed or crashed): {last[:300]}"
+
+
+def _write_status(run_dir: Path, state: str, message: str) -> None:
+    atomic_write_bytes(run_dir / "status.json", json.dumps({"state": state, "message": message}).encode())
+
+
+def current_job(root: Path | None = None) -> Job | None:
+    """The job recorded for this server (running or ended), or None."""
+    path = (root or runs_dir()) / REGISTRY
+    if not path.is_file():
+        return None
+    try:
+        return Job(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def running_job(root: Path | None = None) -> Job | None:
+    job = current_job(root)
+    return job if job is not None and job.state() == "running" else None
+
+
+def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path | None = None,
+              trainer: list[str] | None = None) -> Job:
+    """Start `python -m mrcnn train <train_args> --out run_dir` in the background
+    (``trainer`` replaces `python -m mrcnn train`, for tests).
+
+    Refused with JobError while another job runs. Creating the registry entry is guarded by an
+    exclusive lock file so that two sessions clicking at once cannot both start a job."""
+    root = root or runs_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / ".start.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if time.time() - lock.stat().st_mtime < 30:
+            raise JobError("another training run is being started right now") from None
+        lock.unlink(missing_ok=True)  # stale lock from a crashed server
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    try:
+        other = running_job(root)
+        if other is not None:
+            raise JobError(f"a training run is already in progress ({Path(other.run_dir).name}); "
+                           "wait for it or cancel it first")
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("STOP", "status.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+        command = [*(trainer or [sys.executable, "-m", "mrcnn", "train"]), *train_args, "--out", str(run_dir)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with open(run_dir / "train.log", "ab") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                    start_new_session=True)  # not killed with the Streamlit script run
+        job = Job(str(run_dir), proc.pid, command, time.time(), int(steps))
+        atomic_write_bytes(root / REGISTRY, json.dumps(job.to_dict()).encode())
+        return job
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)

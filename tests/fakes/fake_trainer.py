@@ -1,0 +1,40 @@
+"""Stands in for `python -m mrcnn train` in job tests: logs steps, honours STOP/SIGTERM, can crash.
+
+usage: fake_trainer.py --steps N [--crash-at K] [--step-s S] --out RUN_DIR
+"""
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int)
+parser.add_argument("--crash-at", type=int, default=-1)
+parser.add_argument("--step-s", type=float, default=0.05)
+parser.add_argument("--out")
+args = parser.parse_args()
+out = Path(args.out)
+stop = {"flag": False}
+signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
+
+
+def status(state, message=""):
+    (out / "status.json").write_text(json.dumps({"state": state, "message": message}))
+
+
+with open(out / "metrics.jsonl", "a") as f:
+    for step in range(1, args.steps + 1):
+        if step == args.crash_at:
+            print("Traceback: RuntimeError: simulated crash in the trainer", file=sys.stderr)
+            sys.exit(1)
+        if stop["flag"] or (out / "STOP").exists():
+            (out / "checkpoint.pt").write_text("saved")
+            status("cancelled", f"cancelled at step {step - 1}")
+            sys.exit(0)
+        time.sleep(args.step_s)
+        f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+        f.flush()
+(out / "checkpoint.pt").write_text("saved")
+status("finished")
