@@ -147,3 +147,32 @@ def explain_trace_misses(trace, gt_boxes: np.ndarray, gt_labels: np.ndarray,
     return explain_misses(trace.detections, gt_boxes, gt_labels, trace.thresholds,
                           trace.to_original(trace.proposals.boxes), trace.candidates.probs.float().cpu().numpy(),
                           cand_boxes, iou_thresh)
+
+
+def confusion_matrix(per_image: list[tuple[Detections, np.ndarray, np.ndarray]], num_classes: int,
+                     iou_thresh: float = 0.5) -> np.ndarray:
+    """(C, C) counts, rows = true class, columns = predicted class; index 0 is the background:
+    row 0 counts detections that cover no object (false positives), column 0 objects no detection
+    covered (misses). Each object takes the highest-scoring free detection that overlaps it, any class.
+
+    per_image: (detections, gt_boxes (G, 4), gt_labels (G,)) for every image."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for dets, gt_boxes, gt_labels in per_image:
+        gt_boxes = np.asarray(gt_boxes, np.float32).reshape(-1, 4)
+        gt_labels = np.asarray(gt_labels, np.int64).reshape(-1)
+        ious = _iou(dets.boxes, gt_boxes)
+        taken = np.zeros(len(dets), bool)
+        # objects in order; for each, prefer a same-class detection, else the best-overlapping one
+        for g in range(len(gt_boxes)):
+            free = (~taken) & (ious[:, g] >= iou_thresh) if len(dets) else np.zeros(0, bool)
+            if not free.any():
+                cm[gt_labels[g], 0] += 1
+                continue
+            same = free & (dets.labels == gt_labels[g])
+            pool = np.flatnonzero(same if same.any() else free)
+            d = int(pool[np.argmax(dets.scores[pool])])
+            taken[d] = True
+            cm[gt_labels[g], dets.labels[d]] += 1
+        for d in np.flatnonzero(~taken):
+            cm[0, dets.labels[d]] += 1
+    return cm

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrcnn.diagnose import explain_misses, explain_trace_misses, match_detections
+from mrcnn.diagnose import confusion_matrix, explain_misses, explain_trace_misses, match_detections
 from mrcnn.structures import Detections, Thresholds
 from mrcnn.trace import run_trace
 from tests.helpers import scene, tiny_loaded
@@ -87,3 +87,15 @@ def test_on_a_real_trace_every_gt_is_matched_or_explained():
     m = match_detections(trace.detections, gt, np.array([1, 2]))
     assert sorted(r.gt_index for r in reasons) == m.missed.tolist()
     assert all(r.message for r in reasons)
+
+
+def test_confusion_matrix_counts_hits_confusions_misses_and_false_positives():
+    gt = np.array([[10, 10, 50, 50], [60, 60, 95, 95], [0, 60, 30, 95]], np.float32)
+    labels = np.array([1, 2, 2])
+    d = dets([[10, 10, 50, 50], [60, 60, 95, 95], [70, 0, 99, 20]], [0.9, 0.8, 0.7], [1, 1, 2])
+    cm = confusion_matrix([(d, gt, labels), (dets([], [], []), np.zeros((0, 4)), np.zeros(0))], 3)
+    assert cm[1, 1] == 1  # circle found as circle
+    assert cm[2, 1] == 1  # square called a circle
+    assert cm[2, 0] == 1  # square missed
+    assert cm[0, 2] == 1  # a square where there is nothing
+    assert cm.sum() == 4
