@@ -1,0 +1,659 @@
+"""COCO-format datasets (DESIGN layout: ``DIR/annotations.json`` + ``DIR/images/``): checks, reading, zips.
+
+    report = validate_coco("data/pets", categories=model.categories)   # every problem, named
+    print(report.summary())
+    ds = load_dataset("upload.zip", categories=model.categories)        # DatasetError if any error
+    image, target = ds[0]
+
+Problems are sorted in two levels. *Errors* make the data wrong (missing or unreadable image, malformed
+JSON or missing keys, unknown category, box outside the image, malformed segmentation): the offending
+image or annotation is left out, and ``load_dataset`` refuses a dataset that has any. *Warnings* are
+dropped quietly enough to train on (degenerate box, empty mask). Targets never hold an instance that
+torchvision would reject. Crowd annotations (``iscrowd: 1``) are left out of training targets by
+default but kept in ``.coco`` so that evaluation honours them.
+
+Images are read as stored (no EXIF rotation), which is how COCO annotations are made.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import re
+import stat
+import tempfile
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from mrcnn.errors import DatasetError
+
+BACKGROUND = "__background__"
+MAX_ZIP_BYTES = 2 * 1024 ** 3   # total uncompressed size a dataset zip may unpack to
+MAX_ZIP_FILES = 200_000
+MIN_BOX_SIDE = 1.0              # px; narrower boxes are degenerate (as for v2.SanitizeBoundingBoxes)
+BOX_TOLERANCE = 1.0             # px a box may stick out of the image (rounding) before it is an error
+_REQUIRED_TOP = ("images", "annotations", "categories")
+_REQUIRED_IMAGE = ("id", "file_name", "width", "height")
+_REQUIRED_ANNOTATION = ("id", "image_id", "category_id", "segmentation")
+
+
+# ---------------------------------------------------------------------------------------- report
+
+@dataclass
+class ValidationIssue:
+    level: str    # "error" | "warning"
+    where: str    # "annotations.json", "category 3 ('dog')", "image 17 (img_017.png)", "annotation 45 (image 17)"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.where}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    """Everything found wrong with a dataset, each issue naming the image or annotation concerned."""
+
+    issues: list[ValidationIssue] = field(default_factory=list)
+    num_images: int = 0          # image entries in annotations.json
+    num_annotations: int = 0     # annotation entries in annotations.json
+    categories: list[str] = field(default_factory=list)  # dataset category names, by category id
+    num_crowd: int = 0           # valid crowd annotations (kept for evaluation, not trained on)
+    num_unannotated: int = 0     # valid images without any valid annotation
+    root: str = ""
+
+    def error(self, where: str, message: str) -> None:
+        self.issues.append(ValidationIssue("error", where, message))
+
+    def warning(self, where: str, message: str) -> None:
+        self.issues.append(ValidationIssue("warning", where, message))
+
+    @property
+    def errors(self) -> list[ValidationIssue]:
+        return [i for i in self.issues if i.level == "error"]
+
+    @property
+    def warnings(self) -> list[ValidationIssue]:
+        return [i for i in self.issues if i.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self, max_issues: int = 20) -> str:
+        n_err, n_warn = len(self.errors), len(self.warnings)
+        cats = f" ({', '.join(self.categories)})" if self.categories else ""
+        head = (f"{self.root + ': ' if self.root else ''}{self.num_images} images, {self.num_annotations} "
+                f"annotations, {len(self.categories)} categories{cats}; "
+                f"{n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)}")
+        # Errors first: they are what stops the dataset from loading.
+        shown = (self.errors + self.warnings)[:max_issues]
+        lines = [head] + [f"  {issue}" for issue in shown]
+        if len(self.issues) > len(shown):
+            lines.append(f"  ... and {len(self.issues) - len(shown)} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(ok=self.ok, num_errors=len(self.errors), num_warnings=len(self.warnings))
+        return d
+
+
+# ---------------------------------------------------------------------------------------- zip
+
+def safe_extract_zip(zip_path: str | Path, dest_dir: str | Path, max_bytes: int = MAX_ZIP_BYTES,
+                     max_files: int = MAX_ZIP_FILES) -> Path:
+    """Unpack a dataset zip into ``dest_dir``; return the folder holding annotations.json.
+
+    That folder is ``dest_dir`` itself or the zip's single top-level folder. Every member is checked
+    before anything is written: absolute paths, ``..``, drive letters, symlinks, more than ``max_files``
+    files or more than ``max_bytes`` uncompressed are refused with a DatasetError. ``__MACOSX/`` and
+    ``.DS_Store`` entries are skipped.
+    """
+    zip_path = Path(zip_path)
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DatasetError(f"{zip_path.name} is not a readable zip file: {err}") from err
+    with zf:
+        members: list[tuple[zipfile.ZipInfo, list[str]]] = []
+        total = 0
+        for info in zf.infolist():
+            name = info.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if name.startswith("/") or ".." in parts or (parts and re.match(r"^[A-Za-z]:", parts[0])):
+                raise DatasetError(f"{zip_path.name}: refusing unsafe path {info.filename!r} "
+                                   "(absolute or leaving the extraction folder); nothing extracted")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DatasetError(f"{zip_path.name}: refusing symbolic link {info.filename!r}; nothing extracted")
+            if not parts or info.is_dir() or parts[0] == "__MACOSX" or parts[-1] == ".DS_Store":
+                continue
+            total += info.file_size
+            if total > max_bytes:
+                raise DatasetError(f"{zip_path.name} unpacks to more than {max_bytes / 1e9:.1f} GB; nothing extracted")
+            members.append((info, parts))
+        if len(members) > max_files:
+            raise DatasetError(f"{zip_path.name} holds {len(members)} files, more than {max_files}; nothing extracted")
+
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        dest_real = dest.resolve()
+        written = 0
+        for info, parts in members:
+            target = dest.joinpath(*parts)
+            if not target.resolve().is_relative_to(dest_real):  # e.g. through a symlink already in dest
+                raise DatasetError(f"{zip_path.name}: {info.filename!r} would be written outside {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:  # the sizes in the directory can lie
+                            raise DatasetError(f"{zip_path.name} unpacks to more than {max_bytes / 1e9:.1f} GB")
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as err:
+                raise DatasetError(f"{zip_path.name}: cannot extract {info.filename!r}: {err}") from err
+
+    if (dest / "annotations.json").is_file():
+        return dest
+    tops = {parts[0] for _, parts in members}
+    if len(tops) == 1 and (dest / next(iter(tops)) / "annotations.json").is_file():
+        return dest / next(iter(tops))
+    raise DatasetError(f"{zip_path.name}: no annotations.json at the top of the zip or in its single "
+                       "top-level folder (expected annotations.json + images/)")
+
+
+# ---------------------------------------------------------------------------------------- scanning
+
+class ImageInfo(NamedTuple):
+    file: Path
+    width: int
+    height: int
+    id: int
+
+
+@dataclass
+class _Annotation:
+    id: int
+    image_id: int
+    category_id: int
+    rle: dict           # compressed RLE, counts bytes
+    bbox: list[float]   # xywh, clipped to the image
+    area: float
+    iscrowd: int
+
+
+@dataclass
+class _Index:
+    categories: dict[int, str]                 # id -> name, valid ones only
+    images: list[tuple[int, str, Path, int, int]]   # (id, file_name, file, width, height), valid ones only
+    annotations: dict[int, list[_Annotation]]  # image id -> valid annotations
+    raw_images: dict[int, dict]                # id -> the JSON entry (for .coco)
+
+
+class _Bad(Exception):
+    """A malformed value (an error in the report)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _rle_string_counts(s: str) -> list[int]:
+    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString, with bounds checks)."""
+    counts: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise _Bad("compressed RLE counts string is truncated")
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise _Bad(f"compressed RLE counts has an invalid character {s[p]!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def _to_rle(seg: Any, h: int, w: int) -> dict:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE (bytes counts).
+
+    Raises _Bad for a malformed one. Polygons with fewer than 3 points are left out (pycocotools would
+    read a 4-number polygon as a box); if none is left the mask is empty.
+    """
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            raise _Bad(f"RLE 'size' must be [height, width], got {size!r}")
+        if size != [h, w]:
+            raise _Bad(f"RLE size {size} does not match the image's [height, width] [{h}, {w}]")
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts):
+                raise _Bad("uncompressed RLE counts must be non-negative integers")
+            runs = counts
+        elif isinstance(counts, str):
+            runs = _rle_string_counts(counts)
+            if any(c < 0 for c in runs):
+                raise _Bad("compressed RLE counts decode to negative run lengths")
+        else:
+            raise _Bad(f"RLE 'counts' must be a list or a string, got {type(counts).__name__}")
+        if sum(runs) != h * w:  # pycocotools would read or write past the mask otherwise
+            raise _Bad(f"RLE run lengths add up to {sum(runs)}, not height*width = {h * w}")
+        if isinstance(counts, str):
+            return {"size": [h, w], "counts": counts.encode("ascii")}
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    if isinstance(seg, list):
+        if seg and all(_is_number(v) for v in seg):  # one flat polygon, as some exporters write it
+            seg = [seg]
+        polys = []
+        for poly in seg:
+            if not (isinstance(poly, list) and all(_is_number(v) for v in poly)):
+                raise _Bad("polygon segmentation must be a list of lists of numbers")
+            if len(poly) % 2:
+                raise _Bad(f"polygon has an odd number of coordinates ({len(poly)})")
+            if len(poly) >= 6:
+                polys.append([float(v) for v in poly])
+        if not polys:
+            return mask_utils.encode(np.zeros((h, w), np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+    raise _Bad(f"segmentation must be polygons (list) or RLE (dict), got {type(seg).__name__}")
+
+
+def _image_where(entry: Any, j: int) -> str:
+    if isinstance(entry, dict) and "id" in entry:
+        return f"image {entry['id']} ({entry.get('file_name', '?')})"
+    return f"image #{j} in the list"
+
+
+def _check_image_file(file: Path, width: int, height: int) -> str | None:
+    """None if the file is an image of the stated size, else what is wrong."""
+    try:
+        with Image.open(file) as img:
+            size = img.size
+            img.verify()  # checksums / structure without decoding all pixels
+    except FileNotFoundError:
+        return "image file not found"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"unreadable image: {err}"
+    if size != (width, height):
+        return f"image is {size[0]}x{size[1]} pixels but annotations.json says {width}x{height}"
+    return None
+
+
+def _scan(root: Path, report: ValidationReport, check_files: bool = True) -> _Index | None:
+    """Check a dataset folder, filling ``report``; return the valid part, or None when nothing is usable."""
+    report.root = str(root)
+    ann_file = root / "annotations.json"
+    if not root.is_dir():
+        report.error(str(root), "dataset folder not found")
+        return None
+    if not ann_file.is_file():
+        report.error("annotations.json", f"not found in {root}")
+        return None
+    try:
+        data = json.loads(ann_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        report.error("annotations.json", f"malformed JSON: {err.msg} (line {err.lineno}, column {err.colno})")
+        return None
+    except (UnicodeDecodeError, OSError) as err:
+        report.error("annotations.json", f"cannot read: {err}")
+        return None
+    if not isinstance(data, dict):
+        report.error("annotations.json", f"top level must be an object, got {type(data).__name__}")
+        return None
+    for key in _REQUIRED_TOP:
+        if key not in data:
+            report.error("annotations.json", f"missing key '{key}'")
+        elif not isinstance(data[key], list):
+            report.error("annotations.json", f"'{key}' must be a list, got {type(data[key]).__name__}")
+    if not report.ok:
+        return None
+    report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
+
+    # Categories: ids may be any distinct integers; names must be distinct (matching is by name).
+    categories: dict[int, str] = {}
+    for j, c in enumerate(data["categories"]):
+        where = f"category {c.get('id')} ({c.get('name')!r})" if isinstance(c, dict) else f"category #{j}"
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str) \
+                or not c["name"].strip():
+            report.error(where, "a category needs an integer 'id' and a non-empty 'name'")
+        elif c["id"] in categories:
+            report.error(where, f"duplicate category id {c['id']}")
+        elif c["name"] in categories.values():
+            report.error(where, f"duplicate category name {c['name']!r}")
+        elif c["name"] == BACKGROUND:
+            report.error(where, f"{BACKGROUND!r} is reserved for the model's background class")
+        else:
+            categories[c["id"]] = c["name"]
+    report.categories = [categories[k] for k in sorted(categories)]
+
+    images_dir = root / "images"
+    images: list[tuple[int, str, Path, int, int]] = []
+    raw_images: dict[int, dict] = {}
+    seen_ids: set = set()
+    for j, e in enumerate(data["images"]):
+        where = _image_where(e, j)
+        if not isinstance(e, dict):
+            report.error(where, "an image entry must be an object")
+            continue
+        missing = [k for k in _REQUIRED_IMAGE if k not in e]
+        if missing:
+            report.error(where, f"missing key(s) {', '.join(map(repr, missing))}")
+            continue
+        if not _is_int(e["id"]):
+            report.error(where, f"image id must be an integer, got {e['id']!r}")
+            continue
+        if e["id"] in seen_ids:
+            report.error(where, f"duplicate image id {e['id']}")
+            continue
+        seen_ids.add(e["id"])
+        w, h, name = e["width"], e["height"], e["file_name"]
+        if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
+            report.error(where, f"width and height must be positive integers, got {w!r} x {h!r}")
+            continue
+        if not isinstance(name, str) or not name:
+            report.error(where, "file_name must be a non-empty string")
+            continue
+        rel = Path(name.replace("\\", "/"))
+        if rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", name):
+            report.error(where, "file_name must be relative to images/ and stay inside it")
+            continue
+        file = images_dir / rel
+        if not file.is_file() and (root / rel).is_file():
+            file = root / rel  # some exports give paths relative to the dataset folder
+        if check_files:
+            problem = _check_image_file(file, w, h)
+            if problem:
+                report.error(where, f"{problem}: {file.relative_to(root) if file.is_relative_to(root) else file}")
+                continue
+        images.append((e["id"], name, file, w, h))
+        raw_images[e["id"]] = e
+    sizes = {i: (h, w) for i, _, _, w, h in images}
+
+    annotations: dict[int, list[_Annotation]] = {i: [] for i, *_ in images}
+    named_image_ids = {e["id"] for e in data["images"] if isinstance(e, dict) and _is_int(e.get("id"))}
+    seen_ids = set()
+    for j, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict):
+            report.error(f"annotation #{j} in the list", "an annotation must be an object")
+            continue
+        where = f"annotation {a.get('id', '#' + str(j))} (image {a.get('image_id', '?')})"
+        missing = [k for k in _REQUIRED_ANNOTATION if k not in a]
+        if missing:
+            report.error(where, f"missing key(s) {', '.join(map(repr, missing))}")
+            continue
+        bad = [k for k in ("id", "image_id", "category_id") if not _is_int(a[k])]
+        if bad:
+            report.error(where, f"{', '.join(map(repr, bad))} must be integer(s)")
+            continue
+        if a["id"] in seen_ids:
+            report.error(where, f"duplicate annotation id {a['id']}")
+            continue
+        seen_ids.add(a["id"])
+        if a["image_id"] not in named_image_ids:
+            report.error(where, f"refers to image id {a['image_id']!r}, which is not in 'images'")
+            continue
+        if a["image_id"] not in sizes:
+            continue  # its image has an error of its own already
+        if a["category_id"] not in categories:
+            report.error(where, f"unknown category id {a['category_id']!r} (not in 'categories')")
+            continue
+        iscrowd = a.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            report.error(where, f"iscrowd must be 0 or 1, got {iscrowd!r}")
+            continue
+        h, w = sizes[a["image_id"]]
+        try:
+            rle = _to_rle(a["segmentation"], h, w)
+        except _Bad as err:
+            report.error(where, f"malformed segmentation: {err}")
+            continue
+        bbox = a.get("bbox")
+        if bbox is None:
+            bbox = [float(v) for v in mask_utils.toBbox(rle)]
+        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            report.error(where, f"bbox must be [x, y, width, height], got {bbox!r}")
+            continue
+        x, y, bw, bh = (float(v) for v in bbox)
+        if bw < MIN_BOX_SIDE or bh < MIN_BOX_SIDE:
+            report.warning(where, f"degenerate box {_fmt(bbox)} (width or height under {MIN_BOX_SIDE:g} px); dropped")
+            continue
+        if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE or y + bh > h + BOX_TOLERANCE:
+            report.error(where, f"box {_fmt(bbox)} (x, y, width, height) is outside the {w}x{h} image")
+            continue
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+        if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
+            report.warning(where, f"degenerate box {_fmt(bbox)} once clipped to the image; dropped")
+            continue
+        mask_area = int(mask_utils.area(rle))
+        if mask_area == 0:
+            report.warning(where, "empty mask (no pixel inside the image); dropped")
+            continue
+        area = float(a["area"]) if _is_number(a.get("area")) else float(mask_area)
+        report.num_crowd += int(iscrowd)
+        annotations[a["image_id"]].append(_Annotation(
+            a["id"], a["image_id"], a["category_id"], rle, [x0, y0, x1 - x0, y1 - y0], area, int(iscrowd)))
+    report.num_unannotated = sum(1 for anns in annotations.values() if not anns)
+    return _Index(categories, images, annotations, raw_images)
+
+
+def _fmt(bbox: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in bbox) + "]"
+
+
+def _model_categories(categories: Sequence[str] | None, dataset_names: list[str]) -> list[str]:
+    if categories is None:
+        return [BACKGROUND, *dataset_names]
+    categories = list(categories)
+    if not categories or categories[0] != BACKGROUND:
+        raise DatasetError(f"the model's class list must start with {BACKGROUND!r}, got {categories[:3]}...")
+    return categories
+
+
+def validate_coco(root: str | Path, categories: Sequence[str] | None = None, unknown: str = "error",
+                  check_files: bool = True) -> ValidationReport:
+    """Check a dataset folder; never raises for a problem with the data, it is in the report.
+
+    ``categories``: the model's class list ("__background__" first); dataset categories whose name is
+    not in it are errors (warnings with ``unknown="drop"``). ``check_files=False`` skips opening images.
+    """
+    report = ValidationReport()
+    index = _scan(Path(root), report, check_files)
+    if index is not None and categories is not None:
+        model = list(categories)
+        for cid in sorted(index.categories):
+            name = index.categories[cid]
+            if name not in model:
+                msg = f"not among the model's classes ({', '.join(model[1:])})"
+                if unknown == "drop":
+                    report.warning(f"category {cid} ({name!r})", msg + "; its annotations are ignored")
+                else:
+                    report.error(f"category {cid} ({name!r})", msg)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- dataset
+
+def decode_masks(rles: list[dict], h: int, w: int) -> np.ndarray:
+    """Compressed RLEs -> (N, H, W) uint8."""
+    if not rles:
+        return np.zeros((0, h, w), np.uint8)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, not ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        masks = mask_utils.decode(rles)  # (H, W, N), Fortran order
+    return np.ascontiguousarray(masks.transpose(2, 0, 1))
+
+
+def load_image(file: str | Path) -> torch.Tensor:
+    """An image file as float32 [3, H, W] in 0..1 (RGB, as stored: no EXIF rotation)."""
+    try:
+        with Image.open(file) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"cannot read image {file}: {err}") from err
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """A COCO instances dataset as Mask R-CNN training items.
+
+    ``ds[i] -> (image float32 [3, H, W] in 0..1, target)``, target: boxes float32 [N, 4] xyxy,
+    labels int64 [N] (index into ``categories``), masks uint8 [N, H, W], image_id int64 scalar (the
+    COCO image id), iscrowd int64 [N], area float32 [N]. An image without annotations gives N = 0.
+
+    categories: the model's class list, "__background__" first; default: "__background__" then the
+        dataset's category names by category id. Categories are matched by name. A dataset category
+        the list lacks is a DatasetError, or with ``unknown="drop"`` its annotations are ignored.
+    transforms: ``(image, target) -> (image, target)``, applied last (see mrcnn.transforms).
+    report: a ValidationReport to fill (a new one by default); ``.report`` holds it. Images and
+        annotations with errors or warnings are left out; construction only fails when nothing is
+        readable (no annotations.json, malformed JSON, missing keys).
+    include_crowd: keep crowd annotations in targets (iscrowd=1); default off. ``.coco`` has them always.
+
+    Attributes: ``categories``, ``image_ids``, ``report``, ``coco`` (pycocotools COCO of the valid
+    images and annotations, category ids as in the file; built on first use), ``cat_id_to_label`` and
+    ``label_to_cat_id`` (COCO category id <-> index into ``categories``).
+    """
+
+    def __init__(self, root: str | Path, categories: Sequence[str] | None = None,
+                 transforms: Callable | None = None, report: ValidationReport | None = None, *,
+                 unknown: str = "error", include_crowd: bool = False, check_files: bool = True):
+        if unknown not in ("error", "drop"):
+            raise ValueError(f"unknown must be 'error' or 'drop', got {unknown!r}")
+        self.root = Path(root)
+        self.report = report if report is not None else ValidationReport()
+        index = _scan(self.root, self.report, check_files)
+        if index is None:
+            raise DatasetError(f"cannot use dataset {self.root}:\n{self.report.summary()}")
+        names = [index.categories[k] for k in sorted(index.categories)]
+        self.categories = _model_categories(categories, names)
+        unknown_ids = [cid for cid in sorted(index.categories) if index.categories[cid] not in self.categories]
+        if unknown_ids:
+            listed = ", ".join(f"{index.categories[c]!r} (id {c})" for c in unknown_ids)
+            if unknown == "error":
+                raise DatasetError(f"dataset {self.root} has categories the model does not know: {listed}; "
+                                   f"the model's classes are {', '.join(self.categories[1:])}")
+            for cid in unknown_ids:
+                self.report.warning(f"category {cid} ({index.categories[cid]!r})",
+                                    "not among the model's classes; its annotations are ignored")
+        self.cat_id_to_label = {cid: self.categories.index(name) for cid, name in index.categories.items()
+                                if name in self.categories}
+        self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
+        self.transforms = transforms
+        self.include_crowd = include_crowd
+        self._images = index.images
+        self._raw_images = index.raw_images
+        self._all_annotations = {i: [a for a in anns if a.category_id in self.cat_id_to_label]
+                                 for i, anns in index.annotations.items()}
+        self._dataset_categories = index.categories
+        self.image_ids = [i for i, *_ in self._images]
+        self._coco = None
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def image_info(self, i: int) -> ImageInfo:
+        image_id, _, file, w, h = self._images[i]
+        return ImageInfo(file, w, h, image_id)
+
+    def annotations(self, i: int) -> list[_Annotation]:
+        """The valid annotations that go into item ``i``'s target."""
+        anns = self._all_annotations[self._images[i][0]]
+        return anns if self.include_crowd else [a for a in anns if not a.iscrowd]
+
+    def __getitem__(self, i: int):
+        image_id, _, file, w, h = self._images[i]
+        image = load_image(file)
+        if tuple(image.shape[1:]) != (h, w):
+            raise DatasetError(f"image {image_id} ({file.name}) is {image.shape[2]}x{image.shape[1]} pixels "
+                               f"but annotations.json says {w}x{h}")
+        anns = self.annotations(i)
+        masks = torch.from_numpy(decode_masks([a.rle for a in anns], h, w))
+        boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a.bbox for a in anns)],
+                             dtype=torch.float32).reshape(-1, 4)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([self.cat_id_to_label[a.category_id] for a in anns], dtype=torch.int64),
+            "masks": masks,
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "iscrowd": torch.tensor([a.iscrowd for a in anns], dtype=torch.int64),
+            "area": torch.tensor([a.area for a in anns], dtype=torch.float32),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    @property
+    def coco(self):
+        """pycocotools COCO ground truth of the valid images and annotations (crowd included), for COCOeval."""
+        if self._coco is None:
+            from pycocotools.coco import COCO
+            anns = []
+            for image_id, *_ in self._images:
+                for a in self._all_annotations[image_id]:
+                    anns.append({"id": a.id, "image_id": a.image_id, "category_id": a.category_id,
+                                 "segmentation": {"size": a.rle["size"], "counts": a.rle["counts"].decode("ascii")},
+                                 "bbox": a.bbox, "area": a.area, "iscrowd": a.iscrowd})
+            coco = COCO()
+            coco.dataset = {
+                "images": [self._raw_images[i] for i in self.image_ids],
+                "annotations": anns,
+                "categories": [{"id": cid, "name": name} for cid, name in sorted(self._dataset_categories.items())
+                               if cid in self.cat_id_to_label],
+            }
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+                coco.createIndex()
+            self._coco = coco
+        return self._coco
+
+
+def load_dataset(path_or_zip: str | Path, categories: Sequence[str] | None = None,
+                 extract_to: str | Path | None = None, **kwargs) -> CocoDataset:
+    """A CocoDataset from a folder (or its annotations.json) or a .zip of the DESIGN layout.
+
+    A zip is unpacked with ``safe_extract_zip`` into ``extract_to`` (default: a new temporary folder
+    that is left for the caller). Raises DatasetError with the report's summary when it has errors.
+    ``kwargs`` go to CocoDataset (transforms, unknown, include_crowd, check_files).
+    """
+    path = Path(path_or_zip)
+    if path.is_dir():
+        root = path
+    elif path.is_file() and path.name == "annotations.json":
+        root = path.parent
+    elif path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise DatasetError(f"{path} is neither a dataset folder nor a .zip file")
+        dest = Path(extract_to) if extract_to is not None else Path(tempfile.mkdtemp(prefix="mrcnn-dataset-"))
+        root = safe_extract_zip(path, dest)
+    else:
+        raise DatasetError(f"dataset not found: {path}")
+    ds = CocoDataset(root, categories, **kwargs)
+    if not ds.report.ok:
+        raise DatasetError(f"dataset {path} has errors:\n{ds.report.summary()}")
+    return ds
+
+
+def collate(batch):
+    """DataLoader collate for detection: ([image, ...], [target, ...]) — images differ in size."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)

@@ -1,0 +1,370 @@
+"""Synthetic shapes: scenes deterministic by seed, a COCO writer and an on-the-fly dataset.
+
+    python -m mrcnn shapes --out data/shapes --num 200 --seed 0 --size 256 --classes circle,square,triangle
+
+A scene is a background (flat, gradient, noise, stripes or checks) with 1..max_objects shapes painted
+in order, so later shapes hide earlier ones. The masks are the *visible* parts (they never overlap);
+an object whose visible part is under ~15% of its full area or under 30 px is dropped (its remnant
+pixels stay in the image, unlabelled, as in real data). Boxes are the visible mask's extent,
+pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. Scene ``i`` of a dataset with seed
+``s`` is ``generate_scene(scene_seed(s, i))``, both in ``write_dataset`` and ``ShapesDataset``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from pycocotools import mask as mask_utils
+
+from mrcnn.errors import DatasetError
+
+SHAPE_NAMES = ("circle", "square", "triangle", "star", "hexagon", "ring")
+DEFAULT_CLASSES = ("circle", "square", "triangle")
+
+MIN_OBJECT_PX = 12           # smallest shape diameter
+MAX_OBJECT_FRACTION = 0.4    # largest shape diameter, as a fraction of the image size
+MIN_VISIBLE_FRACTION = 0.15  # occluded objects keeping less than this of their area are dropped
+MIN_VISIBLE_PX = 30          # ... as are those with fewer visible pixels than this
+_SEED_STRIDE = 1_000_003     # scene i of dataset seed s: s * stride + i (datasets don't overlap)
+
+
+@dataclass
+class Scene:
+    """One synthetic image and its instances (visible parts only)."""
+
+    image: np.ndarray   # (H, W, 3) uint8
+    masks: np.ndarray   # (N, H, W) bool, pairwise disjoint
+    labels: list[str]   # N shape names
+    boxes: np.ndarray   # (N, 4) float32 xyxy, pixel-inclusive extent of each mask
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def scene_seed(seed: int, index: int) -> int:
+    """Seed of scene ``index`` in a dataset generated with ``seed``."""
+    return int(seed) * _SEED_STRIDE + int(index)
+
+
+def check_classes(classes: Sequence[str] | str) -> tuple[str, ...]:
+    """Shape names as a tuple; a comma string is split. Unknown or repeated names -> DatasetError."""
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    classes = tuple(classes)
+    if not classes:
+        raise DatasetError(f"no shape classes given; choose from {', '.join(SHAPE_NAMES)}")
+    unknown = [c for c in classes if c not in SHAPE_NAMES]
+    if unknown:
+        raise DatasetError(f"unknown shape class(es) {', '.join(map(repr, unknown))}; "
+                           f"choose from {', '.join(SHAPE_NAMES)}")
+    if len(set(classes)) != len(classes):
+        raise DatasetError(f"shape classes repeated in {', '.join(classes)}")
+    return classes
+
+
+# ---------------------------------------------------------------------------------------- drawing
+
+def _regular_polygon(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple[float, float]]:
+    a = angle + np.arange(n) * (2 * np.pi / n)
+    return list(zip((cx + r * np.cos(a)).tolist(), (cy + r * np.sin(a)).tolist()))
+
+
+def _star(cx: float, cy: float, r: float, angle: float, inner: float = 0.45) -> list[tuple[float, float]]:
+    a = angle + np.arange(10) * (np.pi / 5)
+    rr = np.where(np.arange(10) % 2 == 0, r, r * inner)
+    return list(zip((cx + rr * np.cos(a)).tolist(), (cy + rr * np.sin(a)).tolist()))
+
+
+def _shape_mask(name: str, cx: float, cy: float, r: float, angle: float, hole: float,
+                h: int, w: int) -> np.ndarray:
+    """Full (unoccluded) mask of one shape, bool (h, w). ``r`` is the circumradius."""
+    canvas = Image.new("1", (w, h))
+    draw = ImageDraw.Draw(canvas)
+    if name == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    elif name == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        ri = r * hole
+        draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=0)
+    elif name == "square":
+        draw.polygon(_regular_polygon(cx, cy, r, 4, angle), fill=1)
+    elif name == "triangle":
+        draw.polygon(_regular_polygon(cx, cy, r, 3, angle), fill=1)
+    elif name == "hexagon":
+        draw.polygon(_regular_polygon(cx, cy, r, 6, angle), fill=1)
+    elif name == "star":
+        draw.polygon(_star(cx, cy, r, angle), fill=1)
+    else:  # pragma: no cover - guarded by check_classes
+        raise DatasetError(f"unknown shape {name!r}")
+    return np.asarray(canvas)  # mode "1" -> bool array
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (ys (size, 1), xs (1, size)) as float32, shared and read-only."""
+    ys = np.arange(size, dtype=np.float32)[:, None]
+    ys.flags.writeable = False
+    xs = ys.reshape(1, size)
+    return ys, xs
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 background: flat, gradient, noise, stripes or checks (moderate contrast)."""
+    kind = int(rng.integers(5))
+    c1 = rng.uniform(0, 255, 3).astype(np.float32)
+    # The second colour stays near the first so that textures don't look like objects.
+    c2 = np.clip(c1 + rng.uniform(-70, 70, 3), 0, 255).astype(np.float32)
+    if kind == 0:  # flat
+        return np.broadcast_to(c1.astype(np.uint8), (size, size, 3)).copy()
+    ys, xs = _grid(size)
+    if kind == 1:  # linear gradient in a random direction
+        a = rng.uniform(0, 2 * np.pi)
+        t = xs * math.cos(a) + ys * math.sin(a)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+    elif kind == 2:  # smooth noise: a coarse random grid upsampled
+        k = int(rng.integers(3, 9))
+        coarse = (rng.random((k, k)) * 255).astype(np.uint8)
+        t = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32) / 255
+    elif kind == 3:  # stripes at a random angle
+        period = float(rng.uniform(6, max(8.0, size / 6)))
+        a = rng.uniform(0, np.pi)
+        t = np.floor((xs * math.cos(a) + ys * math.sin(a)) / period) % 2
+    else:  # checks
+        period = float(rng.uniform(6, max(8.0, size / 6)))
+        t = (np.floor(xs / period) + np.floor(ys / period)) % 2
+    return (c1 + (c2 - c1) * t[..., None]).astype(np.uint8)
+
+
+def _object_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray:
+    """A colour that stands out from the background's mean colour (a few tries, then the farthest)."""
+    best, best_d = None, -1.0
+    for _ in range(8):
+        c = rng.uniform(0, 255, 3)
+        d = float(np.abs(c - bg_mean).sum())
+        if d > best_d:
+            best, best_d = c, d
+        if d >= 120:
+            break
+    return best.astype(np.uint8)
+
+
+@dataclass
+class ShapeSpec:
+    """One shape to paint: centre, circumradius and rotation in pixels/radians, colour RGB."""
+
+    name: str
+    cx: float
+    cy: float
+    r: float
+    angle: float = 0.0
+    colour: tuple[int, int, int] = (255, 255, 255)
+    hole: float = 0.5  # ring only: hole radius / outer radius
+
+
+def compose(shapes: Sequence[ShapeSpec], background: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Paint ``shapes`` in order on ``background`` (H, W, 3) uint8 -> (image, visible masks, labels).
+
+    Later shapes hide earlier ones; masks (N, H, W) bool are the visible parts. Shapes keeping less than
+    MIN_VISIBLE_FRACTION of their area or fewer than MIN_VISIBLE_PX pixels are dropped (their remnant
+    pixels stay in the image).
+    """
+    h, w = background.shape[:2]
+    # owner[y, x] = index of the shape painted last at that pixel, -1 for background: painting in
+    # order makes later shapes hide earlier ones, and visible masks are owner == k (never overlapping).
+    owner = np.full((h, w), -1, np.int16)
+    palette = np.zeros((max(len(shapes), 1), 3), np.uint8)
+    full_area = np.zeros(len(shapes), np.int64)
+    for k, s in enumerate(shapes):
+        m = _shape_mask(s.name, s.cx, s.cy, s.r, s.angle, s.hole, h, w)
+        owner[m] = k
+        full_area[k] = np.count_nonzero(m)
+        palette[k] = s.colour
+    visible_area = np.bincount(owner.ravel() + 1, minlength=len(shapes) + 1)[1:]
+    keep = np.flatnonzero((visible_area >= MIN_VISIBLE_PX) & (visible_area >= MIN_VISIBLE_FRACTION * full_area))
+    masks = owner[None] == keep[:, None, None].astype(np.int16)  # (N, H, W)
+    painted = (owner >= 0)[..., None]
+    image = np.where(painted, np.take(palette, owner, axis=0, mode="clip"), background)
+    return image, masks, [shapes[k].name for k in keep]
+
+
+def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], max_objects: int,
+                  bg_mean: np.ndarray) -> list[ShapeSpec]:
+    """1..max_objects shapes: random class, log-uniform diameter 12 px..40% of size, inside the image."""
+    d_max = MAX_OBJECT_FRACTION * size
+    d_min = min(float(MIN_OBJECT_PX), d_max)
+    shapes = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        name = classes[int(rng.integers(len(classes)))]
+        r = float(np.exp(rng.uniform(np.log(d_min), np.log(d_max)))) / 2  # log-uniform: as many small as large
+        cx, cy = rng.uniform(r, size - r, 2)
+        angle = float(rng.uniform(0, 2 * np.pi))
+        hole = float(rng.uniform(0.4, 0.6))
+        colour = tuple(int(c) for c in _object_colour(rng, bg_mean))
+        shapes.append(ShapeSpec(name, float(cx), float(cy), r, angle, colour, hole))
+    return shapes
+
+
+def generate_scene(seed: int, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
+                   max_objects: int = 8) -> Scene:
+    """One synthetic scene, a pure function of its arguments (``np.random.default_rng(seed)``)."""
+    classes = check_classes(classes)
+    if size < 32:
+        raise DatasetError(f"image size must be at least 32 px, got {size}")
+    if max_objects < 1:
+        raise DatasetError(f"max_objects must be at least 1, got {max_objects}")
+    rng = np.random.default_rng(seed)
+    background = _background(rng, size)
+    bg_mean = background[::8, ::8].reshape(-1, 3).mean(0, dtype=np.float32)
+    shapes = random_shapes(rng, size, classes, max_objects, bg_mean)
+    out, masks, labels = compose(shapes, background)
+    # Optics then sensor: mild blur (half the scenes), mild noise.
+    if rng.random() < 0.5:
+        out = np.asarray(Image.fromarray(out).filter(ImageFilter.BoxBlur(float(rng.uniform(0.4, 1.0)))))
+    sigma = float(rng.uniform(0, 6))
+    if sigma > 0.5:
+        noise = rng.standard_normal((size, size, 1), dtype=np.float32)  # luminance noise
+        noise *= sigma
+        noisy = noise + out
+        out = np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
+    if not out.flags.writeable:  # PIL's buffer
+        out = out.copy()
+    return Scene(image=np.ascontiguousarray(out), masks=masks, labels=labels, boxes=masks_to_boxes(masks))
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, 4) float32 xyxy, pixel-inclusive (x1 = max_x + 1); empty masks -> zeros."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, m in enumerate(masks):
+        cols = np.flatnonzero(m.any(0))
+        rows = np.flatnonzero(m.any(1))
+        if len(cols):
+            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
+                  classes: Sequence[str] = DEFAULT_CLASSES,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``num`` scenes as ``out_dir/annotations.json`` + ``out_dir/images/NNNNNN.png`` (DESIGN layout).
+
+    COCO instances: image ids 1..num, annotation ids from 1, category ids 1..K in the order of
+    ``classes``, segmentation as compressed RLE (str counts), bbox xywh, iscrowd 0.
+    annotations.json is written last and atomically, so a dataset with one is complete.
+    ``progress(done, num)`` is called after each image.
+    """
+    classes = check_classes(classes)
+    if num < 1:
+        raise DatasetError(f"number of images must be at least 1, got {num}")
+    if seed < 0:
+        raise DatasetError(f"seed must be non-negative, got {seed}")
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    try:
+        images_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"cannot create {images_dir}: {err.strerror or err}") from err
+    cat_ids = {name: k + 1 for k, name in enumerate(classes)}
+    images, annotations = [], []
+    for i in range(num):
+        scene = generate_scene(scene_seed(seed, i), size, classes)
+        file_name = f"{i:06d}.png"
+        Image.fromarray(scene.image).save(images_dir / file_name, compress_level=3)
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for mask, label, box in zip(scene.masks, scene.labels, scene.boxes):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_ids[label],
+                "segmentation": _rle(mask), "area": int(mask.sum()),
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
+            })
+        if progress is not None:
+            progress(i + 1, num)
+    data = {
+        "info": {"description": "Mask R-CNN Explorer synthetic shapes", "seed": seed, "size": size},
+        "images": images, "annotations": annotations,
+        "categories": [{"id": cat_ids[c], "name": c, "supercategory": "shape"} for c in classes],
+    }
+    from mrcnn.checkpoint import atomic_write_bytes
+    atomic_write_bytes(out_dir / "annotations.json", json.dumps(data).encode("utf-8"))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------- dataset
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """``num`` scenes generated on the fly; items are ``(image, target)`` exactly like ``CocoDataset``.
+
+    image: float32 [3, H, W] in 0..1. target: boxes float32 [N, 4] xyxy, labels int64 [N] (index into
+    ``categories``), masks uint8 [N, H, W], image_id int64 scalar (i + 1, as in ``write_dataset``),
+    iscrowd int64 [N] (zeros), area float32 [N]. ``categories`` is the model's class list with
+    "__background__" at 0 (default ``["__background__", *classes]``); every class must be in it.
+    ``transforms(image, target) -> (image, target)`` is applied last.
+    """
+
+    def __init__(self, num: int, seed: int = 0, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
+                 categories: Sequence[str] | None = None, transforms: Callable | None = None,
+                 max_objects: int = 8):
+        self.classes = check_classes(classes)
+        if num < 1:
+            raise DatasetError(f"number of images must be at least 1, got {num}")
+        if seed < 0:
+            raise DatasetError(f"seed must be non-negative, got {seed}")
+        self.num, self.seed, self.size, self.max_objects = int(num), int(seed), int(size), int(max_objects)
+        self.categories = list(categories) if categories is not None else ["__background__", *self.classes]
+        missing = [c for c in self.classes if c not in self.categories]
+        if missing:
+            raise DatasetError(f"shape class(es) {', '.join(map(repr, missing))} not among the model's "
+                               f"classes {self.categories[1:]}")
+        self._label_index = {name: k for k, name in enumerate(self.categories)}
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return self.num
+
+    def scene(self, i: int) -> Scene:
+        if not 0 <= i < self.num:
+            raise IndexError(f"scene index {i} out of range 0..{self.num - 1}")
+        return generate_scene(scene_seed(self.seed, i), self.size, self.classes, self.max_objects)
+
+    def __getitem__(self, i: int):
+        scene = self.scene(i)
+        image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div_(255)
+        masks = torch.from_numpy(scene.masks.astype(np.uint8))
+        target = {
+            "boxes": torch.from_numpy(scene.boxes),
+            "labels": torch.tensor([self._label_index[n] for n in scene.labels], dtype=torch.int64),
+            "masks": masks,
+            "image_id": torch.tensor(i + 1, dtype=torch.int64),
+            "iscrowd": torch.zeros(len(scene), dtype=torch.int64),
+            "area": masks.flatten(1).sum(1).float(),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def cli_shapes(args) -> int:
+    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c]`."""
+    classes = check_classes(args.classes)
+    if args.size < 32:
+        raise DatasetError(f"--size must be at least 32 px, got {args.size}")
+    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes)
+    data = json.loads((out / "annotations.json").read_text())
+    print(f"wrote {len(data['images'])} images, {len(data['annotations'])} objects "
+          f"({', '.join(classes)}; {args.size} px, seed {args.seed}) to {out}")
+    return 0

@@ -1,0 +1,179 @@
+"""Synthetic shapes: determinism, every class, holes, occlusion, boxes, writer, CLI, on-the-fly dataset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrcnn.coco import load_dataset
+from mrcnn.errors import DatasetError
+from mrcnn.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, compose, generate_scene,
+                          masks_to_boxes, write_dataset)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flat(h: int = 96, w: int = 96, colour=(40, 40, 40)) -> np.ndarray:
+    return np.broadcast_to(np.array(colour, np.uint8), (h, w, 3)).copy()
+
+
+def extent(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_same_seed_same_scene_other_seed_other_scene():
+    a, b = generate_scene(7, size=96), generate_scene(7, size=96)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks)
+    assert a.labels == b.labels and np.array_equal(a.boxes, b.boxes)
+    c = generate_scene(8, size=96)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_scene_contract():
+    for seed in range(25):
+        s = generate_scene(seed, size=96, classes=SHAPE_NAMES)
+        n = len(s.labels)
+        assert s.image.shape == (96, 96, 3) and s.image.dtype == np.uint8
+        assert s.masks.shape == (n, 96, 96) and s.masks.dtype == bool
+        assert s.boxes.shape == (n, 4) and s.boxes.dtype == np.float32
+        assert 1 <= n <= 8 and set(s.labels) <= set(SHAPE_NAMES)
+        assert s.masks.sum(0).max() <= 1, "visible masks must not overlap"
+        for m, box in zip(s.masks, s.boxes):
+            assert m.sum() >= 30
+            assert box.tolist() == extent(m), "box is the visible mask's pixel-inclusive extent"
+            assert max(box[2] - box[0], box[3] - box[1]) <= 0.4 * 96 + 2
+
+
+def test_max_objects_and_small_images():
+    for seed in range(10):
+        assert 1 <= len(generate_scene(seed, size=48, max_objects=2)) <= 2
+
+
+@pytest.mark.parametrize("name", SHAPE_NAMES)
+def test_every_class_renders(name):
+    image, masks, labels = compose([ShapeSpec(name, 48, 48, 30, angle=0.3, colour=(250, 10, 10))], flat())
+    assert labels == [name] and masks.shape == (1, 96, 96)
+    area = masks[0].sum()
+    # Between a triangle's and a full disc's share of the circumscribed circle (star is the thinnest).
+    assert 0.25 * np.pi * 30 ** 2 < area <= np.pi * 31 ** 2
+    assert (image[masks[0]] == (250, 10, 10)).all() and (image[~masks[0]] == 40).all()
+    only = generate_scene(3, size=96, classes=(name,))
+    assert set(only.labels) == {name}
+
+
+def test_shapes_differ_from_each_other():
+    masks = {n: compose([ShapeSpec(n, 48, 48, 30, angle=0.3)], flat())[1][0] for n in SHAPE_NAMES}
+    for a in SHAPE_NAMES:
+        for b in SHAPE_NAMES:
+            if a < b:
+                assert (masks[a] ^ masks[b]).sum() > 50, (a, b)
+
+
+def test_ring_has_a_hole():
+    _, masks, _ = compose([ShapeSpec("ring", 48, 48, 30, hole=0.5)], flat())
+    ring = masks[0]
+    assert not ring[48, 48], "the centre is the hole"
+    assert ring[48, 48 + 22] and ring[48 - 22, 48]
+    x0, y0, x1, y1 = extent(ring)
+    assert abs((x1 - x0) - 60) <= 2 and abs((y1 - y0) - 60) <= 2
+    hole = ~ring[30:66, 30:66]
+    assert hole[18, 18] and hole.sum() > 0.8 * np.pi * 14 ** 2
+
+
+def test_ring_hole_shows_what_is_below():
+    # A circle under the ring's hole stays visible through it.
+    image, masks, labels = compose([ShapeSpec("circle", 48, 48, 8, colour=(0, 255, 0)),
+                                    ShapeSpec("ring", 48, 48, 30, hole=0.5, colour=(0, 0, 255))], flat())
+    assert labels == ["circle", "ring"]
+    assert masks[0][48, 48] and not masks[1][48, 48]
+    assert tuple(image[48, 48]) == (0, 255, 0)
+
+
+def test_occlusion_removes_hidden_part_and_drops_hidden_objects():
+    square = ShapeSpec("square", 40, 40, 25, angle=np.pi / 4, colour=(255, 0, 0))  # axis-aligned
+    circle = ShapeSpec("circle", 60, 40, 15, colour=(0, 0, 255))
+    _, full_square, _ = compose([square], flat())
+    _, full_circle, _ = compose([circle], flat())
+    image, masks, labels = compose([square, circle], flat())
+    assert labels == ["square", "circle"]
+    assert np.array_equal(masks[0], full_square[0] & ~full_circle[0]), "the hidden part left the square's mask"
+    assert np.array_equal(masks[1], full_circle[0]), "the top shape is whole"
+    assert not (masks[0] & masks[1]).any()
+    assert tuple(image[40, 60]) == (0, 0, 255)
+
+    # Hidden entirely, or all but a sliver: dropped.
+    small = ShapeSpec("triangle", 40, 40, 10)
+    _, masks, labels = compose([small, ShapeSpec("square", 40, 40, 30, angle=np.pi / 4)], flat())
+    assert labels == ["square"] and len(masks) == 1
+    big = ShapeSpec("circle", 40, 40, 20)
+    cover = ShapeSpec("square", 42, 40, 26, angle=np.pi / 4)  # leaves a thin crescent of the circle
+    _, masks, labels = compose([big, cover], flat())
+    assert labels == ["square"]
+
+
+def test_masks_to_boxes_pixel_inclusive():
+    m = np.zeros((2, 10, 12), bool)
+    m[0, 2:5, 3:9] = True
+    assert masks_to_boxes(m).tolist() == [[3, 2, 9, 5], [0, 0, 0, 0]]
+
+
+def test_unknown_class_is_named():
+    with pytest.raises(DatasetError, match="'pentagon'"):
+        generate_scene(0, classes=("circle", "pentagon"))
+
+
+def test_write_dataset_and_on_the_fly_dataset_agree(tmp_path):
+    out = write_dataset(tmp_path / "ds", 3, seed=2, size=64, classes=("ring", "star"))
+    data = json.loads((out / "annotations.json").read_text())
+    assert [c["name"] for c in data["categories"]] == ["ring", "star"] and [c["id"] for c in data["categories"]] == [1, 2]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [i["file_name"] for i in data["images"]]
+    ann = data["annotations"][0]
+    assert isinstance(ann["segmentation"]["counts"], str) and ann["iscrowd"] == 0
+    coco = load_dataset(out)
+    shapes = ShapesDataset(3, seed=2, size=64, classes=("ring", "star"))
+    for i in range(3):
+        (ci, ct), (si, st) = coco[i], shapes[i]
+        assert torch.allclose(ci, si)
+        assert torch.equal(ct["masks"], st["masks"]) and torch.equal(ct["labels"], st["labels"])
+        assert torch.equal(ct["boxes"], st["boxes"]) and torch.equal(ct["image_id"], st["image_id"])
+        assert torch.equal(ct["area"], st["area"])
+    # Datasets with different seeds do not share scenes.
+    other = ShapesDataset(3, seed=3, size=64, classes=("ring", "star"))
+    assert not any(torch.equal(shapes[i][0], other[j][0]) for i in range(3) for j in range(3))
+
+
+def test_shapes_dataset_items_and_category_order():
+    cats = ["__background__", "triangle", "square", "circle", "star"]
+    ds = ShapesDataset(4, seed=1, size=64, categories=cats)
+    assert len(ds) == 4 and ds.categories == cats
+    for i in range(4):
+        image, t = ds[i]
+        scene = ds.scene(i)
+        assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+        assert t["masks"].dtype == torch.uint8 and t["labels"].dtype == torch.int64
+        assert [cats[k] for k in t["labels"]] == scene.labels
+        assert t["iscrowd"].tolist() == [0] * len(scene) and t["image_id"].item() == i + 1
+    with pytest.raises(DatasetError, match="'circle'"):
+        ShapesDataset(2, categories=["__background__", "square", "triangle"])
+
+
+def test_cli_writes_a_loadable_dataset(tmp_path):
+    out = tmp_path / "shapes"
+    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "5", "--size", "64"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "5 images" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    ds = load_dataset(out)
+    assert len(ds) == 5 and ds.categories == ["__background__", *DEFAULT_CLASSES] and ds.report.ok
+    image, target = ds[4]
+    assert image.shape == (3, 64, 64) and len(target["boxes"]) == len(target["masks"]) >= 1
+
+    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "2",
+                        "--classes", "circle,blob"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'blob'" in r.stderr and "Traceback" not in r.stderr
