@@ -1,0 +1,242 @@
+"""The Streamlit app driven headless with AppTest: both pages, uploads, controls, model switching.
+
+Models are tiny random-weight checkpoints written to temp folders (MRCNN_WEIGHTS_DIR / MRCNN_RUNS_DIR),
+so nothing depends on the real bundled model or on the network.
+"""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from mrcnn.checkpoint import save_checkpoint
+from mrcnn.errors import ImageError, ModelUnavailable
+from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+COUNT = re.compile(r"### (\d+) detections")
+
+
+def write_tiny(path: Path, categories=CATEGORIES, seed: int = 0) -> Path:
+    loaded = tiny_loaded(seed=seed, categories=categories)
+    save_checkpoint(path, TINY_LIGHT, categories, loaded.model.state_dict(),
+                    {"data": "random weights (test)", "metrics": {"bbox": {"AP": 0.0}}}, half=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("weights") / "shapes.pt")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, tiny_shapes):
+    """A weights folder holding a tiny shapes.pt, empty runs and torch-hub folders; fresh caches."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "shapes.pt").symlink_to(tiny_shapes)
+    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield tmp_path
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def start() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def count(at: AppTest) -> int:
+    found = [int(m.group(1)) for md in at.markdown if (m := COUNT.search(md.value))]
+    assert len(found) == 1, [md.value for md in at.markdown]
+    return found[0]
+
+
+def captions(at: AppTest) -> str:
+    return "\n".join(c.value for c in at.caption)
+
+
+def test_detect_page_starts_on_a_sample_scene(env):
+    at = start()
+    assert at.session_state["model_name"] == "shapes"
+    assert count(at) >= 0
+    assert "network ran once for this image" in captions(at)
+    assert len(at.get("plotly_chart")) >= 1
+    assert len(at.get("download_button")) == 3
+    assert "Device: **cpu**" in "\n".join(c.value for c in at.sidebar.caption)
+
+
+def test_controls_refilter_without_running_the_network(env, monkeypatch):
+    from mrcnn.trace import Trace
+
+    runs = []
+    original = Trace._run_network
+    monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
+    at = start()
+    assert len(runs) == 1
+    at.slider(key="w_score_thresh").set_value(0.05).run()
+    low = count(at)
+    at.slider(key="w_score_thresh").set_value(0.5).run()
+    high = count(at)
+    assert low > high
+    assert "network not re-run" in captions(at)
+    at.slider(key="w_score_thresh").set_value(0.05).run()
+    at.slider(key="w_max_detections").set_value(3).run()
+    assert count(at) == min(low, 3)
+    at.toggle(key="w_show_masks").set_value(False).run()
+    at.toggle(key="w_show_proposals").set_value(True).run()
+    at.radio(key="w_color_by").set_value("class").run()
+    assert not at.exception
+    at.multiselect(key="w_class_filter::shapes").set_value(["circle"]).run()
+    filtered = count(at)
+    assert filtered <= min(low, 3)
+    assert len(runs) == 1, "a control change ran the network again"
+
+
+def test_table_row_highlights_that_instance(env):
+    at = start()
+    at.slider(key="w_score_thresh").set_value(0.05).run()
+    assert count(at) > 1
+    at.session_state["det_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception
+    assert at.session_state["highlight"] is not None
+
+
+def test_upload_png_adds_it_and_a_thumbnail_strip(env):
+    at = start()
+    at.file_uploader[0].upload("gradient.png", png(scene(120, 160, seed=4)), "image/png").run()
+    assert not at.exception, at.exception
+    assert "gradient.png" in captions(at)
+    assert at.session_state["current_image"] in at.session_state["images"]
+    assert len(at.session_state["images"]) == 2  # the starting sample + the upload
+    assert any(b.label == "Show" for b in at.button)  # the strip lets the sample be picked again
+    at.slider(key="w_score_thresh").set_value(0.05).run()
+    assert count(at) > 0
+
+
+def test_bad_uploads_show_a_message_and_the_app_keeps_working(env):
+    at = start()
+    good = png(scene(100, 100, seed=2))
+    at.file_uploader[0].upload("notes.png", b"this is not an image", "image/png")
+    at.file_uploader[0].upload("cut.png", good[: len(good) // 2], "image/png").run()
+    assert not at.exception, at.exception
+    errors = "\n".join(e.value for e in at.error)
+    assert "notes.png" in errors and "cut.png" in errors
+    assert len(at.session_state["images"]) == 1  # only the sample
+    at.file_uploader[0].upload("fine.png", good, "image/png").run()
+    assert not at.exception
+    assert "fine.png" in captions(at)
+    count(at)
+
+
+def test_too_many_pixels_is_refused(monkeypatch):
+    import ui.detect
+
+    monkeypatch.setattr(ui.detect, "MAX_PIXELS", 50 * 50)
+    with pytest.raises(ImageError):
+        ui.detect.ingest_upload("big.png", png(scene(100, 100)))
+    assert ui.detect.ingest_upload("small.png", png(scene(40, 40))).array.shape == (40, 40, 3)
+
+
+def test_new_sample_button_makes_another_scene(env):
+    at = start()
+    first = at.session_state["current_image"]
+    at.button(key="new_sample").click().run()
+    assert not at.exception
+    assert at.session_state["current_image"] != first
+    assert at.session_state["sample_seed"] == 1
+
+
+def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeypatch):
+    write_tiny(env / "runs" / "r1" / "checkpoint.pt", ["__background__", "circle", "star"], seed=5)
+    at = start()
+    picker = at.sidebar.selectbox(key="w_model_name")
+    run_name = next(o for o in picker.options if "run r1" in o)
+    picker.select(str(env / "runs" / "r1" / "checkpoint.pt")).run()
+    assert not at.exception, at.exception
+    assert "run r1" in run_name
+    assert "circle, star" in "\n".join(m.value for m in at.sidebar.markdown)
+    count(at)
+
+    def offline(name, progress=None, **kwargs):
+        progress(10, 100)
+        raise ModelUnavailable(f"cannot download {name}: offline (copy the file instead)")
+
+    monkeypatch.setattr("mrcnn.zoo.download_weights", offline)
+    at.sidebar.selectbox(key="w_model_name").select("coco-r50-fpn").run()
+    assert not at.exception, at.exception
+    assert any("not available" in w.value for w in at.sidebar.warning)
+    assert any("No model loaded" in w.value for w in at.main.warning)
+    at.sidebar.button(key="download_coco-r50-fpn").click().run()
+    assert any("offline" in e.value for e in at.sidebar.error)
+    at.sidebar.selectbox(key="w_model_name").select("shapes").run()
+    assert not at.exception
+    count(at)
+
+
+def test_missing_bundled_model_starts_on_another_and_says_so(env):
+    (env / "weights" / "shapes.pt").unlink()
+    write_tiny(env / "runs" / "r2" / "checkpoint.pt")
+    at = start()
+    assert "r2" in at.session_state["model_name"]
+    assert "shapes.pt is missing" in "\n".join(c.value for c in at.sidebar.caption)
+    count(at)
+
+
+def test_no_model_at_all_is_a_message_not_a_crash(env):
+    (env / "weights" / "shapes.pt").unlink()
+    at = start()
+    assert any("No model loaded" in w.value for w in at.main.warning)
+    assert any("missing" in w.value for w in at.sidebar.warning)
+
+
+def test_inspect_page_walks_every_stage(env, monkeypatch):
+    from mrcnn.trace import Trace
+
+    runs = []
+    original = Trace._run_network
+    monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
+    at = start()
+    at.slider(key="w_score_thresh").set_value(0.05).run()
+    at.switch_page("ui/inspect.py").run()
+    assert not at.exception, at.exception
+    titles = [h.value for h in at.subheader]
+    assert [t.split()[0] for t in titles] == [str(i) for i in range(1, 11)], titles
+    assert len(at.get("plotly_chart")) >= 14
+    assert at.session_state["score_thresh"] == 0.05  # kept across the page switch
+
+    kept = next(m for m in at.metric if m.label == "Kept (proposals)")
+    at.number_input(key="w_rpn_post_nms_top_n").set_value(20)
+    at.button[[b.label for b in at.button].index("Re-run RPN")].click().run()
+    assert not at.exception, at.exception
+    kept_after = next(m for m in at.metric if m.label == "Kept (proposals)")
+    assert int(kept_after.value.replace(",", "")) <= 20 <= int(kept.value.replace(",", ""))
+    assert "backbone not re-run" in captions(at)
+
+    at.selectbox(key="w_insp_anchor_level").select(0).run()
+    at.radio(key="w_insp_feat_mode").set_value("one channel").run()
+    at.selectbox(key="w_insp_det").select_index(len(at.selectbox(key="w_insp_det").options) - 1).run()
+    assert not at.exception, at.exception
+    assert len(runs) == 1, "the Inspect page ran the network again"
+
+    at.switch_page("ui/detect.py").run()
+    assert not at.exception
+    assert at.slider(key="w_score_thresh").value == 0.05

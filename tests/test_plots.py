@@ -1,0 +1,111 @@
+"""The app's Plotly figure builders: pure functions of arrays and trace data."""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from mrcnn.structures import Detections, Thresholds
+from mrcnn.trace import run_trace
+from tests.helpers import CATEGORIES, scene, tiny_loaded
+from ui import plots
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return run_trace(tiny_loaded(seed=3), scene(96, 128, seed=1), Thresholds(score_thresh=0.05))
+
+
+def dets_of(n: int, h: int = 60, w: int = 80) -> Detections:
+    boxes = np.array([[5 + i, 5 + i, 40 + 3 * i, 30 + 2 * i] for i in range(n)], np.float32).reshape(-1, 4)
+    masks = np.zeros((n, h, w), bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[i, y0:y1, x0:x1] = True
+    return Detections(boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.arange(n) % 3 + 1, masks,
+                      np.arange(n), CATEGORIES, (h, w))
+
+
+def test_image_goes_as_one_compressed_picture():
+    img = np.zeros((60, 80, 3), np.uint8)
+    fig = plots.image_figure(img)
+    src = fig.data[0].source
+    assert src.startswith("data:image/png;base64,")
+    assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert fig.data[0].z is None  # no pixel array in the JSON
+    assert plots.image_data_uri(np.zeros((1024, 1024, 3), np.uint8)).startswith("data:image/jpeg")
+
+
+def test_overlay_has_one_hover_region_per_instance_smallest_on_top():
+    dets = dets_of(3)
+    fig = plots.overlay_figure(np.zeros((60, 80, 3), np.uint8), dets, highlight=1)
+    regions = fig.data[1:]
+    assert len(regions) == 3
+    assert [r.name for r in regions] == ["#2", "#1", "#0"]  # largest box first, so the smallest wins hover
+    text = next(r.text for r in regions if r.name == "#0")
+    assert "circle" in text and "score 0.900" in text and "box [5, 5, 40, 30]" in text
+    assert f"area {int(dets.masks[0].sum())} px" in text
+    assert next(r for r in regions if r.name == "#1").line.width == 3  # the highlighted one is outlined
+
+
+def test_overlay_with_no_detections_is_just_the_image():
+    empty = Detections.empty(CATEGORIES, (60, 80), with_masks=False)
+    assert len(plots.overlay_figure(np.zeros((60, 80, 3), np.uint8), empty).data) == 1
+
+
+def test_boxes_figure_groups_and_texts():
+    fig = plots.boxes_figure(np.zeros((50, 50, 3), np.uint8), [
+        {"boxes": [[1, 1, 10, 10], [5, 5, 20, 20]], "name": "anchors", "texts": ["a", "b"]},
+        {"boxes": np.zeros((0, 4)), "name": "none"}])
+    assert [d.name for d in fig.data[1:]] == ["anchors", "none"]
+    assert list(fig.data[1].x).count(None) == 2
+
+
+def test_heatmaps_and_their_validation():
+    fig = plots.heatmap_figure(np.arange(12).reshape(3, 4), "t")
+    assert fig.data[0].z.shape == (3, 4)
+    with pytest.raises(ValueError):
+        plots.heatmap_figure(np.zeros((2, 2, 2)))
+    grid = plots.heatmap_grid([("p2", np.zeros((8, 8))), ("p3", np.zeros((4, 4))), ("p4", np.zeros((2, 2))),
+                               ("p5", np.ones((1, 1)))], cols=3)
+    assert len(grid.data) == 4
+    assert grid.layout.annotations[0].text == "p2 (8×8)"
+
+
+def test_mask_figure_outlines_the_threshold_only_when_crossed():
+    probs = np.linspace(0, 1, 28 * 28).reshape(28, 28)
+    assert len(plots.mask_figure(probs, 0.5).data) == 2
+    assert len(plots.mask_figure(np.zeros((28, 28)), 0.5).data) == 1
+
+
+def test_histogram_bins_with_numpy():
+    fig = plots.histogram_figure({"dx": np.array([0.0, 0.1, 0.2, np.inf]), "dy": np.array([-1.0, 1.0])}, bins=10,
+                                 value_range=(-1, 1))
+    assert len(fig.data) == 2
+    assert sum(fig.data[0].y) == 3 and sum(fig.data[1].y) == 2
+
+
+def test_feature_objectness_and_delta_helpers(trace):
+    feat = trace.features[trace.level_names[0]][0].numpy()
+    assert plots.feature_map_2d(feat).shape == feat.shape[1:]
+    np.testing.assert_array_equal(plots.feature_map_2d(feat, 3), feat[3])
+    with pytest.raises(ValueError):
+        plots.feature_map_2d(feat, feat.shape[0])
+    obj = plots.objectness_2d(trace.objectness_maps[0].numpy())
+    assert obj.shape == trace.objectness_maps[0].shape[1:] and 0 <= obj.min() <= obj.max() <= 1
+    deltas = plots.split_deltas([d.numpy() for d in trace.delta_maps])
+    assert set(deltas) == {"dx", "dy", "dw", "dh"}
+    assert deltas["dx"].size == sum(trace.num_anchors_per_level)
+
+
+def test_class_probs_timings_and_nms_figures(trace):
+    cid = int(trace.detections.candidate_ids[0])
+    probs = trace.class_probs(cid)
+    fig = plots.class_probs_figure(probs, trace.categories, chosen=cid % trace.num_classes)
+    assert len(fig.data[0].x) == len(CATEGORIES)
+    assert "#d62728" in list(fig.data[0].marker.color)
+    t = plots.timings_figure(trace.timings_ms, {"re-filter": 1.0})
+    assert list(t.data[0].y) == list(trace.timings_ms) and len(t.data) == 2
+    summary = trace.nms_summary()
+    n = plots.nms_figure(summary)
+    assert [list(d.y) for d in n.data] == [[r["before_nms"] for r in summary], [r["kept"] for r in summary]]

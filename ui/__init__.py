@@ -1,0 +1,1 @@
+"""The Streamlit app's pages and parts. UI only: every computation is a call into ``mrcnn``."""

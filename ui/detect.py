@@ -1,0 +1,265 @@
+"""Detect page: images in (uploads or sample scenes), detections out, every control instant.
+
+The network runs once per image and model (ui.state.trace_for); every control below only re-filters
+the cached trace (``Trace.refilter``) and redraws, inside a fragment so the rest of the page is not
+re-run. The page says how long that took.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from mrcnn import images as mimages
+from mrcnn.draw import draw_detections
+from mrcnn.errors import MrcnnError
+from mrcnn.predict import detections_csv, png_bytes, prediction_json
+from mrcnn.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
+from mrcnn.structures import Detections
+from ui import plots, state
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"]
+MAX_PIXELS = 40_000_000  # larger uploads are refused with a message (decompression bombs, memory)
+STRIP_COLUMNS = 8
+
+
+# ---- input --------------------------------------------------------------------------------------------
+def ingest_upload(name: str, data: bytes) -> state.ImageEntry:
+    """Decode one uploaded file into an image entry. Raises ImageError (a MrcnnError) with the reason."""
+    loaded = mimages.load_image(data, name=name, max_pixels=MAX_PIXELS)
+    return state.make_entry(loaded.array, name, "upload")
+
+
+def sample_classes(categories: list[str]) -> tuple[str, ...]:
+    """The shape classes a model knows (sample scenes use them), or the default shapes."""
+    known = tuple(c for c in categories if c in SHAPE_NAMES)
+    return known or DEFAULT_CLASSES
+
+
+def sample_entry(seed: int, size: int, classes: tuple[str, ...]) -> state.ImageEntry:
+    scene = generate_scene(int(seed), size=int(size), classes=classes)
+    return state.make_entry(scene.image, f"sample-{int(seed)}.png", "sample")
+
+
+def _new_sample(classes: tuple[str, ...]) -> None:
+    state.set_value("sample_seed", int(st.session_state["sample_seed"]) + 1)
+    state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
+
+
+def _clear() -> None:
+    state.clear_images()
+    st.session_state["uploader_gen"] = st.session_state.get("uploader_gen", 0) + 1
+
+
+def _uploads() -> None:
+    # a new key empties the uploader (after "Clear")
+    files = st.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True,
+                             key=f"uploads_{st.session_state.get('uploader_gen', 0)}",
+                             help="png, jpg, webp, bmp or tiff; several at once make a strip to pick from")
+    seen: dict = st.session_state["ingested_uploads"]
+    newest = None
+    for f in files or []:
+        if f.file_id not in seen:
+            try:
+                entry = ingest_upload(f.name, f.getvalue())
+            except MrcnnError as err:
+                seen[f.file_id] = ("error", str(err))
+            else:
+                state.add_image(entry, select=False)
+                seen[f.file_id] = ("ok", entry.id)
+                newest = entry.id
+        status, value = seen[f.file_id]
+        if status == "error":
+            st.error(f"**{f.name}** was not added: {value}", icon=":material/broken_image:")
+    if newest is not None:
+        state.select_image(newest)
+
+
+def _strip() -> None:
+    images = list(st.session_state["images"].values())
+    current = state.current_image()
+    if len(images) < 2:
+        return
+    st.caption(f"{len(images)} images — results are kept for each; pick one:")
+    cols = st.columns(STRIP_COLUMNS)
+    for k, entry in enumerate(images[-STRIP_COLUMNS * 2:]):
+        with cols[k % STRIP_COLUMNS]:
+            st.image(entry.thumb, caption=entry.name[:24])
+            chosen = current is not None and entry.id == current.id
+            st.button("Showing" if chosen else "Show", key=f"pick_{entry.id[:16]}", disabled=chosen,
+                      type="primary" if chosen else "secondary", on_click=state.select_image, args=(entry.id,),
+                      width="stretch")
+
+
+def _input(categories: list[str]) -> None:
+    classes = sample_classes(categories)
+    left, right = st.columns([3, 2])
+    with left:
+        _uploads()
+    with right:
+        st.markdown("**Sample scene** (synthetic shapes)")
+        c1, c2 = st.columns([1, 1])
+        with c1:
+            state.persist("sample_seed", st.number_input, "Seed", min_value=0, max_value=10**9, step=1)
+        with c2:
+            state.persist("sample_size", st.select_slider, "Size", options=[128, 192, 256, 384, 512], default=256)
+        b1, b2, b3 = st.columns(3)
+        if b1.button("Show seed", key="show_sample", icon=":material/image:", width="stretch"):
+            state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
+        b2.button("New sample", key="new_sample", icon=":material/casino:", on_click=_new_sample, args=(classes,),
+                  width="stretch")
+        b3.button("Clear", key="clear_images", icon=":material/delete:", on_click=_clear,
+                  width="stretch", help="Forget every image and its results")
+    if not st.session_state["images"] and not st.session_state["ingested_uploads"]:
+        # Something to look at from the first second: a sample scene the model knows how to see.
+        state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
+    _strip()
+
+
+# ---- controls and results (a fragment: a control change re-runs only this) -------------------------------
+def _controls(classes: list[str]) -> dict:
+    st.markdown("**Thresholds**")
+    state.persist("score_thresh", st.slider, "Score threshold", 0.0, 1.0, step=0.01)
+    state.persist("nms_thresh", st.slider, "NMS IoU (per class)", 0.0, 1.0, step=0.05,
+                  help="Boxes of one class overlapping more than this are suppressed; 1 keeps all")
+    state.persist("max_detections", st.slider, "Max detections", 1, 300, step=1)
+    state.persist("mask_thresh", st.slider, "Mask threshold", 0.0, 1.0, step=0.05)
+    model = st.session_state.get("model_name") or ""
+    class_filter = state.persist(f"class_filter::{model}", st.multiselect, "Classes", options=classes, default=[],
+                                 placeholder="all classes")
+    st.markdown("**Display**")
+    t1, t2 = st.columns(2)
+    with t1:
+        state.persist("show_masks", st.toggle, "Masks")
+        state.persist("show_boxes", st.toggle, "Boxes")
+    with t2:
+        state.persist("show_labels", st.toggle, "Labels")
+        state.persist("show_outlines", st.toggle, "Outlines")
+    state.persist("color_by", st.radio, "Colour by", options=["instance", "class"], default="instance",
+                  horizontal=True)
+    state.persist("opacity", st.slider, "Mask opacity", 0.0, 1.0, step=0.05)
+    state.persist("show_proposals", st.toggle, "RPN proposals overlay")
+    if st.session_state["show_proposals"]:
+        state.persist("proposals_k", st.slider, "Top-K proposals", 1, 500, step=1)
+    return {"class_filter": class_filter}
+
+
+def filter_classes(dets: Detections, class_filter: list[str]) -> Detections:
+    """Keep only the chosen classes (all when none are chosen)."""
+    if not class_filter:
+        return dets
+    wanted = {dets.categories.index(c) for c in class_filter if c in dets.categories}
+    return dets[np.isin(dets.labels, list(wanted))]
+
+
+def exportable(dets: Detections) -> Detections:
+    """The same detections; an empty set without its (0, H, W) mask array, whose area sum numpy cannot
+    reshape (Detections.areas on zero masks)."""
+    if len(dets) == 0 and dets.masks is not None:
+        return Detections.empty(dets.categories, dets.image_size, with_masks=False)
+    return dets
+
+
+def detections_table(dets: Detections) -> pd.DataFrame:
+    areas = exportable(dets).areas
+    return pd.DataFrame({
+        "class": dets.label_names,
+        "score": np.round(dets.scores.astype(float), 3),
+        "x0": np.round(dets.boxes[:, 0], 1), "y0": np.round(dets.boxes[:, 1], 1),
+        "x1": np.round(dets.boxes[:, 2], 1), "y1": np.round(dets.boxes[:, 3], 1),
+        "area": areas,
+    })
+
+
+def _selected_row(n: int) -> int | None:
+    sel = st.session_state.get("det_table")
+    try:
+        rows = list(sel["selection"]["rows"]) if sel else []
+    except (KeyError, TypeError):
+        rows = []
+    return int(rows[0]) if rows and 0 <= int(rows[0]) < n else None
+
+
+@st.fragment
+def results(loaded, entry: state.ImageEntry, trace) -> None:
+    """Controls on the left, the overlay, the table and the downloads on the right."""
+    ctrl, out = st.columns([1, 3], gap="medium")
+    with ctrl:
+        opts = _controls(loaded.categories[1:])
+    thresholds = state.thresholds()
+    dets_all = trace.refilter(thresholds)
+    refilter_ms, mask_ms = trace.last_refilter_ms, trace.last_mask_ms
+    dets = filter_classes(dets_all, opts["class_filter"])
+    highlight = _selected_row(len(dets))
+    st.session_state["highlight"] = None if highlight is None else int(dets.candidate_ids[highlight])
+
+    ss = st.session_state
+    start = time.perf_counter()
+    proposals = scores = None
+    if ss["show_proposals"]:
+        proposals, scores = trace.proposals_original(int(ss["proposals_k"]))
+    overlay = draw_detections(
+        entry.array, dets, show_masks=ss["show_masks"], show_boxes=ss["show_boxes"], show_labels=ss["show_labels"],
+        show_outlines=ss["show_outlines"], color_by=ss["color_by"], opacity=float(ss["opacity"]),
+        highlight=highlight, proposals=proposals, proposal_scores=scores,
+        max_proposals=int(ss["proposals_k"]))
+    fig = plots.overlay_figure(overlay, dets, highlight=highlight)
+    draw_ms = (time.perf_counter() - start) * 1000.0
+
+    with out:
+        ran_ms = ss.pop("network_ran_ms", None)
+        hidden = len(dets_all) - len(dets)
+        st.markdown(f"### {len(dets)} detections" + (f" <small>({hidden} hidden by the class filter)</small>"
+                                                      if hidden else ""), unsafe_allow_html=True)
+        timing = f"re-filtered in {refilter_ms:.1f} ms"
+        if mask_ms >= 0.05:
+            timing += f" (mask head for new candidates {mask_ms:.1f} ms)"
+        timing += f", drawn in {draw_ms:.0f} ms — "
+        timing += (f"network ran once for this image in {ran_ms:.0f} ms" if ran_ms is not None
+                   else "network not re-run")
+        st.caption(timing)
+        st.plotly_chart(fig, key="overlay", config={"scrollZoom": True, "displaylogo": False},
+                        width="stretch")
+        st.caption(f"{entry.name} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
+                   "hover an instance for its numbers; drag to zoom, double-click to reset")
+        st.markdown("**Detections** — choose a row to highlight it")
+        st.dataframe(detections_table(dets), key="det_table", on_select="rerun", selection_mode="single-row",
+                     width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
+        _downloads(loaded, entry, trace, dets, thresholds, overlay)
+        with st.expander("Stage timings", icon=":material/timer:"):
+            st.plotly_chart(plots.timings_figure(trace.timings_ms, {"re-filter": refilter_ms, "draw": draw_ms}),
+                            key="timings", width="stretch")
+            st.caption(f"network total {trace.network_ms:.0f} ms on {loaded.device}")
+
+
+def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
+    dets = exportable(dets)
+    stem = entry.name.rsplit(".", 1)[0] or "image"
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Overlay PNG", data=lambda: png_bytes(overlay), file_name=f"{stem}.png", mime="image/png",
+                       key="dl_png", on_click="ignore", icon=":material/image:", width="stretch")
+    record = lambda: json.dumps(prediction_json(dets, entry.name, loaded.name, loaded.sha256, thresholds,  # noqa: E731
+                                                trace.timings_ms), indent=1)
+    c2.download_button("Predictions JSON", data=record, file_name=f"{stem}.json", mime="application/json",
+                       key="dl_json", on_click="ignore", icon=":material/data_object:", width="stretch")
+    c3.download_button("Detections CSV", data=lambda: detections_csv(dets), file_name=f"{stem}.csv",
+                       mime="text/csv", key="dl_csv", on_click="ignore", icon=":material/table:", width="stretch")
+
+
+def render() -> None:
+    st.title("Detect")
+    loaded = state.require_model()
+    _input(loaded.categories[1:])
+    entry = state.current_image()
+    if entry is None:
+        st.info("Upload an image or make a sample scene to start.", icon=":material/upload:")
+        return
+    trace = state.trace_for(loaded, entry)
+    results(loaded, entry, trace)
+
+
+if __name__ == "__main__":
+    render()

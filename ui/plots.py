@@ -1,0 +1,264 @@
+"""Plotly figure builders for the app: pure functions of numpy arrays and trace data (no streamlit).
+
+    fig = overlay_figure(overlay_rgb, dets)            # image + an invisible hover region per instance
+    fig = heatmap_figure(trace.objectness_maps[0].max(0).values.sigmoid().numpy(), "objectness P2")
+
+Images go to the browser as one compressed picture (``go.Image(source=data URI)``), never as a JSON
+array of pixels, so redrawing stays fast for large images.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from mrcnn.structures import Detections
+
+MARGIN = {"l": 0, "r": 0, "t": 30, "b": 0}
+PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+           "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000"]
+
+
+def image_data_uri(image: np.ndarray, fmt: str = "auto") -> str:
+    """An RGB uint8 image as a data: URI. ``auto``: PNG for small images, high-quality JPEG for large ones
+    (a 1-megapixel PNG takes tens of milliseconds to encode; the JPEG a few)."""
+    from PIL import Image
+
+    if fmt == "auto":
+        fmt = "png" if image.shape[0] * image.shape[1] <= 512 * 512 else "jpeg"
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    else:
+        Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _image_layout(fig: go.Figure, height: int, width: int, title: str | None, max_height: int) -> go.Figure:
+    shown_h = min(max_height, max(240, height))
+    fig.update_layout(height=shown_h, margin=MARGIN, title=title, dragmode="zoom", showlegend=False,
+                      hoverlabel={"align": "left"})
+    fig.update_xaxes(visible=False, range=[-0.5, width - 0.5], constrain="domain")
+    fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x", constrain="domain")
+    return fig
+
+
+def image_figure(image: np.ndarray, title: str | None = None, max_height: int = 640) -> go.Figure:
+    """A zoomable picture (no hover on the pixels)."""
+    h, w = image.shape[:2]
+    fig = go.Figure(go.Image(source=image_data_uri(image), hoverinfo="skip"))
+    return _image_layout(fig, h, w, title, max_height)
+
+
+def box_polygon(box: Sequence[float]) -> tuple[list[float], list[float]]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
+
+
+def instance_hover_text(dets: Detections, i: int, area: int | None = None) -> str:
+    x0, y0, x1, y1 = (float(v) for v in dets.boxes[i])
+    area = int(dets.areas[i]) if area is None else area
+    return (f"<b>#{i} {dets.categories[int(dets.labels[i])]}</b><br>score {float(dets.scores[i]):.3f}<br>"
+            f"box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]<br>area {area} px")
+
+
+def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None = None,
+                   title: str | None = None, max_height: int = 640) -> go.Figure:
+    """The drawn overlay with one invisible, hoverable region (its box) per instance.
+
+    Regions are added largest first so that a small instance inside a large one gets the hover."""
+    fig = image_figure(overlay, title, max_height)
+    if len(dets) == 0:
+        return fig
+    areas = dets.areas
+    box_areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
+    for i in np.argsort(-box_areas, kind="stable"):
+        xs, ys = box_polygon(dets.boxes[i])
+        chosen = highlight is not None and int(i) == int(highlight)
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines", fill="toself", hoveron="fills",
+            line={"width": 3 if chosen else 0, "color": "#ffffff" if chosen else "rgba(0,0,0,0)"},
+            fillcolor="rgba(255,255,255,0.01)", name=f"#{int(i)}",
+            text=instance_hover_text(dets, int(i), int(areas[i])), hoverinfo="text"))
+    return fig
+
+
+def boxes_figure(image: np.ndarray, groups: Sequence[dict], title: str | None = None,
+                 max_height: int = 520) -> go.Figure:
+    """A picture with groups of boxes drawn as outlines with hover.
+
+    Each group: ``{"boxes": (N, 4), "name": str, "color": css, "texts": [str]*N (optional),
+    "dash": "solid"|"dash"|"dot" (optional), "width": float (optional)}``."""
+    fig = image_figure(image, title, max_height)
+    for g in groups:
+        boxes = np.asarray(g["boxes"], dtype=np.float32).reshape(-1, 4)
+        texts = g.get("texts") or [g["name"]] * len(boxes)
+        xs, ys, hover = [], [], []
+        for box, text in zip(boxes, texts):
+            bx, by = box_polygon(box)
+            xs += bx + [None]
+            ys += by + [None]
+            hover += [text] * 5 + [None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=g["name"], text=hover, hoverinfo="text",
+                                 line={"color": g.get("color", "#ffff00"), "width": g.get("width", 2),
+                                       "dash": g.get("dash", "solid")}))
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.02, "yanchor": "top"})
+    return fig
+
+
+def heatmap_figure(values: np.ndarray, title: str | None = None, colorscale: str = "Viridis",
+                   zmin: float | None = None, zmax: float | None = None, height: int = 320,
+                   colorbar_title: str | None = None) -> go.Figure:
+    """A 2-D array as a heatmap, row 0 at the top, square cells."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"heatmap_figure expects a 2-D array, got shape {values.shape}")
+    fig = go.Figure(go.Heatmap(z=values, colorscale=colorscale, zmin=zmin, zmax=zmax,
+                               colorbar={"title": colorbar_title} if colorbar_title else None,
+                               hovertemplate="x %{x}, y %{y}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(height=height, margin=MARGIN, title=title)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain", showgrid=False)
+    fig.update_xaxes(constrain="domain", showgrid=False)
+    return fig
+
+
+def mask_figure(probs: np.ndarray, mask_thresh: float, title: str | None = None, height: int = 320,
+                x0: float = 0.0, y0: float = 0.0) -> go.Figure:
+    """Mask probabilities as a heatmap with the outline where they cross ``mask_thresh``.
+    (x0, y0): where the array's first pixel sits, for crops of a larger picture."""
+    probs = np.asarray(probs, dtype=np.float32)
+    fig = heatmap_figure(probs, title, colorscale="Magma", zmin=0.0, zmax=1.0, height=height)
+    fig.data[0].update(x0=x0, y0=y0)
+    if probs.size and probs.min() < mask_thresh < probs.max():
+        fig.add_trace(go.Contour(z=probs, x0=x0, y0=y0, showscale=False, hoverinfo="skip",
+                                 contours={"start": mask_thresh, "end": mask_thresh, "size": 1.0,
+                                           "coloring": "none"},
+                                 line={"color": "#00e5ff", "width": 2}, name=f"threshold {mask_thresh:.2f}"))
+    return fig
+
+
+def heatmap_grid(maps: Sequence[tuple[str, np.ndarray]], cols: int = 3, colorscale: str = "Viridis",
+                 zmin: float | None = None, zmax: float | None = None, height_per_row: int = 260) -> go.Figure:
+    """Several named 2-D maps side by side (e.g. one per FPN level), each with its shape in the title."""
+    n = max(len(maps), 1)
+    cols = max(1, min(cols, n))
+    rows = (n + cols - 1) // cols
+    titles = [f"{name} ({m.shape[0]}×{m.shape[1]})" for name, m in maps]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.04,
+                        vertical_spacing=0.12)
+    for k, (name, m) in enumerate(maps):
+        r, c = k // cols + 1, k % cols + 1
+        fig.add_trace(go.Heatmap(z=np.asarray(m, dtype=np.float32), colorscale=colorscale, zmin=zmin, zmax=zmax,
+                                 showscale=k == 0, name=name,
+                                 hovertemplate=f"{name} x %{{x}}, y %{{y}}: %{{z:.3f}}<extra></extra>"),
+                      row=r, col=c)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{k + 1 if k else ''}", showticklabels=False,
+                         row=r, col=c)
+        fig.update_xaxes(showticklabels=False, row=r, col=c)
+    fig.update_layout(height=rows * height_per_row + 40, margin={"l": 0, "r": 0, "t": 40, "b": 0})
+    return fig
+
+
+def histogram_figure(series: dict[str, np.ndarray], bins: int = 60, value_range: tuple[float, float] | None = None,
+                     title: str | None = None, height: int = 300) -> go.Figure:
+    """Overlaid histograms, binned here with numpy (no raw values go to the browser)."""
+    fig = go.Figure()
+    finite = [np.asarray(v, np.float64)[np.isfinite(v)] for v in series.values()]
+    if value_range is None:
+        allv = np.concatenate(finite) if finite and sum(v.size for v in finite) else np.zeros(1)
+        lo, hi = np.percentile(allv, [0.5, 99.5]) if allv.size else (0.0, 1.0)
+        value_range = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
+    edges = np.linspace(value_range[0], value_range[1], bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    for (name, _), values in zip(series.items(), finite):
+        counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+        fig.add_trace(go.Bar(x=centers, y=counts, name=name, opacity=0.6, width=edges[1] - edges[0]))
+    fig.update_layout(barmode="overlay", height=height, margin=MARGIN, title=title, bargap=0,
+                      legend={"orientation": "h"}, yaxis_title="count")
+    return fig
+
+
+def class_probs_figure(probs: np.ndarray, categories: Sequence[str], chosen: int | None = None,
+                       top: int = 20, height: int = 300) -> go.Figure:
+    """Bar chart of one proposal's class probabilities (the ``top`` largest, background included)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(-probs, kind="stable")[:top]
+    colors = ["#d62728" if chosen is not None and int(c) == int(chosen) else
+              ("#7f7f7f" if int(c) == 0 else "#1f77b4") for c in order]
+    fig = go.Figure(go.Bar(x=[categories[int(c)] for c in order], y=probs[order], marker_color=colors,
+                           hovertemplate="%{x}: %{y:.4f}<extra></extra>"))
+    fig.update_layout(height=height, margin=MARGIN, yaxis={"range": [0, 1], "title": "probability"},
+                      title="class probabilities (box head)")
+    return fig
+
+
+def timings_figure(timings_ms: dict[str, float], extra: dict[str, float] | None = None,
+                   height: int = 260) -> go.Figure:
+    """Horizontal bars: milliseconds per stage, in pipeline order (``extra`` drawn in another colour)."""
+    names = list(timings_ms)
+    values = [float(timings_ms[k]) for k in names]
+    fig = go.Figure(go.Bar(y=names, x=values, orientation="h", name="network run", marker_color="#1f77b4",
+                           text=[f"{v:.1f} ms" for v in values], textposition="auto",
+                           hovertemplate="%{y}: %{x:.1f} ms<extra></extra>"))
+    if extra:
+        fig.add_trace(go.Bar(y=list(extra), x=[float(v) for v in extra.values()], orientation="h",
+                             name="this re-filter", marker_color="#ff7f0e",
+                             text=[f"{v:.1f} ms" for v in extra.values()], textposition="auto"))
+    fig.update_layout(height=height, margin=MARGIN, xaxis_title="ms", yaxis={"autorange": "reversed"},
+                      legend={"orientation": "h"}, showlegend=bool(extra))
+    return fig
+
+
+def nms_figure(summary: Sequence[dict], height: int = 280) -> go.Figure:
+    """Per class: candidates above the score threshold before per-class NMS and how many it kept."""
+    names = [r["class"] for r in summary]
+    fig = go.Figure([
+        go.Bar(x=names, y=[r["before_nms"] for r in summary], name="before NMS", marker_color="#aec7e8"),
+        go.Bar(x=names, y=[r["kept"] for r in summary], name="kept", marker_color="#1f77b4"),
+    ])
+    fig.update_layout(barmode="group", height=height, margin=MARGIN, yaxis_title="candidates",
+                      legend={"orientation": "h"})
+    return fig
+
+
+def count_bars_figure(labels: Sequence[str], counts: Sequence[int], title: str | None = None,
+                      height: int = 260) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(labels), y=[int(c) for c in counts], text=[str(int(c)) for c in counts],
+                           textposition="auto", marker_color="#1f77b4"))
+    fig.update_layout(height=height, margin=MARGIN, title=title)
+    return fig
+
+
+# ---- array helpers for the pictures (numpy only) ------------------------------------------------------
+def feature_map_2d(feature: np.ndarray, channel: int | None = None) -> np.ndarray:
+    """(C, H, W) -> (H, W): one channel, or the mean over channels when ``channel`` is None."""
+    feature = np.asarray(feature, dtype=np.float32)
+    if feature.ndim != 3:
+        raise ValueError(f"expected (C, H, W), got shape {feature.shape}")
+    if channel is None:
+        return feature.mean(axis=0)
+    if not 0 <= channel < feature.shape[0]:
+        raise ValueError(f"channel {channel} is outside 0..{feature.shape[0] - 1}")
+    return feature[channel]
+
+
+def objectness_2d(logits: np.ndarray) -> np.ndarray:
+    """(A, H, W) objectness logits -> (H, W) probability of the most confident anchor at each cell."""
+    logits = np.asarray(logits, dtype=np.float32)
+    return 1.0 / (1.0 + np.exp(-logits.max(axis=0)))
+
+
+def split_deltas(delta_maps: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-level (A*4, H, W) box deltas -> the four components (dx, dy, dw, dh) over all anchors."""
+    parts = {k: [] for k in ("dx", "dy", "dw", "dh")}
+    for d in delta_maps:
+        d = np.asarray(d, dtype=np.float32)
+        a4, h, w = d.shape
+        d = d.reshape(a4 // 4, 4, h * w)  # (A*4, H, W) -> (A, 4, H*W)
+        for j, k in enumerate(parts):
+            parts[k].append(d[:, j].reshape(-1))
+    return {k: (np.concatenate(v) if v else np.zeros(0, np.float32)) for k, v in parts.items()}

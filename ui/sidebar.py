@@ -1,0 +1,143 @@
+"""The sidebar shared by every page: model picker (with availability and downloads), device, model card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from mrcnn import zoo
+from mrcnn.errors import MrcnnError
+from ui import state
+
+KIND_LABELS = {"bundled": "bundled", "torchvision": "COCO, torchvision", "checkpoint": "training run"}
+
+
+def model_label(info: zoo.ModelInfo) -> str:
+    """How a model is named in the picker."""
+    if info.kind == "checkpoint":
+        path = Path(info.name)
+        name = f"run {path.parent.name}" if path.name == "checkpoint.pt" else path.name
+    else:
+        name = info.name
+    suffix = "" if info.available else " — unavailable"
+    return f"{name} ({KIND_LABELS.get(info.kind, info.kind)}){suffix}"
+
+
+def default_model(infos: list[zoo.ModelInfo]) -> str | None:
+    """shapes when it is here; else the first available model; else shapes (with its reason shown)."""
+    by_name = {i.name: i for i in infos}
+    if zoo.DEFAULT_MODEL in by_name and by_name[zoo.DEFAULT_MODEL].available:
+        return zoo.DEFAULT_MODEL
+    available = [i.name for i in infos if i.available]
+    if available:
+        return available[0]
+    return zoo.DEFAULT_MODEL if zoo.DEFAULT_MODEL in by_name else (infos[0].name if infos else None)
+
+
+def _download(info: zoo.ModelInfo) -> None:
+    bar = st.progress(0.0, text=f"Downloading {info.name}…")
+
+    def progress(done: int, total: int | None) -> None:
+        if total:
+            bar.progress(min(done / total, 1.0), text=f"{done / 1e6:.0f} / {total / 1e6:.0f} MB")
+        else:
+            bar.progress(0.0, text=f"{done / 1e6:.0f} MB")
+
+    try:
+        path = zoo.download_weights(info.name, progress=progress)
+    except MrcnnError as err:
+        st.session_state[f"download_error_{info.name}"] = str(err)
+        bar.empty()
+        return
+    st.session_state.pop(f"download_error_{info.name}", None)
+    state.model_infos.clear()
+    st.toast(f"Saved {path.name}")
+    st.rerun()
+
+
+def _unavailable(info: zoo.ModelInfo) -> None:
+    st.warning(f"**{info.name}** is not available: {info.reason}", icon=":material/cloud_off:")
+    if info.kind == "torchvision" and info.url:
+        if st.button("Download weights", key=f"download_{info.name}", icon=":material/download:",
+                     help=f"From {info.url} into {zoo.hub_checkpoint_dir()}"):
+            _download(info)
+        err = st.session_state.get(f"download_error_{info.name}")
+        if err:
+            st.error(err)
+
+
+def _card(info: zoo.ModelInfo, loaded: zoo.LoadedModel | None) -> None:
+    with st.expander("Model card", expanded=False, icon=":material/badge:"):
+        classes = loaded.categories[1:] if loaded is not None else info.classes
+        classes = [c for c in classes if c != "N/A"]
+        st.markdown(f"**{len(classes)} classes:** " + ", ".join(classes[:40]) + (" …" if len(classes) > 40 else ""))
+        if loaded is not None:
+            st.caption(f"architecture `{loaded.arch.get('name')}` · sha256 `{loaded.sha256[:12]}…`")
+        card = info.card or (loaded.meta if loaded is not None else {})
+        metrics = card.get("metrics") if isinstance(card, dict) else None
+        if isinstance(metrics, dict) and metrics:
+            st.markdown("**Metrics**")
+            st.table(_flatten(metrics))
+        rest = {k: v for k, v in (card or {}).items() if k != "metrics"}
+        if rest:
+            st.markdown("**About**")
+            for key, value in rest.items():
+                text = value if isinstance(value, (str, int, float)) else json.dumps(value)
+                st.markdown(f"- *{key}*: {str(text)[:300]}")
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, float):
+            out[f"{prefix}{key}"] = f"{value:.3f}"
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def _device() -> None:
+    if torch.cuda.is_available():
+        state.persist("device", st.radio, "Device", options=["auto", "cpu", "cuda"], default="auto",
+                      horizontal=True)
+    else:
+        st.session_state["device"] = "auto"
+    try:
+        dev = zoo.resolve_device(st.session_state["device"])
+    except MrcnnError as err:
+        st.error(str(err))
+        return
+    note = "" if torch.cuda.is_available() else " (no CUDA device here)"
+    st.caption(f"Device: **{dev}**{note}")
+
+
+def render() -> zoo.LoadedModel | None:
+    """Draw the sidebar; returns the loaded model (None when it cannot be loaded, with the reason shown)."""
+    with st.sidebar:
+        st.title("Mask R-CNN Explorer")
+        infos = state.model_infos()
+        by_name = {i.name: i for i in infos}
+        if not infos:
+            st.error("No models are known.")
+            st.session_state["model_name"] = None
+            return None
+        name = state.persist("model_name", st.selectbox, "Model", options=[i.name for i in infos],
+                             default=default_model(infos), format_func=lambda n: model_label(by_name[n]))
+        info = by_name[name]
+        if not info.available:
+            _unavailable(info)
+        elif name != zoo.DEFAULT_MODEL and not by_name.get(zoo.DEFAULT_MODEL, info).available:
+            st.caption(f"The bundled `{zoo.DEFAULT_MODEL}` model is missing: {by_name[zoo.DEFAULT_MODEL].reason}")
+        _device()
+        loaded = state.current_model() if info.available else None
+        if info.available and loaded is None:
+            st.error(st.session_state.get("model_error"))
+        _card(info, loaded)
+        if st.button("Refresh model list", key="refresh_models", type="tertiary", icon=":material/refresh:"):
+            state.model_infos.clear()
+            st.rerun()
+    return loaded

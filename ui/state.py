@@ -1,0 +1,292 @@
+"""Session state in one place, and the resources every session shares.
+
+Shared by all sessions (``st.cache_resource``): the loaded models, keyed by (name, weights file, its
+mtime/size, device). They are only ever called, never changed.
+
+Per session (``st.session_state``), initialised by ``init()``:
+  model_name, device        what the sidebar chose (device: "auto" | "cpu" | "cuda")
+  images                    OrderedDict image id -> ImageEntry: uploads and sample scenes, in order
+  current_image             the image id Detect and Inspect show
+  traces                    OrderedDict trace key -> Trace, least recently used first (a small LRU)
+  score_thresh … mask_thresh, show_*, color_by, opacity, show_proposals, proposals_k,
+  rpn_* …                   control values; they outlive the widgets (see ``persist``)
+
+Widget values are kept under their own names because Streamlit forgets a widget's state when a page
+that does not draw it runs: each widget gets the key ``w_<name>``, seeded from ``<name>``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import streamlit as st
+
+from mrcnn import zoo
+from mrcnn.errors import ModelUnavailable, MrcnnError
+from mrcnn.structures import RpnSettings, Thresholds
+
+TRACE_CACHE_SIZE = 8  # images whose traces a session keeps
+TRACE_CACHE_BYTES = 1.5e9  # ... and at most about this much feature memory (one trace is always kept)
+MAX_IMAGES = 16  # images a session keeps in its strip
+THUMB_SIZE = 112
+
+DEFAULTS: dict[str, Any] = {
+    "model_name": None,
+    "device": "auto",
+    # Thresholds (DESIGN defaults)
+    "score_thresh": 0.5,
+    "nms_thresh": 0.5,
+    "max_detections": 100,
+    "mask_thresh": 0.5,
+    # display
+    "show_boxes": True,
+    "show_masks": True,
+    "show_labels": True,
+    "show_outlines": False,
+    "color_by": "instance",
+    "opacity": 0.5,
+    "show_proposals": False,
+    "proposals_k": 50,
+    # input
+    "sample_seed": 0,
+    "sample_size": 256,
+    # RPN knobs (Inspect)
+    "rpn_pre_nms_top_n": 1000,
+    "rpn_post_nms_top_n": 1000,
+    "rpn_nms_thresh": 0.7,
+    "rpn_score_thresh": 0.0,
+}
+
+
+def init() -> None:
+    """Give every key its default once per session."""
+    ss = st.session_state
+    for key, value in DEFAULTS.items():
+        if key not in ss:
+            ss[key] = list(value) if isinstance(value, list) else value
+    for key in ("images", "traces"):
+        if key not in ss:
+            ss[key] = OrderedDict()
+    ss.setdefault("current_image", None)
+    ss.setdefault("ingested_uploads", {})  # uploader file id -> image id, or the error message
+
+
+def widget_key(name: str) -> str:
+    return f"w_{name}"
+
+
+def persist(name: str, widget: Callable, label: str, *args, options=None, default=None, **kwargs):
+    """Draw ``widget(label, *args, key="w_<name>")`` showing the value kept under ``name``, and keep
+    the new value there. ``options`` (for choice widgets) are passed on and a kept value that is no
+    longer among them falls back to ``default`` (or the first option)."""
+    ss = st.session_state
+    wkey = widget_key(name)
+    if name not in ss:
+        ss[name] = default
+    if options is not None:
+        options = list(options)
+        kept = ss[name]
+        if isinstance(kept, list):
+            valid = [v for v in kept if v in options]
+        else:
+            valid = kept if kept in options else (default if default in options else (options[0] if options else None))
+        if valid != kept:
+            ss[name] = valid
+            ss.pop(wkey, None)
+        args = (options, *args)
+    if wkey not in ss:
+        ss[wkey] = ss[name]
+    value = widget(label, *args, key=wkey, **kwargs)
+    ss[name] = value
+    return value
+
+
+def set_value(name: str, value: Any) -> None:
+    """Change a kept control value from code (a button's callback): the widget shows it next run."""
+    st.session_state[name] = value
+    st.session_state.pop(widget_key(name), None)
+
+
+def thresholds() -> Thresholds:
+    ss = st.session_state
+    return Thresholds(score_thresh=float(ss["score_thresh"]), nms_thresh=float(ss["nms_thresh"]),
+                      max_detections=int(ss["max_detections"]), mask_thresh=float(ss["mask_thresh"]))
+
+
+def rpn_settings() -> RpnSettings:
+    ss = st.session_state
+    return RpnSettings(pre_nms_top_n=int(ss["rpn_pre_nms_top_n"]), post_nms_top_n=int(ss["rpn_post_nms_top_n"]),
+                       nms_thresh=float(ss["rpn_nms_thresh"]), score_thresh=float(ss["rpn_score_thresh"]))
+
+
+# ---- models -----------------------------------------------------------------------------------------
+@st.cache_data(ttl=20, show_spinner=False)
+def model_infos() -> list[zoo.ModelInfo]:
+    """Every model the zoo knows of, with availability (re-read every few seconds: downloads, runs)."""
+    return zoo.list_models()
+
+
+def _file_stamp(path: str | None) -> tuple:
+    try:
+        st_ = os.stat(path) if path else None
+    except OSError:
+        return ()
+    return (st_.st_mtime_ns, st_.st_size) if st_ else ()
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def _load_model(name: str, weights: str | None, device: str, stamp: tuple) -> zoo.LoadedModel:
+    # ``stamp`` is only part of the key: a re-written weights file is loaded again.
+    return zoo.load_model(name, weights=weights, device=device)
+
+
+def get_model(name: str, device: str = "auto") -> zoo.LoadedModel:
+    """The shared LoadedModel for a model name (or checkpoint path). Raises MrcnnError with the reason."""
+    dev = str(zoo.resolve_device(device))
+    info = next((i for i in model_infos() if i.name == name), None)
+    if info is not None and not info.available:
+        raise ModelUnavailable(f"{name}: {info.reason}")
+    weights = info.path if info is not None else None
+    return _load_model(name, weights, dev, _file_stamp(weights))
+
+
+def current_model() -> zoo.LoadedModel | None:
+    """The model the sidebar chose, or None (the reason is in session_state["model_error"])."""
+    ss = st.session_state
+    name = ss.get("model_name")
+    ss["model_error"] = None
+    if not name:
+        ss["model_error"] = "no model is available"
+        return None
+    try:
+        return get_model(name, ss.get("device", "auto"))
+    except MrcnnError as err:
+        ss["model_error"] = str(err)
+        return None
+
+
+def require_model() -> zoo.LoadedModel:
+    """The current model, or a clear message on the page and stop."""
+    loaded = current_model()
+    if loaded is None:
+        st.warning(f"No model loaded — {st.session_state.get('model_error')}. "
+                   "Pick an available model in the sidebar.", icon=":material/warning:")
+        st.stop()
+    return loaded
+
+
+# ---- images ------------------------------------------------------------------------------------------
+@dataclass
+class ImageEntry:
+    """One image of the session's strip."""
+
+    id: str  # sha1 of the pixels: the same picture uploaded twice is one entry
+    name: str
+    array: np.ndarray  # (H, W, 3) uint8, EXIF-oriented
+    source: str  # "upload" | "sample"
+    thumb: np.ndarray = field(repr=False, default=None)
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+
+def image_id(array: np.ndarray) -> str:
+    h = hashlib.sha1(str(array.shape).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def make_entry(array: np.ndarray, name: str, source: str) -> ImageEntry:
+    from PIL import Image
+
+    thumb = Image.fromarray(array)
+    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    return ImageEntry(image_id(array), name, array, source, np.asarray(thumb))
+
+
+def add_image(entry: ImageEntry, select: bool = True) -> ImageEntry:
+    images: OrderedDict = st.session_state["images"]
+    if entry.id in images:
+        entry = images[entry.id]
+    else:
+        images[entry.id] = entry
+        while len(images) > MAX_IMAGES:
+            oldest = next(iter(images))
+            if oldest == st.session_state.get("current_image"):
+                images.move_to_end(oldest)
+                oldest = next(iter(images))
+            images.pop(oldest)
+    if select:
+        select_image(entry.id)
+    return entry
+
+
+def select_image(image_id_: str) -> None:
+    st.session_state["current_image"] = image_id_
+    st.session_state.pop("det_table", None)  # a row chosen on another image means nothing here
+    st.session_state["highlight"] = None
+
+
+def current_image() -> ImageEntry | None:
+    images = st.session_state.get("images") or {}
+    key = st.session_state.get("current_image")
+    if key in images:
+        return images[key]
+    return next(reversed(images.values()), None) if images else None
+
+
+def clear_images() -> None:
+    st.session_state["images"] = OrderedDict()
+    st.session_state["traces"] = OrderedDict()
+    st.session_state["current_image"] = None
+    st.session_state["ingested_uploads"] = {}
+
+
+# ---- traces ------------------------------------------------------------------------------------------
+def _trace_bytes(trace) -> int:
+    return sum(int(f.numel() * f.element_size()) for f in trace.features.values())
+
+
+def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
+    """The trace of this image under this model: from the session's LRU, or run once now.
+
+    A cached trace whose RPN settings differ from the session's is re-filtered from its cached
+    features (``Trace.set_rpn``); the backbone never runs twice for one image and model."""
+    from mrcnn.trace import run_trace
+
+    ss = st.session_state
+    traces: OrderedDict = ss["traces"]
+    key = (loaded.name, loaded.sha256, str(loaded.device), entry.id)
+    rpn = rpn_settings()
+    trace = traces.get(key)
+    if trace is None:
+        with st.spinner(f"Running {loaded.name} on {entry.name}…"):
+            start = time.perf_counter()
+            trace = run_trace(loaded, entry.array, thresholds(), rpn)
+            ss["network_ran_ms"] = (time.perf_counter() - start) * 1000.0
+        traces[key] = trace
+        while len(traces) > 1 and (len(traces) > TRACE_CACHE_SIZE
+                                   or sum(_trace_bytes(t) for t in traces.values()) > TRACE_CACHE_BYTES):
+            traces.popitem(last=False)
+    else:
+        traces.move_to_end(key)
+        if trace.rpn_settings != rpn:
+            start = time.perf_counter()
+            trace.set_rpn(rpn)
+            ss["rpn_rerun_ms"] = (time.perf_counter() - start) * 1000.0
+    return trace
+
+
+def current_trace(loaded: zoo.LoadedModel):
+    entry = current_image()
+    return (entry, trace_for(loaded, entry)) if entry is not None else (None, None)
