@@ -21,8 +21,8 @@ from mrcnn.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
 from mrcnn.structures import Detections
 from ui import plots, state
 
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"]
-MAX_PIXELS = 40_000_000  # larger uploads are refused with a message (decompression bombs, memory)
+UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
+MAX_PIXELS: int | None = None  # None: mrcnn.images' limit ($MRCNN_MAX_PIXELS or 40 MP); larger uploads are refused
 STRIP_COLUMNS = 8
 
 

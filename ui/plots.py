@@ -39,7 +39,7 @@ def image_data_uri(image: np.ndarray, fmt: str = "auto") -> str:
 
 
 def _image_layout(fig: go.Figure, height: int, width: int, title: str | None, max_height: int) -> go.Figure:
-    shown_h = min(max_height, max(240, height))
+    shown_h = min(max_height, max(420, height))  # small images are scaled up to a readable size
     fig.update_layout(height=shown_h, margin=MARGIN, title=title, dragmode="zoom", showlegend=False,
                       hoverlabel={"align": "left"})
     fig.update_xaxes(visible=False, range=[-0.5, width - 0.5], constrain="domain")

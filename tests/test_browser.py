@@ -1,0 +1,158 @@
+"""End to end in a real browser: `streamlit run app.py` on 127.0.0.1 driven by Debian's chromium
+through Python Playwright (never a downloaded browser).
+
+Uploads an image, waits for the detections, moves the score slider with the keyboard and sees the
+count change, opens Inspect. Screenshots go to test-artifacts/. Skipped when /usr/bin/chromium is
+missing (CI installs it: apt-get install chromium).
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mrcnn.checkpoint import save_checkpoint
+from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+COUNT = re.compile(r"(\d+) detections")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"streamlit did not become healthy in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on a free port, with a tiny random-weight shapes.pt so it needs neither the real model
+    nor the network."""
+    tmp = tmp_path_factory.mktemp("browser")
+    weights = tmp / "weights"
+    loaded = tiny_loaded(seed=0)
+    save_checkpoint(weights / "shapes.pt", TINY_LIGHT, CATEGORIES, loaded.model.state_dict(),
+                    {"data": "random weights (browser test)"}, half=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "streamlit.log"
+    port = free_port()
+    env = dict(os.environ, MRCNN_WEIGHTS_DIR=str(weights), MRCNN_RUNS_DIR=str(tmp / "runs"),
+               TORCH_HOME=str(tmp / "torch"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
+             "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        yield f"http://127.0.0.1:{port}", tmp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
+            "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def detection_count(page) -> int:
+    heading = page.locator("h3").filter(has_text=COUNT).first
+    heading.wait_for(timeout=60_000)
+    return int(COUNT.search(heading.inner_text()).group(1))
+
+
+def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            new = detection_count(page)
+        except Exception:  # the heading is re-rendered mid-read
+            new = old
+        if new != old:
+            return new
+        page.wait_for_timeout(250)
+    return old
+
+
+def test_upload_detect_slide_and_inspect(server, browser):
+    url, tmp = server
+    image = tmp / "upload.png"
+    Image.fromarray(scene(150, 200, seed=7)).save(image)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        detection_count(page)  # the starting sample scene
+
+        page.locator('input[type="file"]').first.set_input_files(str(image))
+        page.get_by_text(re.compile(r"upload\.png · 200×150 px")).first.wait_for(timeout=60_000)
+        at_default = detection_count(page)  # score 0.50
+
+        thumb = page.get_by_role("slider", name="Score threshold")
+        thumb.focus()
+        for _ in range(45):  # 0.50 -> 0.05 in steps of 0.01
+            thumb.press("ArrowLeft")
+        at_low = wait_count_change(page, at_default)
+        assert at_low != at_default, f"count stayed at {at_default} after moving the score slider to 0.05"
+        assert at_low > at_default
+        page.get_by_text("network not re-run").first.wait_for(timeout=30_000)
+        page.set_viewport_size({"width": 1400, "height": 2200})
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "detect.png"), full_page=True)
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+        page.get_by_role("link", name="Inspect").first.click()
+        page.get_by_text("10 Where the time went").first.wait_for(timeout=60_000)
+        page.get_by_text("Kept (proposals)").first.wait_for(timeout=30_000)
+        # Streamlit scrolls inside its own container: a tall viewport gets the whole page in the picture.
+        page.set_viewport_size({"width": 1400, "height": 7000})
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(ARTIFACTS / "inspect.png"), full_page=True)
+        assert not page.get_by_text("Traceback").count()
+        assert not errors, errors
+    finally:
+        page.close()
