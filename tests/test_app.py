@@ -163,6 +163,9 @@ def test_new_sample_button_makes_another_scene(env):
     assert not at.exception
     assert at.session_state["current_image"] != first
     assert at.session_state["sample_seed"] == 1
+    at.number_input(key="w_sample_seed").set_value(7).run()
+    assert not at.exception
+    assert at.session_state["images"][at.session_state["current_image"]].name == "sample-7.png"
 
 
 def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeypatch):

@@ -109,3 +109,13 @@ def test_class_probs_timings_and_nms_figures(trace):
     summary = trace.nms_summary()
     n = plots.nms_figure(summary)
     assert [list(d.y) for d in n.data] == [[r["before_nms"] for r in summary], [r["kept"] for r in summary]]
+
+
+def test_downsample_keeps_small_maps_and_shrinks_big_ones():
+    small = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert plots.downsample(small, 8) is not None and plots.downsample(small, 8).shape == (3, 4)
+    big = np.zeros((200, 272), np.float32)
+    big[5, 7] = 1.0
+    out = plots.downsample(big, 100, how="max")
+    assert max(out.shape) <= 100 and out.max() == 1.0
+    assert plots.downsample(np.ones((201, 50)), 100).shape == (67, 17)

@@ -49,6 +49,13 @@ def _new_sample(classes: tuple[str, ...]) -> None:
     state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
 
 
+def _show_sample(classes: tuple[str, ...]) -> None:
+    """Seed or size changed: show that scene (callbacks run before the widgets' values are kept)."""
+    for name in ("sample_seed", "sample_size"):
+        st.session_state[name] = st.session_state.get(state.widget_key(name), st.session_state[name])
+    state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
+
+
 def _clear() -> None:
     state.clear_images()
     st.session_state["uploader_gen"] = st.session_state.get("uploader_gen", 0) + 1
@@ -103,15 +110,15 @@ def _input(categories: list[str]) -> None:
         st.markdown("**Sample scene** (synthetic shapes)")
         c1, c2 = st.columns([1, 1])
         with c1:
-            state.persist("sample_seed", st.number_input, "Seed", min_value=0, max_value=10**9, step=1)
+            state.persist("sample_seed", st.number_input, "Seed", min_value=0, max_value=10**9, step=1,
+                          on_change=_show_sample, args=(classes,))
         with c2:
-            state.persist("sample_size", st.select_slider, "Size", options=[128, 192, 256, 384, 512], default=256)
-        b1, b2, b3 = st.columns(3)
-        if b1.button("Show seed", key="show_sample", icon=":material/image:", width="stretch"):
-            state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
-        b2.button("New sample", key="new_sample", icon=":material/casino:", on_click=_new_sample, args=(classes,),
-                  width="stretch")
-        b3.button("Clear", key="clear_images", icon=":material/delete:", on_click=_clear,
+            state.persist("sample_size", st.select_slider, "Size", options=[128, 192, 256, 384, 512], default=256,
+                          on_change=_show_sample, args=(classes,))
+        b1, b2 = st.columns(2)
+        b1.button("New sample", key="new_sample", icon=":material/casino:", on_click=_new_sample, args=(classes,),
+                  width="stretch", help="The next seed's scene")
+        b2.button("Clear", key="clear_images", icon=":material/delete:", on_click=_clear,
                   width="stretch", help="Forget every image and its results")
     if not st.session_state["images"] and not st.session_state["ingested_uploads"]:
         # Something to look at from the first second: a sample scene the model knows how to see.

@@ -39,6 +39,15 @@ def network_input_image(trace) -> np.ndarray:
     return (x * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
 
 
+def level_labels(trace) -> dict[str, str]:
+    """FPN level names as in the paper, from each level's stride: torchvision's "0" (stride 4) is P2."""
+    labels = {}
+    for name, feat in trace.features.items():
+        stride = trace.padded_size[0] / feat.shape[-2]
+        labels[name] = f"P{round(math.log2(max(stride, 1)))}" + (" (pool)" if name == "pool" else "")
+    return labels
+
+
 # ---- 1 ----------------------------------------------------------------------------------------------------
 def _input_resize(trace, entry) -> None:
     _section(1, "The image is resized so its short side is the model's min_size (long side at most max_size), "
@@ -62,6 +71,7 @@ def _backbone(trace) -> None:
     _section(2, "The backbone's feature maps merged top-down by the FPN: one map per level, coarser as the "
                 "stride grows. Shown as the mean over channels, or one chosen channel.")
     names = trace.level_names
+    labels = level_labels(trace)
     channels = int(next(iter(trace.features.values())).shape[1])
     c1, c2 = st.columns([1, 3])
     with c1:
@@ -74,20 +84,21 @@ def _backbone(trace) -> None:
         rows = []
         for name in names:
             _, ch, h, w = trace.features[name].shape
-            rows.append({"level": name, "shape (C×H×W)": f"{ch}×{h}×{w}",
+            rows.append({"level": labels[name], "shape (C×H×W)": f"{ch}×{h}×{w}",
                          "stride": f"{trace.padded_size[0] / h:.0f}"})
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    maps = [(n, plots.feature_map_2d(_np(trace.features[n][0]), channel)) for n in names]
+    maps = [(labels[n], plots.downsample(plots.feature_map_2d(_np(trace.features[n][0]), channel))) for n in names]
     c2.plotly_chart(plots.heatmap_grid(maps, cols=3), key="feat_grid", width="stretch")
 
 
 # ---- 3 ----------------------------------------------------------------------------------------------------
 def _anchor_rows(trace) -> list[dict]:
     settings = trace.anchor_settings()
+    labels = level_labels(trace)
     rows = []
     for lvl, name in enumerate(trace.level_names[:len(trace.objectness_maps)]):
         a, h, w = trace.objectness_maps[lvl].shape
-        rows.append({"level": name, "grid (H×W)": f"{h}×{w}", "anchors per cell": int(a),
+        rows.append({"level": labels[name], "grid (H×W)": f"{h}×{w}", "anchors per cell": int(a),
                      "anchors": int(trace.num_anchors_per_level[lvl]),
                      "sizes": ", ".join(str(s) for s in settings["sizes"][lvl]),
                      "aspect ratios": ", ".join(f"{r:g}" for r in settings["aspect_ratios"][lvl])})
@@ -138,8 +149,10 @@ def _anchors(trace, entry) -> None:
 def _rpn(trace) -> None:
     _section(4, "The RPN head: for every anchor an objectness score and four box deltas (dx, dy: shift as a "
                 "fraction of the anchor size; dw, dh: log scale). Heatmaps show the best anchor per cell.")
+    labels = level_labels(trace)
     names = trace.level_names[:len(trace.objectness_maps)]
-    maps = [(n, plots.objectness_2d(_np(o))) for n, o in zip(names, trace.objectness_maps)]
+    maps = [(labels[n], plots.downsample(plots.objectness_2d(_np(o)), how="max"))
+            for n, o in zip(names, trace.objectness_maps)]
     st.plotly_chart(plots.heatmap_grid(maps, cols=3, colorscale="Inferno", zmin=0.0, zmax=1.0), key="obj_grid",
                     width="stretch")
     probs = torch.sigmoid(trace.anchor_objectness.float())
@@ -252,7 +265,7 @@ def _roi(trace, entry, cid: int) -> None:
         crop = info["crop"].numpy()  # (C, S, S)
         rule = fpn_level_rule(info["box"].tolist())
         with col:
-            st.markdown(f"**{what}** → level **{info['level_name']}**, crop {crop.shape[0]}×{crop.shape[1]}×"
+            st.markdown(f"**{what}** → level **{level_labels(trace)[info['level_name']]}**, crop {crop.shape[0]}×{crop.shape[1]}×"
                         f"{crop.shape[2]}")
             st.caption(f"k = 4 + log2(√area / 224) = {rule:.2f} → floor, clamped to the pooled levels")
             st.plotly_chart(plots.heatmap_figure(crop.mean(axis=0), f"{crop.shape[1]}×{crop.shape[2]} crop, "
@@ -279,7 +292,7 @@ def _box_head(trace, entry, cid: int) -> None:
                                    "x0": [p_orig[0, 0], r_orig[0, 0]], "y0": [p_orig[0, 1], r_orig[0, 1]],
                                    "x1": [p_orig[0, 2], r_orig[0, 2]], "y1": [p_orig[0, 3], r_orig[0, 3]]}).round(1),
                      hide_index=True, width="stretch")
-        st.caption(f"proposal from RPN level {trace.level_names[level]} · P({trace.categories[label]}) = "
+        st.caption(f"proposal from RPN level {level_labels(trace)[trace.level_names[level]]} · P({trace.categories[label]}) = "
                    f"{probs[label]:.3f}")
 
 

@@ -134,16 +134,19 @@ def mask_figure(probs: np.ndarray, mask_thresh: float, title: str | None = None,
     fig = heatmap_figure(probs, title, colorscale="Magma", zmin=0.0, zmax=1.0, height=height)
     fig.data[0].update(x0=x0, y0=y0)
     if probs.size and probs.min() < mask_thresh < probs.max():
+        # coloring="lines" with a one-colour scale: the outline only, no fill between levels
         fig.add_trace(go.Contour(z=probs, x0=x0, y0=y0, showscale=False, hoverinfo="skip",
                                  contours={"start": mask_thresh, "end": mask_thresh, "size": 1.0,
-                                           "coloring": "none"},
-                                 line={"color": "#00e5ff", "width": 2}, name=f"threshold {mask_thresh:.2f}"))
+                                           "coloring": "lines"},
+                                 colorscale=[[0, "#00e5ff"], [1, "#00e5ff"]],
+                                 line={"width": 2}, name=f"threshold {mask_thresh:.2f}"))
     return fig
 
 
 def heatmap_grid(maps: Sequence[tuple[str, np.ndarray]], cols: int = 3, colorscale: str = "Viridis",
                  zmin: float | None = None, zmax: float | None = None, height_per_row: int = 260) -> go.Figure:
-    """Several named 2-D maps side by side (e.g. one per FPN level), each with its shape in the title."""
+    """Several named 2-D maps side by side (e.g. one per FPN level), each with its shape in the title.
+    Without zmin/zmax each map gets its own colour range (no colour bar; hover gives the values)."""
     n = max(len(maps), 1)
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
@@ -153,7 +156,7 @@ def heatmap_grid(maps: Sequence[tuple[str, np.ndarray]], cols: int = 3, colorsca
     for k, (name, m) in enumerate(maps):
         r, c = k // cols + 1, k % cols + 1
         fig.add_trace(go.Heatmap(z=np.asarray(m, dtype=np.float32), colorscale=colorscale, zmin=zmin, zmax=zmax,
-                                 showscale=k == 0, name=name,
+                                 showscale=k == 0 and zmin is not None and zmax is not None, name=name,
                                  hovertemplate=f"{name} x %{{x}}, y %{{y}}: %{{z:.3f}}<extra></extra>"),
                       row=r, col=c)
         fig.update_yaxes(autorange="reversed", scaleanchor=f"x{k + 1 if k else ''}", showticklabels=False,
@@ -244,6 +247,20 @@ def feature_map_2d(feature: np.ndarray, channel: int | None = None) -> np.ndarra
     if not 0 <= channel < feature.shape[0]:
         raise ValueError(f"channel {channel} is outside 0..{feature.shape[0] - 1}")
     return feature[channel]
+
+
+def downsample(values: np.ndarray, max_side: int = 160, how: str = "mean") -> np.ndarray:
+    """Shrink a 2-D map by an integer factor (block mean or max) until both sides fit ``max_side``,
+    so big feature maps do not send hundreds of thousands of cells to the browser."""
+    values = np.asarray(values, dtype=np.float32)
+    f = int(np.ceil(max(values.shape) / max_side)) if max(values.shape) > max_side else 1
+    if f <= 1:
+        return values
+    h, w = values.shape
+    ph, pw = (-h) % f, (-w) % f
+    padded = np.pad(values, ((0, ph), (0, pw)), mode="edge")
+    blocks = padded.reshape((h + ph) // f, f, (w + pw) // f, f)
+    return blocks.max(axis=(1, 3)) if how == "max" else blocks.mean(axis=(1, 3))
 
 
 def objectness_2d(logits: np.ndarray) -> np.ndarray:
