@@ -1,0 +1,71 @@
+"""`python -m mrcnn predict` per DESIGN: JSON + overlay per image, bad files named on stderr, exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mrcnn.architectures import build_model
+from mrcnn.checkpoint import save_checkpoint
+from mrcnn.predict import decode_rle
+from tests.helpers import CATEGORIES, TINY_LIGHT, scene
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "mrcnn", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_predict_writes_json_and_png_and_names_bad_files(tmp_path):
+    torch.manual_seed(3)
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
+    good = tmp_path / "good.png"
+    Image.fromarray(scene(90, 120, seed=1)).save(good)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    res = run_cli("predict", tmp_path / "broken.jpg", good, tmp_path / "empty.png", "--model", ckpt,
+                  "--score-thresh", "0.05", "--out", out)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    err_lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(err_lines) == 2
+    assert "broken.jpg" in err_lines[0] and "empty.png" in err_lines[1]
+    record = json.loads((out / "good.json").read_text())
+    assert record["image"] == {"file": "good.png", "width": 120, "height": 90}
+    assert record["model"]["name"].endswith("tiny.pt") and len(record["model"]["sha256"]) == 64
+    assert record["thresholds"]["score_thresh"] == 0.05
+    assert record["detections"], "random weights at 0.05 give detections"
+    for det in record["detections"]:
+        assert set(det) == {"label", "category_id", "score", "box", "area", "mask"}
+        assert det["label"] == CATEGORIES[det["category_id"]] and det["score"] > 0.05
+        mask = decode_rle(det["mask"])
+        assert mask.shape == (90, 120) and mask.sum() == det["area"]
+        x0, y0, x1, y1 = det["box"]
+        assert 0 <= x0 <= x1 <= 120 and 0 <= y0 <= y1 <= 90
+    assert {"backbone", "rpn_head", "box_head", "masks"} <= set(record["timing_ms"])
+    overlay = np.asarray(Image.open(out / "good.png"))
+    assert overlay.shape == (90, 120, 3)
+    assert not (out / "broken.json").exists()
+
+
+def test_predict_unknown_model_is_one_line(tmp_path):
+    img = tmp_path / "a.png"
+    Image.fromarray(scene(40, 40)).save(img)
+    res = run_cli("predict", img, "--model", tmp_path / "missing.pt", "--out", tmp_path / "o")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "missing.pt" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_models_json_lists_all():
+    res = run_cli("models", "--json")
+    assert res.returncode == 0
+    names = [m["name"] for m in json.loads(res.stdout)]
+    assert {"shapes", "coco-r50-fpn", "coco-r50-fpn-v2"} <= set(names)
