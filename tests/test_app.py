@@ -243,3 +243,17 @@ def test_inspect_page_walks_every_stage(env, monkeypatch):
     at.switch_page("ui/detect.py").run()
     assert not at.exception
     assert at.slider(key="w_score_thresh").value == 0.05
+
+
+def test_a_model_failure_is_a_message_on_the_page(env, monkeypatch):
+    from mrcnn.trace import Trace
+
+    def boom(self):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Trace, "_run_network", boom)
+    at = start()
+    assert any("Could not run shapes" in e.value and "out of memory" in e.value for e in at.error)
+    at.switch_page("ui/inspect.py").run()
+    assert not at.exception
+    assert any("out of memory" in e.value for e in at.error)

@@ -119,3 +119,10 @@ def test_downsample_keeps_small_maps_and_shrinks_big_ones():
     out = plots.downsample(big, 100, how="max")
     assert max(out.shape) <= 100 and out.max() == 1.0
     assert plots.downsample(np.ones((201, 50)), 100).shape == (67, 17)
+
+
+def test_large_pictures_are_shrunk_but_keep_original_coordinates():
+    fig = plots.image_figure(np.zeros((100, 4000, 3), np.uint8), max_side=1000)
+    img = fig.data[0]
+    assert img.dx == 4 and img.dy == 4 and img.x0 == 1.5
+    assert list(fig.layout.xaxis.range) == [-0.5, 3999.5]

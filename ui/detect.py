@@ -7,6 +7,7 @@ re-run. The page says how long that took.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -22,7 +23,9 @@ from mrcnn.structures import Detections
 from ui import plots, state
 
 UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
-MAX_PIXELS: int | None = None  # None: mrcnn.images' limit ($MRCNN_MAX_PIXELS or 40 MP); larger uploads are refused
+# Larger uploads are refused with a message. Lower than mrcnn.images' 40 MP default because the page
+# keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
+MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8
 
 
@@ -264,8 +267,9 @@ def render() -> None:
     if entry is None:
         st.info("Upload an image or make a sample scene to start.", icon=":material/upload:")
         return
-    trace = state.trace_for(loaded, entry)
-    results(loaded, entry, trace)
+    trace = state.safe_trace(loaded, entry)
+    if trace is not None:
+        results(loaded, entry, trace)
 
 
 if __name__ == "__main__":

@@ -351,7 +351,9 @@ def render() -> None:
         st.info("No image yet: upload one or make a sample scene on the Detect page.", icon=":material/image:")
         st.page_link("ui/detect.py", label="Go to Detect", icon=":material/center_focus_strong:")
         return
-    trace = state.trace_for(loaded, entry)
+    trace = state.safe_trace(loaded, entry)
+    if trace is None:
+        return
     t = state.thresholds()
     st.caption(f"**{entry.name}** · model `{loaded.name}` · score ≥ {t.score_thresh:.2f}, NMS IoU {t.nms_thresh:.2f}, "
                f"mask ≥ {t.mask_thresh:.2f} (set on Detect) · "

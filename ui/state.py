@@ -287,6 +287,11 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     return trace
 
 
-def current_trace(loaded: zoo.LoadedModel):
-    entry = current_image()
-    return (entry, trace_for(loaded, entry)) if entry is not None else (None, None)
+def safe_trace(loaded: zoo.LoadedModel, entry: ImageEntry):
+    """trace_for, or None with the reason on the page when the model cannot run on this image
+    (e.g. out of memory); the app keeps working."""
+    try:
+        return trace_for(loaded, entry)
+    except (MrcnnError, ValueError, RuntimeError) as err:
+        st.error(f"Could not run {loaded.name} on {entry.name}: {err}", icon=":material/error:")
+        return None
