@@ -257,3 +257,16 @@ def test_a_model_failure_is_a_message_on_the_page(env, monkeypatch):
     at.switch_page("ui/inspect.py").run()
     assert not at.exception
     assert any("out of memory" in e.value for e in at.error)
+
+
+def test_inspect_opened_first_makes_its_own_sample(env):
+    from collections import OrderedDict
+
+    at = start()
+    at.session_state["images"] = OrderedDict()
+    at.session_state["traces"] = OrderedDict()
+    at.switch_page("ui/inspect.py").run()
+    assert not at.exception, at.exception
+    assert len(at.session_state["images"]) == 1
+    assert len(at.subheader) == 7  # steps 6, 7 and 9 follow a detection: none at score 0.5 here
+    assert any("No detections" in i.value for i in at.info)

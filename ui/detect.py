@@ -18,9 +18,9 @@ from mrcnn import images as mimages
 from mrcnn.draw import draw_detections
 from mrcnn.errors import MrcnnError
 from mrcnn.predict import detections_csv, png_bytes, prediction_json
-from mrcnn.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
 from mrcnn.structures import Detections
 from ui import plots, state
+from ui.state import sample_classes, sample_entry
 
 UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
 # Larger uploads are refused with a message. Lower than mrcnn.images' 40 MP default because the page
@@ -34,17 +34,6 @@ def ingest_upload(name: str, data: bytes) -> state.ImageEntry:
     """Decode one uploaded file into an image entry. Raises ImageError (a MrcnnError) with the reason."""
     loaded = mimages.load_image(data, name=name, max_pixels=MAX_PIXELS)
     return state.make_entry(loaded.array, name, "upload")
-
-
-def sample_classes(categories: list[str]) -> tuple[str, ...]:
-    """The shape classes a model knows (sample scenes use them), or the default shapes."""
-    known = tuple(c for c in categories if c in SHAPE_NAMES)
-    return known or DEFAULT_CLASSES
-
-
-def sample_entry(seed: int, size: int, classes: tuple[str, ...]) -> state.ImageEntry:
-    scene = generate_scene(int(seed), size=int(size), classes=classes)
-    return state.make_entry(scene.image, f"sample-{int(seed)}.png", "sample")
 
 
 def _new_sample(classes: tuple[str, ...]) -> None:
@@ -123,9 +112,8 @@ def _input(categories: list[str]) -> None:
                   width="stretch", help="The next seed's scene")
         b2.button("Clear", key="clear_images", icon=":material/delete:", on_click=_clear,
                   width="stretch", help="Forget every image and its results")
-    if not st.session_state["images"] and not st.session_state["ingested_uploads"]:
-        # Something to look at from the first second: a sample scene the model knows how to see.
-        state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
+    if not st.session_state["ingested_uploads"]:
+        state.ensure_image(categories)
     _strip()
 
 

@@ -346,11 +346,10 @@ def _timings(trace) -> None:
 def render() -> None:
     st.title("Inspect")
     loaded = state.require_model()
+    state.ensure_image(loaded.categories[1:])
     entry = state.current_image()
-    if entry is None:
-        st.info("No image yet: upload one or make a sample scene on the Detect page.", icon=":material/image:")
-        st.page_link("ui/detect.py", label="Go to Detect", icon=":material/center_focus_strong:")
-        return
+    st.page_link("ui/detect.py", label="Choose the image and the thresholds on Detect",
+                 icon=":material/center_focus_strong:")
     trace = state.safe_trace(loaded, entry)
     if trace is None:
         return

@@ -231,6 +231,30 @@ def add_image(entry: ImageEntry, select: bool = True) -> ImageEntry:
     return entry
 
 
+def sample_classes(categories: list[str]) -> tuple[str, ...]:
+    """The shape classes a model knows (sample scenes use them), or the default shapes."""
+    from mrcnn.shapes import DEFAULT_CLASSES, SHAPE_NAMES
+
+    known = tuple(c for c in categories if c in SHAPE_NAMES)
+    return known or DEFAULT_CLASSES
+
+
+def sample_entry(seed: int, size: int, classes: tuple[str, ...]) -> ImageEntry:
+    """A synthetic shapes scene (deterministic by seed) as an image entry."""
+    from mrcnn.shapes import generate_scene
+
+    scene = generate_scene(int(seed), size=int(size), classes=classes)
+    return make_entry(scene.image, f"sample-{int(seed)}.png", "sample")
+
+
+def ensure_image(categories: list[str]) -> None:
+    """Something to look at from the first second: with no image yet, the sample scene of the current
+    seed (in the shapes the model knows)."""
+    if not st.session_state["images"]:
+        add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"],
+                               sample_classes(categories)))
+
+
 def select_image(image_id_: str) -> None:
     st.session_state["current_image"] = image_id_
     st.session_state.pop("det_table", None)  # a row chosen on another image means nothing here
