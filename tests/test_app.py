@@ -270,3 +270,18 @@ def test_inspect_opened_first_makes_its_own_sample(env):
     assert len(at.session_state["images"]) == 1
     assert len(at.subheader) == 7  # steps 6, 7 and 9 follow a detection: none at score 0.5 here
     assert any("No detections" in i.value for i in at.info)
+
+
+def test_inspect_controls_survive_a_smaller_image(env):
+    at = start()
+    at.file_uploader[0].upload("wide.png", png(scene(120, 300, seed=1)), "image/png").run()
+    at.switch_page("ui/inspect.py").run()
+    at.slider(key="w_insp_anchor_x").set_value(290).run()
+    at.radio(key="w_insp_feat_mode").set_value("one channel").run()
+    at.number_input(key="w_insp_feat_channel").set_value(15).run()
+    at.switch_page("ui/detect.py").run()
+    at.file_uploader[0].upload("small.png", png(scene(64, 80, seed=2)), "image/png").run()
+    assert "small.png" in captions(at)
+    at.switch_page("ui/inspect.py").run()
+    assert not at.exception, at.exception
+    assert at.slider(key="w_insp_anchor_x").value == 79

@@ -80,7 +80,7 @@ def _backbone(trace) -> None:
         channel = None
         if mode == "one channel":
             channel = int(state.persist("insp_feat_channel", st.number_input, "Channel", min_value=0,
-                                        max_value=channels - 1, step=1, default=0))
+                                        max_value=channels - 1, step=1, default=0, bounds=(0, channels - 1)))
         rows = []
         for name in names:
             _, ch, h, w = trace.features[name].shape
@@ -126,9 +126,9 @@ def _anchors(trace, entry) -> None:
         level = state.persist("insp_anchor_level", st.selectbox, "Level", options=list(range(len(rows))),
                               default=min(1, len(rows) - 1), format_func=lambda i: rows[i]["level"])
         x = state.persist("insp_anchor_x", st.slider, "x (image pixels)", 0, max(entry.width - 1, 1),
-                          default=entry.width // 2)
+                          default=entry.width // 2, bounds=(0, max(entry.width - 1, 1)))
         y = state.persist("insp_anchor_y", st.slider, "y (image pixels)", 0, max(entry.height - 1, 1),
-                          default=entry.height // 2)
+                          default=entry.height // 2, bounds=(0, max(entry.height - 1, 1)))
         x, y = min(int(x), entry.width - 1), min(int(y), entry.height - 1)
         cy, cx = feature_cell(trace, level, x, y)
         boxes_in = trace.anchors_at(level, cy, cx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 import torch
 
@@ -79,7 +80,9 @@ def _card(info: zoo.ModelInfo, loaded: zoo.LoadedModel | None) -> None:
         metrics = card.get("metrics") if isinstance(card, dict) else None
         if isinstance(metrics, dict) and metrics:
             st.markdown("**Metrics**")
-            st.table(_flatten(metrics))
+            flat = _flatten(metrics)
+            st.dataframe(pd.DataFrame({"metric": list(flat), "value": list(flat.values())}), hide_index=True,
+                         width="stretch")
         rest = {k: v for k, v in (card or {}).items() if k != "metrics"}
         if rest:
             st.markdown("**About**")

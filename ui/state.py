@@ -80,14 +80,21 @@ def widget_key(name: str) -> str:
     return f"w_{name}"
 
 
-def persist(name: str, widget: Callable, label: str, *args, options=None, default=None, **kwargs):
+def persist(name: str, widget: Callable, label: str, *args, options=None, default=None, bounds=None, **kwargs):
     """Draw ``widget(label, *args, key="w_<name>")`` showing the value kept under ``name``, and keep
     the new value there. ``options`` (for choice widgets) are passed on and a kept value that is no
-    longer among them falls back to ``default`` (or the first option)."""
+    longer among them falls back to ``default`` (or the first option). ``bounds`` (lo, hi): a kept
+    number outside them (the range depends on the image or model) is clamped before the widget sees it."""
     ss = st.session_state
     wkey = widget_key(name)
     if name not in ss:
         ss[name] = default
+    if bounds is not None and ss[name] is not None:
+        lo, hi = bounds
+        clamped = min(max(ss[name], lo), hi)
+        if clamped != ss[name]:
+            ss[name] = clamped
+            ss.pop(wkey, None)
     if options is not None:
         options = list(options)
         kept = ss[name]
