@@ -15,6 +15,8 @@ state.init()
 PAGES = [
     st.Page("ui/detect.py", title="Detect", icon=":material/center_focus_strong:", url_path="detect", default=True),
     st.Page("ui/inspect.py", title="Inspect", icon=":material/account_tree:", url_path="inspect"),
+    st.Page("ui/finetune.py", title="Fine-tune", icon=":material/model_training:", url_path="finetune"),
+    st.Page("ui/evaluate.py", title="Evaluate", icon=":material/analytics:", url_path="evaluate"),
 ]
 
 page = st.navigation(PAGES)

@@ -14,7 +14,7 @@ parser.add_argument("--steps", type=int)
 parser.add_argument("--crash-at", type=int, default=-1)
 parser.add_argument("--step-s", type=float, default=0.05)
 parser.add_argument("--out")
-args = parser.parse_args()
+args, _ = parser.parse_known_args()  # the real trainer's other options are accepted and ignored
 out = Path(args.out)
 stop = {"flag": False}
 signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
