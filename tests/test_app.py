@@ -101,6 +101,7 @@ def test_controls_refilter_without_running_the_network(env, monkeypatch):
     at.slider(key="w_max_detections").set_value(3).run()
     assert count(at) == min(low, 3)
     at.toggle(key="w_show_masks").set_value(False).run()
+    assert "thresholds unchanged, nothing to re-filter" in captions(at)
     at.toggle(key="w_show_proposals").set_value(True).run()
     at.radio(key="w_color_by").set_value("class").run()
     assert not at.exception

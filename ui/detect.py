@@ -188,8 +188,8 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     with ctrl:
         opts = _controls(loaded.categories[1:])
     thresholds = state.thresholds()
-    dets_all = trace.refilter(thresholds)
-    refilter_ms, mask_ms = trace.last_refilter_ms, trace.last_mask_ms
+    dets_all, refilter_ms = state.detections_for(trace, thresholds)
+    mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
     dets = filter_classes(dets_all, opts["class_filter"])
     highlight = _selected_row(len(dets))
     st.session_state["highlight"] = None if highlight is None else int(dets.candidate_ids[highlight])
@@ -212,7 +212,8 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         hidden = len(dets_all) - len(dets)
         st.markdown(f"### {len(dets)} detections" + (f" <small>({hidden} hidden by the class filter)</small>"
                                                       if hidden else ""), unsafe_allow_html=True)
-        timing = f"re-filtered in {refilter_ms:.1f} ms"
+        timing = ("thresholds unchanged, nothing to re-filter" if refilter_ms is None
+                  else f"re-filtered in {refilter_ms:.1f} ms")
         if mask_ms >= 0.05:
             timing += f" (mask head for new candidates {mask_ms:.1f} ms)"
         timing += f", drawn in {draw_ms:.0f} ms — "
@@ -228,7 +229,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
                      width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
         _downloads(loaded, entry, trace, dets, thresholds, overlay)
         with st.expander("Stage timings", icon=":material/timer:"):
-            st.plotly_chart(plots.timings_figure(trace.timings_ms, {"re-filter": refilter_ms, "draw": draw_ms}),
+            st.plotly_chart(plots.timings_figure(trace.timings_ms, {"re-filter": refilter_ms or 0.0, "draw": draw_ms}),
                             key="timings", width="stretch")
             st.caption(f"network total {trace.network_ms:.0f} ms on {loaded.device}")
 

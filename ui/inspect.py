@@ -226,7 +226,7 @@ def _det_label(dets, i: int) -> str:
 @st.fragment
 def _detection_steps(trace, entry) -> None:
     thresholds = state.thresholds()
-    dets = trace.refilter(thresholds)
+    dets, _ = state.detections_for(trace, thresholds)
     cids = [int(c) for c in dets.candidate_ids]
     cid = None
     st.divider()

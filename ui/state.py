@@ -318,6 +318,15 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     return trace
 
 
+def detections_for(trace, thresholds: Thresholds):
+    """(detections, re-filter ms or None): a trace already filtered at these thresholds is reused as
+    it is, so display-only changes (toggles, colours, a table row) cost only the drawing."""
+    if trace.thresholds == thresholds and getattr(trace, "detections", None) is not None:
+        return trace.detections, None
+    dets = trace.refilter(thresholds)
+    return dets, trace.last_refilter_ms
+
+
 def safe_trace(loaded: zoo.LoadedModel, entry: ImageEntry):
     """trace_for, or None with the reason on the page when the model cannot run on this image
     (e.g. out of memory); the app keeps working."""
