@@ -57,7 +57,8 @@ def _uploads() -> None:
     # a new key empties the uploader (after "Clear")
     files = st.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True,
                              key=f"uploads_{st.session_state.get('uploader_gen', 0)}",
-                             help="png, jpg, webp, bmp or tiff; several at once make a strip to pick from")
+                             help=f"{', '.join(UPLOAD_TYPES)}; up to {MAX_PIXELS / 1e6:.0f} megapixels; "
+                                  "several at once make a strip to pick from")
     seen: dict = st.session_state["ingested_uploads"]
     newest = None
     for f in files or []:
@@ -186,7 +187,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     """Controls on the left, the overlay, the table and the downloads on the right."""
     ctrl, out = st.columns([1, 3], gap="medium")
     with ctrl:
-        opts = _controls(loaded.categories[1:])
+        opts = _controls([c for c in dict.fromkeys(loaded.categories[1:]) if c != "N/A"])  # COCO has N/A gaps
     thresholds = state.thresholds()
     dets_all, refilter_ms = state.detections_for(trace, thresholds)
     mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
