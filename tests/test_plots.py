@@ -126,3 +126,21 @@ def test_large_pictures_are_shrunk_but_keep_original_coordinates():
     img = fig.data[0]
     assert img.dx == 4 and img.dy == 4 and img.x0 == 1.5
     assert list(fig.layout.xaxis.range) == [-0.5, 3999.5]
+
+
+def test_mask_polygon_follows_the_mask_and_falls_back_to_the_box():
+    mask = np.zeros((40, 40), bool)
+    yy, xx = np.mgrid[:40, :40]
+    mask[(yy - 20) ** 2 + (xx - 20) ** 2 <= 100] = True  # a disc of radius 10
+    xs, ys = plots.mask_polygon(mask, [10, 10, 30, 30])
+    assert xs[0] == xs[-1] and ys[0] == ys[-1]  # closed
+    assert min(xs) == 9.5 and max(xs) == 30.5 and min(ys) == 9.5 and max(ys) == 30.5
+    row20 = [x for x, y in zip(xs, ys) if y == 20.0]
+    assert sorted(row20) == [9.5, 30.5]
+    top = [x for x, y in zip(xs, ys) if y == 9.5]
+    assert max(top) - min(top) == 1.0  # the disc's top row is one pixel wide
+    assert plots.mask_polygon(np.zeros((40, 40), bool), [1, 2, 3, 4]) == plots.box_polygon([1, 2, 3, 4])
+    one_row = np.zeros((10, 10), bool)
+    one_row[4, 2:6] = True
+    xs, ys = plots.mask_polygon(one_row, [2, 4, 6, 5])
+    assert len(xs) == len(ys) == 5

@@ -73,6 +73,34 @@ def box_polygon(box: Sequence[float]) -> tuple[list[float], list[float]]:
     return [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
 
 
+def mask_polygon(mask: np.ndarray, box: Sequence[float], max_rows: int = 48) -> tuple[list[float], list[float]]:
+    """A hover outline for one instance: per mask row its leftmost and rightmost pixel (exact for
+    shapes convex along rows, a close envelope otherwise), at most ``max_rows`` rows. The box when
+    the mask is empty."""
+    h, w = mask.shape
+    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x1, y1 = min(int(np.ceil(box[2])) + 1, w), min(int(np.ceil(box[3])) + 1, h)
+    crop = mask[y0:y1, x0:x1]
+    rows = np.flatnonzero(crop.any(axis=1)) if crop.size else np.zeros(0, np.int64)
+    if rows.size == 0:
+        return box_polygon(box)
+    if rows.size > max_rows:
+        rows = rows[np.linspace(0, rows.size - 1, max_rows).round().astype(int)]
+    sel = crop[rows]
+    left = sel.argmax(axis=1) + x0 - 0.5
+    right = sel.shape[1] - 1 - sel[:, ::-1].argmax(axis=1) + x0 + 0.5
+    ys = (rows + y0).astype(float)
+    ys_top, ys_bottom = ys.copy(), ys.copy()
+    ys_top[0] -= 0.5
+    ys_bottom[-1] += 0.5
+    xs = [*left.tolist(), *right[::-1].tolist(), float(left[0])]
+    yy = [*ys_top[:1].tolist(), *ys[1:-1].tolist(), *ys_bottom[-1:].tolist()] if len(ys) > 1 else [ys_top[0]]
+    if len(ys) == 1:  # one row: a thin rectangle
+        return [float(left[0]), float(right[0]), float(right[0]), float(left[0]), float(left[0])], \
+               [ys[0] - 0.5, ys[0] - 0.5, ys[0] + 0.5, ys[0] + 0.5, ys[0] - 0.5]
+    return xs, [*yy, *yy[::-1], yy[0]]
+
+
 def instance_hover_text(dets: Detections, i: int, area: int | None = None) -> str:
     x0, y0, x1, y1 = (float(v) for v in dets.boxes[i])
     area = int(dets.areas[i]) if area is None else area
@@ -82,7 +110,7 @@ def instance_hover_text(dets: Detections, i: int, area: int | None = None) -> st
 
 def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None = None,
                    title: str | None = None, max_height: int = 640) -> go.Figure:
-    """The drawn overlay with one invisible, hoverable region (its box) per instance.
+    """The drawn overlay with one invisible, hoverable region (its mask outline, else its box) per instance.
 
     Regions are added largest first so that a small instance inside a large one gets the hover."""
     fig = image_figure(overlay, title, max_height)
@@ -92,7 +120,10 @@ def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None 
     box_areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
     traces = []
     for i in np.argsort(-box_areas, kind="stable"):
-        xs, ys = box_polygon(dets.boxes[i])
+        if dets.masks is not None:
+            xs, ys = mask_polygon(dets.masks[i], dets.boxes[i])
+        else:
+            xs, ys = box_polygon(dets.boxes[i])
         chosen = highlight is not None and int(i) == int(highlight)
         traces.append({
             "type": "scatter", "x": xs, "y": ys, "mode": "lines", "fill": "toself", "hoveron": "fills",
