@@ -244,6 +244,7 @@ def test_inspect_page_walks_every_stage(env, monkeypatch):
     at.switch_page("ui/detect.py").run()
     assert not at.exception
     assert at.slider(key="w_score_thresh").value == 0.05
+    assert "RPN knobs set on Inspect are in use" in captions(at)
 
 
 def test_a_model_failure_is_a_message_on_the_page(env, monkeypatch):

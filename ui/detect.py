@@ -18,7 +18,7 @@ from mrcnn import images as mimages
 from mrcnn.draw import draw_detections
 from mrcnn.errors import MrcnnError
 from mrcnn.predict import detections_csv, png_bytes, prediction_json
-from mrcnn.structures import Detections
+from mrcnn.structures import Detections, RpnSettings
 from ui import plots, state
 from ui.state import sample_classes, sample_entry
 
@@ -221,6 +221,10 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         timing += (f"network ran once for this image in {ran_ms:.0f} ms" if ran_ms is not None
                    else "network not re-run")
         st.caption(timing)
+        if trace.rpn_settings != RpnSettings():
+            r = trace.rpn_settings
+            st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {r.pre_nms_top_n}, post-NMS "
+                       f"top-N {r.post_nms_top_n}, NMS IoU {r.nms_thresh:.2f}, score ≥ {r.score_thresh:.2f})")
         st.plotly_chart(fig, key="overlay", config={"scrollZoom": True, "displaylogo": False},
                         width="stretch")
         st.caption(f"{entry.name} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
