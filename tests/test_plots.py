@@ -144,3 +144,14 @@ def test_mask_polygon_follows_the_mask_and_falls_back_to_the_box():
     one_row[4, 2:6] = True
     xs, ys = plots.mask_polygon(one_row, [2, 4, 6, 5])
     assert len(xs) == len(ys) == 5
+
+
+def test_focus_ranges_zoom_on_a_box_inside_the_image():
+    xr, yr = plots.focus_ranges([100, 100, 110, 120], (480, 640))
+    assert xr[0] < 100 and xr[1] > 110 and yr[0] > 120 and yr[1] < 100  # y reversed
+    assert xr[1] - xr[0] == pytest.approx(60)  # height 20 * (1 + 2) wins over 48 px
+    xr, yr = plots.focus_ranges([0, 0, 5, 5], (480, 640))
+    assert xr[0] == -0.5 and yr[1] == -0.5
+    fig = plots.boxes_figure(np.zeros((480, 640, 3), np.uint8), [{"boxes": [[100, 100, 110, 120]], "name": "b"}],
+                             focus=[100, 100, 110, 120])
+    assert list(fig.layout.xaxis.range) == pytest.approx([75, 135])

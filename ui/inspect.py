@@ -284,8 +284,10 @@ def _box_head(trace, entry, cid: int) -> None:
     left, right = st.columns([3, 2])
     left.plotly_chart(plots.boxes_figure(entry.array, [
         {"boxes": p_orig, "name": f"proposal (objectness {objectness:.3f})", "color": "#ff7f0e", "dash": "dash"},
-        {"boxes": r_orig, "name": f"refined: {trace.categories[label]}", "color": "#00e5ff"}], max_height=420),
+        {"boxes": r_orig, "name": f"refined: {trace.categories[label]}", "color": "#00e5ff"}], max_height=420,
+        focus=np.concatenate([np.minimum(p_orig[0, :2], r_orig[0, :2]), np.maximum(p_orig[0, 2:], r_orig[0, 2:])])),
         key="boxhead_fig")
+    left.caption("zoomed on the two boxes — double-click the picture for all of it")
     with right:
         st.plotly_chart(plots.class_probs_figure(probs, trace.categories, chosen=label), key="class_probs")
         st.dataframe(pd.DataFrame({"": ["proposal", "refined"],

@@ -135,12 +135,25 @@ def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None 
     return fig
 
 
+def focus_ranges(box: Sequence[float], image_size: tuple[int, int], margin: float = 1.0,
+                 min_side: float = 48.0) -> tuple[list[float], list[float]]:
+    """Axis ranges (x, then y reversed) showing ``box`` with ``margin`` × its size around it, at least
+    ``min_side`` pixels, clipped to the image."""
+    h, w = image_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = max((x1 - x0) * (1 + 2 * margin), (y1 - y0) * (1 + 2 * margin), min_side) / 2
+    xa, xb = max(cx - half, -0.5), min(cx + half, w - 0.5)
+    ya, yb = max(cy - half, -0.5), min(cy + half, h - 0.5)
+    return [xa, xb], [yb, ya]
+
+
 def boxes_figure(image: np.ndarray, groups: Sequence[dict], title: str | None = None,
-                 max_height: int = 520) -> go.Figure:
+                 max_height: int = 520, focus: Sequence[float] | None = None) -> go.Figure:
     """A picture with groups of boxes drawn as outlines with hover.
 
     Each group: ``{"boxes": (N, 4), "name": str, "color": css, "texts": [str]*N (optional),
-    "dash": "solid"|"dash"|"dot" (optional), "width": float (optional)}``."""
+    "dash": "solid"|"dash"|"dot" (optional), "width": float (optional)}``. ``focus``: a box to zoom on."""
     fig = image_figure(image, title, max_height)
     for g in groups:
         boxes = np.asarray(g["boxes"], dtype=np.float32).reshape(-1, 4)
@@ -155,6 +168,10 @@ def boxes_figure(image: np.ndarray, groups: Sequence[dict], title: str | None = 
                                  line={"color": g.get("color", "#ffff00"), "width": g.get("width", 2),
                                        "dash": g.get("dash", "solid")}))
     fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.02, "yanchor": "top"})
+    if focus is not None:  # zoomed on one region; double-click shows the whole picture
+        xr, yr = focus_ranges(focus, image.shape[:2])
+        fig.update_xaxes(range=xr)
+        fig.update_yaxes(range=yr)
     return fig
 
 
