@@ -7,7 +7,6 @@ missing (CI installs it: apt-get install chromium).
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import socket

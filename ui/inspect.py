@@ -265,8 +265,8 @@ def _roi(trace, entry, cid: int) -> None:
         crop = info["crop"].numpy()  # (C, S, S)
         rule = fpn_level_rule(info["box"].tolist())
         with col:
-            st.markdown(f"**{what}** → level **{level_labels(trace)[info['level_name']]}**, crop {crop.shape[0]}×{crop.shape[1]}×"
-                        f"{crop.shape[2]}")
+            level = level_labels(trace)[info["level_name"]]
+            st.markdown(f"**{what}** → level **{level}**, crop {crop.shape[0]}×{crop.shape[1]}×{crop.shape[2]}")
             st.caption(f"k = 4 + log2(√area / 224) = {rule:.2f} → floor, clamped to the pooled levels")
             st.plotly_chart(plots.heatmap_figure(crop.mean(axis=0), f"{crop.shape[1]}×{crop.shape[2]} crop, "
                                                  "mean over channels", height=300), key=f"roi_{key}")
@@ -294,8 +294,8 @@ def _box_head(trace, entry, cid: int) -> None:
                                    "x0": [p_orig[0, 0], r_orig[0, 0]], "y0": [p_orig[0, 1], r_orig[0, 1]],
                                    "x1": [p_orig[0, 2], r_orig[0, 2]], "y1": [p_orig[0, 3], r_orig[0, 3]]}).round(1),
                      hide_index=True, width="stretch")
-        st.caption(f"proposal from RPN level {level_labels(trace)[trace.level_names[level]]} · P({trace.categories[label]}) = "
-                   f"{probs[label]:.3f}")
+        rpn_level = level_labels(trace)[trace.level_names[level]]
+        st.caption(f"proposal from RPN level {rpn_level} · P({trace.categories[label]}) = {probs[label]:.3f}")
 
 
 def _nms(trace, thresholds) -> None:

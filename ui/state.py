@@ -132,7 +132,7 @@ def rpn_settings() -> RpnSettings:
 
 
 # ---- models -----------------------------------------------------------------------------------------
-@st.cache_data(ttl=20, show_spinner=False)
+@st.cache_data(ttl=60, show_spinner=False)
 def model_infos() -> list[zoo.ModelInfo]:
     """Every model the zoo knows of, with availability (re-read every few seconds: downloads, runs)."""
     return zoo.list_models()
