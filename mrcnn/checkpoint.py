@@ -81,8 +81,9 @@ def save_checkpoint(path: str | Path, arch: dict, categories: list[str], state_d
     return Path(path)
 
 
-def read_torch_file(path: str | Path) -> Any:
-    """torch.load(weights_only=True) with every failure turned into one CheckpointError naming the file."""
+def read_torch_file(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load(weights_only=True) with every failure turned into one CheckpointError naming the file.
+    ``mmap`` maps tensors lazily instead of reading them: cheap when only the metadata is wanted."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -91,7 +92,7 @@ def read_torch_file(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch.load raises many kinds on garbage; all mean "not readable"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
@@ -115,9 +116,9 @@ def is_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """Read and check a DESIGN-format checkpoint; raises CheckpointError naming the file and the problem."""
-    obj = read_torch_file(path)
+    obj = read_torch_file(path, mmap=mmap)
     if not is_checkpoint(obj):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CheckpointError(

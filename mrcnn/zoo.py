@@ -110,7 +110,7 @@ def read_card(checkpoint_path: Path) -> dict:
 
 def _checkpoint_info(name: str, path: Path, kind: str) -> ModelInfo:
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, mmap=True)  # the list needs the metadata, not the weights
     except CheckpointError as err:
         return ModelInfo(name, kind, [], False, str(path), reason=str(err))
     card = read_card(path) or dict(ckpt["meta"])

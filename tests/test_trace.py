@@ -162,3 +162,13 @@ def test_boxes_in_original_pixels_when_resized():
 def test_refuses_non_rgb_input():
     with pytest.raises(ValueError, match="RGB uint8"):
         run_trace(tiny_loaded(), np.zeros((10, 10), np.uint8))
+
+
+def test_empty_detections_export(trace):
+    from mrcnn.predict import detections_csv, trace_json
+
+    none = trace.refilter(LOW.replace(score_thresh=0.999))
+    assert len(none) == 0 and none.masks.shape == (0, 96, 128)
+    assert none.areas.shape == (0,)
+    assert trace_json(trace, "x.png")["detections"] == []
+    assert detections_csv(none).count("\n") == 1  # header only

@@ -154,16 +154,8 @@ def filter_classes(dets: Detections, class_filter: list[str]) -> Detections:
     return dets[np.isin(dets.labels, list(wanted))]
 
 
-def exportable(dets: Detections) -> Detections:
-    """The same detections; an empty set without its (0, H, W) mask array, whose area sum numpy cannot
-    reshape (Detections.areas on zero masks)."""
-    if len(dets) == 0 and dets.masks is not None:
-        return Detections.empty(dets.categories, dets.image_size, with_masks=False)
-    return dets
-
-
 def detections_table(dets: Detections) -> pd.DataFrame:
-    areas = exportable(dets).areas
+    areas = dets.areas
     return pd.DataFrame({
         "class": dets.label_names,
         "score": np.round(dets.scores.astype(float), 3),
@@ -240,7 +232,6 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
 
 
 def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
-    dets = exportable(dets)
     stem = entry.name.rsplit(".", 1)[0] or "image"
     c1, c2, c3 = st.columns(3)
     c1.download_button("Overlay PNG", data=lambda: png_bytes(overlay), file_name=f"{stem}.png", mime="image/png",
