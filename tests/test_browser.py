@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 COUNT = re.compile(r"(\d+) detections")
 
+# CI sets MRCNN_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip.
+if not Path(CHROMIUM).exists() and os.environ.get("MRCNN_REQUIRE_BROWSER") == "1":
+    raise RuntimeError(f"{CHROMIUM} is missing and MRCNN_REQUIRE_BROWSER=1 (apt-get install chromium)")
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
