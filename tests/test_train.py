@@ -1,0 +1,193 @@
+"""Training engine: exact resume, cancel, non-finite loss, class remapping, schedule, CLI (tiny models)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mrcnn import train as train_mod
+from mrcnn.architectures import build_model, light_arch
+from mrcnn.checkpoint import load_checkpoint, save_checkpoint
+from mrcnn.errors import TrainingError
+from mrcnn.train import TrainConfig, lr_factor, remap_class_weights, train
+
+TINY = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "box_head_dim": 32,
+        "mask_head_channels": [16], "min_size": 64, "max_size": 96,
+        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 16}
+DATA = "shapes:12:0:64"
+
+
+def tiny_config(out, **kw) -> TrainConfig:
+    base = dict(model="light", arch=TINY, data=DATA, steps=4, batch_size=2, lr=0.01, warmup_steps=2,
+                log_every=1, checkpoint_every=0, out=str(out), device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def status(run) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = train(tiny_config(tmp_path / "full"), verbose=False)
+    assert full.state == "finished" and full.step == 4
+
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] >= 2
+
+    part = train(tiny_config(tmp_path / "part"), should_stop=stop_after_two, verbose=False)
+    assert part.state == "cancelled" and part.step == 2
+    assert status(tmp_path / "part")["state"] == "cancelled"
+    resumed = train(tiny_config(tmp_path / "part", resume=True), verbose=False)
+    assert resumed.state == "finished" and resumed.step == 4
+
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 4
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    mom_a = a["train_state"]["optimizer"]["state"]
+    mom_b = b["train_state"]["optimizer"]["state"]
+    assert all(torch.equal(mom_a[k]["momentum_buffer"], mom_b[k]["momentum_buffer"]) for k in mom_a)
+    rows_a, rows_b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
+
+
+def test_metrics_rows_and_checkpoint_format(tmp_path):
+    run = tmp_path / "run"
+    seen = []
+    result = train(tiny_config(run, steps=2, val="shapes:2:5:64"), progress=seen.append, verbose=False)
+    rows = metrics(run)
+    assert len(rows) == 2 and seen == rows == result.metrics
+    for key in ("step", "loss", "lr", "images_per_s", "elapsed", *train_mod.LOSS_TERMS):
+        assert key in rows[0]
+    assert set(rows[-1]["val"]) >= {"bbox_AP", "segm_AP"}
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["format"] == "mrcnn-checkpoint" and ckpt["categories"][0] == "__background__"
+    assert ckpt["meta"]["steps"] == 2 and ckpt["meta"]["data"] == DATA and "created" in ckpt["meta"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 2 and config["categories"] == ["__background__", "circle", "square", "triangle"]
+    assert status(run) == {"state": "finished", "message": "finished 2 steps"}
+
+
+def test_stop_file_cancels_and_saves(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    def touch_stop_file(row):
+        (run / "STOP").touch()
+
+    result = train(tiny_config(run), progress=touch_stop_file, verbose=False)
+    assert result.state == "cancelled" and result.step == 2  # seen before step 2's row is logged
+    assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 2
+    # resuming removes the stale flag and finishes
+    assert train(tiny_config(run, resume=True), verbose=False).state == "finished"
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(tiny_config(tmp_path / "none", resume=True), verbose=False)
+    train(tiny_config(tmp_path / "run", steps=1), verbose=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train(tiny_config(tmp_path / "run", steps=1), verbose=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_open = train_mod.open_data
+
+    class PoisonAfter(torch.utils.data.Dataset):
+        """Items turn to NaN images after the first two steps' worth (4 items)."""
+
+        def __init__(self, ds):
+            self.ds, self.categories, self.calls = ds, ds.categories, 0
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            self.calls += 1
+            image, target = self.ds[i]
+            return (image * float("nan") if self.calls > 4 else image), target
+
+    monkeypatch.setattr(train_mod, "open_data", lambda *a, **k: PoisonAfter(real_open(*a, **k)))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="not finite") as err:
+        train(tiny_config(run, checkpoint_every=1), verbose=False)
+    assert "step 3" in str(err.value) and "step 2" in str(err.value)  # failed step, kept checkpoint
+    assert status(run)["state"] == "failed" and "not finite" in status(run)["message"]
+    assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 2
+
+
+def test_class_remap_keeps_classes_by_name(tmp_path):
+    torch.manual_seed(0)
+    old_cats = ["__background__", "circle", "square"]
+    new_cats = ["__background__", "square", "triangle", "circle"]
+    old = build_model(light_arch(**TINY), len(old_cats)).state_dict()
+    fresh = build_model(light_arch(**TINY), len(new_cats)).state_dict()
+    merged, new = remap_class_weights(old, old_cats, new_cats, fresh)
+    assert new == ["triangle"]
+    w_old, w = old["roi_heads.box_predictor.cls_score.weight"], merged["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(w[0], w_old[0]) and torch.equal(w[1], w_old[2]) and torch.equal(w[3], w_old[1])
+    assert torch.equal(w[2], fresh["roi_heads.box_predictor.cls_score.weight"][2])
+    b_old, b = old["roi_heads.box_predictor.bbox_pred.weight"], merged["roi_heads.box_predictor.bbox_pred.weight"]
+    assert torch.equal(b[4:8], b_old[8:12]) and torch.equal(b[12:16], b_old[4:8])
+    m_old, m = (old["roi_heads.mask_predictor.mask_fcn_logits.weight"],
+                merged["roi_heads.mask_predictor.mask_fcn_logits.weight"])
+    assert torch.equal(m[3], m_old[1]) and m.shape[0] == 4
+    assert torch.equal(merged["backbone.body.conv1.weight"], old["backbone.body.conv1.weight"])
+
+
+def test_fine_tune_from_checkpoint_with_other_classes(tmp_path):
+    torch.manual_seed(0)
+    arch = light_arch(**TINY)
+    start = build_model(arch, 3)
+    path = save_checkpoint(tmp_path / "start.pt", arch, ["__background__", "circle", "square"], start.state_dict())
+    run = tmp_path / "run"
+    result = train(tiny_config(run, model=str(path), arch=None, data="shapes:6:0:64:circle,triangle", steps=1,
+                               lr=1e-9), verbose=False)
+    assert result.state == "finished"
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["categories"] == ["__background__", "circle", "triangle"]
+    w = ckpt["state_dict"]["roi_heads.box_predictor.cls_score.weight"]
+    w0 = start.state_dict()["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.allclose(w[1], w0[1], atol=1e-5)  # circle kept (lr ~ 0)
+    assert not torch.allclose(w[2], w0[2], atol=1e-3)  # triangle is new, not square's row
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(data="x", steps=110, warmup_steps=10, warmup_factor=0.0)
+    assert lr_factor(0, cfg) == 0.0
+    assert lr_factor(5, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(TrainingError, match="schedule"):
+        TrainConfig(data="x", schedule="zigzag")
+    with pytest.raises(TrainingError, match="steps"):
+        TrainConfig(data="x", steps=0)
+    with pytest.raises(TrainingError, match="unknown training settings: bogus"):
+        TrainConfig.from_dict({"data": "x", "bogus": 1})
+
+
+def test_cli_train_with_config_file(tmp_path, capsys):
+    from mrcnn.cli import main
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"arch": TINY, "warmup_steps": 1, "log_every": 1, "checkpoint_every": 0}))
+    run = tmp_path / "run"
+    rc = main(["train", "--model", "light", "--data", DATA, "--steps", "1", "--batch-size", "1",
+               "--out", str(run), "--config", str(cfg), "--device", "cpu"])
+    assert rc == 0 and status(run)["state"] == "finished"
+    assert json.loads((run / "config.json").read_text())["batch_size"] == 1
+    rc = main(["train", "--model", "light", "--data", "shapes:0", "--steps", "1", "--out", str(tmp_path / "r2")])
+    assert rc == 2 and "error:" in capsys.readouterr().err
