@@ -174,9 +174,7 @@ def _subset(ds, n: int | None):
     if n is None or n >= len(ds):
         return ds
     sub = torch.utils.data.Subset(ds, range(n))
-    sub.categories = ds.categories  # what evaluate needs besides items
-    if hasattr(ds, "coco"):
-        sub = ds  # COCO ground truth covers every image; evaluate the whole set
+    sub.categories = ds.categories  # what evaluate needs besides the items
     return sub
 
 
@@ -685,9 +683,14 @@ def config_from_args(args) -> TrainConfig:
 
 
 def cli_train(args) -> int:
+    """Exit status: 0 finished, 3 cancelled (checkpoint saved; --resume continues), 2 failed (via MrcnnError)."""
     cfg = config_from_args(args)
-    result = train(cfg)
-    return 0 if result.state == "finished" else 3 if result.state == "cancelled" else 2
+    try:
+        result = train(cfg)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0 if result.state == "finished" else 3
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "cli_train", "lr_factor", "open_data", "remap_class_weights",

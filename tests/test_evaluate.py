@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from mrcnn.architectures import build_model, light_arch
@@ -92,3 +94,73 @@ def test_cli_evaluate_json(tmp_path, capsys):
     assert main(["evaluate", "--model", str(path), "--data", "shapes:2:0:64", "--device", "cpu"]) == 0
     assert "mask" in capsys.readouterr().out
     assert main(["evaluate", "--model", str(path), "--data", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+
+
+# ------------------------------------------------------------------ the bundled model on shapes drawn by other code
+
+from mrcnn.zoo import weights_dir  # noqa: E402
+
+WEIGHTS = weights_dir() / "shapes.pt"
+
+
+def _alpha(draw_fn, size: int, ss: int = 4) -> np.ndarray:
+    """Coverage in 0..1 of a shape drawn by PIL at ``ss``x supersampling (anti-aliased edges)."""
+    big = Image.new("L", (size * ss, size * ss), 0)
+    draw_fn(ImageDraw.Draw(big), ss)
+    return np.asarray(big.resize((size, size), Image.Resampling.BOX), np.float32) / 255.0
+
+
+def foreign_scene(size: int = 256):
+    """A scene unlike mrcnn.shapes': gradient background, gradient / flat fills, anti-aliased edges,
+    a rotated square and a circle cut by the border. Returns (uint8 HxWx3, [(label, mask bool HxW)])."""
+    s = size / 256
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    image = np.stack([40 + 150 * yy, 70 + 90 * xx, 160 - 100 * yy], -1)
+
+    def hgrad(c0, c1, x0, x1):  # colour ramp across the shape's own extent
+        t = np.clip((xx * 256 - x0) / (x1 - x0), 0, 1)[..., None]
+        return np.asarray(c0, np.float32) * (1 - t) + np.asarray(c1, np.float32) * t
+
+    rot = lambda cx, cy, r, a, n: [(cx + r * np.cos(a + 2 * np.pi * i / n),  # noqa: E731
+                                    cy + r * np.sin(a + 2 * np.pi * i / n)) for i in range(n)]
+    shapes = [
+        ("circle", lambda d, k: d.ellipse([k * s * 38, k * s * 38, k * s * 102, k * s * 102], fill=255),
+         hgrad((200, 30, 30), (250, 230, 40), 38, 102)),
+        ("square", lambda d, k: d.polygon([(x * k, y * k) for x, y in rot(180 * s, 75 * s, 42 * s, 0.35, 4)], fill=255),
+         hgrad((20, 20, 110), (90, 170, 250), 138, 222)),
+        ("triangle", lambda d, k: d.polygon([(x * k, y * k) for x, y in rot(85 * s, 185 * s, 45 * s, -np.pi / 2, 3)],
+                                            fill=255), np.full((size, size, 3), (40, 200, 80), np.float32)),
+        ("circle", lambda d, k: d.ellipse([k * s * 215, k * s * 160, k * s * 295, k * s * 240], fill=255),
+         np.full((size, size, 3), (250, 250, 250), np.float32)),  # a third of it outside the right border
+    ]
+    truth = []
+    for label, draw_fn, fill in shapes:
+        a = _alpha(draw_fn, size)[..., None]
+        image = image * (1 - a) + fill * a
+        truth.append((label, a[..., 0] > 0.5))
+    return np.clip(image.round(), 0, 255).astype(np.uint8), truth
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="weights/shapes.pt is missing (bash weights/train_shapes.sh)")
+@pytest.mark.parametrize("size", [256, 384])
+def test_bundled_model_finds_shapes_drawn_by_other_code(size):
+    from mrcnn.zoo import load_model
+    loaded = load_model("shapes", device="cpu")
+    image, truth = foreign_scene(size)
+    with torch.inference_mode():
+        out = loaded.model([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+    keep = out["scores"] >= 0.5
+    labels = [loaded.categories[int(k)] for k in out["labels"][keep]]
+    scores = out["scores"][keep].tolist()
+    masks = (out["masks"][keep, 0] > 0.5).numpy()
+    matched = set()
+    for label, gt in truth:
+        ious = [float((m & gt).sum() / max((m | gt).sum(), 1)) for m in masks]
+        overlapping = [j for j, iou in enumerate(ious) if iou >= 0.5]
+        assert overlapping, f"{label} missed (best mask IoU {max(ious, default=0):.2f})"
+        top = max(overlapping, key=lambda j: scores[j])  # what a user sees first on this object
+        assert labels[top] == label, f"{label} detected as {labels[top]} ({scores[top]:.2f})"
+        assert ious[top] >= 0.75, f"{label}: mask IoU {ious[top]:.2f}"
+        matched.update(overlapping)
+    spurious = [labels[j] for j in range(len(labels)) if j not in matched]
+    assert len(spurious) <= 1, f"confident detections on the background: {spurious}"

@@ -1,0 +1,73 @@
+"""Training throughput (images/s) of the real engine (mrcnn.train) at the bundled model's recipe.
+
+    python benchmarks/train_throughput.py                      # CPU, recipe settings (256 px, batch 8)
+    python benchmarks/train_throughput.py --device cuda        # GPU: AMP + channels_last (the engine's defaults)
+    python benchmarks/train_throughput.py --json --steps 6 --warmup 2
+
+Runs ``warmup + steps`` optimizer steps on generated scenes (data generation included, as in a real
+run) and reports the images/s of the measured steps only, from the run's metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from mrcnn.train import TrainConfig, train  # noqa: E402
+from mrcnn.zoo import resolve_device  # noqa: E402
+
+RECIPE_ARCH = {"depths": [1, 1, 1, 1]}  # weights/train_shapes.sh
+
+
+def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int, threads: int | None,
+            amp: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(model="light", arch=RECIPE_ARCH, data=f"shapes:100000:1:{image_size}", steps=warmup + steps,
+                          batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps, log_every=1,
+                          image_size=image_size, checkpoint_every=0, device=device, amp=amp, threads=threads,
+                          out=tmp)
+        t0 = time.time()
+        train(cfg, verbose=False)
+        wall = time.time() - t0
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[warmup:]
+    seconds = sum(batch_size / r["images_per_s"] for r in measured)
+    dev = resolve_device(device)
+    return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "amp": bool(amp and dev.type == "cuda"),
+            "channels_last": dev.type == "cuda", "image_size": image_size, "batch_size": batch_size,
+            "steps_measured": len(measured), "images_per_s": round(batch_size * len(measured) / seconds, 2),
+            "s_per_step": round(seconds / len(measured), 3), "wall_s": round(wall, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    result = measure(args.device, args.steps, args.warmup, args.batch_size, args.image_size, args.threads,
+                     not args.no_amp)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"| {result['device_name']} | {result['threads']} threads | AMP {'on' if result['amp'] else 'off'} "
+              f"| {result['image_size']} px | batch {result['batch_size']} | {result['images_per_s']} images/s "
+              f"| {result['s_per_step']} s/step |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
