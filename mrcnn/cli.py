@@ -1,4 +1,4 @@
-"""Command line: `python -m mrcnn {models,predict,shapes,train,evaluate,bench} ...` (contract in DESIGN.md).
+"""Command line: `python -m mrcnn {models,predict,shapes,train,evaluate,card,bench} ...` (contract in DESIGN.md).
 
 Each sub-command's work lives in the module that owns it; this file only parses arguments and turns
 user-facing errors (MrcnnError) into one line on stderr and exit status 2 — never a traceback.
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.05, help="detections kept for AP (default 0.05)")
     p.add_argument("--max-detections", type=int, default=100)
 
+    p = sub.add_parser("card", help="evaluate a checkpoint on held-out data and write its model card")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--data", required=True, metavar="DIR", help="held-out data: COCO folder, .zip or shapes:N:seed:size")
+    p.add_argument("--run", default=None, metavar="RUN_DIR", help="the training run (adds its throughput)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
     p = sub.add_parser("bench", help="run the benchmarks and print the table")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             from mrcnn.train import cli_train as run
         elif args.command == "evaluate":
             from mrcnn.evaluate import cli_evaluate as run
+        elif args.command == "card":
+            from mrcnn.card import cli_card as run
         else:
             from mrcnn.bench import cli_bench as run
         return int(run(args) or 0)

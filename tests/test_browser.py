@@ -158,3 +158,29 @@ def test_upload_detect_slide_and_inspect(server, browser):
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
+    """Start a short real training run (the train CLI in the background) and watch its loss curve."""
+    url, tmp = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(f"{url}/finetune", wait_until="domcontentloaded")
+        steps = page.get_by_label("Steps")
+        steps.wait_for(timeout=60_000)
+        steps.fill("12")
+        steps.press("Enter")
+        page.get_by_text("Estimated training time").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Start fine-tuning").click()
+        # the loss chart is drawn from metrics.jsonl while (or once) the job runs
+        page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
+        page.get_by_text("New checkpoint").first.wait_for(timeout=180_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "finetune.png"), full_page=True)
+        assert list((tmp / "runs").glob("finetune-*/checkpoint.pt")), "the run wrote no checkpoint"
+        assert not page.get_by_text("Traceback").count()
+        assert not errors, errors
+    finally:
+        page.close()

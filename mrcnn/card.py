@@ -1,0 +1,129 @@
+"""Model cards: the JSON beside a checkpoint (``<stem>.json``) that `models` and the app's sidebar show.
+
+    python -m mrcnn card weights/shapes.pt --data shapes:500:12345:256 --run runs/shapes-bundled
+
+    card = write_card("weights/shapes.pt", data="shapes:500:12345:256", run_dir="runs/shapes-bundled")
+
+A card says what the model is (classes, architecture, parameters, file size), how it was made (the
+training data, recipe, steps and time stored in the checkpoint's ``meta``, and the run's measured
+throughput when the run folder is given), how good it is (COCO box and mask metrics on held-out data,
+measured here by mrcnn.evaluate) and how fast it runs (median forward time on a 512×512 scene).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mrcnn.architectures import count_parameters
+from mrcnn.checkpoint import atomic_write_bytes, load_checkpoint
+from mrcnn.errors import MrcnnError
+
+
+def card_path(checkpoint: str | Path) -> Path:
+    """Where the card of ``checkpoint`` lives (zoo.read_card reads it from there)."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def median_forward_ms(model: torch.nn.Module, image: np.ndarray, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``model([image])`` in eval mode (the first ``warmup`` runs are not counted)."""
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            model([tensor])
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _run_throughput(run_dir: Path) -> dict:
+    """Median images/s and wall time of a training run, from its metrics.jsonl and config.json."""
+    out: dict = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = []
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
+        if speeds:
+            out["train_images_per_s_median"] = round(statistics.median(speeds), 2)
+        if rows:
+            out["train_wall_s"] = rows[-1].get("elapsed")
+    config = run_dir / "config.json"
+    if config.is_file():
+        try:
+            cfg = json.loads(config.read_text())
+            out["train_device"] = cfg.get("device")
+            out["train_processes"] = cfg.get("world_size")
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = None, device: str = "cpu",
+               progress: Callable[[int, int], None] | None = None, timing_repeats: int = 7) -> dict:
+    """Evaluate ``checkpoint`` on ``data`` (COCO folder, .zip or shapes spec), time it, and write its card."""
+    from mrcnn.evaluate import evaluate
+    from mrcnn.shapes import generate_scene
+    from mrcnn.train import open_data
+    from mrcnn.zoo import load_model
+
+    path = Path(checkpoint)
+    ckpt = load_checkpoint(path, mmap=True)
+    meta = dict(ckpt.get("meta") or {})
+    loaded = load_model(str(path), device=device)
+    dataset = open_data(data)
+    result = evaluate(loaded, dataset, progress=progress, keep_predictions=False)
+    scene = generate_scene(2024, size=512, classes=[c for c in loaded.categories[1:]
+                                                    if c in ("circle", "square", "triangle")] or ("circle",))
+    forward_ms = median_forward_ms(loaded.model, scene.image, repeats=timing_repeats)
+
+    card = {
+        "name": path.stem,
+        "classes": list(loaded.categories[1:]),
+        "architecture": dict(ckpt["arch"]),
+        "parameters": count_parameters(loaded.model),
+        "file_mb": round(path.stat().st_size / 1e6, 2),
+        "sha256": loaded.sha256,
+        "metrics": {"bbox": result.bbox, "segm": result.segm,
+                    "per_class": result.per_class},
+        "evaluated_on": {"data": str(data), "images": result.num_images},
+        "inference_ms_512px": {"median": round(forward_ms, 1), "device": str(loaded.device),
+                               "threads": torch.get_num_threads()},
+        "training": {
+            "data": meta.get("data"), "validation": meta.get("val"), "steps": meta.get("steps"),
+            "time_s": meta.get("training_time_s"),
+            "validation_metrics": meta.get("metrics"), "recipe": meta.get("recipe"),
+            "processes": meta.get("world_size"), "created": meta.get("created"),
+            **(_run_throughput(Path(run_dir)) if run_dir else {}),
+        },
+    }
+    atomic_write_bytes(card_path(path), (json.dumps(card, indent=2) + "\n").encode())
+    return card
+
+
+def cli_card(args) -> int:
+    """`python -m mrcnn card CHECKPOINT --data DATA [--run RUN_DIR]`: prints the card's headline numbers."""
+    from mrcnn.evaluate import _Progress
+
+    if not Path(args.checkpoint).is_file():
+        raise MrcnnError(f"{args.checkpoint}: no such file")
+    card = write_card(args.checkpoint, args.data, args.run, device=args.device, progress=_Progress("evaluating"))
+    box, mask = card["metrics"]["bbox"], card["metrics"]["segm"]
+    print(f"wrote {card_path(args.checkpoint)}: box AP {box['AP']:.3f} (AP50 {box['AP50']:.3f}), "
+          f"mask AP {mask['AP']:.3f} (AP50 {mask['AP50']:.3f}) on {card['evaluated_on']['images']} images; "
+          f"{card['file_mb']} MB; {card['inference_ms_512px']['median']} ms per 512x512 image")
+    return 0
+
+
+__all__ = ["write_card", "card_path", "median_forward_ms", "cli_card"]

@@ -1,0 +1,68 @@
+"""Model cards: `python -m mrcnn card` evaluates a checkpoint, times it and writes <stem>.json beside it,
+which the model list then shows; the bundled model's card describes the bundled file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mrcnn.architectures import build_model, light_arch
+from mrcnn.checkpoint import file_sha256, save_checkpoint
+from mrcnn.cli import main
+from mrcnn.zoo import list_models, read_card, weights_dir
+
+CATS = ["__background__", "circle", "square", "triangle"]
+TINY = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, gn_groups=4, box_head_dim=32, mask_head_channels=[16],
+                  min_size=64, max_size=96)
+
+
+def test_card_cli_writes_metrics_timing_and_training_facts(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    runs = tmp_path / "runs"
+    run = runs / "demo"
+    meta = {"data": "shapes:100:1:64", "steps": 7, "training_time_s": 12.5, "recipe": {"lr": 0.02}, "world_size": 1}
+    ckpt = save_checkpoint(run / "checkpoint.pt", TINY, CATS, build_model(TINY, 4).state_dict(), meta)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "images_per_s": v, "elapsed": s * 2.0}) + "\n"
+                                               for s, v in ((1, 3.0), (2, 5.0), (3, 4.0))))
+    (run / "config.json").write_text(json.dumps({"device": "cpu", "world_size": 2}))
+
+    assert main(["card", str(ckpt), "--data", "shapes:3:5:64", "--run", str(run)]) == 0
+    assert "box AP" in capsys.readouterr().out
+    card = json.loads((run / "checkpoint.json").read_text())
+    assert card["classes"] == CATS[1:]
+    assert card["sha256"] == file_sha256(ckpt)
+    assert set(card["metrics"]["bbox"]) >= {"AP", "AP50", "AP75"} and set(card["metrics"]["segm"]) >= {"AP", "AP50"}
+    assert card["evaluated_on"] == {"data": "shapes:3:5:64", "images": 3}
+    assert card["inference_ms_512px"]["median"] > 0
+    assert card["training"]["steps"] == 7 and card["training"]["time_s"] == 12.5
+    assert card["training"]["train_images_per_s_median"] == 4.0 and card["training"]["train_processes"] == 2
+    assert card["parameters"] == sum(p.numel() for p in build_model(TINY, 4).parameters())
+
+    # the model list (and so the app's sidebar) shows the card, not the bare checkpoint meta
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(runs))
+    info = next(i for i in list_models() if i.path == str(ckpt))
+    assert info.card["metrics"] == card["metrics"]
+
+
+def test_card_of_a_missing_or_broken_file_is_one_line(tmp_path, capsys):
+    assert main(["card", str(tmp_path / "nope.pt"), "--data", "shapes:1:0:64"]) == 2
+    assert "nope.pt: no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["card", str(bad), "--data", "shapes:1:0:64"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pt" in err and "Traceback" not in err
+
+
+BUNDLED = weights_dir() / "shapes.pt"
+
+
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="weights/shapes.pt is missing (bash weights/train_shapes.sh)")
+def test_bundled_model_has_a_card_that_describes_it():
+    card = read_card(BUNDLED)
+    assert card, "weights/shapes.json is missing: python -m mrcnn card weights/shapes.pt --data shapes:500:12345:256"
+    assert card["sha256"] == file_sha256(BUNDLED), "the card describes another file: re-run `python -m mrcnn card`"
+    assert card["classes"] == ["circle", "square", "triangle"]
+    assert BUNDLED.stat().st_size <= 25e6
+    assert card["evaluated_on"]["images"] == 500
