@@ -39,6 +39,22 @@ def test_no_temp_files_left_behind(tiny_ckpt):
     assert [p.name for p in tiny_ckpt.parent.iterdir()] == ["tiny.pt"]
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """Temp files are created 0600; the finished file must be readable like any other (umask applies)."""
+    import os
+    import stat
+
+    from mrcnn.checkpoint import atomic_write_bytes, save_checkpoint
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "card.json", b"{}")
+        save_checkpoint(tmp_path / "m.pt", {"name": "light"}, ["__background__", "a"], {"w": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    for name in ("card.json", "m.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 @pytest.mark.parametrize("content,expected", [
     (b"", "file is empty"),
     (b"this is not a checkpoint at all", "not a PyTorch checkpoint"),
