@@ -1,6 +1,6 @@
 """Training throughput (images/s) of the real engine (mrcnn.train) at the bundled model's recipe.
 
-    python benchmarks/train_throughput.py                      # CPU, recipe settings (256 px, batch 8)
+    python benchmarks/train_throughput.py                      # CPU, recipe settings (256-352 px, batch 8)
     python benchmarks/train_throughput.py --device cuda        # GPU: AMP + channels_last (the engine's defaults)
     python benchmarks/train_throughput.py --json --steps 6 --warmup 2
 
@@ -23,14 +23,17 @@ import torch  # noqa: E402
 from mrcnn.train import TrainConfig, train  # noqa: E402
 from mrcnn.zoo import resolve_device  # noqa: E402
 
-RECIPE_ARCH = {"depths": [1, 1, 1, 1]}  # weights/train_shapes.sh
+# weights/train_shapes.sh's architecture (that script runs two 1-thread processes on a CPU; this
+# measures one process, for comparison and for the GPU settings)
+RECIPE_ARCH = {"depths": [1, 1, 1, 1], "min_size": [256, 288, 320, 352], "max_size": 704,
+               "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500}
 
 
-def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int, threads: int | None,
+def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int | None, threads: int | None,
             amp: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(model="light", arch=RECIPE_ARCH, data=f"shapes:100000:1:{image_size}", steps=warmup + steps,
-                          batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps, log_every=1,
+        cfg = TrainConfig(model="light", arch=RECIPE_ARCH, data=f"shapes:100000:1:{image_size or 256}",
+                          steps=warmup + steps, batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps, log_every=1,
                           image_size=image_size, checkpoint_every=0, device=device, amp=amp, threads=threads,
                           out=tmp)
         t0 = time.time()
@@ -42,7 +45,7 @@ def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: i
     dev = resolve_device(device)
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "amp": bool(amp and dev.type == "cuda"),
-            "channels_last": dev.type == "cuda", "image_size": image_size, "batch_size": batch_size,
+            "channels_last": dev.type == "cuda", "image_size": image_size or "256-352", "batch_size": batch_size,
             "steps_measured": len(measured), "images_per_s": round(batch_size * len(measured) / seconds, 2),
             "s_per_step": round(seconds / len(measured), 3), "wall_s": round(wall, 1)}
 
@@ -53,7 +56,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=None, help="one fixed input size (default: the recipe's 256..352)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--json", action="store_true")
