@@ -22,9 +22,10 @@ from mrcnn.zoo import runs_dir
 # The built-in "teach it a new shape" set: the bundled model's classes plus one it has never seen.
 NEW_SHAPE = "star"
 BUILTIN_CLASSES = ("circle", "square", "triangle", NEW_SHAPE)
-# Training throughput measured on this project's 2-core CPU (benchmarks/train_throughput.py), images/s
-# at 256 px for the light architecture; used until a run on this server has measured its own.
-DEFAULT_IMAGES_PER_S = {"cpu": 8.0, "cuda": 120.0}
+# Training throughput of the bundled model's architecture on this project's 2-core CPU (its multi-scale
+# inputs, 256-352 px: benchmarks/train_throughput.py, benchmarks/finetune_default.py), images/s; used
+# until a run on this server has measured its own. The CUDA figure is a guess: no GPU was measured.
+DEFAULT_IMAGES_PER_S = {"cpu": 6.5, "cuda": 120.0}
 
 
 @dataclass
