@@ -33,9 +33,9 @@ def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: i
             amp: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(model="light", arch=RECIPE_ARCH, data=f"shapes:100000:1:{image_size or 256}",
-                          steps=warmup + steps, batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps, log_every=1,
-                          image_size=image_size, checkpoint_every=0, device=device, amp=amp, threads=threads,
-                          out=tmp)
+                          steps=warmup + steps, batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps,
+                          log_every=1, image_size=image_size, checkpoint_every=0, device=device, amp=amp,
+                          threads=threads, out=tmp)
         t0 = time.time()
         train(cfg, verbose=False)
         wall = time.time() - t0
@@ -56,7 +56,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=None, help="one fixed input size (default: the recipe's 256..352)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="one fixed input size (default: the recipe's multi-scale 256..352)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -31,13 +31,17 @@ def card_path(checkpoint: str | Path) -> Path:
 
 
 def median_forward_ms(model: torch.nn.Module, image: np.ndarray, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``model([image])`` in eval mode (the first ``warmup`` runs are not counted)."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0)
+    """Median wall time of ``model([image])`` in eval mode, on the model's device (the first ``warmup``
+    runs are not counted)."""
+    device = next(model.parameters()).device
+    tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255.0)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model([tensor])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("card", help="evaluate a checkpoint on held-out data and write its model card")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
-    p.add_argument("--data", required=True, metavar="DIR", help="held-out data: COCO folder, .zip or shapes:N:seed:size")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="held-out data: COCO folder, .zip or shapes:N:seed:size")
     p.add_argument("--run", default=None, metavar="RUN_DIR", help="the training run (adds its throughput)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
 
