@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from mrcnn.architectures import build_model, light_arch
+from mrcnn.card import median_forward_ms
+from mrcnn.shapes import generate_scene
 from mrcnn.structures import Thresholds
 from mrcnn.trace import run_trace
 from mrcnn.zoo import LoadedModel, load_model, weights_dir
@@ -92,8 +94,6 @@ def bench_light(repeats: int = 30) -> dict:
     path = weights_dir() / "shapes.pt"
     if path.is_file():
         loaded, which = load_model("shapes", device="cpu"), "bundled shapes model"
-        from mrcnn.shapes import generate_scene
-
         scene = generate_scene(7, size=640).image[:480]
         image = np.ascontiguousarray(scene)
     else:
@@ -111,9 +111,6 @@ def bench_light(repeats: int = 30) -> dict:
            "light_trace_ms": trace.network_ms,
            "light_detections": [len(trace.refilter(t.replace(score_thresh=s))) for s in scores]}
     if path.is_file():  # the inference budget for the bundled model: a 512×512 scene
-        from mrcnn.card import median_forward_ms
-        from mrcnn.shapes import generate_scene
-
         out["shapes_forward_ms_512"] = median_forward_ms(loaded.model, generate_scene(11, size=512).image,
                                                          repeats=max(5, repeats // 3))
     return out

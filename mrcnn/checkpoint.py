@@ -20,11 +20,15 @@ FORMAT = "mrcnn-checkpoint"
 VERSION = 1
 
 
-def _umask_mode() -> int:
-    """The mode a plain open() would give a new file (mkstemp's temp files are 0600)."""
-    umask = os.umask(0)
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+# The mode a plain open() gives a new file; mkstemp's temp files are 0600. Read once at import: setting
+# the umask per write would briefly change it for every thread of the app's server.
+NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -37,7 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,7 +56,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -124,6 +124,8 @@ def prepare_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: str | Pat
 
 def measured_images_per_s(device: str) -> float:
     """Throughput of the most recent finished run on this server with the same device, else the default."""
+    from mrcnn.train import read_metrics
+
     best = None
     for metrics in sorted(runs_dir().glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
@@ -132,14 +134,8 @@ def measured_images_per_s(device: str) -> float:
             continue
         if str(config.get("device", "cpu")).split(":")[0] != device:
             continue
-        rates = []
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("images_per_s"):
-                rates.append(float(row["images_per_s"]) * (config.get("image_size") or 256) ** 2 / 256 ** 2)
+        scale = (config.get("image_size") or 256) ** 2 / 256 ** 2
+        rates = [float(row["images_per_s"]) * scale for row in read_metrics(metrics) if row.get("images_per_s")]
         if rates:
             best = float(np.median(rates))
             break

@@ -67,16 +67,8 @@ class Job:
 
     def metrics(self) -> list[dict]:
         """Every complete line of metrics.jsonl so far (a half-written last line is skipped)."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        from mrcnn.train import read_metrics
+        return read_metrics(self.path / "metrics.jsonl")
 
     def progress(self) -> dict:
         """step, steps, fraction, elapsed and ETA in seconds (from the measured step rate)."""

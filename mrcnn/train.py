@@ -396,6 +396,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every complete row of a run's metrics.jsonl (none when the file is missing). A line that does not
+    parse — the half-written last one of a running or killed trainer — is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop rows after ``step`` (written after the checkpoint a resumed run starts from)."""
     if not path.is_file():
@@ -694,4 +709,4 @@ def cli_train(args) -> int:
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "cli_train", "lr_factor", "open_data", "remap_class_weights",
-           "StepBatches", "LOSS_TERMS"]
+           "StepBatches", "LOSS_TERMS", "read_metrics"]
