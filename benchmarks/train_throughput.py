@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                      # CPU, recipe settings (256-352 px, batch 8)
     python benchmarks/train_throughput.py --device cuda        # GPU: AMP + channels_last (the engine's defaults)
+    python benchmarks/train_throughput.py --compare-layout     # channels_last vs contiguous, same process
     python benchmarks/train_throughput.py --json --steps 6 --warmup 2
 
 Runs ``warmup + steps`` optimizer steps on generated scenes (data generation included, as in a real
@@ -26,16 +27,16 @@ from mrcnn.zoo import resolve_device  # noqa: E402
 # weights/train_shapes.sh's architecture (that script runs two 1-thread processes on a CPU; this
 # measures one process, for comparison and for the GPU settings)
 RECIPE_ARCH = {"depths": [1, 1, 1, 1], "min_size": [256, 288, 320, 352], "max_size": 704,
-               "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500}
+               "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}
 
 
 def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int | None, threads: int | None,
-            amp: bool) -> dict:
+            amp: bool, channels_last: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(model="light", arch=RECIPE_ARCH, data=f"shapes:100000:1:{image_size or 256}",
                           steps=warmup + steps, batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps,
                           log_every=1, image_size=image_size, checkpoint_every=0, device=device, amp=amp,
-                          threads=threads, out=tmp)
+                          channels_last=channels_last, threads=threads, out=tmp)
         t0 = time.time()
         train(cfg, verbose=False)
         wall = time.time() - t0
@@ -45,7 +46,7 @@ def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: i
     dev = resolve_device(device)
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "amp": bool(amp and dev.type == "cuda"),
-            "channels_last": dev.type == "cuda", "image_size": image_size or "256-352", "batch_size": batch_size,
+            "channels_last": channels_last, "image_size": image_size or "256-352", "batch_size": batch_size,
             "steps_measured": len(measured), "images_per_s": round(batch_size * len(measured) / seconds, 2),
             "s_per_step": round(seconds / len(measured), 3), "wall_s": round(wall, 1)}
 
@@ -60,16 +61,25 @@ def main() -> int:
                    help="one fixed input size (default: the recipe's multi-scale 256..352)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--compare-layout", action="store_true",
+                   help="also measure contiguous (NCHW) weights and report the channels_last speed-up")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    result = measure(args.device, args.steps, args.warmup, args.batch_size, args.image_size, args.threads,
-                     not args.no_amp)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    layouts = [True, False] if args.compare_layout else [not args.no_channels_last]
+    results = [measure(args.device, args.steps, args.warmup, args.batch_size, args.image_size, args.threads,
+                       not args.no_amp, channels_last=cl) for cl in layouts]
+    if args.compare_layout:
+        ratio = round(results[0]["images_per_s"] / results[1]["images_per_s"], 3)
+    for result in results:
+        if args.json:
+            print(json.dumps(result))
+            continue
         print(f"| {result['device_name']} | {result['threads']} threads | AMP {'on' if result['amp'] else 'off'} "
-              f"| {result['image_size']} px | batch {result['batch_size']} | {result['images_per_s']} images/s "
-              f"| {result['s_per_step']} s/step |")
+              f"| {'channels_last' if result['channels_last'] else 'contiguous'} | {result['image_size']} px "
+              f"| batch {result['batch_size']} | {result['images_per_s']} images/s | {result['s_per_step']} s/step |")
+    if args.compare_layout:
+        print(json.dumps({"channels_last_speedup": ratio}) if args.json else f"channels_last speed-up: {ratio}x")
     return 0
 
 

@@ -8,6 +8,9 @@ weights are loaded separately by mrcnn.zoo.
 - ``light``: a small ResNet-GroupNorm FPN with slim heads, for the bundled ``shapes`` model and for
   fast tests. GroupNorm rather than BatchNorm: trained from scratch on small batches, BatchNorm's
   running statistics end up not describing the trained network (every image gets the same output).
+
+``mask_paste`` (any architecture) picks how masks are pasted into the image (mrcnn.paste): the light
+architecture pastes at pixel centres, torchvision's models the torchvision way unless told otherwise.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from mrcnn.paste import PASTE_MODES, CentrePasteTransform
 
 # MaskRCNN keyword arguments an arch dict may carry for any architecture (test-time settings, sizes).
 MODEL_KWARGS = (
@@ -42,6 +47,7 @@ LIGHT_DEFAULTS: dict[str, Any] = {
     "max_size": 512,
     "box_batch_size_per_image": 64,
     "rpn_batch_size_per_image": 128,
+    "mask_paste": "centre",
 }
 
 
@@ -113,15 +119,24 @@ def build_model(arch: dict[str, Any], num_classes: int) -> MaskRCNN:
         raise ValueError(f"num_classes must count the background and at least one class, got {num_classes}")
     if name == "light":
         cfg = {**LIGHT_DEFAULTS, **{k: v for k, v in arch.items() if k != "name"}}
-        return _build_light(num_classes, cfg)
+        return _with_paste(_build_light(num_classes, cfg), cfg["mask_paste"])
     if name in _TORCHVISION_BUILDERS:
-        kwargs = {k: v for k, v in arch.items() if k != "name"}
+        kwargs = {k: v for k, v in arch.items() if k not in ("name", "mask_paste")}
         unknown = set(kwargs) - set(MODEL_KWARGS)
         if unknown:
             raise ValueError(f"unknown settings for {name}: {sorted(unknown)}")
         # weights_backbone=None: the default would download ImageNet weights.
-        return _TORCHVISION_BUILDERS[name](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        model = _TORCHVISION_BUILDERS[name](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        return _with_paste(model, arch.get("mask_paste", "torchvision"))
     raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+
+
+def _with_paste(model: MaskRCNN, mode: str) -> MaskRCNN:
+    if mode not in PASTE_MODES:
+        raise ValueError(f"unknown mask_paste {mode!r}; known: {', '.join(PASTE_MODES)}")
+    if mode == "centre":
+        model.transform = CentrePasteTransform.like(model.transform)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _setup_scales
 
+from mrcnn.paste import paste_masks_cropped, paste_mode
 from mrcnn.structures import Detections, RpnSettings, Thresholds
 from mrcnn.zoo import LoadedModel
 
@@ -268,8 +267,9 @@ class Trace:
         if need:
             probs = self.mask_probs_28([id_list[n] for n in need], boxes[need])
             t0 = time.perf_counter()
-            for n, pasted in zip(need, paste_masks_cropped(probs, boxes_orig[need], self.original_size)):
-                self._paste_memo[id_list[n]] = pasted
+            pasted = paste_masks_cropped(probs, boxes_orig[need], self.original_size, paste_mode(self.model))
+            for n, crop in zip(need, pasted):
+                self._paste_memo[id_list[n]] = crop
             self.last_mask_ms += (time.perf_counter() - t0) * 1000.0
         for n, cid in enumerate(id_list):
             y0, x0, crop = self._paste_memo[cid]
@@ -364,26 +364,6 @@ class Trace:
     @property
     def network_ms(self) -> float:
         return sum(self.timings_ms.values())
-
-
-def paste_masks_cropped(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
-                        padding: int = 1) -> list[tuple[int, int, np.ndarray]]:
-    """torchvision's paste_masks_in_image, but each mask kept as (y0, x0, crop) of its box region
-    instead of a full-image array (the rest of the image is exactly 0 there too).
-
-    Same arithmetic as torchvision (expand_masks, expand_boxes, bilinear resize), so the pasted
-    values are identical; the equivalence tests hold us to that."""
-    im_h, im_w = image_size
-    masks, scale = expand_masks(probs[:, None], padding=padding)
-    int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
-    out = []
-    for mask, (x0, y0, x1, y1) in zip(masks, int_boxes):
-        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, im_w), max(y0, 0), min(y1 + 1, im_h)
-        crop = resized[cy0 - y0:max(cy1 - y0, cy0 - y0), cx0 - x0:max(cx1 - x0, cx0 - x0)]
-        out.append((cy0, cx0, crop.float().cpu().numpy()))
-    return out
 
 
 def run_trace(loaded: LoadedModel, image: np.ndarray, thresholds: Thresholds | None = None,

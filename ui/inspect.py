@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from mrcnn.paste import paste_mode
 from mrcnn.structures import RpnSettings
 from ui import plots, state
 
@@ -312,8 +313,10 @@ def _nms(trace, thresholds) -> None:
 
 
 def _masks(trace, entry, cid: int, dets, index: int) -> None:
+    how = ("sampled at every pixel's centre, to a fraction of a pixel" if paste_mode(trace.model) == "centre"
+           else "resized onto the box rounded to whole pixels, as torchvision does")
     _section(9, "The mask head predicts a 28×28 probability map for the detection's class inside its box; it "
-                "is pasted (resized) into the image and cut at the mask threshold.")
+                f"is pasted into the image ({how}) and cut at the mask threshold.")
     state.persist("mask_thresh", st.slider, "Mask threshold", 0.0, 1.0, step=0.05)
     t = float(st.session_state["mask_thresh"])
     small = _np(trace.mask_probs_28([cid])[0])
