@@ -59,21 +59,23 @@ def _paste_centre(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[in
     return out
 
 
+def _paster(mode: str):
+    if mode not in PASTE_MODES:
+        raise ValueError(f"unknown mask paste mode {mode!r}; known: {', '.join(PASTE_MODES)}")
+    return _paste_centre if mode == "centre" else _paste_torchvision
+
+
 def paste_masks_cropped(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
                         mode: str = "torchvision") -> list[tuple[int, int, np.ndarray]]:
     """(N, M, M) probabilities and (N, 4) boxes in image pixels -> [(y0, x0, float32 crop)] per mask."""
-    if mode not in PASTE_MODES:
-        raise ValueError(f"unknown mask paste mode {mode!r}; known: {', '.join(PASTE_MODES)}")
-    paste = _paste_centre if mode == "centre" else _paste_torchvision
-    return [(y0, x0, crop.float().cpu().numpy()) for y0, x0, crop in paste(probs, boxes, image_size)]
+    return [(y0, x0, crop.float().cpu().numpy()) for y0, x0, crop in _paster(mode)(probs, boxes, image_size)]
 
 
 def paste_masks_full(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
                      mode: str = "torchvision") -> torch.Tensor:
     """Like torchvision's paste_masks_in_image: (N, 1, M, M) -> (N, 1, H, W) probabilities."""
     full = probs.new_zeros((probs.shape[0], 1, *image_size))
-    paste = _paste_centre if mode == "centre" else _paste_torchvision
-    for n, (y0, x0, crop) in enumerate(paste(probs[:, 0], boxes, image_size)):
+    for n, (y0, x0, crop) in enumerate(_paster(mode)(probs[:, 0], boxes, image_size)):
         full[n, 0, y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
     return full
 
