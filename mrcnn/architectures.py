@@ -11,6 +11,8 @@ weights are loaded separately by mrcnn.zoo.
 
 ``mask_paste`` (any architecture) picks how masks are pasted into the image (mrcnn.paste): the light
 architecture pastes at pixel centres, torchvision's models the torchvision way unless told otherwise.
+``mask_batch_size_per_image`` (any architecture; training only) caps the RoIs the mask head trains on
+per image (mrcnn.mask_sampling); unset, it trains on every positive RoI of the box head, as torchvision.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mrcnn.mask_sampling import MaskSampledRoIHeads
 from mrcnn.paste import PASTE_MODES, CentrePasteTransform
 
 # MaskRCNN keyword arguments an arch dict may carry for any architecture (test-time settings, sizes).
@@ -48,6 +51,7 @@ LIGHT_DEFAULTS: dict[str, Any] = {
     "box_batch_size_per_image": 64,
     "rpn_batch_size_per_image": 128,
     "mask_paste": "centre",
+    "mask_batch_size_per_image": None,  # None: every positive RoI of the box head, as torchvision
 }
 
 
@@ -119,15 +123,17 @@ def build_model(arch: dict[str, Any], num_classes: int) -> MaskRCNN:
         raise ValueError(f"num_classes must count the background and at least one class, got {num_classes}")
     if name == "light":
         cfg = {**LIGHT_DEFAULTS, **{k: v for k, v in arch.items() if k != "name"}}
-        return _with_paste(_build_light(num_classes, cfg), cfg["mask_paste"])
+        return _with_mask_sampling(_with_paste(_build_light(num_classes, cfg), cfg["mask_paste"]),
+                                   cfg["mask_batch_size_per_image"])
     if name in _TORCHVISION_BUILDERS:
-        kwargs = {k: v for k, v in arch.items() if k not in ("name", "mask_paste")}
+        kwargs = {k: v for k, v in arch.items() if k not in ("name", "mask_paste", "mask_batch_size_per_image")}
         unknown = set(kwargs) - set(MODEL_KWARGS)
         if unknown:
             raise ValueError(f"unknown settings for {name}: {sorted(unknown)}")
         # weights_backbone=None: the default would download ImageNet weights.
         model = _TORCHVISION_BUILDERS[name](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
-        return _with_paste(model, arch.get("mask_paste", "torchvision"))
+        model = _with_paste(model, arch.get("mask_paste", "torchvision"))
+        return _with_mask_sampling(model, arch.get("mask_batch_size_per_image"))
     raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
 
 
@@ -136,6 +142,12 @@ def _with_paste(model: MaskRCNN, mode: str) -> MaskRCNN:
         raise ValueError(f"unknown mask_paste {mode!r}; known: {', '.join(PASTE_MODES)}")
     if mode == "centre":
         model.transform = CentrePasteTransform.like(model.transform)
+    return model
+
+
+def _with_mask_sampling(model: MaskRCNN, mask_batch_size_per_image: int | None) -> MaskRCNN:
+    if mask_batch_size_per_image is not None:
+        model.roi_heads = MaskSampledRoIHeads.like(model.roi_heads, int(mask_batch_size_per_image))
     return model
 
 
