@@ -27,7 +27,8 @@ from mrcnn.zoo import resolve_device  # noqa: E402
 # weights/train_shapes.sh's architecture (that script runs two 1-thread processes on a CPU; this
 # measures one process, for comparison and for the GPU settings)
 RECIPE_ARCH = {"depths": [1, 1, 1, 1], "min_size": [256, 288, 320, 352], "max_size": 704,
-               "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500}
+               "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
+               "box_batch_size_per_image": 128, "mask_batch_size_per_image": 16}
 
 
 def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int | None, threads: int | None,
