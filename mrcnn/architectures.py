@@ -39,6 +39,9 @@ MODEL_KWARGS = (
     "box_score_thresh", "box_nms_thresh", "box_detections_per_img", "box_batch_size_per_image",
 )
 
+# Settings build_model applies itself, after building, to any architecture (not MaskRCNN arguments).
+ANY_ARCH_SETTINGS = ("mask_paste", "mask_batch_size_per_image")
+
 LIGHT_DEFAULTS: dict[str, Any] = {
     "depths": [2, 2, 2, 2],      # BasicBlocks per ResNet stage (ResNet-18 layout)
     "fpn_channels": 64,
@@ -123,18 +126,18 @@ def build_model(arch: dict[str, Any], num_classes: int) -> MaskRCNN:
         raise ValueError(f"num_classes must count the background and at least one class, got {num_classes}")
     if name == "light":
         cfg = {**LIGHT_DEFAULTS, **{k: v for k, v in arch.items() if k != "name"}}
-        return _with_mask_sampling(_with_paste(_build_light(num_classes, cfg), cfg["mask_paste"]),
-                                   cfg["mask_batch_size_per_image"])
-    if name in _TORCHVISION_BUILDERS:
-        kwargs = {k: v for k, v in arch.items() if k not in ("name", "mask_paste", "mask_batch_size_per_image")}
+        model = _build_light(num_classes, cfg)
+    elif name in _TORCHVISION_BUILDERS:
+        cfg = {"mask_paste": "torchvision", "mask_batch_size_per_image": None, **arch}
+        kwargs = {k: v for k, v in arch.items() if k not in ("name", *ANY_ARCH_SETTINGS)}
         unknown = set(kwargs) - set(MODEL_KWARGS)
         if unknown:
             raise ValueError(f"unknown settings for {name}: {sorted(unknown)}")
         # weights_backbone=None: the default would download ImageNet weights.
         model = _TORCHVISION_BUILDERS[name](weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
-        model = _with_paste(model, arch.get("mask_paste", "torchvision"))
-        return _with_mask_sampling(model, arch.get("mask_batch_size_per_image"))
-    raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    else:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return _with_mask_sampling(_with_paste(model, cfg["mask_paste"]), cfg["mask_batch_size_per_image"])
 
 
 def _with_paste(model: MaskRCNN, mode: str) -> MaskRCNN:
@@ -147,7 +150,7 @@ def _with_paste(model: MaskRCNN, mode: str) -> MaskRCNN:
 
 def _with_mask_sampling(model: MaskRCNN, mask_batch_size_per_image: int | None) -> MaskRCNN:
     if mask_batch_size_per_image is not None:
-        model.roi_heads = MaskSampledRoIHeads.like(model.roi_heads, int(mask_batch_size_per_image))
+        model.roi_heads = MaskSampledRoIHeads.like(model.roi_heads, mask_batch_size_per_image)
     return model
 
 
