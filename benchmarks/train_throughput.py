@@ -22,19 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mrcnn.train import TrainConfig, train  # noqa: E402
-from mrcnn.zoo import resolve_device  # noqa: E402
+from mrcnn.zoo import read_card, resolve_device, weights_dir  # noqa: E402
 
-# weights/train_shapes.sh's architecture (that script runs two 1-thread processes on a CPU; this
-# measures one process, for comparison and for the GPU settings)
-RECIPE_ARCH = {"depths": [1, 1, 1, 1], "min_size": [256, 288, 320, 352], "max_size": 704,
-               "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
-               "box_batch_size_per_image": 128, "mask_batch_size_per_image": 16}
+# The recipe that made the bundled model, as its card records it (weights/train_shapes.sh runs it as two
+# 1-thread processes on a CPU; this measures one process, for comparison and for the GPU settings).
+RECIPE = read_card(weights_dir() / "shapes.pt")["training"]["recipe"]
 
 
 def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int | None, threads: int | None,
             amp: bool, channels_last: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(model="light", arch=RECIPE_ARCH, data=f"shapes:100000:1:{image_size or 256}",
+        cfg = TrainConfig(model=RECIPE["model"], arch=RECIPE["arch"], augment=RECIPE["augment"],
+                          data=f"shapes:100000:1:{image_size or 256}",
                           steps=warmup + steps, batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps,
                           log_every=1, image_size=image_size, checkpoint_every=0, device=device, amp=amp,
                           channels_last=channels_last, threads=threads, out=tmp)
