@@ -142,12 +142,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return (c1 + (c2 - c1) * t[..., None]).astype(np.uint8)
 
 
-def _object_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray:
-    """A colour that stands out from the background's mean colour (a few tries, then the farthest)."""
+def _object_colour(rng: np.random.Generator, neighbours: Sequence[np.ndarray]) -> np.ndarray:
+    """A colour that stands out from each of ``neighbours`` (the background's mean colour and the shapes
+    it overlaps): the first of a few tries at L1 distance >= 120 from all of them, else the farthest.
+
+    Without the shapes it overlaps, a square painted on a circle of nearly its colour was labelled but
+    could not be seen (a human could not find it either)."""
+    refs = np.stack([np.asarray(c, np.float32) for c in neighbours])
     best, best_d = None, -1.0
-    for _ in range(8):
+    for _ in range(16):
         c = rng.uniform(0, 255, 3)
-        d = float(np.abs(c - bg_mean).sum())
+        d = float(np.abs(c - refs).sum(1).min())
         if d > best_d:
             best, best_d = c, d
         if d >= 120:
@@ -196,7 +201,8 @@ def compose(shapes: Sequence[ShapeSpec], background: np.ndarray) -> tuple[np.nda
 
 def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], max_objects: int,
                   bg_mean: np.ndarray) -> list[ShapeSpec]:
-    """1..max_objects shapes: random class, log-uniform diameter 12 px..40% of size, inside the image."""
+    """1..max_objects shapes: random class, log-uniform diameter 12 px..40% of size, inside the image,
+    each a colour that stands out from the background and from the earlier shapes it overlaps."""
     d_max = MAX_OBJECT_FRACTION * size
     d_min = min(float(MIN_OBJECT_PX), d_max)
     shapes = []
@@ -206,7 +212,9 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
         cx, cy = rng.uniform(r, size - r, 2)
         angle = float(rng.uniform(0, 2 * np.pi))
         hole = float(rng.uniform(0.4, 0.6))
-        colour = tuple(int(c) for c in _object_colour(rng, bg_mean))
+        # it must stand out from the background and from the earlier shapes it may cover or touch
+        overlapped = [np.array(o.colour) for o in shapes if math.hypot(o.cx - cx, o.cy - cy) < o.r + r]
+        colour = tuple(int(c) for c in _object_colour(rng, [bg_mean, *overlapped]))
         shapes.append(ShapeSpec(name, float(cx), float(cy), r, angle, colour, hole))
     return shapes
 

@@ -13,7 +13,7 @@ import torch
 from mrcnn.coco import load_dataset
 from mrcnn.errors import DatasetError
 from mrcnn.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, compose, generate_scene,
-                          masks_to_boxes, write_dataset)
+                          masks_to_boxes, random_shapes, write_dataset)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,22 @@ def test_occlusion_removes_hidden_part_and_drops_hidden_objects():
     cover = ShapeSpec("square", 42, 40, 26, angle=np.pi / 4)  # leaves a thin crescent of the circle
     _, masks, labels = compose([big, cover], flat())
     assert labels == ["square"]
+
+
+def test_overlapping_shapes_have_colours_apart():
+    """A shape painted over one of nearly its colour is labelled but cannot be seen: every pair of shapes
+    that may touch differs by >= 110 in L1 (out of 765), as each shape does from the background."""
+    bg_mean = np.array([120.0, 130.0, 140.0], np.float32)
+    pairs = 0
+    for seed in range(300):
+        specs = random_shapes(np.random.default_rng(seed), 256, DEFAULT_CLASSES, 8, bg_mean)
+        for i, a in enumerate(specs):
+            assert np.abs(np.subtract(a.colour, bg_mean)).sum() >= 110
+            for b in specs[:i]:
+                if np.hypot(a.cx - b.cx, a.cy - b.cy) < a.r + b.r:
+                    pairs += 1
+                    assert np.abs(np.subtract(a.colour, b.colour, dtype=float)).sum() >= 110, (seed, a, b)
+    assert pairs > 200  # the scenes do overlap
 
 
 def test_masks_to_boxes_pixel_inclusive():
