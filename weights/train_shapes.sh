@@ -6,7 +6,7 @@
 #
 # On a CPU it runs as two 1-thread processes (torchrun, DDP over gloo): detection training spends much
 # of its time in single-threaded ops (NMS, RoIAlign backward), so two processes beat one with two
-# threads (7.8 vs 6.3 images/s on a 2-core CPU). 2800 steps x 8 images: about 55 min there.
+# threads (7.8 vs 6.3 images/s on a 2-core CPU). 2800 steps x 8 images: 55-58 min there.
 # On a GPU it runs as one process (AMP, channels_last). NPROC=1 forces one process.
 #
 # Multi-scale training (short side 256..352) and testing at 352: small shapes get finer features.
