@@ -32,6 +32,10 @@ MIN_OBJECT_PX = 12           # smallest shape diameter
 MAX_OBJECT_FRACTION = 0.4    # largest shape diameter, as a fraction of the image size
 MIN_VISIBLE_FRACTION = 0.15  # occluded objects keeping less than this of their area are dropped
 MIN_VISIBLE_PX = 30          # ... as are those with fewer visible pixels than this
+# Inradius / circumradius: a shape whose circumcircle lies within this circle lies inside the host.
+# No ring: its hole would show through.
+_INRADIUS = {"circle": 1.0, "square": math.cos(math.pi / 4), "triangle": math.cos(math.pi / 3),
+             "hexagon": math.cos(math.pi / 6), "star": 0.45 * math.cos(math.pi / 5)}
 _SEED_STRIDE = 1_000_003     # scene i of dataset seed s: s * stride + i (datasets don't overlap)
 
 
@@ -199,10 +203,28 @@ def compose(shapes: Sequence[ShapeSpec], background: np.ndarray) -> tuple[np.nda
     return image, masks, [shapes[k].name for k in keep]
 
 
+def _inside(rng: np.random.Generator, hosts: Sequence[ShapeSpec], r_min: float) -> tuple[float, float, float] | None:
+    """Centre and circumradius of a shape that lies wholly inside one of ``hosts`` (picked at random
+    among those with room for a shape of radius ``r_min``), or None when none has room."""
+    room = [(h, _INRADIUS[h.name] * h.r) for h in hosts if h.name in _INRADIUS]
+    room = [(h, inr) for h, inr in room if 0.7 * inr >= r_min]
+    if not room:
+        return None
+    host, inr = room[int(rng.integers(len(room)))]
+    r = float(np.exp(rng.uniform(np.log(r_min), np.log(0.7 * inr))))
+    # anywhere in the host's incircle shrunk by r, uniform over the disc
+    rho, phi = (inr - r) * math.sqrt(float(rng.random())), float(rng.uniform(0, 2 * np.pi))
+    return host.cx + rho * math.cos(phi), host.cy + rho * math.sin(phi), r
+
+
 def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], max_objects: int,
-                  bg_mean: np.ndarray) -> list[ShapeSpec]:
+                  bg_mean: np.ndarray, nested: float = 0.0) -> list[ShapeSpec]:
     """1..max_objects shapes: random class, log-uniform diameter 12 px..40% of size, inside the image,
-    each a colour that stands out from the background and from the earlier shapes it overlaps."""
+    each a colour that stands out from the background and from the earlier shapes it overlaps.
+
+    With ``nested`` > 0, each shape after the first is, with that probability, placed wholly inside an
+    earlier one (a small square on a large circle): left to chance that is 2% of the objects, too few
+    for a model to learn. ``nested=0`` draws exactly the scenes it always drew."""
     d_max = MAX_OBJECT_FRACTION * size
     d_min = min(float(MIN_OBJECT_PX), d_max)
     shapes = []
@@ -210,6 +232,10 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
         name = classes[int(rng.integers(len(classes)))]
         r = float(np.exp(rng.uniform(np.log(d_min), np.log(d_max)))) / 2  # log-uniform: as many small as large
         cx, cy = rng.uniform(r, size - r, 2)
+        if nested > 0 and shapes and rng.random() < nested:
+            placed = _inside(rng, shapes, d_min / 2)
+            if placed is not None:
+                cx, cy, r = placed
         angle = float(rng.uniform(0, 2 * np.pi))
         hole = float(rng.uniform(0.4, 0.6))
         # it must stand out from the background and from the earlier shapes it may cover or touch
@@ -219,18 +245,26 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
     return shapes
 
 
+def check_nested(nested: float) -> float:
+    if not 0.0 <= nested <= 1.0:
+        raise DatasetError(f"nested must be a probability between 0 and 1, got {nested}")
+    return float(nested)
+
+
 def generate_scene(seed: int, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
-                   max_objects: int = 8) -> Scene:
-    """One synthetic scene, a pure function of its arguments (``np.random.default_rng(seed)``)."""
+                   max_objects: int = 8, nested: float = 0.0) -> Scene:
+    """One synthetic scene, a pure function of its arguments (``np.random.default_rng(seed)``).
+    ``nested``: probability that a shape is placed inside an earlier one (see ``random_shapes``)."""
     classes = check_classes(classes)
     if size < 32:
         raise DatasetError(f"image size must be at least 32 px, got {size}")
     if max_objects < 1:
         raise DatasetError(f"max_objects must be at least 1, got {max_objects}")
+    nested = check_nested(nested)
     rng = np.random.default_rng(seed)
     background = _background(rng, size)
     bg_mean = background[::8, ::8].reshape(-1, 3).mean(0, dtype=np.float32)
-    shapes = random_shapes(rng, size, classes, max_objects, bg_mean)
+    shapes = random_shapes(rng, size, classes, max_objects, bg_mean, nested)
     out, masks, labels = compose(shapes, background)
     # Optics then sensor: mild blur (half the scenes), mild noise.
     if rng.random() < 0.5:
@@ -266,15 +300,16 @@ def _rle(mask: np.ndarray) -> dict:
 
 def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
                   classes: Sequence[str] = DEFAULT_CLASSES,
-                  progress: Callable[[int, int], None] | None = None) -> Path:
+                  progress: Callable[[int, int], None] | None = None, nested: float = 0.0) -> Path:
     """Write ``num`` scenes as ``out_dir/annotations.json`` + ``out_dir/images/NNNNNN.png`` (DESIGN layout).
 
     COCO instances: image ids 1..num, annotation ids from 1, category ids 1..K in the order of
     ``classes``, segmentation as compressed RLE (str counts), bbox xywh, iscrowd 0.
     annotations.json is written last and atomically, so a dataset with one is complete.
-    ``progress(done, num)`` is called after each image.
+    ``progress(done, num)`` is called after each image. ``nested``: see ``random_shapes``.
     """
     classes = check_classes(classes)
+    nested = check_nested(nested)
     if num < 1:
         raise DatasetError(f"number of images must be at least 1, got {num}")
     if seed < 0:
@@ -288,7 +323,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
     cat_ids = {name: k + 1 for k, name in enumerate(classes)}
     images, annotations = [], []
     for i in range(num):
-        scene = generate_scene(scene_seed(seed, i), size, classes)
+        scene = generate_scene(scene_seed(seed, i), size, classes, nested=nested)
         file_name = f"{i:06d}.png"
         Image.fromarray(scene.image).save(images_dir / file_name, compress_level=3)
         image_id = i + 1
@@ -303,7 +338,8 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
         if progress is not None:
             progress(i + 1, num)
     data = {
-        "info": {"description": "Mask R-CNN Explorer synthetic shapes", "seed": seed, "size": size},
+        "info": {"description": "Mask R-CNN Explorer synthetic shapes", "seed": seed, "size": size,
+                 "nested": nested},
         "images": images, "annotations": annotations,
         "categories": [{"id": cat_ids[c], "name": c, "supercategory": "shape"} for c in classes],
     }
@@ -321,13 +357,14 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``categories``), masks uint8 [N, H, W], image_id int64 scalar (i + 1, as in ``write_dataset``),
     iscrowd int64 [N] (zeros), area float32 [N]. ``categories`` is the model's class list with
     "__background__" at 0 (default ``["__background__", *classes]``); every class must be in it.
-    ``transforms(image, target) -> (image, target)`` is applied last.
+    ``transforms(image, target) -> (image, target)`` is applied last. ``nested``: see ``random_shapes``.
     """
 
     def __init__(self, num: int, seed: int = 0, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
                  categories: Sequence[str] | None = None, transforms: Callable | None = None,
-                 max_objects: int = 8):
+                 max_objects: int = 8, nested: float = 0.0):
         self.classes = check_classes(classes)
+        self.nested = check_nested(nested)
         if num < 1:
             raise DatasetError(f"number of images must be at least 1, got {num}")
         if seed < 0:
@@ -347,7 +384,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     def scene(self, i: int) -> Scene:
         if not 0 <= i < self.num:
             raise IndexError(f"scene index {i} out of range 0..{self.num - 1}")
-        return generate_scene(scene_seed(self.seed, i), self.size, self.classes, self.max_objects)
+        return generate_scene(scene_seed(self.seed, i), self.size, self.classes, self.max_objects,
+                              self.nested)
 
     def __getitem__(self, i: int):
         scene = self.scene(i)
@@ -367,11 +405,11 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def cli_shapes(args) -> int:
-    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c]`."""
+    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c] [--nested P]`."""
     classes = check_classes(args.classes)
     if args.size < 32:
         raise DatasetError(f"--size must be at least 32 px, got {args.size}")
-    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes)
+    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes, nested=args.nested)
     data = json.loads((out / "annotations.json").read_text())
     print(f"wrote {len(data['images'])} images, {len(data['annotations'])} objects "
           f"({', '.join(classes)}; {args.size} px, seed {args.seed}) to {out}")

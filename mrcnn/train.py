@@ -141,10 +141,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ------------------------------------------------------------------------------------------ data
 
 def parse_shapes_spec(spec: str) -> dict:
-    """``shapes:N[:seed[:size[:classes]]]`` -> ShapesDataset kwargs."""
-    parts = spec.split(":")
+    """``shapes:N[:seed[:size[:classes]]][:nested=P]`` -> ShapesDataset kwargs.
+
+    ``nested=P`` (a field anywhere after N) places shapes inside earlier ones with probability P."""
+    usage = "use shapes:N[:seed[:size[:a,b,c]]][:nested=P]"
+    fields = spec.split(":")
+    options = [f for f in fields[1:] if "=" in f]
+    parts = [f for f in fields if "=" not in f]
     if parts[0] != "shapes" or len(parts) < 2 or len(parts) > 5:
-        raise DatasetError(f"bad shapes data spec {spec!r}: use shapes:N[:seed[:size[:a,b,c]]]")
+        raise DatasetError(f"bad shapes data spec {spec!r}: {usage}")
     try:
         kwargs: dict[str, Any] = {"num": int(parts[1])}
         if len(parts) > 2 and parts[2]:
@@ -155,6 +160,14 @@ def parse_shapes_spec(spec: str) -> dict:
         raise DatasetError(f"bad shapes data spec {spec!r}: N, seed and size are integers") from None
     if len(parts) > 4 and parts[4]:
         kwargs["classes"] = tuple(c.strip() for c in parts[4].split(",") if c.strip())
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.strip() != "nested":
+            raise DatasetError(f"bad shapes data spec {spec!r}: unknown option {key.strip()!r}; {usage}")
+        try:
+            kwargs["nested"] = float(value)
+        except ValueError:
+            raise DatasetError(f"bad shapes data spec {spec!r}: nested is a probability, got {value!r}") from None
     return kwargs
 
 
