@@ -6,7 +6,8 @@ A scene is a background (flat, gradient, noise, stripes or checks) with 1..max_o
 in order, so later shapes hide earlier ones. The masks are the *visible* parts (they never overlap);
 an object whose visible part is under ~15% of its full area or under 30 px is dropped (its remnant
 pixels stay in the image, unlabelled, as in real data). Boxes are the visible mask's extent,
-pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. Scene ``i`` of a dataset with seed
+pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. ``nested=P`` (training data) places
+each shape inside an earlier one with probability P. Scene ``i`` of a dataset with seed
 ``s`` is ``generate_scene(scene_seed(s, i))``, both in ``write_dataset`` and ``ShapesDataset``.
 """
 from __future__ import annotations

@@ -12,8 +12,9 @@ import torch
 
 from mrcnn.coco import load_dataset
 from mrcnn.errors import DatasetError
-from mrcnn.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, compose, generate_scene,
-                          masks_to_boxes, random_shapes, write_dataset)
+from mrcnn.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, _shape_mask, compose,
+                          generate_scene, masks_to_boxes, random_shapes, write_dataset)
+from mrcnn.train import open_data, parse_shapes_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,69 @@ def test_overlapping_shapes_have_colours_apart():
                     pairs += 1
                     assert np.abs(np.subtract(a.colour, b.colour, dtype=float)).sum() >= 110, (seed, a, b)
     assert pairs > 200  # the scenes do overlap
+
+
+def nested_fraction(specs: list[ShapeSpec], size: int = 256) -> tuple[int, int]:
+    """(shapes lying wholly inside an earlier one, shapes after the first)."""
+    full = [_shape_mask(s.name, s.cx, s.cy, s.r, s.angle, s.hole, size, size) for s in specs]
+    inside = sum(any((full[k] & ~full[j]).sum() == 0 for j in range(k)) for k in range(1, len(specs)))
+    return inside, len(specs) - 1
+
+
+def test_nested_places_shapes_inside_earlier_ones_in_a_colour_that_shows():
+    bg_mean = np.array([120.0, 130.0, 140.0], np.float32)
+    counts = {}
+    for nested in (0.0, 0.5):
+        inside = total = 0
+        for seed in range(150):
+            specs = random_shapes(np.random.default_rng(seed), 256, SHAPE_NAMES, 8, bg_mean, nested)
+            i, t = nested_fraction(specs)
+            inside, total = inside + i, total + t
+            for k, a in enumerate(specs):
+                assert a.r >= 6 - 1e-6  # no shape below the 12-px minimum, nested or not
+                for b in specs[:k]:
+                    if np.hypot(a.cx - b.cx, a.cy - b.cy) < a.r + b.r:
+                        assert np.abs(np.subtract(a.colour, b.colour, dtype=float)).sum() >= 110
+        counts[nested] = inside / total
+    # by chance hardly any shape is wholly inside another; with 0.5 most hosts with room get one
+    assert counts[0.0] < 0.03 and counts[0.5] > 0.25, counts
+
+
+def test_nested_zero_draws_the_same_scenes_and_nested_shapes_are_labelled():
+    for seed in range(5):
+        a, b = generate_scene(seed, 96), generate_scene(seed, 96, nested=0.0)
+        assert np.array_equal(a.image, b.image) and a.labels == b.labels
+    ds = ShapesDataset(40, seed=3, size=128, nested=1.0)
+    found = 0
+    for i in range(len(ds)):
+        scene = ds.scene(i)
+        assert np.all(scene.masks.sum(0) <= 1) and all(m.sum() >= 30 for m in scene.masks)
+        # a nested shape's box lies inside another object's box
+        boxes = scene.boxes
+        for k in range(len(boxes)):
+            found += any(j != k and np.all(boxes[k][:2] >= boxes[j][:2]) and np.all(boxes[k][2:] <= boxes[j][2:])
+                         for j in range(len(boxes)))
+    assert found >= 20
+
+
+def test_nested_in_data_specs_and_cli(tmp_path):
+    assert parse_shapes_spec("shapes:10:1:64:nested=0.25") == {"num": 10, "seed": 1, "size": 64, "nested": 0.25}
+    assert parse_shapes_spec("shapes:10:1:64:circle,ring:nested=1") == {
+        "num": 10, "seed": 1, "size": 64, "classes": ("circle", "ring"), "nested": 1.0}
+    assert open_data("shapes:3:0:64:nested=0.5").nested == 0.5
+    for spec, message in [("shapes:3:0:64:nesting=0.5", "unknown option 'nesting'"),
+                          ("shapes:3:0:64:nested=lots", "nested is a probability"),
+                          ("shapes:3:0:64:nested=1.5", "between 0 and 1")]:
+        with pytest.raises(DatasetError, match=message):
+            open_data(spec)
+    out = tmp_path / "nested"
+    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--size", "64",
+                        "--nested", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "annotations.json").read_text())["info"]["nested"] == 0.5
+    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--nested", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "between 0 and 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_masks_to_boxes_pixel_inclusive():
