@@ -21,19 +21,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mrcnn.train import TrainConfig, train  # noqa: E402
+from mrcnn.train import TrainConfig, parse_shapes_spec, train  # noqa: E402
 from mrcnn.zoo import read_card, resolve_device, weights_dir  # noqa: E402
 
-# The recipe that made the bundled model, as its card records it (weights/train_shapes.sh runs it as two
-# 1-thread processes on a CPU; this measures one process, for comparison and for the GPU settings).
-RECIPE = read_card(weights_dir() / "shapes.pt")["training"]["recipe"]
+
+def bundled_recipe() -> dict:
+    """The recipe that made the bundled model, as its card records it (weights/train_shapes.sh runs it as
+    two 1-thread processes on a CPU; this measures one process, for comparison and for the GPU settings)."""
+    card = weights_dir() / "shapes.json"
+    recipe = read_card(weights_dir() / "shapes.pt").get("training", {}).get("recipe")
+    if not recipe:
+        raise SystemExit(f"no training recipe in {card}: run `bash weights/train_shapes.sh` to rebuild the model "
+                         "and its card")
+    return recipe
 
 
-def measure(device: str, steps: int, warmup: int, batch_size: int, image_size: int | None, threads: int | None,
-            amp: bool, channels_last: bool = True) -> dict:
+def data_spec(recipe: dict, image_size: int | None) -> str:
+    """The recipe's training scenes (same generator options), at ``image_size`` when one is given."""
+    spec = parse_shapes_spec(recipe["data"])
+    nested = f":nested={spec['nested']}" if spec.get("nested") else ""
+    return f"shapes:100000:{spec.get('seed', 0)}:{image_size or spec.get('size', 256)}{nested}"
+
+
+def measure(recipe: dict, device: str, steps: int, warmup: int, batch_size: int, image_size: int | None,
+            threads: int | None, amp: bool, channels_last: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(model=RECIPE["model"], arch=RECIPE["arch"], augment=RECIPE["augment"],
-                          data=f"shapes:100000:1:{image_size or 256}",
+        cfg = TrainConfig(model=recipe["model"], arch=recipe["arch"], augment=recipe["augment"],
+                          data=data_spec(recipe, image_size),
                           steps=warmup + steps, batch_size=batch_size, lr=0.02, warmup_steps=warmup + steps,
                           log_every=1, image_size=image_size, checkpoint_every=0, device=device, amp=amp,
                           channels_last=channels_last, threads=threads, out=tmp)
@@ -67,8 +81,9 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     layouts = [True, False] if args.compare_layout else [not args.no_channels_last]
-    results = [measure(args.device, args.steps, args.warmup, args.batch_size, args.image_size, args.threads,
-                       not args.no_amp, channels_last=cl) for cl in layouts]
+    recipe = bundled_recipe()
+    results = [measure(recipe, args.device, args.steps, args.warmup, args.batch_size, args.image_size,
+                       args.threads, not args.no_amp, channels_last=cl) for cl in layouts]
     if args.compare_layout:
         ratio = round(results[0]["images_per_s"] / results[1]["images_per_s"], 3)
     for result in results:
