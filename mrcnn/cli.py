@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="circle,square,triangle", help="comma-separated shape names")
     p.add_argument("--nested", type=float, default=0.0, metavar="P",
                    help="probability that a shape is placed inside an earlier one (default 0)")
+    p.add_argument("--overlap", type=float, default=0.0, metavar="P",
+                   help="probability that a shape is placed across the edge of an earlier one (default 0)")
 
     p = sub.add_parser("train", help="train or fine-tune a model on a COCO dataset")
     p.add_argument("--model", required=True, help="model name or checkpoint path to start from")

@@ -6,8 +6,8 @@ A scene is a background (flat, gradient, noise, stripes or checks) with 1..max_o
 in order, so later shapes hide earlier ones. The masks are the *visible* parts (they never overlap);
 an object whose visible part is under ~15% of its full area or under 30 px is dropped (its remnant
 pixels stay in the image, unlabelled, as in real data). Boxes are the visible mask's extent,
-pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. ``nested=P`` (training data) places
-each shape inside an earlier one with probability P. Scene ``i`` of a dataset with seed
+pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. ``nested=P`` and ``overlap=P`` (training
+data) place each shape inside, or across the edge of, an earlier one with probability P. Scene ``i`` of a dataset with seed
 ``s`` is ``generate_scene(scene_seed(s, i))``, both in ``write_dataset`` and ``ShapesDataset``.
 """
 from __future__ import annotations
@@ -218,14 +218,25 @@ def _inside(rng: np.random.Generator, hosts: Sequence[ShapeSpec], r_min: float) 
     return host.cx + rho * math.cos(phi), host.cy + rho * math.sin(phi), r
 
 
+def _across(rng: np.random.Generator, hosts: Sequence[ShapeSpec], r: float, size: int) -> tuple[float, float]:
+    """Centre for a shape of radius ``r`` that covers part of one of ``hosts`` (at 30-90% of the distance
+    at which the two would just touch), kept inside the image."""
+    host = hosts[int(rng.integers(len(hosts)))]
+    rho, phi = float(rng.uniform(0.3, 0.9)) * (host.r + r), float(rng.uniform(0, 2 * np.pi))
+    lo, hi = min(r, size / 2), max(size - r, size / 2)
+    return float(np.clip(host.cx + rho * math.cos(phi), lo, hi)), float(np.clip(host.cy + rho * math.sin(phi), lo, hi))
+
+
 def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], max_objects: int,
-                  bg_mean: np.ndarray, nested: float = 0.0) -> list[ShapeSpec]:
+                  bg_mean: np.ndarray, nested: float = 0.0, overlap: float = 0.0) -> list[ShapeSpec]:
     """1..max_objects shapes: random class, log-uniform diameter 12 px..40% of size, inside the image,
     each a colour that stands out from the background and from the earlier shapes it overlaps.
 
     With ``nested`` > 0, each shape after the first is, with that probability, placed wholly inside an
     earlier one (a small square on a large circle): left to chance that is 2% of the objects, too few
-    for a model to learn. ``nested=0`` draws exactly the scenes it always drew."""
+    for a model to learn. Else, with probability ``overlap``, it is placed across the edge of an earlier
+    one, hiding part of it (half-hidden shapes are 3% by chance). With both 0 it draws exactly the
+    scenes it always drew."""
     d_max = MAX_OBJECT_FRACTION * size
     d_min = min(float(MIN_OBJECT_PX), d_max)
     shapes = []
@@ -237,6 +248,8 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
             placed = _inside(rng, shapes, d_min / 2)
             if placed is not None:
                 cx, cy, r = placed
+        elif overlap > 0 and shapes and rng.random() < overlap:
+            cx, cy = _across(rng, shapes, r, size)
         angle = float(rng.uniform(0, 2 * np.pi))
         hole = float(rng.uniform(0.4, 0.6))
         # it must stand out from the background and from the earlier shapes it may cover or touch
@@ -246,26 +259,27 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
     return shapes
 
 
-def check_nested(nested: float) -> float:
-    if not 0.0 <= nested <= 1.0:
-        raise DatasetError(f"nested must be a probability between 0 and 1, got {nested}")
-    return float(nested)
+def check_probability(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise DatasetError(f"{name} must be a probability between 0 and 1, got {value}")
+    return float(value)
 
 
 def generate_scene(seed: int, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
-                   max_objects: int = 8, nested: float = 0.0) -> Scene:
+                   max_objects: int = 8, nested: float = 0.0, overlap: float = 0.0) -> Scene:
     """One synthetic scene, a pure function of its arguments (``np.random.default_rng(seed)``).
-    ``nested``: probability that a shape is placed inside an earlier one (see ``random_shapes``)."""
+    ``nested``, ``overlap``: probabilities that a shape is placed inside or across an earlier one
+    (see ``random_shapes``)."""
     classes = check_classes(classes)
     if size < 32:
         raise DatasetError(f"image size must be at least 32 px, got {size}")
     if max_objects < 1:
         raise DatasetError(f"max_objects must be at least 1, got {max_objects}")
-    nested = check_nested(nested)
+    nested, overlap = check_probability("nested", nested), check_probability("overlap", overlap)
     rng = np.random.default_rng(seed)
     background = _background(rng, size)
     bg_mean = background[::8, ::8].reshape(-1, 3).mean(0, dtype=np.float32)
-    shapes = random_shapes(rng, size, classes, max_objects, bg_mean, nested)
+    shapes = random_shapes(rng, size, classes, max_objects, bg_mean, nested, overlap)
     out, masks, labels = compose(shapes, background)
     # Optics then sensor: mild blur (half the scenes), mild noise.
     if rng.random() < 0.5:
@@ -301,16 +315,17 @@ def _rle(mask: np.ndarray) -> dict:
 
 def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
                   classes: Sequence[str] = DEFAULT_CLASSES,
-                  progress: Callable[[int, int], None] | None = None, nested: float = 0.0) -> Path:
+                  progress: Callable[[int, int], None] | None = None, nested: float = 0.0,
+                  overlap: float = 0.0) -> Path:
     """Write ``num`` scenes as ``out_dir/annotations.json`` + ``out_dir/images/NNNNNN.png`` (DESIGN layout).
 
     COCO instances: image ids 1..num, annotation ids from 1, category ids 1..K in the order of
     ``classes``, segmentation as compressed RLE (str counts), bbox xywh, iscrowd 0.
     annotations.json is written last and atomically, so a dataset with one is complete.
-    ``progress(done, num)`` is called after each image. ``nested``: see ``random_shapes``.
+    ``progress(done, num)`` is called after each image. ``nested``, ``overlap``: see ``random_shapes``.
     """
     classes = check_classes(classes)
-    nested = check_nested(nested)
+    nested, overlap = check_probability("nested", nested), check_probability("overlap", overlap)
     if num < 1:
         raise DatasetError(f"number of images must be at least 1, got {num}")
     if seed < 0:
@@ -324,7 +339,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
     cat_ids = {name: k + 1 for k, name in enumerate(classes)}
     images, annotations = [], []
     for i in range(num):
-        scene = generate_scene(scene_seed(seed, i), size, classes, nested=nested)
+        scene = generate_scene(scene_seed(seed, i), size, classes, nested=nested, overlap=overlap)
         file_name = f"{i:06d}.png"
         Image.fromarray(scene.image).save(images_dir / file_name, compress_level=3)
         image_id = i + 1
@@ -340,7 +355,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
             progress(i + 1, num)
     data = {
         "info": {"description": "Mask R-CNN Explorer synthetic shapes", "seed": seed, "size": size,
-                 "nested": nested},
+                 "nested": nested, "overlap": overlap},
         "images": images, "annotations": annotations,
         "categories": [{"id": cat_ids[c], "name": c, "supercategory": "shape"} for c in classes],
     }
@@ -358,14 +373,16 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``categories``), masks uint8 [N, H, W], image_id int64 scalar (i + 1, as in ``write_dataset``),
     iscrowd int64 [N] (zeros), area float32 [N]. ``categories`` is the model's class list with
     "__background__" at 0 (default ``["__background__", *classes]``); every class must be in it.
-    ``transforms(image, target) -> (image, target)`` is applied last. ``nested``: see ``random_shapes``.
+    ``transforms(image, target) -> (image, target)`` is applied last. ``nested``, ``overlap``: see
+    ``random_shapes``.
     """
 
     def __init__(self, num: int, seed: int = 0, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
                  categories: Sequence[str] | None = None, transforms: Callable | None = None,
-                 max_objects: int = 8, nested: float = 0.0):
+                 max_objects: int = 8, nested: float = 0.0, overlap: float = 0.0):
         self.classes = check_classes(classes)
-        self.nested = check_nested(nested)
+        self.nested = check_probability("nested", nested)
+        self.overlap = check_probability("overlap", overlap)
         if num < 1:
             raise DatasetError(f"number of images must be at least 1, got {num}")
         if seed < 0:
@@ -386,7 +403,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.num:
             raise IndexError(f"scene index {i} out of range 0..{self.num - 1}")
         return generate_scene(scene_seed(self.seed, i), self.size, self.classes, self.max_objects,
-                              self.nested)
+                              self.nested, self.overlap)
 
     def __getitem__(self, i: int):
         scene = self.scene(i)
@@ -406,11 +423,13 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def cli_shapes(args) -> int:
-    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c] [--nested P]`."""
+    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c] [--nested P]
+    [--overlap P]`."""
     classes = check_classes(args.classes)
     if args.size < 32:
         raise DatasetError(f"--size must be at least 32 px, got {args.size}")
-    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes, nested=args.nested)
+    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes,
+                        nested=args.nested, overlap=args.overlap)
     data = json.loads((out / "annotations.json").read_text())
     print(f"wrote {len(data['images'])} images, {len(data['annotations'])} objects "
           f"({', '.join(classes)}; {args.size} px, seed {args.seed}) to {out}")

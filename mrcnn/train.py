@@ -141,10 +141,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 # ------------------------------------------------------------------------------------------ data
 
 def parse_shapes_spec(spec: str) -> dict:
-    """``shapes:N[:seed[:size[:classes]]][:nested=P]`` -> ShapesDataset kwargs.
+    """``shapes:N[:seed[:size[:classes]]][:nested=P][:overlap=P]`` -> ShapesDataset kwargs.
 
-    ``nested=P`` (a field anywhere after N) places shapes inside earlier ones with probability P."""
-    usage = "use shapes:N[:seed[:size[:a,b,c]]][:nested=P]"
+    ``nested=P``, ``overlap=P`` (fields anywhere after N) place shapes inside, or across the edge of,
+    earlier ones with probability P."""
+    usage = "use shapes:N[:seed[:size[:a,b,c]]][:nested=P][:overlap=P]"
     fields = spec.split(":")
     options = [f for f in fields[1:] if "=" in f]
     parts = [f for f in fields if "=" not in f]
@@ -161,13 +162,13 @@ def parse_shapes_spec(spec: str) -> dict:
     if len(parts) > 4 and parts[4]:
         kwargs["classes"] = tuple(c.strip() for c in parts[4].split(",") if c.strip())
     for option in options:
-        key, _, value = option.partition("=")
-        if key.strip() != "nested":
-            raise DatasetError(f"bad shapes data spec {spec!r}: unknown option {key.strip()!r}; {usage}")
+        key, _, value = (f.strip() for f in option.partition("="))
+        if key not in ("nested", "overlap"):
+            raise DatasetError(f"bad shapes data spec {spec!r}: unknown option {key!r}; {usage}")
         try:
-            kwargs["nested"] = float(value)
+            kwargs[key] = float(value)
         except ValueError:
-            raise DatasetError(f"bad shapes data spec {spec!r}: nested is a probability, got {value!r}") from None
+            raise DatasetError(f"bad shapes data spec {spec!r}: {key} is a probability, got {value!r}") from None
     return kwargs
 
 
