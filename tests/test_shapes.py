@@ -160,9 +160,24 @@ def test_nested_places_shapes_inside_earlier_ones_in_a_colour_that_shows():
     assert counts[0.0] < 0.03 and counts[0.5] > 0.25, counts
 
 
-def test_nested_zero_draws_the_same_scenes_and_nested_shapes_are_labelled():
+def test_overlap_places_shapes_across_earlier_ones():
+    bg_mean = np.array([120.0, 130.0, 140.0], np.float32)
+    rates = {}
+    for overlap in (0.0, 1.0):
+        across = total = 0
+        for seed in range(200):
+            specs = random_shapes(np.random.default_rng(seed), 256, DEFAULT_CLASSES, 8, bg_mean, overlap=overlap)
+            for k, a in enumerate(specs[1:], 1):
+                assert a.r <= a.cx <= 256 - a.r and a.r <= a.cy <= 256 - a.r  # still inside the image
+                total += 1
+                across += any(np.hypot(a.cx - b.cx, a.cy - b.cy) < 0.9 * (a.r + b.r) + 1e-6 for b in specs[:k])
+        rates[overlap] = across / total
+    assert rates[0.0] < 0.6 and rates[1.0] == 1.0, rates
+
+
+def test_zero_probabilities_draw_the_same_scenes_and_nested_shapes_are_labelled():
     for seed in range(5):
-        a, b = generate_scene(seed, 96), generate_scene(seed, 96, nested=0.0)
+        a, b = generate_scene(seed, 96), generate_scene(seed, 96, nested=0.0, overlap=0.0)
         assert np.array_equal(a.image, b.image) and a.labels == b.labels
     ds = ShapesDataset(40, seed=3, size=128, nested=1.0)
     found = 0
@@ -179,19 +194,22 @@ def test_nested_zero_draws_the_same_scenes_and_nested_shapes_are_labelled():
 
 def test_nested_in_data_specs_and_cli(tmp_path):
     assert parse_shapes_spec("shapes:10:1:64:nested=0.25") == {"num": 10, "seed": 1, "size": 64, "nested": 0.25}
-    assert parse_shapes_spec("shapes:10:1:64:circle,ring:nested=1") == {
-        "num": 10, "seed": 1, "size": 64, "classes": ("circle", "ring"), "nested": 1.0}
-    assert open_data("shapes:3:0:64:nested=0.5").nested == 0.5
+    assert parse_shapes_spec("shapes:10:1:64:circle,ring:nested=1:overlap=0.3") == {
+        "num": 10, "seed": 1, "size": 64, "classes": ("circle", "ring"), "nested": 1.0, "overlap": 0.3}
+    ds = open_data("shapes:3:0:64:nested=0.5:overlap=0.25")
+    assert (ds.nested, ds.overlap) == (0.5, 0.25)
     for spec, message in [("shapes:3:0:64:nesting=0.5", "unknown option 'nesting'"),
                           ("shapes:3:0:64:nested=lots", "nested is a probability"),
-                          ("shapes:3:0:64:nested=1.5", "between 0 and 1")]:
+                          ("shapes:3:0:64:nested=1.5", "between 0 and 1"),
+                          ("shapes:3:0:64:overlap=-0.1", "overlap must be a probability")]:
         with pytest.raises(DatasetError, match=message):
             open_data(spec)
     out = tmp_path / "nested"
     r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--size", "64",
-                        "--nested", "0.5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "--nested", "0.5", "--overlap", "0.2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "annotations.json").read_text())["info"]["nested"] == 0.5
+    info = json.loads((out / "annotations.json").read_text())["info"]
+    assert (info["nested"], info["overlap"]) == (0.5, 0.2)
     r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--nested", "2"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "between 0 and 1" in r.stderr and "Traceback" not in r.stderr
