@@ -6,9 +6,10 @@ A scene is a background (flat, gradient, noise, stripes or checks) with 1..max_o
 in order, so later shapes hide earlier ones. The masks are the *visible* parts (they never overlap);
 an object whose visible part is under ~15% of its full area or under 30 px is dropped (its remnant
 pixels stay in the image, unlabelled, as in real data). Boxes are the visible mask's extent,
-pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. ``nested=P`` and ``overlap=P`` (training
-data) place each shape inside, or across the edge of, an earlier one with probability P. Scene ``i`` of a dataset with seed
-``s`` is ``generate_scene(scene_seed(s, i))``, both in ``write_dataset`` and ``ShapesDataset``.
+pixel-inclusive: ``x1 = max_x + 1``. Mild blur and noise come last. ``nested=P`` and ``overlap=P``
+(for training data) place each shape inside, or across the edge of, an earlier one with probability P.
+Scene ``i`` of a dataset with seed ``s`` is ``generate_scene(scene_seed(s, i))``, both in
+``write_dataset`` and ``ShapesDataset``.
 """
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
     With ``nested`` > 0, each shape after the first is, with that probability, placed wholly inside an
     earlier one (a small square on a large circle): left to chance that is 2% of the objects, too few
     for a model to learn. Else, with probability ``overlap``, it is placed across the edge of an earlier
-    one, hiding part of it (half-hidden shapes are 3% by chance). With both 0 it draws exactly the
+    one, hiding part of it (shapes over 40% hidden are 4% by chance). With both 0 it draws exactly the
     scenes it always drew."""
     d_max = MAX_OBJECT_FRACTION * size
     d_min = min(float(MIN_OBJECT_PX), d_max)

@@ -206,7 +206,8 @@ def test_nested_in_data_specs_and_cli(tmp_path):
             open_data(spec)
     out = tmp_path / "nested"
     r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--size", "64",
-                        "--nested", "0.5", "--overlap", "0.2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "--nested", "0.5", "--overlap", "0.2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     info = json.loads((out / "annotations.json").read_text())["info"]
     assert (info["nested"], info["overlap"]) == (0.5, 0.2)
