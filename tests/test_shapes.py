@@ -118,19 +118,27 @@ def test_occlusion_removes_hidden_part_and_drops_hidden_objects():
     assert labels == ["square"]
 
 
+BG_MEAN = np.array([120.0, 130.0, 140.0], np.float32)
+
+
+def assert_colours_apart(specs: list[ShapeSpec], bg_mean: np.ndarray = BG_MEAN) -> int:
+    """Every shape differs by >= 110 in L1 (out of 765) from the background and from each earlier shape it
+    may touch; returns how many such pairs there were."""
+    pairs = 0
+    for i, a in enumerate(specs):
+        assert np.abs(np.subtract(a.colour, bg_mean)).sum() >= 110
+        for b in specs[:i]:
+            if np.hypot(a.cx - b.cx, a.cy - b.cy) < a.r + b.r:
+                pairs += 1
+                assert np.abs(np.subtract(a.colour, b.colour, dtype=float)).sum() >= 110, (a, b)
+    return pairs
+
+
 def test_overlapping_shapes_have_colours_apart():
     """A shape painted over one of nearly its colour is labelled but cannot be seen: every pair of shapes
     that may touch differs by >= 110 in L1 (out of 765), as each shape does from the background."""
-    bg_mean = np.array([120.0, 130.0, 140.0], np.float32)
-    pairs = 0
-    for seed in range(300):
-        specs = random_shapes(np.random.default_rng(seed), 256, DEFAULT_CLASSES, 8, bg_mean)
-        for i, a in enumerate(specs):
-            assert np.abs(np.subtract(a.colour, bg_mean)).sum() >= 110
-            for b in specs[:i]:
-                if np.hypot(a.cx - b.cx, a.cy - b.cy) < a.r + b.r:
-                    pairs += 1
-                    assert np.abs(np.subtract(a.colour, b.colour, dtype=float)).sum() >= 110, (seed, a, b)
+    pairs = sum(assert_colours_apart(random_shapes(np.random.default_rng(seed), 256, DEFAULT_CLASSES, 8, BG_MEAN))
+                for seed in range(300))
     assert pairs > 200  # the scenes do overlap
 
 
@@ -142,31 +150,26 @@ def nested_fraction(specs: list[ShapeSpec], size: int = 256) -> tuple[int, int]:
 
 
 def test_nested_places_shapes_inside_earlier_ones_in_a_colour_that_shows():
-    bg_mean = np.array([120.0, 130.0, 140.0], np.float32)
     counts = {}
     for nested in (0.0, 0.5):
         inside = total = 0
         for seed in range(150):
-            specs = random_shapes(np.random.default_rng(seed), 256, SHAPE_NAMES, 8, bg_mean, nested)
+            specs = random_shapes(np.random.default_rng(seed), 256, SHAPE_NAMES, 8, BG_MEAN, nested)
             i, t = nested_fraction(specs)
             inside, total = inside + i, total + t
-            for k, a in enumerate(specs):
-                assert a.r >= 6 - 1e-6  # no shape below the 12-px minimum, nested or not
-                for b in specs[:k]:
-                    if np.hypot(a.cx - b.cx, a.cy - b.cy) < a.r + b.r:
-                        assert np.abs(np.subtract(a.colour, b.colour, dtype=float)).sum() >= 110
+            assert all(a.r >= 6 - 1e-6 for a in specs)  # no shape below the 12-px minimum, nested or not
+            assert_colours_apart(specs)
         counts[nested] = inside / total
     # by chance hardly any shape is wholly inside another; with 0.5 most hosts with room get one
     assert counts[0.0] < 0.03 and counts[0.5] > 0.25, counts
 
 
 def test_overlap_places_shapes_across_earlier_ones():
-    bg_mean = np.array([120.0, 130.0, 140.0], np.float32)
     rates = {}
     for overlap in (0.0, 1.0):
         across = total = 0
         for seed in range(200):
-            specs = random_shapes(np.random.default_rng(seed), 256, DEFAULT_CLASSES, 8, bg_mean, overlap=overlap)
+            specs = random_shapes(np.random.default_rng(seed), 256, DEFAULT_CLASSES, 8, BG_MEAN, overlap=overlap)
             for k, a in enumerate(specs[1:], 1):
                 assert a.r <= a.cx <= 256 - a.r and a.r <= a.cy <= 256 - a.r  # still inside the image
                 total += 1
