@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                      # CPU, recipe settings (256-352 px, batch 8)
     python benchmarks/train_throughput.py --device cuda        # GPU: AMP + channels_last (the engine's defaults)
     python benchmarks/train_throughput.py --compare-layout     # channels_last vs contiguous, same process
+    python benchmarks/train_throughput.py --compare-precision  # mixed precision (bf16 on a CPU) vs float32
     python benchmarks/train_throughput.py --json --steps 6 --warmup 2
 
 Runs ``warmup + steps`` optimizer steps on generated scenes (data generation included, as in a real
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mrcnn.train import TrainConfig, parse_shapes_spec, train  # noqa: E402
+from mrcnn.train import TrainConfig, amp_dtype, parse_shapes_spec, train  # noqa: E402
 from mrcnn.zoo import read_card, resolve_device, weights_dir  # noqa: E402
 
 
@@ -39,8 +40,8 @@ def bundled_recipe() -> dict:
 def data_spec(recipe: dict, image_size: int | None) -> str:
     """The recipe's training scenes (same generator options), at ``image_size`` when one is given."""
     spec = parse_shapes_spec(recipe["data"])
-    nested = f":nested={spec['nested']}" if spec.get("nested") else ""
-    return f"shapes:100000:{spec.get('seed', 0)}:{image_size or spec.get('size', 256)}{nested}"
+    options = "".join(f":{name}={spec[name]}" for name in ("nested", "overlap") if spec.get(name))
+    return f"shapes:100000:{spec.get('seed', 0)}:{image_size or spec.get('size', 256)}{options}"
 
 
 def measure(recipe: dict, device: str, steps: int, warmup: int, batch_size: int, image_size: int | None,
@@ -58,8 +59,9 @@ def measure(recipe: dict, device: str, steps: int, warmup: int, batch_size: int,
     measured = rows[warmup:]
     seconds = sum(batch_size / r["images_per_s"] for r in measured)
     dev = resolve_device(device)
+    precision = (amp and amp_dtype(dev)) or torch.float32
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "amp": bool(amp and dev.type == "cuda"),
+            "threads": torch.get_num_threads(), "precision": str(precision).removeprefix("torch."),
             "channels_last": channels_last, "image_size": image_size or "256-352", "batch_size": batch_size,
             "steps_measured": len(measured), "images_per_s": round(batch_size * len(measured) / seconds, 2),
             "s_per_step": round(seconds / len(measured), 3), "wall_s": round(wall, 1)}
@@ -78,23 +80,30 @@ def main() -> int:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compare-layout", action="store_true",
                    help="also measure contiguous (NCHW) weights and report the channels_last speed-up")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="also measure float32 and report the mixed-precision speed-up")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    layouts = [True, False] if args.compare_layout else [not args.no_channels_last]
-    recipe = bundled_recipe()
-    results = [measure(recipe, args.device, args.steps, args.warmup, args.batch_size, args.image_size,
-                       args.threads, not args.no_amp, channels_last=cl) for cl in layouts]
+    base = (not args.no_channels_last, not args.no_amp)  # (channels_last, amp)
+    runs = {"base": base}
     if args.compare_layout:
-        ratio = round(results[0]["images_per_s"] / results[1]["images_per_s"], 3)
-    for result in results:
+        runs["contiguous"] = (False, base[1])
+    if args.compare_precision:
+        runs["float32"] = (base[0], False)
+    recipe = bundled_recipe()
+    results = {name: measure(recipe, args.device, args.steps, args.warmup, args.batch_size, args.image_size,
+                             args.threads, amp, channels_last=cl) for name, (cl, amp) in runs.items()}
+    for result in results.values():
         if args.json:
             print(json.dumps(result))
             continue
-        print(f"| {result['device_name']} | {result['threads']} threads | AMP {'on' if result['amp'] else 'off'} "
+        print(f"| {result['device_name']} | {result['threads']} threads | {result['precision']} "
               f"| {'channels_last' if result['channels_last'] else 'contiguous'} | {result['image_size']} px "
               f"| batch {result['batch_size']} | {result['images_per_s']} images/s | {result['s_per_step']} s/step |")
-    if args.compare_layout:
-        print(json.dumps({"channels_last_speedup": ratio}) if args.json else f"channels_last speed-up: {ratio}x")
+    speedups = {f"speedup_over_{name}": round(results["base"]["images_per_s"] / r["images_per_s"], 3)
+                for name, r in results.items() if name != "base"}
+    for key, ratio in speedups.items():
+        print(json.dumps({key: ratio}) if args.json else f"{key.replace('_', ' ')}: {ratio}x")
     return 0
 
 

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--export", default=None, metavar="FILE", help="also write the final weights (fp16) here")
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train in float32 (default: float16 on CUDA, bfloat16 on a CPU with bf16 instructions)")
 
     p = sub.add_parser("evaluate", help="COCO box and mask AP of a model on a dataset")
     p.add_argument("--model", required=True)

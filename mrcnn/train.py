@@ -68,7 +68,8 @@ class TrainConfig:
     image_size: int | None = None   # model input size (shorter side); None: the model's own
     augment: bool = False           # flip + scale jitter + colour jitter (mrcnn.transforms)
     device: str = "auto"
-    amp: bool = True                # mixed precision on CUDA (ignored on the CPU)
+    amp: bool = True                # mixed precision where it is native: float16 on CUDA, bfloat16 on
+                                    # a CPU with bf16 units (AVX512-BF16 / AMX); else float32 (amp_dtype)
     channels_last: bool = True      # NHWC convolutions: faster on CUDA, and 1.12x on the CPU (oneDNN)
     log_every: int = 10
     val_every: int = 0              # 0: validate only at the end (when ``val`` is given)
@@ -439,6 +440,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
+def amp_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The mixed-precision dtype ``device`` runs natively: float16 on CUDA; bfloat16 on a CPU with bf16
+    instructions (AVX512-BF16 or AMX: oneDNN's bf16 convolutions are then 1.5x faster per training
+    step on the bundled recipe); None elsewhere, where bf16 is emulated and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
 def _val_metrics(model, val_ds, device) -> dict:
     from mrcnn.evaluate import evaluate
     result = evaluate(model, val_ds, device=device, categories=val_ds.categories)
@@ -517,7 +535,9 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
         val_ds = _subset(open_data(cfg.val, categories), cfg.val_num)
 
     use_cuda = device.type == "cuda"
-    use_amp = bool(cfg.amp and use_cuda)
+    autocast_dtype = amp_dtype(device) if cfg.amp else None
+    use_amp = autocast_dtype is not None
+    use_scaler = autocast_dtype == torch.float16  # bfloat16 has float32's range: nothing to scale
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -530,7 +550,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=cfg.peak_lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     start_step, elapsed_before, last_val = 0, 0.0, None
     if resume_ckpt is not None:
@@ -552,7 +572,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
 
     if di.is_main:
         _write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
-                                          "world_size": di.world_size, "device": str(device)})
+                                          "world_size": di.world_size, "device": str(device),
+                                          "precision": str(autocast_dtype or torch.float32).removeprefix("torch.")})
         _truncate_metrics(metrics_path, start_step)
 
     def meta(step: int) -> dict:
@@ -567,7 +588,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
         if not di.is_main:
             return
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if use_amp else {}, "rng": _rng_state(),
+                 "scaler": scaler.state_dict() if use_scaler else {}, "rng": _rng_state(),
                  "elapsed_s": elapsed_before + time.time() - t_start, "config": cfg.to_dict()}
         save_checkpoint(ckpt_path, arch, categories, model.state_dict(), meta(step), extra={"train_state": state})
 
@@ -587,7 +608,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             lr = optimizer.param_groups[0]["lr"]
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
                 loss_dict = train_model(images, targets)
             loss = sum(loss_dict.values())
             finite = bool(torch.isfinite(loss))
@@ -598,8 +619,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
                 if cfg.clip_grad_norm:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                    if not use_amp and not bool(torch.isfinite(grad_norm)):
-                        finite = False  # (with AMP the scaler skips such steps by itself)
+                    if not use_scaler and not bool(torch.isfinite(grad_norm)):
+                        finite = False  # (with float16 the scaler skips such steps by itself)
             stop_reason = stopper.reason()
             if di.enabled:  # every rank must take the same decision, or the others hang
                 flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stop_reason else 0.0], device=device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,6 +78,38 @@ def test_metrics_rows_and_checkpoint_format(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["steps"] == 2 and config["categories"] == ["__background__", "circle", "square", "triangle"]
     assert status(run) == {"state": "finished", "message": "finished 2 steps"}
+
+
+def test_mixed_precision_is_the_devices_native_one(monkeypatch):
+    assert train_mod.amp_dtype("cuda") == torch.float16
+    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: True)
+    assert train_mod.amp_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: False)  # emulated bf16 is slower than float32
+    assert train_mod.amp_dtype("cpu") is None
+
+
+@pytest.mark.parametrize("amp, has_bf16, expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
+                                                     (True, False, torch.float32)])
+def test_cpu_training_convolves_in_bfloat16_when_the_cpu_has_it(tmp_path, monkeypatch, amp, has_bf16, expected):
+    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: has_bf16)
+    seen = []
+    real_build = train_mod.build_model
+
+    def build_and_watch(arch, num_classes):
+        model = real_build(arch, num_classes)
+        model.backbone.body.conv1.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build_and_watch)
+    run = tmp_path / "run"
+    result = train(tiny_config(run, steps=2, amp=amp), verbose=False)
+    assert result.state == "finished"
+    assert seen == [expected, expected]
+    assert json.loads((run / "config.json").read_text())["precision"] == str(expected).removeprefix("torch.")
+    # the weights and the optimizer stay in float32: only the arithmetic is mixed
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert all(all(math.isfinite(r[k]) for k in train_mod.LOSS_TERMS) for r in metrics(run))
 
 
 def test_stop_file_cancels_and_saves(tmp_path):
