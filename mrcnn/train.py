@@ -596,6 +596,21 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
     loader = _loader(batches, start_step, cfg.steps, cfg.num_workers)
     bar = _Bar(cfg.steps, verbose and di.is_main)
     rows: list[dict] = []
+    float32_retries = 0
+
+    def forward(images, targets, mixed: bool):
+        """(loss terms, loss, whether the loss is finite on every rank). The ranks agree before any
+        backward: one rank skipping it would leave the others waiting in DDP's gradient all-reduce."""
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=mixed):
+            terms = train_model(images, targets)
+        total = sum(terms.values())
+        ok = bool(torch.isfinite(total))
+        if di.enabled:
+            flag = torch.tensor([0.0 if ok else 1.0], device=device)
+            torch.distributed.all_reduce(flag)
+            ok = flag.item() == 0
+        return terms, total, ok
+
     sums = {k: 0.0 for k in (*LOSS_TERMS, "loss")}
     n_sum, images_since, t_log = 0, 0, time.time()
     t_start = time.time()
@@ -608,10 +623,14 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             lr = optimizer.param_groups[0]["lr"]
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_amp):
-                loss_dict = train_model(images, targets)
-            loss = sum(loss_dict.values())
-            finite = bool(torch.isfinite(loss))
+            loss_dict, loss, finite = forward(images, targets, use_amp)
+            if not finite and use_amp:
+                # Mixed precision ran out on this batch (bfloat16 did once in 6000 batches of the bundled
+                # recipe): redo it in float32; only a loss that is not finite there stops the run.
+                float32_retries += 1
+                log(f"step {step + 1}: the loss is not finite in {str(autocast_dtype).removeprefix('torch.')}; "
+                    "computing this step in float32")
+                loss_dict, loss, finite = forward(images, targets, False)
             grad_norm = None
             if finite:
                 optimizer.zero_grad(set_to_none=True)
@@ -661,6 +680,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
                        "loss": round(avg["loss"], 6), "lr": lr,
                        "images_per_s": round(images_since / max(now - t_log, 1e-9), 3),
                        "elapsed": round(elapsed, 2)}
+                if float32_retries:
+                    row["float32_retries"] = float32_retries  # steps redone in float32 so far (this run)
                 if step > start_step:
                     row["eta_s"] = round((now - t_start) / (step - start_step) * (cfg.steps - step), 1)
                 if want_val and val_ds is not None:
