@@ -159,6 +159,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 2
 
 
+def test_a_loss_that_overflows_mixed_precision_is_redone_in_float32(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: True)
+    real_build = train_mod.build_model
+    calls = []
+
+    def build_overflowing_once(arch, num_classes):
+        model = real_build(arch, num_classes)
+
+        def overflow(module, inputs, losses):  # step 2's first forward (in bfloat16) goes non-finite
+            calls.append(torch.is_autocast_enabled("cpu"))
+            if len(calls) == 2:
+                return {k: v * float("inf") for k, v in losses.items()}
+
+        model.register_forward_hook(overflow)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build_overflowing_once)
+    run = tmp_path / "run"
+    result = train(tiny_config(run, steps=3), verbose=False)
+    assert result.state == "finished" and result.step == 3
+    assert calls == [True, True, False, True]  # step 2 ran again with autocast off
+    rows = metrics(run)
+    assert "float32_retries" not in rows[0] and rows[1]["float32_retries"] == rows[2]["float32_retries"] == 1
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
 def test_class_remap_keeps_classes_by_name(tmp_path):
     torch.manual_seed(0)
     old_cats = ["__background__", "circle", "square"]
