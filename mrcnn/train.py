@@ -17,6 +17,10 @@ The run folder (``out``): config.json, metrics.jsonl (one JSON object per logged
 Resume is exact: the batch of step s (images, augmentation) depends only on (seed, s, rank), the
 model's own randomness (RPN / RoI sampling) on the RNG state stored in the checkpoint, and the lr
 on the step, so a resumed run ends with the same weights as an uninterrupted one.
+
+Mixed precision (``amp``, on by default) is float16 on CUDA and bfloat16 on a CPU with bf16 instructions
+(amp_dtype); weights and optimizer stay float32. A step whose loss is not finite in mixed precision is
+redone in float32; a loss that is not finite there stops the run, keeping the last good checkpoint.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ ARCH='{"depths": [1, 1, 1, 1], "min_size": [256, 288, 320, 352], "max_size": 704
 # --batch-size is per process: 8 images per step in all
 ARGS=(train --model light --arch "$ARCH"
   --data shapes:1000000:1:256:nested=0.2:overlap=0.3 --val shapes:100:777:256 --val-num 100
-  --steps 2800 --batch-size $((8 / NPROC)) --lr 0.02 --warmup-steps 100 --schedule cosine
+  --steps 4000 --batch-size $((8 / NPROC)) --lr 0.02 --warmup-steps 100 --schedule cosine
   --weight-decay 0.0001 --clip-grad-norm 10 --seed 0 --threads $(( NPROC > 1 ? 1 : ${THREADS:-2} ))
   --augment --log-every 10 --checkpoint-every 100
   --export weights/shapes.pt --out "$RUN_DIR" "${RESUME[@]}")
