@@ -446,8 +446,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def amp_dtype(device: torch.device | str) -> torch.dtype | None:
     """The mixed-precision dtype ``device`` runs natively: float16 on CUDA; bfloat16 on a CPU with bf16
-    instructions (AVX512-BF16 or AMX: oneDNN's bf16 convolutions are then 1.5x faster per training
-    step on the bundled recipe); None elsewhere, where bf16 is emulated and slower than float32."""
+    instructions (AVX512-BF16 or AMX: oneDNN's bf16 convolutions then train the bundled recipe at 1.4-1.5x
+    float32's images/s, benchmarks/train_throughput.py); None elsewhere, where bf16 is emulated and slower."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.float16
