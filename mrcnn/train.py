@@ -629,7 +629,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
             lr = optimizer.param_groups[0]["lr"]
             loss_dict, loss, finite = forward(images, targets, use_amp)
             if not finite and use_amp:
-                # Mixed precision ran out on this batch (bfloat16 did once in 6000 batches of the bundled
+                # Mixed precision ran out on this batch (bfloat16 did once in the 4000 steps of the bundled
                 # recipe): redo it in float32; only a loss that is not finite there stops the run.
                 float32_retries += 1
                 log(f"step {step + 1}: the loss is not finite in {str(autocast_dtype).removeprefix('torch.')}; "

@@ -73,7 +73,8 @@ def _settings_form() -> None:
     lr = c5.number_input("Learning rate", 0.0001, 0.5, 0.01, format="%.4f", key="ft_lr")
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     device = c6.selectbox("Device", devices, key="ft_device",
-                          help="auto: CUDA with mixed precision when a GPU is present, else the CPU")
+                          help="auto: CUDA (float16 mixed precision) when a GPU is present, else the CPU "
+                               "(bfloat16 mixed precision where the CPU has bf16 instructions)")
     try:
         settings = finetune.FinetuneSettings(model=start, steps=int(steps), batch_size=int(batch),
                                              image_size=int(size), lr=float(lr), device=device)
