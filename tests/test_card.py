@@ -65,4 +65,9 @@ def test_bundled_model_has_a_card_that_describes_it():
     assert card["sha256"] == file_sha256(BUNDLED), "the card describes another file: re-run `python -m mrcnn card`"
     assert card["classes"] == ["circle", "square", "triangle"]
     assert BUNDLED.stat().st_size <= 25e6
-    assert card["evaluated_on"]["images"] == 500
+    assert card["evaluated_on"] == {"data": "shapes:500:12345:256", "images": 500}
+    # the bundled model's targets, as `evaluate` measured them for this very file (sha256 above)
+    metrics = card["metrics"]
+    assert metrics["bbox"]["AP"] >= 0.85 and metrics["segm"]["AP"] >= 0.85 and metrics["segm"]["AP50"] >= 0.97
+    assert card["inference_ms_512px"]["median"] <= 300
+    assert card["training"]["time_s"] <= 3600
