@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mrcnn.train import TrainConfig, amp_dtype, parse_shapes_spec, train  # noqa: E402
+from mrcnn.train import TrainConfig, parse_shapes_spec, train  # noqa: E402
 from mrcnn.zoo import read_card, resolve_device, weights_dir  # noqa: E402
 
 
@@ -56,12 +56,12 @@ def measure(recipe: dict, device: str, steps: int, warmup: int, batch_size: int,
         train(cfg, verbose=False)
         wall = time.time() - t0
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        precision = json.loads((Path(tmp) / "config.json").read_text())["precision"]  # what the run used
     measured = rows[warmup:]
     seconds = sum(batch_size / r["images_per_s"] for r in measured)
     dev = resolve_device(device)
-    precision = (amp and amp_dtype(dev)) or torch.float32
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "precision": str(precision).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "precision": precision,
             "channels_last": channels_last, "image_size": image_size or "256-352", "batch_size": batch_size,
             "steps_measured": len(measured), "images_per_s": round(batch_size * len(measured) / seconds, 2),
             "s_per_step": round(seconds / len(measured), 3), "wall_s": round(wall, 1)}

@@ -24,8 +24,8 @@ NEW_SHAPE = "star"
 BUILTIN_CLASSES = ("circle", "square", "triangle", NEW_SHAPE)
 # Training throughput of the bundled model's architecture on this project's 2-core CPU (its multi-scale
 # inputs, 256-352 px: benchmarks/train_throughput.py, benchmarks/finetune_default.py), images/s; used
-# until a run on this server has measured its own (7.1 in the default fine-tune, bfloat16 on this CPU;
-# a CPU without bf16 instructions trains in float32, nearer 5). The CUDA figure is a guess: no GPU was measured.
+# until a run on this server has measured its own (the default fine-tune here: 7.1 in bfloat16, 5.5 in
+# float32 as on a CPU without bf16 instructions). The CUDA figure is a guess: no GPU was measured.
 DEFAULT_IMAGES_PER_S = {"cpu": 6.5, "cuda": 120.0}
 
 

@@ -542,6 +542,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
     autocast_dtype = amp_dtype(device) if cfg.amp else None
     use_amp = autocast_dtype is not None
     use_scaler = autocast_dtype == torch.float16  # bfloat16 has float32's range: nothing to scale
+    precision = str(autocast_dtype or torch.float32).removeprefix("torch.")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -577,7 +578,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
     if di.is_main:
         _write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
                                           "world_size": di.world_size, "device": str(device),
-                                          "precision": str(autocast_dtype or torch.float32).removeprefix("torch.")})
+                                          "precision": precision})
         _truncate_metrics(metrics_path, start_step)
 
     def meta(step: int) -> dict:
@@ -632,7 +633,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
                 # Mixed precision ran out on this batch (bfloat16 did once in the 4000 steps of the bundled
                 # recipe): redo it in float32; only a loss that is not finite there stops the run.
                 float32_retries += 1
-                log(f"step {step + 1}: the loss is not finite in {str(autocast_dtype).removeprefix('torch.')}; "
+                log(f"step {step + 1}: the loss is not finite in {precision}; "
                     "computing this step in float32")
                 loss_dict, loss, finite = forward(images, targets, False)
             grad_norm = None
