@@ -3,10 +3,10 @@
     python benchmarks/finetune_default.py            # prints one table row
     python benchmarks/finetune_default.py --json
 
-Prepares the built-in "teach it a new shape" data (mrcnn.finetune.prepare_builtin with the page's
-default settings), runs the train CLI as a background job (mrcnn.jobs, as the page does), waits for
+Prepares the built-in "teach it a new shape" data (mrcnn.training.finetune.prepare_builtin with the page's
+default settings), runs the train CLI as a background job (mrcnn.training.jobs, as the page does), waits for
 it, then compares the starting model and the new checkpoint on the same validation scenes
-(mrcnn.finetune.compare_before_after). Wall times: the training job, and everything (prepare +
+(mrcnn.training.finetune.compare_before_after). Wall times: the training job, and everything (prepare +
 train + before/after comparison) — the issue's budget is 3 minutes on the 2-core CPU.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mrcnn import finetune, jobs  # noqa: E402
+from mrcnn.training import finetune, jobs  # noqa: E402
 
 
 def run(settings: finetune.FinetuneSettings) -> dict:

@@ -1,5 +1,5 @@
 """Mask AP of one checkpoint with its masks pasted at pixel centres vs torchvision's way (same weights,
-same process, same held-out scenes): what mrcnn.paste's ``centre`` convention is worth.
+same process, same held-out scenes): what mrcnn.model.paste's ``centre`` convention is worth.
 
     python benchmarks/mask_paste.py                                  # the bundled shapes model, 500 scenes
     python benchmarks/mask_paste.py --weights runs/x/checkpoint.pt --data shapes:200:12345:256 --json
@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mrcnn.architectures import build_model  # noqa: E402
-from mrcnn.evaluate import evaluate  # noqa: E402
-from mrcnn.train import open_data  # noqa: E402
-from mrcnn.zoo import load_model  # noqa: E402
+from mrcnn.model.architectures import build_model  # noqa: E402
+from mrcnn.evaluation.evaluate import evaluate  # noqa: E402
+from mrcnn.data.sources import open_data  # noqa: E402
+from mrcnn.model.zoo import load_model  # noqa: E402
 
 
 def main() -> int:

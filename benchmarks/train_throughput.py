@@ -1,4 +1,4 @@
-"""Training throughput (images/s) of the real engine (mrcnn.train) at the bundled model's recipe.
+"""Training throughput (images/s) of the real engine (mrcnn.training.engine) at the bundled model's recipe.
 
     python benchmarks/train_throughput.py                      # CPU, recipe settings (256-352 px, batch 8)
     python benchmarks/train_throughput.py --device cuda        # GPU: AMP + channels_last (the engine's defaults)
@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mrcnn.train import TrainConfig, parse_shapes_spec, train  # noqa: E402
-from mrcnn.zoo import read_card, resolve_device, weights_dir  # noqa: E402
+from mrcnn.data.sources import parse_shapes_spec  # noqa: E402
+from mrcnn.training.engine import TrainConfig, train  # noqa: E402
+from mrcnn.model.zoo import read_card, resolve_device, weights_dir  # noqa: E402
 
 
 def bundled_recipe() -> dict:

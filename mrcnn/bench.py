@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import statistics
@@ -19,12 +18,12 @@ import time
 import numpy as np
 import torch
 
-from mrcnn.architectures import build_model, light_arch
-from mrcnn.card import median_forward_ms
-from mrcnn.shapes import generate_scene
-from mrcnn.structures import Thresholds
-from mrcnn.trace import run_trace
-from mrcnn.zoo import LoadedModel, load_model, weights_dir
+from mrcnn.data.shapes import generate_scene
+from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.trace import run_trace
+from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.model.zoo import LoadedModel, load_model, weights_dir
+from mrcnn.training.card import median_forward_ms
 
 
 def _scene(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -142,13 +141,3 @@ def format_table(r: dict) -> str:
     lines = ["| what | median | note |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
-
-
-def cli_bench(args) -> int:
-    results = run_benchmarks(quick=args.quick)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(f"machine: {results['machine']}")
-        print(format_table(results))
-    return 0

@@ -1,14 +1,33 @@
-"""Command line: `python -m mrcnn {models,predict,shapes,train,evaluate,card,bench} ...` (contract in DESIGN.md).
+"""Command line: `python -m mrcnn {models,predict,shapes,train,evaluate,card,bench} ...` (docs/cli.md).
 
-Each sub-command's work lives in the module that owns it; this file only parses arguments and turns
-user-facing errors (MrcnnError) into one line on stderr and exit status 2 — never a traceback.
+Every command's argument handling lives here; the modules it calls return data and never print. User-facing
+errors (MrcnnError) become one line on stderr and exit status 2 — never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
 
-from mrcnn.errors import MrcnnError
+import torch
+
+from mrcnn import bench
+from mrcnn.data.images import load_image
+from mrcnn.data.shapes import check_classes, write_dataset
+from mrcnn.data.sources import first_items, open_data
+from mrcnn.errors import DatasetError, ImageError, MrcnnError, TrainingError
+from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
+from mrcnn.files import atomic_write_bytes
+from mrcnn.inference.draw import draw_detections
+from mrcnn.inference.export import png_bytes, trace_json
+from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.trace import run_trace
+from mrcnn.model.zoo import list_models, load_model
+from mrcnn.training.card import card_path, write_card
+from mrcnn.training.engine import TrainConfig, train
 
 
 def _add_thresholds(p: argparse.ArgumentParser) -> None:
@@ -56,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--config", default=None, help="JSON file with further TrainConfig fields")
-    # further TrainConfig fields (mrcnn.train); unset ones keep the config file's or the default value
+    # further TrainConfig fields (mrcnn.training.engine); unset ones keep the config file's or the default value
     p.add_argument("--arch", default=None, help='architecture overrides for a fresh model, JSON (e.g. \'{"fpn_channels": 32}\')')
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--val-num", type=int, default=None, help="validate on at most N images")
@@ -99,24 +118,169 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cli_models(args) -> int:
+    infos = list_models()
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return 0
+    for info in infos:
+        status = "available" if info.available else "unavailable"
+        print(f"{info.name:<20} {info.kind:<12} {len(info.classes):>3} classes  {status}")
+        if info.available:
+            print(f"    {info.path}")
+        else:
+            print(f"    {info.reason}")
+    return 0
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 2
+    while stem in used:
+        stem, n = f"{path.stem}-{n}", n + 1
+    used.add(stem)
+    return stem
+
+
+def cli_predict(args) -> int:
+
+    try:
+        thresholds = Thresholds(args.score_thresh, args.nms_thresh, args.max_detections, args.mask_thresh)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    loaded = load_model(args.model, weights=args.weights, device=args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed, used = 0, set()
+    for name in args.images:
+        path = Path(name)
+        try:
+            image = load_image(path)
+        except ImageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        trace = run_trace(loaded, image.array, thresholds)
+        stem = _unique_stem(path, used)
+        record = trace_json(trace, path.name)
+        atomic_write_bytes(out_dir / f"{stem}.json", json.dumps(record, indent=1).encode())
+        atomic_write_bytes(out_dir / f"{stem}.png", png_bytes(draw_detections(image.array, trace.detections)))
+        print(f"{path}: {len(trace.detections)} detections -> {out_dir / stem}.json")
+    return 2 if failed else 0
+
+
+def cli_shapes(args) -> int:
+    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c] [--nested P]
+    [--overlap P]`."""
+    classes = check_classes(args.classes)
+    if args.size < 32:
+        raise DatasetError(f"--size must be at least 32 px, got {args.size}")
+    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes,
+                        nested=args.nested, overlap=args.overlap)
+    data = json.loads((out / "annotations.json").read_text())
+    print(f"wrote {len(data['images'])} images, {len(data['annotations'])} objects "
+          f"({', '.join(classes)}; {args.size} px, seed {args.seed}) to {out}")
+    return 0
+
+
+def config_from_args(args) -> TrainConfig:
+    """TrainConfig from the parsed `train` arguments: --config JSON first, flags given over it."""
+    base: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise TrainingError(f"cannot read --config {args.config}: {err}") from None
+        if not isinstance(base, dict):
+            raise TrainingError(f"--config {args.config} must hold a JSON object")
+    names = {f.name for f in fields(TrainConfig)} - {"arch", "resume", "amp"}
+    flags = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "resume", False):
+        flags["resume"] = True
+    if getattr(args, "no_amp", False):
+        flags["amp"] = False
+    if getattr(args, "arch", None):
+        try:
+            flags["arch"] = json.loads(args.arch)
+        except json.JSONDecodeError as err:
+            raise TrainingError(f"--arch must be a JSON object: {err}") from None
+    return TrainConfig.from_dict({**base, **flags})
+
+
+def cli_train(args) -> int:
+    """Exit status: 0 finished, 3 cancelled (checkpoint saved; --resume continues), 2 failed (via MrcnnError)."""
+    cfg = config_from_args(args)
+    try:
+        result = train(cfg)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0 if result.state == "finished" else 3
+
+
+class _Progress:
+    def __init__(self, label: str):
+        self.label, self.tty = label, sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.tty:
+            bar = "#" * int(24 * done / max(total, 1))
+            sys.stderr.write(f"\r{self.label} [{bar:<24}] {done}/{total}")
+            if done == total:
+                sys.stderr.write("\n")
+        elif done == total or done % max(total // 10, 1) == 0:
+            sys.stderr.write(f"{self.label}: {done}/{total}\n")
+        sys.stderr.flush()
+
+
+def cli_evaluate(args) -> int:
+    """`python -m mrcnn evaluate --model NAME|PATH --data DIR|ZIP|shapes:N:... [--json]`."""
+    loaded = load_model(args.model, args.weights, device=args.device)
+    dataset = open_data(args.data)
+    dataset = first_items(dataset, args.num)
+    result = evaluate(loaded, dataset, progress=_Progress("evaluating"),
+                      score_thresh=args.score_thresh, max_detections=args.max_detections, keep_predictions=False)
+    if args.json:
+        print(json.dumps({"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
+                          "num_images": result.num_images, "model": loaded.name, "data": str(args.data)}))
+        return 0
+    print(f"{loaded.name} on {args.data} ({result.num_images} images, {result.seconds:.1f} s)")
+    print(f"{'':6}" + "".join(f"{k:>8}" for k in METRIC_KEYS))
+    for iou_type, name in (("bbox", "box"), ("segm", "mask")):
+        m = getattr(result, iou_type)
+        print(f"{name:6}" + "".join(f"{m[k]:8.3f}" for k in METRIC_KEYS))
+    for cls, v in result.per_class.items():
+        print(f"  {cls:<16} box AP {v.get('bbox_AP', 0):.3f}  mask AP {v.get('segm_AP', 0):.3f}")
+    return 0
+
+
+def cli_card(args) -> int:
+    """`python -m mrcnn card CHECKPOINT --data DATA [--run RUN_DIR]`: prints the card's headline numbers."""
+
+    card = write_card(args.checkpoint, args.data, args.run, device=args.device, progress=_Progress("evaluating"))
+    box, mask = card["metrics"]["bbox"], card["metrics"]["segm"]
+    print(f"wrote {card_path(args.checkpoint)}: box AP {box['AP']:.3f} (AP50 {box['AP50']:.3f}), "
+          f"mask AP {mask['AP']:.3f} (AP50 {mask['AP50']:.3f}) on {card['evaluated_on']['images']} images; "
+          f"{card['file_mb']} MB; {card['inference_ms_512px']['median']} ms per 512x512 image")
+    return 0
+
+
+def cli_bench(args) -> int:
+    results = bench.run_benchmarks(quick=args.quick)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"machine: {results['machine']}")
+        print(bench.format_table(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"models": cli_models, "predict": cli_predict, "shapes": cli_shapes, "train": cli_train,
+                "evaluate": cli_evaluate, "card": cli_card, "bench": cli_bench}
     try:
-        if args.command == "models":
-            from mrcnn.zoo import cli_models as run
-        elif args.command == "predict":
-            from mrcnn.predict import cli_predict as run
-        elif args.command == "shapes":
-            from mrcnn.shapes import cli_shapes as run
-        elif args.command == "train":
-            from mrcnn.train import cli_train as run
-        elif args.command == "evaluate":
-            from mrcnn.evaluate import cli_evaluate as run
-        elif args.command == "card":
-            from mrcnn.card import cli_card as run
-        else:
-            from mrcnn.bench import cli_bench as run
-        return int(run(args) or 0)
+        return int(commands[args.command](args) or 0)
     except MrcnnError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

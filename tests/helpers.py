@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mrcnn.architectures import build_model, light_arch
-from mrcnn.zoo import LoadedModel
+from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.model.zoo import LoadedModel
 
 TINY_LIGHT = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, box_head_dim=32, mask_head_channels=[16],
                         min_size=96, max_size=128)

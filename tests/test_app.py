@@ -15,7 +15,7 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from mrcnn.checkpoint import save_checkpoint
+from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.errors import ImageError, ModelUnavailable
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
 
@@ -84,7 +84,7 @@ def test_detect_page_starts_on_a_sample_scene(env):
 
 
 def test_controls_refilter_without_running_the_network(env, monkeypatch):
-    from mrcnn.trace import Trace
+    from mrcnn.inference.trace import Trace
 
     runs = []
     original = Trace._run_network
@@ -184,7 +184,7 @@ def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeyp
         progress(10, 100)
         raise ModelUnavailable(f"cannot download {name}: offline (copy the file instead)")
 
-    monkeypatch.setattr("mrcnn.zoo.download_weights", offline)
+    monkeypatch.setattr("mrcnn.model.zoo.download_weights", offline)
     at.sidebar.selectbox(key="w_model_name").select("coco-r50-fpn").run()
     assert not at.exception, at.exception
     assert any("not available" in w.value for w in at.sidebar.warning)
@@ -213,7 +213,7 @@ def test_no_model_at_all_is_a_message_not_a_crash(env):
 
 
 def test_inspect_page_walks_every_stage(env, monkeypatch):
-    from mrcnn.trace import Trace
+    from mrcnn.inference.trace import Trace
 
     runs = []
     original = Trace._run_network
@@ -248,7 +248,7 @@ def test_inspect_page_walks_every_stage(env, monkeypatch):
 
 
 def test_a_model_failure_is_a_message_on_the_page(env, monkeypatch):
-    from mrcnn.trace import Trace
+    from mrcnn.inference.trace import Trace
 
     def boom(self):
         raise RuntimeError("CUDA out of memory (simulated)")

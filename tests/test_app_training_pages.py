@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from mrcnn import jobs
+from mrcnn.training import jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mrcnn.checkpoint import save_checkpoint
+from mrcnn.model.checkpoint import save_checkpoint
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
 
 CHROMIUM = "/usr/bin/chromium"

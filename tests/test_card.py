@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from mrcnn.architectures import build_model, light_arch
-from mrcnn.checkpoint import file_sha256, save_checkpoint
+from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.files import file_sha256
+from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.cli import main
-from mrcnn.zoo import list_models, read_card, weights_dir
+from mrcnn.model.zoo import list_models, read_card, weights_dir
 
 CATS = ["__background__", "circle", "square", "triangle"]
 TINY = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, gn_groups=4, box_head_dim=32, mask_head_channels=[16],

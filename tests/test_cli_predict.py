@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mrcnn.architectures import build_model
-from mrcnn.checkpoint import save_checkpoint
-from mrcnn.predict import decode_rle
+from mrcnn.model.architectures import build_model
+from mrcnn.model.checkpoint import save_checkpoint
+from mrcnn.data.masks import decode_rle
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mrcnn.coco import CocoDataset, collate, load_dataset, safe_extract_zip, validate_coco
+from mrcnn.data.coco import CocoDataset, collate, load_dataset, safe_extract_zip, validate_coco
 from mrcnn.errors import DatasetError
 
 W, H = 20, 16

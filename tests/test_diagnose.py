@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrcnn.diagnose import confusion_matrix, explain_misses, explain_trace_misses, match_detections
-from mrcnn.structures import Detections, Thresholds
-from mrcnn.trace import run_trace
+from mrcnn.evaluation.diagnose import confusion_matrix, explain_misses, explain_trace_misses, match_detections
+from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.trace import run_trace
 from tests.helpers import scene, tiny_loaded
 
 CATS = ["__background__", "circle", "square"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mrcnn.checkpoint import load_checkpoint
+from mrcnn.model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "box_head_dim": 32, "mask_head_channels": [16],

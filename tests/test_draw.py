@@ -1,11 +1,11 @@
-"""mrcnn.draw: overlays are new arrays, masks touch only their pixels, colours are stable, edge cases draw."""
+"""mrcnn.inference.draw: overlays are new arrays, masks touch only their pixels, colours are stable, edge cases draw."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mrcnn.draw import PALETTE, color_for, draw_boxes, draw_detections, mask_outline, overlay_mask
-from mrcnn.structures import Detections
+from mrcnn.inference.draw import PALETTE, color_for, draw_boxes, draw_detections, mask_outline, overlay_mask
+from mrcnn.inference.structures import Detections
 
 CATS = ["__background__", "circle", "square", "triangle"]
 H, W = 96, 128

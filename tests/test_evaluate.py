@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from mrcnn.architectures import build_model, light_arch
-from mrcnn.checkpoint import save_checkpoint
-from mrcnn.evaluate import METRIC_KEYS, evaluate
-from mrcnn.shapes import ShapesDataset, write_dataset
+from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.model.checkpoint import save_checkpoint
+from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
+from mrcnn.data.shapes import ShapesDataset, write_dataset
 
 
 class _Heads(nn.Module):
@@ -60,7 +60,7 @@ def test_perfect_predictions_score_one_on_generated_scenes():
 
 def test_classes_matched_by_name_on_coco_folder(tmp_path):
     write_dataset(tmp_path / "ds", 3, seed=1, size=64)
-    from mrcnn.coco import load_dataset
+    from mrcnn.data.coco import load_dataset
     ds = load_dataset(tmp_path / "ds")
     model_categories = ["__background__", "triangle", "star", "circle", "square"]  # other order, one extra
     result = evaluate(OracleModel(ds, model_categories), ds, categories=model_categories)
@@ -98,7 +98,7 @@ def test_cli_evaluate_json(tmp_path, capsys):
 
 # ------------------------------------------------------------------ the bundled model on shapes drawn by other code
 
-from mrcnn.zoo import weights_dir  # noqa: E402
+from mrcnn.model.zoo import weights_dir  # noqa: E402
 
 WEIGHTS = weights_dir() / "shapes.pt"
 
@@ -111,7 +111,7 @@ def _alpha(draw_fn, size: int, ss: int = 4) -> np.ndarray:
 
 
 def foreign_scene(size: int = 256):
-    """A scene unlike mrcnn.shapes': gradient background, gradient / flat fills, anti-aliased edges,
+    """A scene unlike mrcnn.data.shapes': gradient background, gradient / flat fills, anti-aliased edges,
     a rotated square and a circle cut by the border. Returns (uint8 HxWx3, [(label, mask bool HxW)])."""
     s = size / 256
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -144,7 +144,7 @@ def foreign_scene(size: int = 256):
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="weights/shapes.pt is missing (bash weights/train_shapes.sh)")
 @pytest.mark.parametrize("size", [256, 384])
 def test_bundled_model_finds_shapes_drawn_by_other_code(size):
-    from mrcnn.zoo import load_model
+    from mrcnn.model.zoo import load_model
     loaded = load_model("shapes", device="cpu")
     image, truth = foreign_scene(size)
     with torch.inference_mode():

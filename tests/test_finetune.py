@@ -6,10 +6,10 @@ import zipfile
 
 import pytest
 
-from mrcnn import finetune
-from mrcnn.coco import load_dataset
+from mrcnn.training import finetune
+from mrcnn.data.coco import load_dataset
 from mrcnn.errors import DatasetError
-from mrcnn.shapes import write_dataset
+from mrcnn.data.shapes import write_dataset
 
 
 @pytest.fixture(autouse=True)

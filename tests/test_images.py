@@ -1,4 +1,4 @@
-"""mrcnn.images: every colour mode to RGB, EXIF orientation, first frames, bombs and bad files named."""
+"""mrcnn.data.images: every colour mode to RGB, EXIF orientation, first frames, bombs and bad files named."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mrcnn.errors import ImageError
-from mrcnn.images import DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, LoadedImage, image_from_array, load_image
+from mrcnn.data.images import DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, LoadedImage, image_from_array, load_image
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

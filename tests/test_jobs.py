@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mrcnn.jobs import JobError, current_job, running_job, start_job
+from mrcnn.training.jobs import JobError, current_job, running_job, start_job
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from mrcnn.architectures import build_model
-from mrcnn.mask_sampling import MaskSampledRoIHeads
-from mrcnn.shapes import ShapesDataset
+from mrcnn.model.architectures import build_model
+from mrcnn.model.mask_sampling import MaskSampledRoIHeads
+from mrcnn.data.shapes import ShapesDataset
 
 from helpers import CATEGORIES, TINY_LIGHT
 

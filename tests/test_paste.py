@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from mrcnn.architectures import build_model, light_arch
-from mrcnn.paste import CentrePasteTransform, paste_masks_cropped, paste_masks_full, paste_mode
+from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.model.paste import CentrePasteTransform, paste_masks_cropped, paste_masks_full, paste_mode
 
 M = 28
 

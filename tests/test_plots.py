@@ -6,8 +6,8 @@ import base64
 import numpy as np
 import pytest
 
-from mrcnn.structures import Detections, Thresholds
-from mrcnn.trace import run_trace
+from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.trace import run_trace
 from tests.helpers import CATEGORIES, scene, tiny_loaded
 from ui import plots
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mrcnn.coco import load_dataset
+from mrcnn.data.coco import load_dataset
 from mrcnn.errors import DatasetError
-from mrcnn.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, _shape_mask, compose,
-                          generate_scene, masks_to_boxes, random_shapes, write_dataset)
-from mrcnn.train import open_data, parse_shapes_spec
+from mrcnn.data.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, _shape_mask, compose,
+                          generate_scene, random_shapes, write_dataset)
+from mrcnn.data.sources import open_data, parse_shapes_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,12 +217,6 @@ def test_nested_in_data_specs_and_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--nested", "2"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "between 0 and 1" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_masks_to_boxes_pixel_inclusive():
-    m = np.zeros((2, 10, 12), bool)
-    m[0, 2:5, 3:9] = True
-    assert masks_to_boxes(m).tolist() == [[3, 2, 9, 5], [0, 0, 0, 0]]
 
 
 def test_unknown_class_is_named():

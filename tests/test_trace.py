@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrcnn.structures import RpnSettings, Thresholds
-from mrcnn.trace import run_trace
+from mrcnn.inference.structures import RpnSettings, Thresholds
+from mrcnn.inference.trace import run_trace
 from tests.helpers import scene, tiny_loaded
 
 LOW = Thresholds(score_thresh=0.05)
@@ -165,7 +165,7 @@ def test_refuses_non_rgb_input():
 
 
 def test_empty_detections_export(trace):
-    from mrcnn.predict import detections_csv, trace_json
+    from mrcnn.inference.export import detections_csv, trace_json
 
     none = trace.refilter(LOW.replace(score_thresh=0.999))
     assert len(none) == 0 and none.masks.shape == (0, 96, 128)

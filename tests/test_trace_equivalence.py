@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrcnn.structures import Thresholds
-from mrcnn.trace import run_trace
+from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.trace import run_trace
 from tests.helpers import scene, tiny_loaded
 
 # Small test-time sizes keep the R50 models fast; box_score_thresh low so random weights give detections.

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from mrcnn import train as train_mod
-from mrcnn.architectures import build_model, light_arch
-from mrcnn.checkpoint import load_checkpoint, save_checkpoint
+from mrcnn.training import engine as train_mod
+from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.errors import TrainingError
-from mrcnn.train import TrainConfig, lr_factor, remap_class_weights, train
+from mrcnn.training.engine import TrainConfig, lr_factor, remap_class_weights, train
 
 TINY = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "box_head_dim": 32,
         "mask_head_channels": [16], "min_size": 64, "max_size": 96,

@@ -6,13 +6,14 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from mrcnn.shapes import SHAPE_NAMES, ShapesDataset
-from mrcnn.transforms import (boxes_from_masks, from_tv_tensors, to_tv_tensors, train_transforms,
+from mrcnn.data.shapes import SHAPE_NAMES, ShapesDataset
+from mrcnn.data.masks import masks_to_boxes
+from mrcnn.data.transforms import (from_tv_tensors, to_tv_tensors, train_transforms,
                               DetectionTransform)
 
 
 def target_of(masks: torch.Tensor, labels: list[int]) -> dict:
-    return {"boxes": boxes_from_masks(masks), "labels": torch.tensor(labels, dtype=torch.int64),
+    return {"boxes": masks_to_boxes(masks), "labels": torch.tensor(labels, dtype=torch.int64),
             "masks": masks.to(torch.uint8), "image_id": torch.tensor(5),
             "iscrowd": torch.zeros(len(labels), dtype=torch.int64), "area": masks.flatten(1).sum(1).float()}
 
@@ -23,7 +24,7 @@ def check_consistent(image: torch.Tensor, t: dict) -> None:
     assert t["boxes"].dtype == torch.float32 and t["boxes"].shape == (n, 4)
     assert t["masks"].dtype == torch.uint8 and t["masks"].shape == (n, *image.shape[1:])
     assert t["labels"].shape == t["iscrowd"].shape == t["area"].shape == (n,)
-    assert torch.equal(t["boxes"], boxes_from_masks(t["masks"])), "box == mask extent"
+    assert torch.equal(t["boxes"], masks_to_boxes(t["masks"])), "box == mask extent"
     assert (t["area"] == t["masks"].flatten(1).sum(1)).all() and (t["area"] > 0).all()
     assert ((t["boxes"][:, 2:] - t["boxes"][:, :2]) >= 1).all()
 
@@ -32,8 +33,8 @@ def test_boxes_from_masks_pixel_inclusive():
     m = torch.zeros(3, 10, 12, dtype=torch.uint8)
     m[0, 2:5, 3:9] = 1
     m[1, 9, 11] = 1
-    assert boxes_from_masks(m).tolist() == [[3, 2, 9, 5], [11, 9, 12, 10], [0, 0, 0, 0]]
-    assert boxes_from_masks(torch.zeros(0, 4, 4)).shape == (0, 4)
+    assert masks_to_boxes(m).tolist() == [[3, 2, 9, 5], [11, 9, 12, 10], [0, 0, 0, 0]]
+    assert masks_to_boxes(torch.zeros(0, 4, 4)).shape == (0, 4)
 
 
 def test_tv_tensor_round_trip():
@@ -53,7 +54,7 @@ def test_flip_mirrors_boxes_and_masks():
     image = torch.rand(3, 8, 10)
     out_image, t = flip(image, target_of(masks, [1]))
     assert torch.equal(out_image, image.flip(-1))
-    assert t["boxes"].tolist() == [[7, 1, 10, 3]] == boxes_from_masks(t["masks"]).tolist()
+    assert t["boxes"].tolist() == [[7, 1, 10, 3]] == masks_to_boxes(t["masks"]).tolist()
 
 
 @pytest.mark.parametrize("scale", [(0.6, 0.6), (1.6, 1.6), (0.8, 1.25)])

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrcnn.architectures import build_model
-from mrcnn.checkpoint import load_checkpoint, save_checkpoint
+from mrcnn.model.architectures import build_model
+from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.errors import CheckpointError, ModelUnavailable, MrcnnError
-from mrcnn.zoo import download_weights, list_models, load_model, resolve_device
+from mrcnn.model.zoo import download_weights, list_models, load_model, resolve_device
 from tests.helpers import CATEGORIES, TINY_LIGHT
 
 
@@ -44,7 +44,8 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from mrcnn.checkpoint import atomic_write_bytes, save_checkpoint
+    from mrcnn.files import atomic_write_bytes
+    from mrcnn.model.checkpoint import save_checkpoint
     old = os.umask(0o022)
     try:
         atomic_write_bytes(tmp_path / "card.json", b"{}")

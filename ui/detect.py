@@ -14,16 +14,16 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from mrcnn import images as mimages
-from mrcnn.draw import draw_detections
+from mrcnn.data import images as mimages
+from mrcnn.inference.draw import draw_detections
 from mrcnn.errors import MrcnnError
-from mrcnn.predict import detections_csv, png_bytes, prediction_json
-from mrcnn.structures import Detections, RpnSettings
+from mrcnn.inference.export import detections_csv, png_bytes, prediction_json
+from mrcnn.inference.structures import Detections, RpnSettings
 from ui import plots, state
 from ui.state import sample_classes, sample_entry
 
 UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
-# Larger uploads are refused with a message. Lower than mrcnn.images' 40 MP default because the page
+# Larger uploads are refused with a message. Lower than mrcnn.data.images' 40 MP default because the page
 # keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
 MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8

@@ -1,7 +1,7 @@
 """Evaluate page: COCO AP of a model on a dataset, PR curves, confusion matrix, and a per-image browser
 that says, for every missed object, which stage of the network lost it.
 
-UI only: the metrics come from mrcnn.evaluate, the reasons from mrcnn.diagnose.
+UI only: the metrics come from mrcnn.evaluation.evaluate, the reasons from mrcnn.evaluation.diagnose.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from mrcnn.diagnose import confusion_matrix, explain_trace_misses, match_detections
-from mrcnn.draw import draw_boxes
+from mrcnn.evaluation.diagnose import confusion_matrix, explain_trace_misses, match_detections
+from mrcnn.inference.draw import draw_boxes
 from mrcnn.errors import MrcnnError
-from mrcnn.structures import Detections, Thresholds
-from mrcnn.trace import run_trace
+from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.trace import run_trace
 from ui.state import get_model, model_infos
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -45,7 +45,7 @@ def confusion_figure(cm: np.ndarray, names: list[str]) -> go.Figure:
 
 def _dataset_picker(loaded):
     """The generated validation set (shapes models) or an uploaded COCO .zip -> a dataset folder."""
-    from mrcnn.shapes import SHAPE_NAMES
+    from mrcnn.data.shapes import SHAPE_NAMES
 
     known_shapes = [c for c in loaded.categories[1:] if c in SHAPE_NAMES]
     options = (["Generated shapes scenes"] if known_shapes else []) + ["Upload a COCO .zip"]
@@ -67,12 +67,12 @@ def _dataset_dir(spec: tuple) -> str:
     """Materialise a dataset spec as a COCO folder (cached: the same spec is written once)."""
     folder = Path(tempfile.mkdtemp(prefix="mrcnn-eval-"))
     if spec[0] == "shapes":
-        from mrcnn.shapes import write_dataset
+        from mrcnn.data.shapes import write_dataset
 
         _, num, seed, size, classes = spec
         write_dataset(folder, num, seed=seed, size=size, classes=classes)
         return str(folder)
-    from mrcnn.coco import safe_extract_zip
+    from mrcnn.data.coco import safe_extract_zip
 
     zip_path = folder / spec[1]
     zip_path.write_bytes(spec[2])
@@ -80,8 +80,8 @@ def _dataset_dir(spec: tuple) -> str:
 
 
 def _run(loaded, spec) -> None:
-    from mrcnn.coco import load_dataset
-    from mrcnn.evaluate import evaluate
+    from mrcnn.data.coco import load_dataset
+    from mrcnn.evaluation.evaluate import evaluate
 
     bar = st.progress(0.0, text="Preparing the dataset…")
     try:
@@ -196,7 +196,7 @@ if spec is not None and st.button("Evaluate", type="primary", key="ev_go"):
 
 state = st.session_state.get("ev_result")
 if state and state["model"] == loaded.name:
-    from mrcnn.coco import load_dataset
+    from mrcnn.data.coco import load_dataset
 
     result = state["result"]
     _metrics_tables(result)

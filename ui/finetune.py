@@ -1,6 +1,6 @@
 """Fine-tune page: start a short training run in the background, watch it learn, compare before/after.
 
-UI only: data preparation, the job, estimates and the comparison live in mrcnn.finetune / mrcnn.jobs.
+UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune / mrcnn.training.jobs.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from mrcnn import finetune, jobs
+from mrcnn.training import finetune
+from mrcnn.training import jobs
 from mrcnn.errors import MrcnnError
-from mrcnn.zoo import resolve_device
+from mrcnn.model.zoo import resolve_device
 from ui.state import get_model, model_infos
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -209,10 +210,10 @@ def _show_comparison(result: dict, plan: dict, ckpt: Path) -> None:
 
 
 def _side_by_side(plan: dict, ckpt: Path) -> None:
-    from mrcnn.coco import load_dataset
-    from mrcnn.draw import draw_detections
-    from mrcnn.structures import Thresholds
-    from mrcnn.trace import run_trace
+    from mrcnn.data.coco import load_dataset
+    from mrcnn.inference.draw import draw_detections
+    from mrcnn.inference.structures import Thresholds
+    from mrcnn.inference.trace import run_trace
 
     dataset = load_dataset(plan["val_dir"])
     n = len(dataset)

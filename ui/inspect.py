@@ -12,8 +12,8 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from mrcnn.paste import paste_mode
-from mrcnn.structures import RpnSettings
+from mrcnn.model.paste import paste_mode
+from mrcnn.inference.structures import RpnSettings
 from ui import plots, state
 
 SECTIONS = ["1 Input and resize", "2 Backbone / FPN", "3 Anchors", "4 RPN", "5 Proposals", "6 RoI pooling",

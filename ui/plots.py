@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from mrcnn.structures import Detections
+from mrcnn.inference.structures import Detections
 
 MARGIN = {"l": 0, "r": 0, "t": 30, "b": 0}
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from mrcnn import zoo
+from mrcnn.model import zoo
 from mrcnn.errors import MrcnnError
 from ui import state
 

@@ -26,9 +26,9 @@ from typing import Any, Callable
 import numpy as np
 import streamlit as st
 
-from mrcnn import zoo
+from mrcnn.model import zoo
 from mrcnn.errors import ModelUnavailable, MrcnnError
-from mrcnn.structures import RpnSettings, Thresholds
+from mrcnn.inference.structures import RpnSettings, Thresholds
 
 TRACE_CACHE_SIZE = 8  # images whose traces a session keeps
 TRACE_CACHE_BYTES = 1.5e9  # ... and at most about this much feature memory (one trace is always kept)
@@ -240,7 +240,7 @@ def add_image(entry: ImageEntry, select: bool = True) -> ImageEntry:
 
 def sample_classes(categories: list[str]) -> tuple[str, ...]:
     """The shape classes a model knows (sample scenes use them), or the default shapes."""
-    from mrcnn.shapes import DEFAULT_CLASSES, SHAPE_NAMES
+    from mrcnn.data.shapes import DEFAULT_CLASSES, SHAPE_NAMES
 
     known = tuple(c for c in categories if c in SHAPE_NAMES)
     return known or DEFAULT_CLASSES
@@ -248,7 +248,7 @@ def sample_classes(categories: list[str]) -> tuple[str, ...]:
 
 def sample_entry(seed: int, size: int, classes: tuple[str, ...]) -> ImageEntry:
     """A synthetic shapes scene (deterministic by seed) as an image entry."""
-    from mrcnn.shapes import generate_scene
+    from mrcnn.data.shapes import generate_scene
 
     scene = generate_scene(int(seed), size=int(size), classes=classes)
     return make_entry(scene.image, f"sample-{int(seed)}.png", "sample")
@@ -293,7 +293,7 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
 
     A cached trace whose RPN settings differ from the session's is re-filtered from its cached
     features (``Trace.set_rpn``); the backbone never runs twice for one image and model."""
-    from mrcnn.trace import run_trace
+    from mrcnn.inference.trace import run_trace
 
     ss = st.session_state
     traces: OrderedDict = ss["traces"]

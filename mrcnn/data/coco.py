@@ -524,7 +524,7 @@ class CocoDataset(torch.utils.data.Dataset):
     categories: the model's class list, "__background__" first; default: "__background__" then the
         dataset's category names by category id. Categories are matched by name. A dataset category
         the list lacks is a DatasetError, or with ``unknown="drop"`` its annotations are ignored.
-    transforms: ``(image, target) -> (image, target)``, applied last (see mrcnn.transforms).
+    transforms: ``(image, target) -> (image, target)``, applied last (see mrcnn.data.transforms).
     report: a ValidationReport to fill (a new one by default); ``.report`` holds it. Images and
         annotations with errors or warnings are left out; construction only fails when nothing is
         readable (no annotations.json, malformed JSON, missing keys).

@@ -7,7 +7,7 @@
 A card says what the model is (classes, architecture, parameters, file size), how it was made (the
 training data, recipe, steps and time stored in the checkpoint's ``meta``, and the run's measured
 throughput when the run folder is given), how good it is (COCO box and mask metrics on held-out data,
-measured here by mrcnn.evaluate) and how fast it runs (median forward time on a 512×512 scene).
+measured here by mrcnn.evaluation.evaluate) and how fast it runs (median forward time on a 512×512 scene).
 """
 from __future__ import annotations
 
@@ -20,8 +20,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mrcnn.architectures import count_parameters
-from mrcnn.checkpoint import atomic_write_bytes, load_checkpoint
+from mrcnn.data.sources import open_data
+from mrcnn.data.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
+from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.files import atomic_write_bytes
+from mrcnn.model.architectures import count_parameters
+from mrcnn.model.checkpoint import load_checkpoint
+from mrcnn.model.zoo import load_model
+from mrcnn.training.run_files import read_metrics
 
 
 def card_path(checkpoint: str | Path) -> Path:
@@ -48,7 +54,6 @@ def median_forward_ms(model: torch.nn.Module, image: np.ndarray, repeats: int = 
 
 def _run_throughput(run_dir: Path) -> dict:
     """Median images/s and wall time of a training run, from its metrics.jsonl and config.json."""
-    from mrcnn.train import read_metrics
 
     out: dict = {}
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -71,10 +76,6 @@ def _run_throughput(run_dir: Path) -> dict:
 def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = None, device: str = "cpu",
                progress: Callable[[int, int], None] | None = None, timing_repeats: int = 7) -> dict:
     """Evaluate ``checkpoint`` on ``data`` (COCO folder, .zip or shapes spec), time it, and write its card."""
-    from mrcnn.evaluate import evaluate
-    from mrcnn.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
-    from mrcnn.train import open_data
-    from mrcnn.zoo import load_model
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, mmap=True)
@@ -109,18 +110,3 @@ def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = N
     }
     atomic_write_bytes(card_path(path), (json.dumps(card, indent=2) + "\n").encode())
     return card
-
-
-def cli_card(args) -> int:
-    """`python -m mrcnn card CHECKPOINT --data DATA [--run RUN_DIR]`: prints the card's headline numbers."""
-    from mrcnn.evaluate import _Progress
-
-    card = write_card(args.checkpoint, args.data, args.run, device=args.device, progress=_Progress("evaluating"))
-    box, mask = card["metrics"]["bbox"], card["metrics"]["segm"]
-    print(f"wrote {card_path(args.checkpoint)}: box AP {box['AP']:.3f} (AP50 {box['AP50']:.3f}), "
-          f"mask AP {mask['AP']:.3f} (AP50 {mask['AP50']:.3f}) on {card['evaluated_on']['images']} images; "
-          f"{card['file_mb']} MB; {card['inference_ms_512px']['median']} ms per 512x512 image")
-    return 0
-
-
-__all__ = ["write_card", "card_path", "median_forward_ms", "cli_card"]

@@ -2,17 +2,17 @@
 
 An architecture is described by a plain dict ``{"name": ..., **builder kwargs}`` so that a checkpoint
 can store it and rebuild itself (nanoGPT's habit). Builders never download anything: pretrained
-weights are loaded separately by mrcnn.zoo.
+weights are loaded separately by mrcnn.model.zoo.
 
 - ``maskrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn_v2``: torchvision's models, same modules.
 - ``light``: a small ResNet-GroupNorm FPN with slim heads, for the bundled ``shapes`` model and for
   fast tests. GroupNorm rather than BatchNorm: trained from scratch on small batches, BatchNorm's
   running statistics end up not describing the trained network (every image gets the same output).
 
-``mask_paste`` (any architecture) picks how masks are pasted into the image (mrcnn.paste): the light
+``mask_paste`` (any architecture) picks how masks are pasted into the image (mrcnn.model.paste): the light
 architecture pastes at pixel centres, torchvision's models the torchvision way unless told otherwise.
 ``mask_batch_size_per_image`` (any architecture; training only) caps the RoIs the mask head trains on
-per image (mrcnn.mask_sampling); unset, it trains on every positive RoI of the box head, as torchvision.
+per image (mrcnn.model.mask_sampling); unset, it trains on every positive RoI of the box head, as torchvision.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mrcnn.mask_sampling import MaskSampledRoIHeads
-from mrcnn.paste import PASTE_MODES, CentrePasteTransform
+from mrcnn.model.mask_sampling import MaskSampledRoIHeads
+from mrcnn.model.paste import PASTE_MODES, CentrePasteTransform
 
 # MaskRCNN keyword arguments an arch dict may carry for any architecture (test-time settings, sizes).
 MODEL_KWARGS = (

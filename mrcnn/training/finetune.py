@@ -1,5 +1,5 @@
 """Fine-tuning runs started from the app: data preparation, the train command, time estimates and
-the before/after comparison. The run itself is a background job (mrcnn.jobs) running the train CLI.
+the before/after comparison. The run itself is a background job (mrcnn.training.jobs) running the train CLI.
 
     settings = FinetuneSettings(model="shapes", steps=100)
     plan = prepare_builtin(settings, run_dir)        # or prepare_upload(zip_path, settings, run_dir)
@@ -15,9 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mrcnn.checkpoint import atomic_write_bytes
+from mrcnn.data.coco import load_dataset, safe_extract_zip, validate_coco
+from mrcnn.data.shapes import write_dataset
 from mrcnn.errors import DatasetError
-from mrcnn.zoo import runs_dir
+from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.files import atomic_write_bytes
+from mrcnn.model.zoo import load_model, runs_dir
+from mrcnn.training.run_files import read_metrics
 
 # The built-in "teach it a new shape" set: the bundled model's classes plus one it has never seen.
 NEW_SHAPE = "star"
@@ -80,7 +84,6 @@ def _train_args(s: FinetuneSettings, train_data: str, val_dir: str) -> list[str]
 def prepare_builtin(s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
     """Generated scenes with a shape the bundled model does not know. Training scenes are generated on
     the fly by the trainer; the validation scenes are written so both models are judged on the same files."""
-    from mrcnn.shapes import write_dataset
 
     run_dir = Path(run_dir)
     val_dir = run_dir / "val"
@@ -92,7 +95,6 @@ def prepare_builtin(s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
 def prepare_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
     """Extract and validate an uploaded COCO .zip, then split its images into train and validation
     folders (same images/ folder, two annotation files). Raises DatasetError with the report."""
-    from mrcnn.coco import safe_extract_zip, validate_coco
 
     run_dir = Path(run_dir)
     root = safe_extract_zip(zip_path, run_dir / "upload")
@@ -125,7 +127,6 @@ def prepare_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: str | Pat
 
 def measured_images_per_s(device: str) -> float:
     """Throughput of the most recent finished run on this server with the same device, else the default."""
-    from mrcnn.train import read_metrics
 
     best = None
     for metrics in sorted(runs_dir().glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -154,9 +155,6 @@ def compare_before_after(before_model: str, after_checkpoint: str | Path, val_di
                          device: str = "auto", progress=None) -> dict:
     """Box and mask AP of the starting model and the fine-tuned one on the same validation set,
     overall and per class. Classes the starting model does not know score 0 before."""
-    from mrcnn.coco import load_dataset
-    from mrcnn.evaluate import evaluate
-    from mrcnn.zoo import load_model
 
     out = {}
     for key, name in (("before", before_model), ("after", str(after_checkpoint))):

@@ -17,17 +17,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
-from mrcnn.errors import DatasetError, MrcnnError
+from mrcnn.data.masks import encode_rles, rle_area
+from mrcnn.errors import DatasetError
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -68,14 +65,13 @@ def _gt_coco(dataset, categories: list[str]):
         image_id = int(target["image_id"])
         h, w = image.shape[-2:]
         images.append({"id": image_id, "width": int(w), "height": int(h)})
-        masks = target["masks"].numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
+        rles = encode_rles(target["masks"].numpy())
         for k, (box, label) in enumerate(zip(target["boxes"].tolist(), target["labels"].tolist())):
             x0, y0, x1, y1 = box
             rle = rles[k]
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(label),
-                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(mask_utils.area(rle)),
+                         "segmentation": rle,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": rle_area(rle),
                          "iscrowd": int(target["iscrowd"][k]) if "iscrowd" in target else 0})
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns,
@@ -134,8 +130,7 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
             names = [model_categories[int(k)] for k in out["labels"].cpu()]
             rles = []
             if "masks" in out and len(boxes):
-                masks = (out["masks"][:, 0] > mask_thresh).cpu().numpy().astype(np.uint8)
-                rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+                rles = encode_rles((out["masks"][:, 0] > mask_thresh).cpu().numpy())
             for k in range(len(boxes)):
                 cid = name_to_cat.get(names[k])
                 if cid is None:
@@ -148,9 +143,7 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
             if keep_predictions:
                 predictions.append({
                     "image_id": image_id, "boxes": boxes.round(2).tolist(), "scores": scores.round(4).tolist(),
-                    "labels": names,
-                    "masks": [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
-                              for r in rles]})
+                    "labels": names, "masks": rles})
             if progress is not None:
                 progress(i + 1, total)
 
@@ -193,48 +186,4 @@ def _coco_eval(gt, dets: list[dict], iou_type: str, cat_names: dict[int, str]):
     return _metrics(ev.stats), per_class, curves
 
 
-class _Progress:
-    def __init__(self, label: str):
-        self.label, self.tty = label, sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.tty:
-            bar = "#" * int(24 * done / max(total, 1))
-            sys.stderr.write(f"\r{self.label} [{bar:<24}] {done}/{total}")
-            if done == total:
-                sys.stderr.write("\n")
-        elif done == total or done % max(total // 10, 1) == 0:
-            sys.stderr.write(f"{self.label}: {done}/{total}\n")
-        sys.stderr.flush()
-
-
-def cli_evaluate(args) -> int:
-    """`python -m mrcnn evaluate --model NAME|PATH --data DIR|ZIP|shapes:N:... [--json]`."""
-    from mrcnn.train import open_data
-    from mrcnn.zoo import load_model
-
-    loaded = load_model(args.model, args.weights, device=args.device)
-    dataset = open_data(args.data)
-    num = getattr(args, "num", None)
-    if num is not None and num < len(dataset):
-        sub = torch.utils.data.Subset(dataset, range(num))
-        sub.categories = dataset.categories
-        dataset = sub
-    result = evaluate(loaded, dataset, progress=_Progress("evaluating"),
-                      score_thresh=getattr(args, "score_thresh", 0.05),
-                      max_detections=getattr(args, "max_detections", 100), keep_predictions=False)
-    if args.json:
-        print(json.dumps({"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
-                          "num_images": result.num_images, "model": loaded.name, "data": str(args.data)}))
-        return 0
-    print(f"{loaded.name} on {args.data} ({result.num_images} images, {result.seconds:.1f} s)")
-    print(f"{'':6}" + "".join(f"{k:>8}" for k in METRIC_KEYS))
-    for iou_type, name in (("bbox", "box"), ("segm", "mask")):
-        m = getattr(result, iou_type)
-        print(f"{name:6}" + "".join(f"{m[k]:8.3f}" for k in METRIC_KEYS))
-    for cls, v in result.per_class.items():
-        print(f"  {cls:<16} box AP {v.get('bbox_AP', 0):.3f}  mask AP {v.get('segm_AP', 0):.3f}")
-    return 0
-
-
-__all__ = ["EvalResult", "evaluate", "cli_evaluate", "METRIC_KEYS"]
+__all__ = ["EvalResult", "evaluate", "METRIC_KEYS"]

@@ -23,9 +23,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
-from pycocotools import mask as mask_utils
 
+from mrcnn.data.masks import encode_rle, masks_to_boxes
 from mrcnn.errors import DatasetError
+from mrcnn.files import atomic_write_bytes
 
 SHAPE_NAMES = ("circle", "square", "triangle", "star", "hexagon", "ring")
 DEFAULT_CLASSES = ("circle", "square", "triangle")
@@ -293,26 +294,10 @@ def generate_scene(seed: int, size: int = 256, classes: Sequence[str] = DEFAULT_
         out = np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
     if not out.flags.writeable:  # PIL's buffer
         out = out.copy()
-    return Scene(image=np.ascontiguousarray(out), masks=masks, labels=labels, boxes=masks_to_boxes(masks))
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) bool -> (N, 4) float32 xyxy, pixel-inclusive (x1 = max_x + 1); empty masks -> zeros."""
-    boxes = np.zeros((len(masks), 4), np.float32)
-    for i, m in enumerate(masks):
-        cols = np.flatnonzero(m.any(0))
-        rows = np.flatnonzero(m.any(1))
-        if len(cols):
-            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes
+    return Scene(image=np.ascontiguousarray(out), masks=masks, labels=labels, boxes=masks_to_boxes(torch.from_numpy(masks)).numpy())
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
 
 def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
                   classes: Sequence[str] = DEFAULT_CLASSES,
@@ -349,7 +334,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
             x0, y0, x1, y1 = (float(v) for v in box)
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_ids[label],
-                "segmentation": _rle(mask), "area": int(mask.sum()),
+                "segmentation": encode_rle(mask), "area": int(mask.sum()),
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
             })
         if progress is not None:
@@ -360,7 +345,6 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
         "images": images, "annotations": annotations,
         "categories": [{"id": cat_ids[c], "name": c, "supercategory": "shape"} for c in classes],
     }
-    from mrcnn.checkpoint import atomic_write_bytes
     atomic_write_bytes(out_dir / "annotations.json", json.dumps(data).encode("utf-8"))
     return out_dir
 
@@ -421,17 +405,3 @@ class ShapesDataset(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
-
-
-def cli_shapes(args) -> int:
-    """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c] [--nested P]
-    [--overlap P]`."""
-    classes = check_classes(args.classes)
-    if args.size < 32:
-        raise DatasetError(f"--size must be at least 32 px, got {args.size}")
-    out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes,
-                        nested=args.nested, overlap=args.overlap)
-    data = json.loads((out / "annotations.json").read_text())
-    print(f"wrote {len(data['images'])} images, {len(data['annotations'])} objects "
-          f"({', '.join(classes)}; {args.size} px, seed {args.seed}) to {out}")
-    return 0

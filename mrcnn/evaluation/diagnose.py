@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from mrcnn.structures import Detections, Thresholds
+from mrcnn.inference.structures import Detections, Thresholds
 
 
 @dataclass

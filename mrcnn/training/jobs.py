@@ -24,9 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mrcnn.checkpoint import atomic_write_bytes
 from mrcnn.errors import MrcnnError
-from mrcnn.zoo import REPO_ROOT, runs_dir
+from mrcnn.files import atomic_write_bytes
+from mrcnn.model.zoo import REPO_ROOT, runs_dir
+from mrcnn.training.run_files import read_metrics, write_status
 
 REGISTRY = "current_job.json"
 
@@ -67,7 +68,6 @@ class Job:
 
     def metrics(self) -> list[dict]:
         """Every complete line of metrics.jsonl so far (a half-written last line is skipped)."""
-        from mrcnn.train import read_metrics
         return read_metrics(self.path / "metrics.jsonl")
 
     def progress(self) -> dict:
@@ -102,7 +102,7 @@ class Job:
             time.sleep(0.1)
         if self.is_alive():
             os.kill(self.pid, signal.SIGKILL)
-            _write_status(self.path, "cancelled", "killed after it did not stop within the grace period")
+            write_status(self.path, "cancelled", "killed after it did not stop within the grace period")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,10 +147,6 @@ def _crash_reason(log: Path) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else "no output"
     return f"the training process ended unexpectedly (killed or crashed): {last[:300]}"
-
-
-def _write_status(run_dir: Path, state: str, message: str) -> None:
-    atomic_write_bytes(run_dir / "status.json", json.dumps({"state": state, "message": message}).encode())
 
 
 def current_job(root: Path | None = None) -> Job | None:

@@ -16,6 +16,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from mrcnn.data.masks import masks_to_boxes
+
 _PER_INSTANCE = ("labels", "iscrowd", "area")  # plain tensors sanitized along with the boxes
 
 
@@ -35,24 +37,6 @@ def from_tv_tensors(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, di
     return image.as_subclass(torch.Tensor), plain
 
 
-def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) masks -> (N, 4) float32 xyxy extents, pixel-inclusive (x1 = max_x + 1); empty -> zeros."""
-    if masks.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    masks = masks.bool()
-    cols = masks.any(dim=1)  # (N, W)
-    rows = masks.any(dim=2)  # (N, H)
-    w, h = cols.shape[1], rows.shape[1]
-    xs = torch.arange(w, device=masks.device)
-    ys = torch.arange(h, device=masks.device)
-    x0 = torch.where(cols, xs, w).amin(1)
-    x1 = torch.where(cols, xs, -1).amax(1) + 1
-    y0 = torch.where(rows, ys, h).amin(1)
-    y1 = torch.where(rows, ys, -1).amax(1) + 1
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()
-    return torch.where(cols.any(1, keepdim=True), boxes, torch.zeros_like(boxes))
-
-
 class BoxesFromMasks(v2.Transform):
     """Replace boxes by their masks' extents (after resampling, the masks are the truth)."""
 
@@ -62,7 +46,7 @@ class BoxesFromMasks(v2.Transform):
         if "masks" in target:
             boxes = target["boxes"]
             target = dict(target)
-            target["boxes"] = tv_tensors.wrap(boxes_from_masks(target["masks"]).to(boxes.dtype), like=boxes)
+            target["boxes"] = tv_tensors.wrap(masks_to_boxes(target["masks"]).to(boxes.dtype), like=boxes)
         return image, target
 
 

@@ -19,13 +19,12 @@ from typing import Callable
 import torch
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
 
-from mrcnn.architectures import build_model
-from mrcnn.checkpoint import (
-    atomic_write_bytes, file_sha256, is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file,
-)
 from mrcnn.errors import CheckpointError, MrcnnError, ModelUnavailable
+from mrcnn.files import atomic_write_bytes, file_sha256
+from mrcnn.model.architectures import build_model
+from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def weights_dir() -> Path:
@@ -269,21 +268,6 @@ def download_weights(name_or_url: str, dest_dir: str | Path | None = None,
                                f"{expected.group(1)} as its name says; nothing was saved")
     atomic_write_bytes(target, b"".join(chunks))
     return target
-
-
-def cli_models(args) -> int:
-    infos = list_models()
-    if args.json:
-        print(json.dumps([i.to_dict() for i in infos], indent=2))
-        return 0
-    for info in infos:
-        status = "available" if info.available else "unavailable"
-        print(f"{info.name:<20} {info.kind:<12} {len(info.classes):>3} classes  {status}")
-        if info.available:
-            print(f"    {info.path}")
-        else:
-            print(f"    {info.reason}")
-    return 0
 
 
 __all__ = ["ModelInfo", "LoadedModel", "list_models", "load_model", "download_weights", "resolve_device",

@@ -25,7 +25,6 @@ redone in float32; a loss that is not finite there stops the run, keeping the la
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -39,9 +38,14 @@ from typing import Any, Callable
 
 import torch
 
-from mrcnn.architectures import ARCHITECTURES, build_model, light_arch
-from mrcnn.checkpoint import atomic_write_bytes, load_checkpoint, load_state_dict_checked, save_checkpoint
+from mrcnn.data.sources import first_items, open_data
+from mrcnn.data.transforms import train_transforms
 from mrcnn.errors import CheckpointError, DatasetError, MrcnnError, TrainingError
+from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.model.architectures import ARCHITECTURES, build_model, light_arch
+from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from mrcnn.model.zoo import load_model, resolve_device
+from mrcnn.training.run_files import truncate_metrics, write_json, write_status
 
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -70,7 +74,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0       # cosine / linear end at lr * min_lr_ratio
     clip_grad_norm: float | None = 10.0
     image_size: int | None = None   # model input size (shorter side); None: the model's own
-    augment: bool = False           # flip + scale jitter + colour jitter (mrcnn.transforms)
+    augment: bool = False           # flip + scale jitter + colour jitter (mrcnn.data.transforms)
     device: str = "auto"
     amp: bool = True                # mixed precision where it is native: float16 on CUDA, bfloat16 on
                                     # a CPU with bf16 units (AVX512-BF16 / AMX); else float32 (amp_dtype)
@@ -144,58 +148,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------ data
-
-def parse_shapes_spec(spec: str) -> dict:
-    """``shapes:N[:seed[:size[:classes]]][:nested=P][:overlap=P]`` -> ShapesDataset kwargs.
-
-    ``nested=P``, ``overlap=P`` (fields anywhere after N) place shapes inside, or across the edge of,
-    earlier ones with probability P."""
-    usage = "use shapes:N[:seed[:size[:a,b,c]]][:nested=P][:overlap=P]"
-    fields = spec.split(":")
-    options = [f for f in fields[1:] if "=" in f]
-    parts = [f for f in fields if "=" not in f]
-    if parts[0] != "shapes" or len(parts) < 2 or len(parts) > 5:
-        raise DatasetError(f"bad shapes data spec {spec!r}: {usage}")
-    try:
-        kwargs: dict[str, Any] = {"num": int(parts[1])}
-        if len(parts) > 2 and parts[2]:
-            kwargs["seed"] = int(parts[2])
-        if len(parts) > 3 and parts[3]:
-            kwargs["size"] = int(parts[3])
-    except ValueError:
-        raise DatasetError(f"bad shapes data spec {spec!r}: N, seed and size are integers") from None
-    if len(parts) > 4 and parts[4]:
-        kwargs["classes"] = tuple(c.strip() for c in parts[4].split(",") if c.strip())
-    for option in options:
-        key, _, value = (f.strip() for f in option.partition("="))
-        if key not in ("nested", "overlap"):
-            raise DatasetError(f"bad shapes data spec {spec!r}: unknown option {key!r}; {usage}")
-        try:
-            kwargs[key] = float(value)
-        except ValueError:
-            raise DatasetError(f"bad shapes data spec {spec!r}: {key} is a probability, got {value!r}") from None
-    return kwargs
-
-
-def open_data(spec: str, categories: list[str] | None = None, transforms=None):
-    """A dataset from a COCO folder, a .zip or a ``shapes:...`` spec (DatasetError when unusable)."""
-    spec = str(spec)
-    if spec.startswith("shapes:"):
-        from mrcnn.shapes import ShapesDataset
-        return ShapesDataset(**parse_shapes_spec(spec), categories=categories, transforms=transforms)
-    from mrcnn.coco import load_dataset
-    ds = load_dataset(spec, categories)
-    ds.transforms = transforms
-    return ds
-
-
-def _subset(ds, n: int | None):
-    if n is None or n >= len(ds):
-        return ds
-    sub = torch.utils.data.Subset(ds, range(n))
-    sub.categories = ds.categories  # what evaluate needs besides the items
-    return sub
-
 
 class StepBatches(torch.utils.data.Dataset):
     """Item ``s`` = this process's batch for optimizer step ``s``, a pure function of (seed, s, rank).
@@ -287,7 +239,6 @@ def _starting_model(cfg: TrainConfig, categories: list[str], log: Callable[[str]
             return build_model(arch, len(categories)), arch
         except ValueError as err:
             raise TrainingError(f"cannot build architecture {cfg.model!r}: {err}") from None
-    from mrcnn.zoo import load_model
     loaded = load_model(cfg.model, cfg.weights, device="cpu")
     arch = dict(loaded.arch)
     if cfg.arch:
@@ -394,14 +345,6 @@ class _Bar:
             sys.stderr.write("\n")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _write_status(out: Path, state: str, message: str) -> None:
-    _write_json(out / "status.json", {"state": state, "message": message})
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -413,35 +356,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Every complete row of a run's metrics.jsonl (none when the file is missing). A line that does not
-    parse — the half-written last one of a running or killed trainer — is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after ``step`` (written after the checkpoint a resumed run starts from)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def amp_dtype(device: torch.device | str) -> torch.dtype | None:
@@ -462,7 +376,6 @@ def _cpu_has_bf16() -> bool:
 
 
 def _val_metrics(model, val_ds, device) -> dict:
-    from mrcnn.evaluate import evaluate
     result = evaluate(model, val_ds, device=device, categories=val_ds.categories)
     return {"bbox_AP": result.bbox["AP"], "segm_AP": result.segm["AP"],
             "bbox_AP50": result.bbox["AP50"], "segm_AP50": result.segm["AP50"]}
@@ -474,7 +387,6 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     run (non-finite loss, bad data) raises TrainingError / DatasetError after writing status.json."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    from mrcnn.zoo import resolve_device
     device = resolve_device(config.device)
     dist_info = init_distributed(device.type)
     if dist_info.enabled and device.type == "cuda":
@@ -484,11 +396,11 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         return _train(config, out, device, dist_info, progress, should_stop, verbose)
     except MrcnnError as err:
         if dist_info.is_main:
-            _write_status(out, "failed", str(err))
+            write_status(out, "failed", str(err))
         raise
     except BaseException as err:
         if dist_info.is_main:
-            _write_status(out, "failed", f"{type(err).__name__}: {err}")
+            write_status(out, "failed", f"{type(err).__name__}: {err}")
         raise
 
 
@@ -520,7 +432,6 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
     torch.manual_seed(cfg.seed)
     transforms = None
     if cfg.augment:
-        from mrcnn.transforms import train_transforms
         transforms = train_transforms()
     if resume_ckpt is not None:
         categories = list(resume_ckpt["categories"])
@@ -536,7 +447,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
         raise DatasetError(f"training data {cfg.data} has no images")
     val_ds = None
     if cfg.val and di.is_main:
-        val_ds = _subset(open_data(cfg.val, categories), cfg.val_num)
+        val_ds = first_items(open_data(cfg.val, categories), cfg.val_num)
 
     use_cuda = device.type == "cuda"
     autocast_dtype = amp_dtype(device) if cfg.amp else None
@@ -576,10 +487,10 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
             model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=True)
 
     if di.is_main:
-        _write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
+        write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
                                           "world_size": di.world_size, "device": str(device),
                                           "precision": precision})
-        _truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step)
 
     def meta(step: int) -> dict:
         return {"data": cfg.data, "val": cfg.val, "steps": step,
@@ -716,7 +627,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
         if cfg.export and di.is_main:
             save_checkpoint(cfg.export, arch, categories, model.state_dict(), meta(step), half=cfg.export_half)
     if di.is_main:
-        _write_status(out, state, message)
+        write_status(out, state, message)
     log(message)
     if di.enabled:
         torch.distributed.barrier()
@@ -732,42 +643,4 @@ def _saved_step(path: Path) -> int | str:
         return "?"
 
 
-# ------------------------------------------------------------------------------------------ CLI
-
-def config_from_args(args) -> TrainConfig:
-    """TrainConfig from the parsed `train` arguments: --config JSON first, flags given over it."""
-    base: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        try:
-            base = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise TrainingError(f"cannot read --config {args.config}: {err}") from None
-        if not isinstance(base, dict):
-            raise TrainingError(f"--config {args.config} must hold a JSON object")
-    names = {f.name for f in fields(TrainConfig)} - {"arch", "resume", "amp"}
-    flags = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    if getattr(args, "resume", False):
-        flags["resume"] = True
-    if getattr(args, "no_amp", False):
-        flags["amp"] = False
-    if getattr(args, "arch", None):
-        try:
-            flags["arch"] = json.loads(args.arch)
-        except json.JSONDecodeError as err:
-            raise TrainingError(f"--arch must be a JSON object: {err}") from None
-    return TrainConfig.from_dict({**base, **flags})
-
-
-def cli_train(args) -> int:
-    """Exit status: 0 finished, 3 cancelled (checkpoint saved; --resume continues), 2 failed (via MrcnnError)."""
-    cfg = config_from_args(args)
-    try:
-        result = train(cfg)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0 if result.state == "finished" else 3
-
-
-__all__ = ["TrainConfig", "TrainResult", "train", "cli_train", "lr_factor", "open_data", "remap_class_weights",
-           "StepBatches", "LOSS_TERMS", "read_metrics"]
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "remap_class_weights", "StepBatches", "LOSS_TERMS"]

@@ -27,9 +27,9 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _setup_scales
 
-from mrcnn.paste import paste_masks_cropped, paste_mode
-from mrcnn.structures import Detections, RpnSettings, Thresholds
-from mrcnn.zoo import LoadedModel
+from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
+from mrcnn.model.paste import paste_masks_cropped, paste_mode
+from mrcnn.model.zoo import LoadedModel
 
 # torchvision's fixed constants in RPN filtering and detection post-processing
 RPN_MIN_BOX_SIZE = 1e-3

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mrcnn.structures import Detections
+from mrcnn.inference.structures import Detections
 
 Color = tuple[int, int, int]
 
