@@ -1,4 +1,4 @@
-"""`python -m mrcnn predict` per DESIGN: JSON + overlay per image, bad files named on stderr, exit 2."""
+"""`python -m mrcnn predict` (docs/cli.md): JSON + overlay per image, bad files named on stderr, exit 2."""
 from __future__ import annotations
 
 import json

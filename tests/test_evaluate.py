@@ -1,5 +1,5 @@
 """Evaluation: COCO metrics of a perfect model are 1, classes matched by name, the model is not mutated,
-no detections give zeros, CLI --json keys (DESIGN)."""
+no detections give zeros, CLI --json keys (docs/cli.md)."""
 from __future__ import annotations
 
 import json

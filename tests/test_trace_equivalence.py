@@ -54,7 +54,7 @@ def test_trace_equals_torchvision(loaded, shape):
     ref = _torchvision_output(loaded, image, thresholds)
     assert ref["boxes"].shape[0] > 0, "random weights should give some detections at 0.05"
     _assert_same(trace.detections, ref)
-    # the DESIGN default thresholds too (0.5), re-filtered from the same trace
+    # the default thresholds too (0.5), re-filtered from the same trace
     defaults = Thresholds()
     _assert_same(trace.refilter(defaults), _torchvision_output(loaded, image, defaults))
 

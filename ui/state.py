@@ -38,7 +38,7 @@ THUMB_SIZE = 112
 DEFAULTS: dict[str, Any] = {
     "model_name": None,
     "device": "auto",
-    # Thresholds (DESIGN defaults)
+    # Thresholds (defaults of mrcnn.inference.structures.Thresholds)
     "score_thresh": 0.5,
     "nms_thresh": 0.5,
     "max_detections": 100,

@@ -1,4 +1,4 @@
-"""COCO-format datasets (DESIGN layout: ``DIR/annotations.json`` + ``DIR/images/``): checks, reading, zips.
+"""COCO-format datasets (docs/datasets.md: ``DIR/annotations.json`` + ``DIR/images/``): checks, reading, zips.
 
     report = validate_coco("data/pets", categories=model.categories)   # every problem, named
     print(report.summary())
@@ -629,7 +629,7 @@ class CocoDataset(torch.utils.data.Dataset):
 
 def load_dataset(path_or_zip: str | Path, categories: Sequence[str] | None = None,
                  extract_to: str | Path | None = None, **kwargs) -> CocoDataset:
-    """A CocoDataset from a folder (or its annotations.json) or a .zip of the DESIGN layout.
+    """A CocoDataset from a folder (or its annotations.json) or a .zip of that layout (docs/datasets.md).
 
     A zip is unpacked with ``safe_extract_zip`` into ``extract_to`` (default: a new temporary folder
     that is left for the caller). Raises DatasetError with the report's summary when it has errors.

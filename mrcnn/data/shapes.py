@@ -303,7 +303,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
                   classes: Sequence[str] = DEFAULT_CLASSES,
                   progress: Callable[[int, int], None] | None = None, nested: float = 0.0,
                   overlap: float = 0.0) -> Path:
-    """Write ``num`` scenes as ``out_dir/annotations.json`` + ``out_dir/images/NNNNNN.png`` (DESIGN layout).
+    """Write ``num`` scenes as ``out_dir/annotations.json`` + ``out_dir/images/NNNNNN.png`` (docs/datasets.md).
 
     COCO instances: image ids 1..num, annotation ids from 1, category ids 1..K in the order of
     ``classes``, segmentation as compressed RLE (str counts), bbox xywh, iscrowd 0.

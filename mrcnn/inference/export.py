@@ -30,7 +30,7 @@ def detection_records(dets: Detections) -> list[dict]:
 
 def prediction_json(dets: Detections, image_name: str, model_name: str, model_sha256: str,
                     thresholds: Thresholds, timings_ms: dict[str, float]) -> dict:
-    """The DESIGN prediction JSON for one image."""
+    """The prediction JSON for one image (docs/prediction-json.md)."""
     h, w = dets.image_size
     return {
         "image": {"file": image_name, "width": int(w), "height": int(h)},

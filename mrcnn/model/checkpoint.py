@@ -1,4 +1,4 @@
-"""Checkpoints in the DESIGN format, written atomically and read with ``weights_only=True``.
+"""Checkpoints in the format of docs/checkpoints.md, written atomically and read with ``weights_only=True``.
 
 ``{"format": "mrcnn-checkpoint", "version": 1, "arch": {...}, "categories": [...],
 "state_dict": {...}, "meta": {...}}`` — tensors and plain Python types only, never pickled objects.
@@ -33,7 +33,7 @@ def make_checkpoint(arch: dict, categories: list[str], state_dict: dict, meta: d
 
 def save_checkpoint(path: str | Path, arch: dict, categories: list[str], state_dict: dict,
                     meta: dict | None = None, half: bool = False, extra: dict | None = None) -> Path:
-    """Save atomically. ``extra`` adds keys (e.g. optimizer state for resuming) beside the DESIGN keys."""
+    """Save atomically. ``extra`` adds keys (e.g. optimizer state for resuming) beside the format's keys."""
     ckpt = make_checkpoint(arch, categories, state_dict, meta, half)
     if extra:
         ckpt.update(extra)
@@ -77,7 +77,7 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """Read and check a DESIGN-format checkpoint; raises CheckpointError naming the file and the problem."""
+    """Read and check a checkpoint (docs/checkpoints.md); raises CheckpointError naming the file and the problem."""
     obj = read_torch_file(path, mmap=mmap)
     if not is_checkpoint(obj):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -1,6 +1,6 @@
 """The model zoo: which models exist, whether their weights are here, and loading them.
 
-Names (DESIGN "Models"): ``shapes`` (bundled in weights/), ``coco-r50-fpn`` and ``coco-r50-fpn-v2``
+Names (docs/checkpoints.md): ``shapes`` (bundled in weights/), ``coco-r50-fpn`` and ``coco-r50-fpn-v2``
 (torchvision's COCO weights, found in torch's hub cache, in weights/, or given as a file), or a path
 to a checkpoint. Nothing here downloads on import; ``download_weights`` does, when called.
 """

@@ -1,4 +1,4 @@
-"""Training engine behind `python -m mrcnn train` (DESIGN "CLI contract").
+"""Training engine behind `python -m mrcnn train` (docs/cli.md, docs/training.md).
 
     python -m mrcnn train --model light --data shapes:100000:0:256 --steps 3000 --batch-size 8 \
         --lr 0.03 --out runs/shapes                       # from scratch on generated scenes
@@ -10,7 +10,7 @@
                    progress=print, should_stop=lambda: False)
 
 The run folder (``out``): config.json, metrics.jsonl (one JSON object per logged step), checkpoint.pt
-(DESIGN format + a ``train_state`` key for --resume) and, at the end, status.json
+(docs/checkpoints.md + a ``train_state`` key for --resume) and, at the end, status.json
 {"state": "finished"|"cancelled"|"failed", "message": ...}. A file ``out/STOP``, SIGTERM/SIGINT or
 ``should_stop()`` cancel the run cooperatively: it saves a checkpoint, then returns.
 
