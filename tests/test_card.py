@@ -7,15 +7,13 @@ import json
 import pytest
 import torch
 
-from mrcnn.model.architectures import build_model, light_arch
+from mrcnn.model.architectures import build_model
 from mrcnn.files import file_sha256
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.cli import main
 from mrcnn.model.zoo import list_models, read_card, weights_dir
+from tests.helpers import CATEGORIES as CATS, TINY_LIGHT as TINY
 
-CATS = ["__background__", "circle", "square", "triangle"]
-TINY = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, gn_groups=4, box_head_dim=32, mask_head_channels=[16],
-                  min_size=64, max_size=96)
 
 
 def test_card_cli_writes_metrics_timing_and_training_facts(tmp_path, capsys, monkeypatch):

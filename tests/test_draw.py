@@ -6,8 +6,8 @@ import pytest
 
 from mrcnn.inference.draw import PALETTE, color_for, draw_boxes, draw_detections, mask_outline, overlay_mask
 from mrcnn.inference.structures import Detections
+from tests.helpers import CATEGORIES as CATS
 
-CATS = ["__background__", "circle", "square", "triangle"]
 H, W = 96, 128
 
 
