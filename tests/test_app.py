@@ -91,21 +91,21 @@ def test_controls_refilter_without_running_the_network(env, monkeypatch):
     monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
     at = start()
     assert len(runs) == 1
-    at.slider(key="w_score_thresh").set_value(0.05).run()
+    at.slider(key="score_thresh").set_value(0.05).run()
     low = count(at)
-    at.slider(key="w_score_thresh").set_value(0.5).run()
+    at.slider(key="score_thresh").set_value(0.5).run()
     high = count(at)
     assert low > high
     assert "network not re-run" in captions(at)
-    at.slider(key="w_score_thresh").set_value(0.05).run()
-    at.slider(key="w_max_detections").set_value(3).run()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    at.slider(key="max_detections").set_value(3).run()
     assert count(at) == min(low, 3)
-    at.toggle(key="w_show_masks").set_value(False).run()
+    at.toggle(key="show_masks").set_value(False).run()
     assert "thresholds unchanged, nothing to re-filter" in captions(at)
-    at.toggle(key="w_show_proposals").set_value(True).run()
-    at.radio(key="w_color_by").set_value("class").run()
+    at.toggle(key="show_proposals").set_value(True).run()
+    at.radio(key="color_by").set_value("class").run()
     assert not at.exception
-    at.multiselect(key="w_class_filter::shapes").set_value(["circle"]).run()
+    at.multiselect(key="class_filter::shapes").set_value(["circle"]).run()
     filtered = count(at)
     assert filtered <= min(low, 3)
     assert len(runs) == 1, "a control change ran the network again"
@@ -113,7 +113,7 @@ def test_controls_refilter_without_running_the_network(env, monkeypatch):
 
 def test_table_row_highlights_that_instance(env):
     at = start()
-    at.slider(key="w_score_thresh").set_value(0.05).run()
+    at.slider(key="score_thresh").set_value(0.05).run()
     assert count(at) > 1
     at.session_state["det_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
     at.run()
@@ -129,7 +129,7 @@ def test_upload_png_adds_it_and_a_thumbnail_strip(env):
     assert at.session_state["current_image"] in at.session_state["images"]
     assert len(at.session_state["images"]) == 2  # the starting sample + the upload
     assert any(b.label == "Show" for b in at.button)  # the strip lets the sample be picked again
-    at.slider(key="w_score_thresh").set_value(0.05).run()
+    at.slider(key="score_thresh").set_value(0.05).run()
     assert count(at) > 0
 
 
@@ -164,7 +164,7 @@ def test_new_sample_button_makes_another_scene(env):
     assert not at.exception
     assert at.session_state["current_image"] != first
     assert at.session_state["sample_seed"] == 1
-    at.number_input(key="w_sample_seed").set_value(7).run()
+    at.number_input(key="sample_seed").set_value(7).run()
     assert not at.exception
     assert at.session_state["images"][at.session_state["current_image"]].name == "sample-7.png"
 
@@ -172,7 +172,7 @@ def test_new_sample_button_makes_another_scene(env):
 def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeypatch):
     write_tiny(env / "runs" / "r1" / "checkpoint.pt", ["__background__", "circle", "star"], seed=5)
     at = start()
-    picker = at.sidebar.selectbox(key="w_model_name")
+    picker = at.sidebar.selectbox(key="model_name")
     run_name = next(o for o in picker.options if "run r1" in o)
     picker.select(str(env / "runs" / "r1" / "checkpoint.pt")).run()
     assert not at.exception, at.exception
@@ -185,13 +185,13 @@ def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeyp
         raise ModelUnavailable(f"cannot download {name}: offline (copy the file instead)")
 
     monkeypatch.setattr("mrcnn.model.zoo.download_weights", offline)
-    at.sidebar.selectbox(key="w_model_name").select("coco-r50-fpn").run()
+    at.sidebar.selectbox(key="model_name").select("coco-r50-fpn").run()
     assert not at.exception, at.exception
     assert any("not available" in w.value for w in at.sidebar.warning)
     assert any("No model loaded" in w.value for w in at.main.warning)
     at.sidebar.button(key="download_coco-r50-fpn").click().run()
     assert any("offline" in e.value for e in at.sidebar.error)
-    at.sidebar.selectbox(key="w_model_name").select("shapes").run()
+    at.sidebar.selectbox(key="model_name").select("shapes").run()
     assert not at.exception
     count(at)
 
@@ -219,7 +219,7 @@ def test_inspect_page_walks_every_stage(env, monkeypatch):
     original = Trace._run_network
     monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
     at = start()
-    at.slider(key="w_score_thresh").set_value(0.05).run()
+    at.slider(key="score_thresh").set_value(0.05).run()
     at.switch_page("ui/inspect.py").run()
     assert not at.exception, at.exception
     titles = [h.value for h in at.subheader]
@@ -228,22 +228,22 @@ def test_inspect_page_walks_every_stage(env, monkeypatch):
     assert at.session_state["score_thresh"] == 0.05  # kept across the page switch
 
     kept = next(m for m in at.metric if m.label == "Kept (proposals)")
-    at.number_input(key="w_rpn_post_nms_top_n").set_value(20)
+    at.number_input(key="rpn_post_nms_top_n").set_value(20)
     at.button[[b.label for b in at.button].index("Re-run RPN")].click().run()
     assert not at.exception, at.exception
     kept_after = next(m for m in at.metric if m.label == "Kept (proposals)")
     assert int(kept_after.value.replace(",", "")) <= 20 <= int(kept.value.replace(",", ""))
     assert "backbone not re-run" in captions(at)
 
-    at.selectbox(key="w_insp_anchor_level").select(0).run()
-    at.radio(key="w_insp_feat_mode").set_value("one channel").run()
-    at.selectbox(key="w_insp_det").select_index(len(at.selectbox(key="w_insp_det").options) - 1).run()
+    at.selectbox(key="insp_anchor_level").select(0).run()
+    at.radio(key="insp_feat_mode").set_value("one channel").run()
+    at.selectbox(key="insp_det").select_index(len(at.selectbox(key="insp_det").options) - 1).run()
     assert not at.exception, at.exception
     assert len(runs) == 1, "the Inspect page ran the network again"
 
     at.switch_page("ui/detect.py").run()
     assert not at.exception
-    assert at.slider(key="w_score_thresh").value == 0.05
+    assert at.slider(key="score_thresh").value == 0.05
     assert "RPN knobs set on Inspect are in use" in captions(at)
 
 
@@ -278,12 +278,87 @@ def test_inspect_controls_survive_a_smaller_image(env):
     at = start()
     at.file_uploader[0].upload("wide.png", png(scene(120, 300, seed=1)), "image/png").run()
     at.switch_page("ui/inspect.py").run()
-    at.slider(key="w_insp_anchor_x").set_value(290).run()
-    at.radio(key="w_insp_feat_mode").set_value("one channel").run()
-    at.number_input(key="w_insp_feat_channel").set_value(15).run()
+    at.slider(key="insp_anchor_x").set_value(290).run()
+    at.radio(key="insp_feat_mode").set_value("one channel").run()
+    at.number_input(key="insp_feat_channel").set_value(15).run()
     at.switch_page("ui/detect.py").run()
     at.file_uploader[0].upload("small.png", png(scene(64, 80, seed=2)), "image/png").run()
     assert "small.png" in captions(at)
     at.switch_page("ui/inspect.py").run()
     assert not at.exception, at.exception
-    assert at.slider(key="w_insp_anchor_x").value == 79
+    assert at.slider(key="insp_anchor_x").value == 79
+
+
+def labelled(at: AppTest, kind: str, label: str):
+    """The one widget of this kind with this label on the page."""
+    found = [w for w in at.get(kind) if w.label == label]
+    assert len(found) == 1, [w.label for w in at.get(kind)]
+    return found[0]
+
+
+def test_mask_threshold_survives_a_visit_to_inspect(env):
+    """Once the Inspect slider showed 0.00 and wrote it back: Detect's masks then filled their boxes."""
+    at = start()
+    labelled(at, "slider", "Score threshold").set_value(0.05).run()  # step 9 needs a detection to follow
+    assert labelled(at, "slider", "Mask threshold").value == 0.5
+    at.switch_page("ui/inspect.py").run()
+    assert not at.exception, at.exception
+    assert labelled(at, "slider", "Mask threshold").value == 0.5
+    assert "pixels above 0.50" in captions(at)
+    at.switch_page("ui/detect.py").run()
+    assert labelled(at, "slider", "Mask threshold").value == 0.5
+    assert at.session_state["mask_thresh"] == 0.5
+
+
+# Every control more than one page uses, with a value other than its default.
+DETECT_CONTROLS = {"slider": {"score_thresh": 0.05, "nms_thresh": 0.3, "max_detections": 40, "opacity": 0.8},
+                   "toggle": {"show_masks": False, "show_labels": False, "show_outlines": True, "show_proposals": True},
+                   "radio": {"color_by": "class"}}
+
+
+def test_shared_controls_keep_their_values_through_every_page(env):
+    at = start()
+    for kind, values in DETECT_CONTROLS.items():
+        for key, value in values.items():
+            getattr(at, kind)(key=key).set_value(value).run()
+    at.slider(key="proposals_k").set_value(20).run()  # drawn once the overlay is on
+    assert not at.exception, at.exception
+
+    at.switch_page("ui/inspect.py").run()
+    assert at.slider(key="mask_thresh").value == 0.5
+    at.slider(key="mask_thresh").set_value(0.7).run()  # a value set here shows on Detect
+    at.number_input(key="rpn_post_nms_top_n").set_value(300)
+    at.slider(key="rpn_nms_thresh").set_value(0.6)
+    at.button[[b.label for b in at.button].index("Re-run RPN")].click().run()
+    at.slider(key="insp_prop_k").set_value(30).run()
+    assert not at.exception, at.exception
+
+    for page in ("ui/finetune.py", "ui/evaluate.py", "ui/detect.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+    for kind, values in DETECT_CONTROLS.items():
+        for key, value in values.items():
+            assert getattr(at, kind)(key=key).value == value, key
+    assert at.slider(key="proposals_k").value == 20
+    assert at.slider(key="mask_thresh").value == 0.7
+    assert "post-NMS top-N 300, NMS IoU 0.60" in captions(at)
+
+    at.switch_page("ui/inspect.py").run()
+    assert at.slider(key="mask_thresh").value == 0.7
+    assert "pixels above 0.70" in captions(at)
+    assert at.number_input(key="rpn_post_nms_top_n").value == 300
+    assert at.slider(key="rpn_nms_thresh").value == 0.6
+    assert at.slider(key="insp_prop_k").value == 30
+    assert "score ≥ 0.05, NMS IoU 0.30, mask ≥ 0.70" in captions(at)
+
+
+def test_rpn_defaults_button_resets_the_knobs(env):
+    at = start()
+    at.switch_page("ui/inspect.py").run()
+    at.number_input(key="rpn_pre_nms_top_n").set_value(200)
+    at.button[[b.label for b in at.button].index("Re-run RPN")].click().run()
+    assert at.session_state["rpn_pre_nms_top_n"] == 200
+    at.button[[b.label for b in at.button].index("Defaults")].click().run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="rpn_pre_nms_top_n").value == 1000
+    assert at.session_state["rpn_pre_nms_top_n"] == 1000

@@ -27,6 +27,7 @@ UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
 # keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
 MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8
+SAMPLE_SIZES = [128, 192, 256, 384, 512]
 
 
 # ---- input --------------------------------------------------------------------------------------------
@@ -37,14 +38,12 @@ def ingest_upload(name: str, data: bytes) -> state.ImageEntry:
 
 
 def _new_sample(classes: tuple[str, ...]) -> None:
-    state.set_value("sample_seed", int(st.session_state["sample_seed"]) + 1)
-    state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
+    st.session_state["sample_seed"] += 1
+    _show_sample(classes)
 
 
 def _show_sample(classes: tuple[str, ...]) -> None:
-    """Seed or size changed: show that scene (callbacks run before the widgets' values are kept)."""
-    for name in ("sample_seed", "sample_size"):
-        st.session_state[name] = st.session_state.get(state.widget_key(name), st.session_state[name])
+    """Seed or size changed: show that scene."""
     state.add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], classes))
 
 
@@ -103,11 +102,11 @@ def _input(categories: list[str]) -> None:
         st.markdown("**Sample scene** (synthetic shapes)")
         c1, c2 = st.columns([1, 1])
         with c1:
-            state.persist("sample_seed", st.number_input, "Seed", min_value=0, max_value=10**9, step=1,
-                          on_change=_show_sample, args=(classes,))
+            st.number_input("Seed", min_value=0, max_value=10**9, step=1, key="sample_seed",
+                            persist_state="session", on_change=_show_sample, args=(classes,))
         with c2:
-            state.persist("sample_size", st.select_slider, "Size", options=[128, 192, 256, 384, 512], default=256,
-                          on_change=_show_sample, args=(classes,))
+            st.select_slider("Size", SAMPLE_SIZES, key="sample_size", persist_state="session",
+                             on_change=_show_sample, args=(classes,))
         b1, b2 = st.columns(2)
         b1.button("New sample", key="new_sample", icon=":material/casino:", on_click=_new_sample, args=(classes,),
                   width="stretch", help="The next seed's scene")
@@ -121,28 +120,27 @@ def _input(categories: list[str]) -> None:
 # ---- controls and results (a fragment: a control change re-runs only this) -------------------------------
 def _controls(classes: list[str]) -> dict:
     st.markdown("**Thresholds**")
-    state.persist("score_thresh", st.slider, "Score threshold", 0.0, 1.0, step=0.01)
-    state.persist("nms_thresh", st.slider, "NMS IoU (per class)", 0.0, 1.0, step=0.05,
-                  help="Boxes of one class overlapping more than this are suppressed; 1 keeps all")
-    state.persist("max_detections", st.slider, "Max detections", 1, 300, step=1)
-    state.persist("mask_thresh", st.slider, "Mask threshold", 0.0, 1.0, step=0.05)
+    st.slider("Score threshold", 0.0, 1.0, step=0.01, key="score_thresh", persist_state="session")
+    st.slider("NMS IoU (per class)", 0.0, 1.0, step=0.05, key="nms_thresh", persist_state="session",
+              help="Boxes of one class overlapping more than this are suppressed; 1 keeps all")
+    st.slider("Max detections", 1, 300, step=1, key="max_detections", persist_state="session")
+    state.carry_over("mask_thresh")  # Inspect shows it too
+    st.slider("Mask threshold", 0.0, 1.0, step=0.05, key="mask_thresh", persist_state="session")
     model = st.session_state.get("model_name") or ""
-    class_filter = state.persist(f"class_filter::{model}", st.multiselect, "Classes", options=classes, default=[],
-                                 placeholder="all classes")
+    class_filter = st.multiselect("Classes", classes, key=f"class_filter::{model}", persist_state="session",
+                                  placeholder="all classes")
     st.markdown("**Display**")
     t1, t2 = st.columns(2)
     with t1:
-        state.persist("show_masks", st.toggle, "Masks")
-        state.persist("show_boxes", st.toggle, "Boxes")
+        st.toggle("Masks", key="show_masks", persist_state="session")
+        st.toggle("Boxes", key="show_boxes", persist_state="session")
     with t2:
-        state.persist("show_labels", st.toggle, "Labels")
-        state.persist("show_outlines", st.toggle, "Outlines")
-    state.persist("color_by", st.radio, "Colour by", options=["instance", "class"], default="instance",
-                  horizontal=True)
-    state.persist("opacity", st.slider, "Mask opacity", 0.0, 1.0, step=0.05)
-    state.persist("show_proposals", st.toggle, "RPN proposals overlay")
-    if st.session_state["show_proposals"]:
-        state.persist("proposals_k", st.slider, "Top-K proposals", 1, 500, step=1)
+        st.toggle("Labels", key="show_labels", persist_state="session")
+        st.toggle("Outlines", key="show_outlines", persist_state="session")
+    st.radio("Colour by", ["instance", "class"], key="color_by", persist_state="session", horizontal=True)
+    st.slider("Mask opacity", 0.0, 1.0, step=0.05, key="opacity", persist_state="session")
+    if st.toggle("RPN proposals overlay", key="show_proposals", persist_state="session"):
+        st.slider("Top-K proposals", 1, 500, step=1, key="proposals_k", persist_state="session")
     return {"class_filter": class_filter}
 
 

@@ -18,6 +18,7 @@ from ui import plots, state
 
 SECTIONS = ["1 Input and resize", "2 Backbone / FPN", "3 Anchors", "4 RPN", "5 Proposals", "6 RoI pooling",
             "7 Box head", "8 Per-class NMS", "9 Masks", "10 Where the time went"]
+FEATURE_MODES = ["mean over channels", "one channel"]
 RPN_KEYS = ("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_nms_thresh", "rpn_score_thresh")
 
 
@@ -76,12 +77,12 @@ def _backbone(trace) -> None:
     channels = int(next(iter(trace.features.values())).shape[1])
     c1, c2 = st.columns([1, 3])
     with c1:
-        mode = state.persist("insp_feat_mode", st.radio, "Show", options=["mean over channels", "one channel"],
-                             default="mean over channels")
+        mode = st.radio("Show", FEATURE_MODES, key="insp_feat_mode", persist_state="session")
         channel = None
         if mode == "one channel":
-            channel = int(state.persist("insp_feat_channel", st.number_input, "Channel", min_value=0,
-                                        max_value=channels - 1, step=1, default=0, bounds=(0, channels - 1)))
+            state.clamp("insp_feat_channel", 0, channels - 1)
+            channel = int(st.number_input("Channel", min_value=0, max_value=channels - 1, step=1,
+                                          key="insp_feat_channel", persist_state="session"))
         rows = []
         for name in names:
             _, ch, h, w = trace.features[name].shape
@@ -124,12 +125,14 @@ def _anchors(trace, entry) -> None:
     st.caption(f"{sum(r['anchors'] for r in rows):,} anchors in all")
     c1, c2 = st.columns([1, 2])
     with c1:
-        level = state.persist("insp_anchor_level", st.selectbox, "Level", options=list(range(len(rows))),
-                              default=min(1, len(rows) - 1), format_func=lambda i: rows[i]["level"])
-        x = state.persist("insp_anchor_x", st.slider, "x (image pixels)", 0, max(entry.width - 1, 1),
-                          default=entry.width // 2, bounds=(0, max(entry.width - 1, 1)))
-        y = state.persist("insp_anchor_y", st.slider, "y (image pixels)", 0, max(entry.height - 1, 1),
-                          default=entry.height // 2, bounds=(0, max(entry.height - 1, 1)))
+        state.clamp("insp_anchor_level", 0, len(rows) - 1)
+        level = st.selectbox("Level", list(range(len(rows))), key="insp_anchor_level", persist_state="session",
+                             format_func=lambda i: rows[i]["level"])
+        x_max, y_max = max(entry.width - 1, 1), max(entry.height - 1, 1)  # a slider needs min < max
+        state.clamp("insp_anchor_x", 0, x_max, initial=entry.width // 2)
+        state.clamp("insp_anchor_y", 0, y_max, initial=entry.height // 2)
+        x = st.slider("x (image pixels)", 0, x_max, key="insp_anchor_x", persist_state="session")
+        y = st.slider("y (image pixels)", 0, y_max, key="insp_anchor_y", persist_state="session")
         x, y = min(int(x), entry.width - 1), min(int(y), entry.height - 1)
         cy, cx = feature_cell(trace, level, x, y)
         boxes_in = trace.anchors_at(level, cy, cx)
@@ -167,14 +170,9 @@ def _rpn(trace) -> None:
 
 
 # ---- 5 ----------------------------------------------------------------------------------------------------
-def _apply_rpn() -> None:
-    for key in RPN_KEYS:
-        st.session_state[key] = st.session_state[state.widget_key(key)]
-
-
 def _reset_rpn() -> None:
     for key in RPN_KEYS:
-        state.set_value(key, state.DEFAULTS[key])
+        st.session_state[key] = state.DEFAULTS[key]
 
 
 def _proposals(trace, entry) -> None:
@@ -186,7 +184,7 @@ def _proposals(trace, entry) -> None:
     c[1].metric("Suppressed by NMS", f"{p.num_suppressed:,}")
     c[2].metric("Kept (proposals)", f"{len(p.boxes):,}")
     c[3].metric("Cut by post-NMS top-N", f"{len(p.boxes_pre) - p.num_suppressed - len(p.boxes):,}")
-    k = int(state.persist("insp_prop_k", st.slider, "Top-K to draw", 1, 300, step=1, default=50))
+    k = int(st.slider("Top-K to draw", 1, 300, step=1, key="insp_prop_k", persist_state="session"))
     before, before_s = trace.proposals_original(k, before_nms=True)
     after, after_s = trace.proposals_original(k)
     left, right = st.columns(2)
@@ -199,18 +197,14 @@ def _proposals(trace, entry) -> None:
     with st.form("rpn_knobs", border=True):
         st.markdown("**RPN knobs** — re-run proposal filtering and the heads from the cached features")
         f = st.columns(4)
-        with f[0]:
-            state.persist("rpn_pre_nms_top_n", st.number_input, "Pre-NMS top-N (per level)", min_value=1,
-                          max_value=10000, step=50)
-        with f[1]:
-            state.persist("rpn_post_nms_top_n", st.number_input, "Post-NMS top-N", min_value=1, max_value=10000,
-                          step=50)
-        with f[2]:
-            state.persist("rpn_nms_thresh", st.slider, "RPN NMS IoU", 0.0, 1.0, step=0.05)
-        with f[3]:
-            state.persist("rpn_score_thresh", st.slider, "RPN score threshold", 0.0, 1.0, step=0.01)
+        f[0].number_input("Pre-NMS top-N (per level)", min_value=1, max_value=10000, step=50,
+                          key="rpn_pre_nms_top_n", persist_state="session")
+        f[1].number_input("Post-NMS top-N", min_value=1, max_value=10000, step=50, key="rpn_post_nms_top_n",
+                          persist_state="session")
+        f[2].slider("RPN NMS IoU", 0.0, 1.0, step=0.05, key="rpn_nms_thresh", persist_state="session")
+        f[3].slider("RPN score threshold", 0.0, 1.0, step=0.01, key="rpn_score_thresh", persist_state="session")
         b = st.columns([1, 1, 3])
-        b[0].form_submit_button("Re-run RPN", type="primary", on_click=_apply_rpn, icon=":material/replay:")
+        b[0].form_submit_button("Re-run RPN", type="primary", icon=":material/replay:")
         b[1].form_submit_button("Defaults", on_click=_reset_rpn)
     ms = st.session_state.get("rpn_rerun_ms")
     if trace.rpn_settings != RpnSettings():
@@ -234,11 +228,12 @@ def _detection_steps(trace, entry) -> None:
     if cids:
         highlight = st.session_state.get("highlight")
         if highlight in cids and st.session_state.get("insp_seen_highlight") != highlight:
-            state.set_value("insp_det", highlight)
+            st.session_state["insp_det"] = highlight  # the row chosen on Detect
         st.session_state["insp_seen_highlight"] = highlight
+        state.keep_choice("insp_det", cids, cids[0])
         by_cid = {c: i for i, c in enumerate(cids)}
-        cid = state.persist("insp_det", st.selectbox, "Detection to follow through steps 6, 7 and 9",
-                            options=cids, default=cids[0], format_func=lambda c: _det_label(dets, by_cid[c]))
+        cid = st.selectbox("Detection to follow through steps 6, 7 and 9", cids, key="insp_det",
+                           persist_state="session", format_func=lambda c: _det_label(dets, by_cid[c]))
     else:
         st.info(f"No detections at score ≥ {thresholds.score_thresh:.2f}: lower the score threshold on Detect "
                 "to follow one through RoI pooling, the box head and the mask head.")
@@ -317,8 +312,8 @@ def _masks(trace, entry, cid: int, dets, index: int) -> None:
            else "resized onto the box rounded to whole pixels, as torchvision does")
     _section(9, "The mask head predicts a 28×28 probability map for the detection's class inside its box; it "
                 f"is pasted into the image ({how}) and cut at the mask threshold.")
-    state.persist("mask_thresh", st.slider, "Mask threshold", 0.0, 1.0, step=0.05)
-    t = float(st.session_state["mask_thresh"])
+    state.carry_over("mask_thresh")  # the same control as Detect's: one value, shown and set on both pages
+    t = float(st.slider("Mask threshold", 0.0, 1.0, step=0.05, key="mask_thresh", persist_state="session"))
     small = _np(trace.mask_probs_28([cid])[0])
     full = trace.mask_probs_full(cid)
     x0, y0, x1, y1 = (int(v) for v in dets.boxes[index])

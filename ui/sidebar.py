@@ -12,6 +12,7 @@ from mrcnn.model import zoo
 from mrcnn.errors import MrcnnError
 from ui import state
 
+DEVICES = ["auto", "cpu", "cuda"]
 KIND_LABELS = {"bundled": "bundled", "torchvision": "COCO, torchvision", "checkpoint": "training run"}
 
 
@@ -105,8 +106,7 @@ def _flatten(metrics: dict, prefix: str = "") -> dict[str, str]:
 
 def _device() -> None:
     if torch.cuda.is_available():
-        state.persist("device", st.radio, "Device", options=["auto", "cpu", "cuda"], default="auto",
-                      horizontal=True)
+        st.radio("Device", DEVICES, key="device", persist_state="session", horizontal=True)
     else:
         st.session_state["device"] = "auto"
     try:
@@ -128,8 +128,9 @@ def render() -> zoo.LoadedModel | None:
             st.error("No models are known.")
             st.session_state["model_name"] = None
             return None
-        name = state.persist("model_name", st.selectbox, "Model", options=[i.name for i in infos],
-                             default=default_model(infos), format_func=lambda n: model_label(by_name[n]))
+        state.keep_choice("model_name", list(by_name), default_model(infos))
+        name = st.selectbox("Model", list(by_name), key="model_name", persist_state="session",
+                            format_func=lambda n: model_label(by_name[n]))
         info = by_name[name]
         if not info.available:
             _unavailable(info)

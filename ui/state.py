@@ -9,10 +9,13 @@ Per session (``st.session_state``), initialised by ``init()``:
   current_image             the image id Detect and Inspect show
   traces                    OrderedDict trace key -> Trace, least recently used first (a small LRU)
   score_thresh … mask_thresh, show_*, color_by, opacity, show_proposals, proposals_k,
-  rpn_* …                   control values; they outlive the widgets (see ``persist``)
+  rpn_* …                   control values (DEFAULTS)
 
-Widget values are kept under their own names because Streamlit forgets a widget's state when a page
-that does not draw it runs: each widget gets the key ``w_<name>``, seeded from ``<name>``.
+A control's value lives in its widget's own state: the widget has the key above and
+``persist_state="session"``, so Streamlit keeps the value while a page that does not draw it runs,
+and every page that shows the control uses the same key. ``init()`` gives each key its first value;
+a button's callback writes ``st.session_state[key]``. Only a range that depends on the image or the
+model is enforced here (``clamp``, ``keep_choice``), before the widget is drawn.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import streamlit as st
@@ -60,6 +63,11 @@ DEFAULTS: dict[str, Any] = {
     "rpn_post_nms_top_n": 1000,
     "rpn_nms_thresh": 0.7,
     "rpn_score_thresh": 0.0,
+    # Inspect's own views (the anchor point starts at the image centre: see ui/inspect.py)
+    "insp_feat_mode": "mean over channels",
+    "insp_feat_channel": 0,
+    "insp_anchor_level": 1,
+    "insp_prop_k": 50,
 }
 
 
@@ -68,7 +76,7 @@ def init() -> None:
     ss = st.session_state
     for key, value in DEFAULTS.items():
         if key not in ss:
-            ss[key] = list(value) if isinstance(value, list) else value
+            ss[key] = value
     for key in ("images", "traces"):
         if key not in ss:
             ss[key] = OrderedDict()
@@ -76,47 +84,32 @@ def init() -> None:
     ss.setdefault("ingested_uploads", {})  # uploader file id -> image id, or the error message
 
 
-def widget_key(name: str) -> str:
-    return f"w_{name}"
-
-
-def persist(name: str, widget: Callable, label: str, *args, options=None, default=None, bounds=None, **kwargs):
-    """Draw ``widget(label, *args, key="w_<name>")`` showing the value kept under ``name``, and keep
-    the new value there. ``options`` (for choice widgets) are passed on and a kept value that is no
-    longer among them falls back to ``default`` (or the first option). ``bounds`` (lo, hi): a kept
-    number outside them (the range depends on the image or model) is clamped before the widget sees it."""
+def clamp(key: str, lo, hi, initial=None) -> None:
+    """Keep the value under ``key`` within [lo, hi], a range that depends on the image or the model;
+    with no value yet, start at ``initial``. Call before the widget with that key is drawn."""
     ss = st.session_state
-    wkey = widget_key(name)
-    if name not in ss:
-        ss[name] = default
-    if bounds is not None and ss[name] is not None:
-        lo, hi = bounds
-        clamped = min(max(ss[name], lo), hi)
-        if clamped != ss[name]:
-            ss[name] = clamped
-            ss.pop(wkey, None)
-    if options is not None:
-        options = list(options)
-        kept = ss[name]
-        if isinstance(kept, list):
-            valid = [v for v in kept if v in options]
-        else:
-            valid = kept if kept in options else (default if default in options else (options[0] if options else None))
-        if valid != kept:
-            ss[name] = valid
-            ss.pop(wkey, None)
-        args = (options, *args)
-    if wkey not in ss:
-        ss[wkey] = ss[name]
-    value = widget(label, *args, key=wkey, **kwargs)
-    ss[name] = value
-    return value
+    if key not in ss:
+        ss[key] = initial
+    value = min(max(ss[key], lo), hi)
+    if value != ss[key]:  # writing an unchanged value would still count as a change
+        ss[key] = value
 
 
-def set_value(name: str, value: Any) -> None:
-    """Change a kept control value from code (a button's callback): the widget shows it next run."""
-    st.session_state[name] = value
-    st.session_state.pop(widget_key(name), None)
+def carry_over(key: str) -> None:
+    """Call just before drawing a control that more than one page shows (the mask threshold).
+
+    Streamlit gives a widget another id on each page, so on the first run after a switch between two
+    pages that both draw it, the new widget would start at its default and write that back (the mask
+    threshold once came back from Inspect as 0.00). A value written under the key wins over the default."""
+    st.session_state[key] = st.session_state[key]
+
+
+def keep_choice(key: str, options: list, fallback) -> None:
+    """Keep the value under ``key`` among ``options`` (which depend on the model or the image), else
+    ``fallback``. Call before the widget with that key is drawn."""
+    ss = st.session_state
+    if ss.get(key) not in options:
+        ss[key] = fallback
 
 
 def thresholds() -> Thresholds:
