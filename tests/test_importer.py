@@ -1,0 +1,131 @@
+"""Importing Mask R-CNNs trained elsewhere: torchvision state dicts (v1, v2), references-style and DDP
+checkpoints, our own; wrong files refused with the first key or shape that does not fit, nothing written.
+
+Shape-only cases use state dicts of zero-stride tensors (``expand``): full shapes, a few bytes on disk."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from mrcnn.errors import CheckpointError
+from mrcnn.model.architectures import build_model
+from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
+from mrcnn.model.importer import import_model
+from mrcnn.model.zoo import load_model
+from tests.helpers import CATEGORIES, TINY_LIGHT, scene
+
+
+def shaped_state_dict(arch_name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The keys and shapes of a torchvision Mask R-CNN, each tensor one stored number."""
+    with torch.device("meta"):
+        own = build_model({"name": arch_name}, num_classes).state_dict()
+    return {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in own.items()}
+
+
+@pytest.mark.parametrize("arch_name, num_classes", [("maskrcnn_resnet50_fpn", 3), ("maskrcnn_resnet50_fpn_v2", 5)])
+def test_architecture_and_classes_come_from_keys_and_shapes(tmp_path, arch_name, num_classes):
+    src = tmp_path / "maskrcnn_resnet50_fpn_v2_misleading_name.pth"  # the file name says nothing true
+    torch.save(shaped_state_dict(arch_name, num_classes), src)
+    imported = import_model(src, dest_dir=tmp_path / "models")
+    ckpt = load_checkpoint(imported.checkpoint)
+    assert ckpt["arch"] == {"name": arch_name, "min_size": 800, "max_size": 1333}
+    assert ckpt["categories"] == ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
+    assert "--classes" in imported.class_note
+    assert imported.card["source"]["file"] == src.name and len(imported.card["source"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("wrap", ["references", "ddp"])
+def test_references_and_ddp_checkpoints_are_opened(tmp_path, wrap):
+    sd = shaped_state_dict("maskrcnn_resnet50_fpn", 3)
+    if wrap == "references":
+        obj = {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {}, "epoch": 25,
+               "args": {"lr": 0.02}}
+    else:
+        obj = {f"module.{k}": v for k, v in sd.items()}
+    src = tmp_path / "ckpt.pth"
+    torch.save(obj, src)
+    imported = import_model(src, classes=["cat", "dog"], name="pets", min_size=512, max_size=800,
+                            dest_dir=tmp_path / "models")
+    ckpt = load_checkpoint(imported.checkpoint)
+    assert ckpt["categories"] == ["__background__", "cat", "dog"] and imported.class_note is None
+    assert ckpt["arch"]["min_size"] == 512 and ckpt["arch"]["max_size"] == 800
+    assert set(ckpt["state_dict"]) == set(sd) and imported.name == "pets"
+
+
+def test_class_names_from_coco_annotations_and_sidecars(tmp_path):
+    src = tmp_path / "m.pth"
+    torch.save(shaped_state_dict("maskrcnn_resnet50_fpn", 3), src)
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps({"categories": [{"id": 7, "name": "dog"}, {"id": 2, "name": "cat"}]}))
+    assert import_model(src, classes_from=ann, dest_dir=tmp_path / "a").card["classes"] == ["cat", "dog"]
+    (tmp_path / "m.pth.classes.txt").write_text("ant\nbee\n")
+    assert import_model(src, dest_dir=tmp_path / "b").card["classes"] == ["ant", "bee"]
+    with pytest.raises(CheckpointError, match="2 classes .* names 3"):
+        import_model(src, classes=["a", "b", "c"], dest_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_imported_torchvision_model_detects_exactly_as_torchvision(tmp_path):
+    torch.manual_seed(0)
+    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=128,
+                                      max_size=160).eval()
+    with torch.no_grad():
+        reference.roi_heads.box_predictor.cls_score.bias[1:] += 8.0  # random weights, yet detections
+    src = tmp_path / "tv.pth"
+    torch.save(reference.state_dict(), src)
+    imported = import_model(src, classes=["a", "b"], min_size=128, max_size=160, dest_dir=tmp_path / "models")
+    loaded = load_model(str(imported.checkpoint), device="cpu")
+    image = torch.from_numpy(scene(96, 128, seed=3)).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        ours, theirs = loaded.model([image])[0], reference([image])[0]
+    assert len(theirs["boxes"]) > 0
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_own_checkpoint_is_accepted_and_can_be_renamed(tmp_path):
+    src = save_checkpoint(tmp_path / "own.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
+    imported = import_model(src, classes=["o", "p", "q"], dest_dir=tmp_path / "models")
+    assert load_checkpoint(imported.checkpoint)["categories"] == ["__background__", "o", "p", "q"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _wrong_files(tmp_path):
+    v1 = shaped_state_dict("maskrcnn_resnet50_fpn", 3)
+    classifier = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}
+    faster = {k: v for k, v in v1.items() if "mask" not in k}
+    other = {"roi_heads.box_predictor.cls_score.weight": torch.zeros(3, 1024),
+             "roi_heads.mask_predictor.mask_fcn_logits.weight": torch.zeros(3, 256, 1, 1),
+             "roi_heads.box_head.fc6.weight": torch.zeros(1024, 12544), "backbone.body.stem.weight": torch.zeros(1)}
+    wrong_shape = dict(v1, **{"rpn.head.conv.0.0.weight": torch.zeros(()).expand(128, 256, 3, 3)})
+    cases = {"classifier": (classifier, "expected a Mask R-CNN state dict .*'conv1.weight'"),
+             "faster_rcnn": (faster, "without a mask head"),
+             "other_arch": (other, "expected key 'backbone.body.conv1.weight'"),
+             "wrong_shape": (wrong_shape, r"rpn.head.conv.0.0.weight has shape \(128, 256, 3, 3\)")}
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+    full = tmp_path / "good.pth"
+    torch.save(v1, full)
+    (tmp_path / "truncated.pth").write_bytes(full.read_bytes()[:4000])
+    cases["truncated"] = (None, "truncated or corrupt")
+    (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"model": _RunsCode()}))
+    cases["pickle"] = (None, "not a")
+    return {name: (tmp_path / f"{name}.pth", message) for name, (_, message) in cases.items()}
+
+
+def test_wrong_files_get_one_clear_line_and_nothing_is_written(tmp_path, capsys):
+    dest = tmp_path / "models"
+    for name, (path, message) in _wrong_files(tmp_path).items():
+        with pytest.raises(CheckpointError, match=message) as err:
+            import_model(path, dest_dir=dest)
+        assert "\n" not in str(err.value) and path.name in str(err.value), (name, str(err.value))
+    assert not dest.exists()
+    assert "pwned" not in capsys.readouterr().out
