@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -237,6 +238,48 @@ def test_bad_settings_are_named():
         TrainConfig(data="x", steps=0)
     with pytest.raises(TrainingError, match="unknown training settings: bogus"):
         TrainConfig.from_dict({"data": "x", "bogus": 1})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("momentum", float("nan")), ("momentum", float("inf")), ("momentum", -0.1), ("momentum", 1.0), ("momentum", "0.9"),
+    ("lr", float("nan")), ("lr", 0.0), ("lr", -0.01), ("lr", float("inf")), ("lr", 10),
+    ("weight_decay", float("nan")), ("weight_decay", -1e-4), ("clip_grad_norm", float("nan")),
+    ("clip_grad_norm", -1.0), ("clip_grad_norm", float("inf")), ("min_lr_ratio", float("nan")),
+    ("min_lr_ratio", 2.0), ("warmup_factor", float("-inf")), ("warmup_factor", 1.5),
+    ("image_size", -5), ("image_size", 0), ("image_size", 1_000_000), ("image_size", 64.5),
+    ("threads", -1), ("threads", 0), ("num_workers", -1), ("num_workers", 10_000),
+    ("seed", 2**64), ("seed", 2**32), ("seed", -1), ("seed", True),
+    ("steps", 0), ("steps", 10**12), ("steps", "100"), ("batch_size", 0), ("batch_size", 1_000_000_000),
+    ("warmup_steps", -1), ("log_every", 0), ("val_every", -1), ("checkpoint_every", -1), ("val_num", 0),
+    ("schedule", "zigzag"), ("device", "gpu"), ("device", 0), ("amp", "no"), ("augment", 1),
+    ("arch", [1]), ("model", ""), ("out", ""), ("val", 5),
+])
+def test_every_setting_is_checked_with_its_range_named(name, value):
+    with pytest.raises(TrainingError, match=name):
+        TrainConfig(data="x", **{name: value})
+    with pytest.raises(TrainingError, match=name):  # a --config file goes the same way
+        TrainConfig.from_dict({"data": "x", name: value})
+
+
+def test_train_checks_a_config_changed_after_it_was_built(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.momentum = float("nan")  # once trained 'successfully' into a checkpoint of NaN weights
+    with pytest.raises(TrainingError, match=r"momentum must be a finite number in \[0, 1\), got nan"):
+        train(cfg, verbose=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = {f.name for f in fields(TrainConfig) if f.type.split(" ")[0] in ("int", "float")}
+    assert numeric == set(train_mod.INTEGER_SETTINGS) | set(train_mod.FLOAT_SETTINGS)
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_any_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "_available_memory", lambda device: 100 * 2**20)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="batch size 16 at 256 px needs at least 0.4 GiB .* 0.1 GiB"):
+        train(tiny_config(run, batch_size=16, image_size=256), should_stop=lambda: True, verbose=False)
+    assert not (run / "metrics.jsonl").exists() and status(run)["state"] == "failed"
 
 
 def test_cli_train_with_config_file(tmp_path, capsys):

@@ -28,13 +28,14 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -50,6 +51,45 @@ from mrcnn.training.run_files import truncate_metrics, write_json, write_status
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_LR = 0.02
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 256  # images per step per process (Mask R-CNN recipes use 2-16)
+MAX_IMAGE_SIZE = 4096
+# numpy's seeds end at 2**32; torch's at 2**64, which StepBatches' per-step seed (about seed * 6.4e7) would pass first
+MAX_SEED = 2**32 - 1
+
+
+class Interval(NamedTuple):
+    """The allowed values of a numeric setting; ``low_open`` / ``high_open`` exclude an end."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# Every numeric setting's range. Those in OPTIONAL_SETTINGS may also be None (the default).
+INTEGER_SETTINGS = {
+    "steps": Interval(1, MAX_STEPS), "batch_size": Interval(1, MAX_BATCH_SIZE),
+    "warmup_steps": Interval(0, MAX_STEPS), "log_every": Interval(1, MAX_STEPS),
+    "val_every": Interval(0, MAX_STEPS), "checkpoint_every": Interval(0, MAX_STEPS),
+    "seed": Interval(0, MAX_SEED), "num_workers": Interval(0, 64), "threads": Interval(1, 1024),
+    "image_size": Interval(32, MAX_IMAGE_SIZE), "val_num": Interval(1, 10**9),
+}
+FLOAT_SETTINGS = {
+    "lr": Interval(0, 10, low_open=True, high_open=True), "momentum": Interval(0, 1, high_open=True),
+    "weight_decay": Interval(0, 1, high_open=True), "warmup_factor": Interval(0, 1),
+    "min_lr_ratio": Interval(0, 1), "clip_grad_norm": Interval(0, math.inf, high_open=True),  # 0: no clipping
+}
+OPTIONAL_SETTINGS = {"weights", "arch", "val", "val_num", "lr", "clip_grad_norm", "image_size", "threads", "export"}
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -90,18 +130,14 @@ class TrainConfig:
     export_half: bool = True        # ... in fp16 storage
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise TrainingError(f"steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise TrainingError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.lr is not None and not (0 < self.lr < 10):
-            raise TrainingError(f"learning rate must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise TrainingError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0 or self.log_every < 1 or self.checkpoint_every < 0 or self.val_every < 0:
-            raise TrainingError("warmup_steps, checkpoint_every and val_every must be >= 0, log_every >= 1")
-        if not self.data:
-            raise TrainingError("no training data given (--data)")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise TrainingError naming the first setting of the wrong type or out of its range."""
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if not (value is None and setting.name in OPTIONAL_SETTINGS):
+                _check_setting(setting.name, setting.type, value)
 
     @property
     def peak_lr(self) -> float:
@@ -117,6 +153,35 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"unknown training settings: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _check_setting(name: str, kind: str, value: Any) -> None:
+    """One TrainConfig field: ``kind`` is its annotation (``"str | None"``), ``value`` not None."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in INTEGER_SETTINGS:
+        if not (is_number and isinstance(value, int) and value in INTEGER_SETTINGS[name]):
+            raise TrainingError(f"{name} must be an integer in {INTEGER_SETTINGS[name]}, got {value!r}")
+    elif name in FLOAT_SETTINGS:
+        if not (is_number and math.isfinite(value) and value in FLOAT_SETTINGS[name]):
+            raise TrainingError(f"{name} must be a finite number in {FLOAT_SETTINGS[name]}, got {value!r}")
+    elif name == "schedule":
+        if value not in SCHEDULES:
+            raise TrainingError(f"unknown schedule {value!r}; use one of {', '.join(SCHEDULES)}")
+    elif name == "device":
+        if not (isinstance(value, str) and DEVICE_PATTERN.fullmatch(value)):
+            raise TrainingError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+    elif kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise TrainingError(f"{name} must be true or false, got {value!r}")
+    elif kind.startswith("dict"):
+        if not isinstance(value, dict):
+            raise TrainingError(f"{name} must be a JSON object, got {value!r}")
+    elif not isinstance(value, str):
+        raise TrainingError(f"{name} must be a string, got {value!r}")
+    elif name == "data" and not value:
+        raise TrainingError("no training data given (--data)")
+    elif not value and name not in OPTIONAL_SETTINGS:
+        raise TrainingError(f"{name} must not be empty")
 
 
 @dataclass
@@ -375,6 +440,40 @@ def _cpu_has_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+# A training step keeps at least this many bytes per input pixel for the backward pass (measured peak memory
+# growth per image at 256 px: 570 for the tests' smallest architecture, 950 for the light one; 630 at 512 px).
+TRAIN_BYTES_PER_PIXEL = 384
+
+
+def check_batch_fits(batch_size: int, arch: dict, device: torch.device) -> None:
+    """Refuse a batch whose training step cannot fit in the memory available now (a lower estimate:
+    batch_size images of the model's smallest input size), before any work is done."""
+    sizes = arch.get("min_size", 800)
+    side = min(sizes) if isinstance(sizes, (list, tuple)) else int(sizes)
+    need = batch_size * side * side * TRAIN_BYTES_PER_PIXEL
+    if device.type == "cpu":
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes share this memory
+    available = _available_memory(device)
+    if available is not None and need > available:
+        raise TrainingError(f"batch size {batch_size} at {side} px needs at least {need / 2**30:.1f} GiB for a "
+                            f"training step, but {available / 2**30:.1f} GiB of {device.type} memory is available; "
+                            "lower --batch-size or --image-size")
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes the process can still allocate on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _val_metrics(model, val_ds, device) -> dict:
     result = evaluate(model, val_ds, device=device, categories=val_ds.categories)
     return {"bbox_AP": result.bbox["AP"], "segm_AP": result.segm["AP"],
@@ -385,6 +484,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> TrainResult:
     """Run (or resume) training as ``config`` says. Returns a TrainResult; a failure that stops the
     run (non-finite loss, bad data) raises TrainingError / DatasetError after writing status.json."""
+    config.validate()  # again: a dataclass can be changed after it was built
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -449,6 +549,7 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
     if cfg.val and di.is_main:
         val_ds = first_items(open_data(cfg.val, categories), cfg.val_num)
 
+    check_batch_fits(cfg.batch_size, arch, device)
     use_cuda = device.type == "cuda"
     autocast_dtype = amp_dtype(device) if cfg.amp else None
     use_amp = autocast_dtype is not None
