@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import functools
+import json
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from mrcnn.training import jobs
+from mrcnn.data import coco
+from mrcnn.data.shapes import write_dataset
+from mrcnn.evaluation import evaluate as coco_metrics
+from mrcnn.inference.trace import Trace
+from mrcnn.training import finetune, jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
+from ui import tables
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]
 
@@ -84,3 +92,104 @@ def test_running_job_can_be_cancelled_from_another_session(env, fake_trainer):
     assert "ft_start" not in [b.key for b in at.button]  # one job at a time: no second start
     at.button(key="ft_cancel").click().run()
     assert job.state() == "cancelled"
+
+
+# ---- the pages keep what they computed; one naming scheme for metrics ------------------------------------
+METRIC_HEADER = re.compile(r"^((box|mask) )?AP(50|75|s|m|l)?( before| after)?$")
+
+
+def count_calls(monkeypatch, owner, name: str, calls: Counter) -> None:
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
+def metric_headers(at: AppTest) -> list[str]:
+    return [str(c) for table in at.dataframe for c in [*table.value.columns, table.value.index.name]
+            if "AP" in str(c)]
+
+
+def test_pages_use_the_sidebars_model(env, fake_trainer):
+    evaluate_page = open_page("ui/evaluate.py")
+    assert "ev_model" not in [s.key for s in evaluate_page.selectbox]
+    at = open_page("ui/finetune.py")
+    assert "ft_model" not in [s.key for s in at.selectbox]
+    assert "Starts from `shapes`" in texts(at)
+    at.number_input(key="ft_steps").set_value(2).run()
+    at.button(key="ft_start").click().run()
+    job = _wait_state(env / "runs", "finished")
+    assert job.command[job.command.index("--model") + 1] == "shapes"
+
+
+def test_evaluate_reruns_redraw_from_what_was_computed(env, monkeypatch):
+    calls = Counter()
+    count_calls(monkeypatch, coco_metrics, "evaluate", calls)
+    count_calls(monkeypatch, coco.CocoDataset, "__init__", calls)  # the dataset scan
+    count_calls(monkeypatch, coco.CocoDataset, "__getitem__", calls)  # an image and its masks decoded
+    count_calls(monkeypatch, Trace, "_run_network", calls)
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5).run()
+    at.select_slider(key="ev_size").set_value(128).run()
+    calls.clear()  # the app opened on Detect, which ran the network once
+    at.button(key="ev_go").click().run()
+    assert not at.exception, at.exception
+    assert calls["evaluate"] == 1 and calls["__init__"] == 1 and calls["_run_network"] == 1
+    assert at.get("plotly_chart")
+    after_evaluation = dict(calls)
+    for score in (0.3, 0.9, 0.05):
+        at.slider(key="ev_score").set_value(score).run()
+        assert not at.exception, at.exception
+    at.run()
+    assert dict(calls) == after_evaluation, "a threshold move or a rerun recomputed"
+    at.slider(key="ev_img").set_value(1).run()  # another image: decoded and run once
+    assert calls["__getitem__"] == after_evaluation["__getitem__"] + 1
+    assert calls["_run_network"] == 2 and calls["evaluate"] == 1 and calls["__init__"] == 1
+    at.button(key="ev_go").click().run()  # the same data again: evaluated, not scanned again
+    assert calls["evaluate"] == 2 and calls["__init__"] == 1
+
+
+def test_metric_headers_follow_one_scheme(env):
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5).run()
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    headers = metric_headers(at)
+    assert {"box AP", "box AP50", "mask AP", "mask AP50"} <= set(headers)
+    assert [h for h in headers if not METRIC_HEADER.match(h)] == []
+    per_class = tables.per_class_table({"circle": {"segm_AP50": 0.5, "bbox_AP": 0.2, "segm_AP": 0.1,
+                                                   "bbox_AP50": 0.4}})
+    assert list(per_class.columns) == ["box AP", "box AP50", "mask AP", "mask AP50"]
+
+
+@pytest.fixture
+def finished_run(env, fake_trainer) -> Path:
+    """A finished fine-tune run with a loadable (tiny) checkpoint and three validation scenes."""
+    run_dir = env / "runs" / "finetune-done"
+    jobs.start_job(["--steps", "2"], run_dir, steps=2)
+    _wait_state(env / "runs", "finished")
+    write_tiny(run_dir / "checkpoint.pt", seed=1)
+    val_dir = write_dataset(run_dir / "val", 3, seed=5, size=64, classes=finetune.BUILTIN_CLASSES)
+    (run_dir / "plan.json").write_text(json.dumps({"val_dir": str(val_dir), "start_model": "shapes"}))
+    return run_dir
+
+
+def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
+    calls = Counter()
+    count_calls(monkeypatch, finetune, "compare_before_after", calls)
+    count_calls(monkeypatch, Trace, "_run_network", calls)
+    at = open_page("ui/finetune.py")
+    calls.clear()  # the app opened on Detect, which ran the network once
+    at.button(key="ft_eval").click().run()
+    assert not at.exception, at.exception
+    assert calls["compare_before_after"] == 1 and calls["_run_network"] == 2  # before and after, image 0
+    headers = metric_headers(at)
+    assert "mask AP before" in headers and [h for h in headers if not METRIC_HEADER.match(h)] == []
+    at.slider(key="ft_val_idx").set_value(1).run()
+    assert calls["_run_network"] == 4
+    at.slider(key="ft_val_idx").set_value(0).run()
+    at.run()
+    assert calls["compare_before_after"] == 1 and calls["_run_network"] == 4, "a rerun ran a network again"

@@ -1,36 +1,92 @@
-"""Evaluate page: COCO AP of a model on a dataset, PR curves, confusion matrix, and a per-image browser
-that says, for every missed object, which stage of the network lost it.
+"""Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, confusion matrix, and a per-image
+browser that says, for every missed object, which stage of the network lost it.
 
 UI only: the metrics come from mrcnn.evaluation.evaluate, the reasons from mrcnn.evaluation.diagnose.
+
+What the page computed stays in the session as one ``Evaluation``: the dataset is scanned once (not
+again on a rerun, nor when the same data is evaluated again), each image's boxes are gathered once
+after the evaluation, and the views that depend on the score threshold are a fragment that redraws
+from them without decoding an image or running the network (except the browser's one image, once).
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from mrcnn.data import coco, shapes, uploads
+from mrcnn.errors import MrcnnError
+from mrcnn.evaluation import evaluate as coco_metrics
 from mrcnn.evaluation.diagnose import confusion_matrix, explain_trace_misses, match_detections
 from mrcnn.inference.draw import draw_boxes
-from mrcnn.errors import MrcnnError
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
-from ui.state import get_model, model_infos
+from ui import state, tables
 
-METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TP_COLOR, FP_COLOR, MISS_COLOR = (40, 200, 60), (230, 40, 40), (250, 200, 0)
 
 
+# ---- what the page keeps --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetChoice:
+    """What to evaluate on: generated scenes (``shapes``: num, seed, size, classes) or an uploaded zip."""
+
+    name: str  # what messages call it; for an upload, the file's name as the user gave it (never a path)
+    shapes: tuple | None = None
+    zip_bytes: bytes | None = None
+
+    @property
+    def key(self) -> str:
+        """Made by the server (the settings, or the upload's sha256): equal keys are the same data."""
+        if self.zip_bytes is None:
+            return f"shapes:{self.shapes}"
+        return "zip:" + hashlib.sha256(self.zip_bytes).hexdigest()
+
+
+@dataclass
+class ImageBoxes:
+    """One image's predictions and ground truth as the confusion matrix needs them (labels: the model's
+    class indices; ground truth of classes the model lacks is left out and named in ``lacking``)."""
+
+    pred_boxes: np.ndarray  # float32 (P, 4) xyxy
+    pred_scores: np.ndarray  # float32 (P,)
+    pred_labels: np.ndarray  # int64 (P,)
+    gt_boxes: np.ndarray  # float32 (G, 4) xyxy
+    gt_labels: np.ndarray  # int64 (G,)
+    lacking: list[str]  # class names of ground-truth objects the model has no class for
+
+
+@dataclass
+class Evaluation:
+    """One evaluation the page shows, with the dataset it ran on. The dataset's files live in ``folder``
+    (server-named), which is removed when a new evaluation replaces this one (or the session ends):
+    one folder per session, however many uploads it makes."""
+
+    model_key: tuple[str, str]  # (name, sha256)
+    dataset_key: str
+    dataset_name: str
+    folder: uploads.TemporaryFolder
+    dataset: coco.CocoDataset
+    result: dict  # EvalResult.to_dict()
+    images: list[ImageBoxes]
+
+
+def _model_key(loaded) -> tuple[str, str]:
+    return (loaded.name, loaded.sha256)
+
+
+# ---- figures and tables ---------------------------------------------------------------------------------
 def pr_figure(pr_curves: dict, iou_type: str) -> go.Figure:
     fig = go.Figure()
     for cls, curve in pr_curves.get(iou_type, {}).items():
         fig.add_trace(go.Scatter(x=curve["recall"], y=curve["precision"], mode="lines", name=cls))
     fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 30, "b": 10}, xaxis_title="recall",
                       yaxis_title="precision", xaxis_range=[0, 1], yaxis_range=[0, 1.02],
-                      title=f"{'box' if iou_type == 'bbox' else 'mask'} precision–recall at IoU 0.5")
+                      title=f"{tables.IOU_TYPE_NAMES[iou_type]} precision–recall at IoU 0.5")
     return fig
 
 
@@ -43,11 +99,18 @@ def confusion_figure(cm: np.ndarray, names: list[str]) -> go.Figure:
     return fig
 
 
-def _dataset_picker(loaded):
-    """The generated validation set (shapes models) or an uploaded COCO .zip -> a dataset folder."""
-    from mrcnn.data.shapes import SHAPE_NAMES
+def _metrics_tables(result: dict) -> None:
+    st.dataframe(tables.summary_table(result).style.format("{:.3f}"))
+    per_class = result.get("per_class", {})
+    if per_class:
+        st.caption("Per class")
+        st.dataframe(tables.per_class_table(per_class).style.format("{:.3f}"))
 
-    known_shapes = [c for c in loaded.categories[1:] if c in SHAPE_NAMES]
+
+# ---- the dataset and the evaluation ---------------------------------------------------------------------
+def _dataset_picker(loaded) -> DatasetChoice | None:
+    """The generated validation set (shapes models) or an uploaded COCO .zip."""
+    known_shapes = [c for c in loaded.categories[1:] if c in shapes.SHAPE_NAMES]
     options = (["Generated shapes scenes"] if known_shapes else []) + ["Upload a COCO .zip"]
     source = st.radio("Dataset", options, horizontal=True, key="ev_source")
     if source.startswith("Generated"):
@@ -55,111 +118,115 @@ def _dataset_picker(loaded):
         num = c1.number_input("Scenes", 5, 1000, 50, key="ev_num")
         seed = c2.number_input("Seed", 0, 10**6, 12345, key="ev_seed")
         size = c3.select_slider("Size", [128, 192, 256, 384, 512], 256, key="ev_size")
-        return ("shapes", int(num), int(seed), int(size), tuple(known_shapes))
+        return DatasetChoice(f"{int(num)} generated scenes", shapes=(int(num), int(seed), int(size),
+                                                                     tuple(known_shapes)))
     upload = st.file_uploader("COCO dataset (.zip with annotations.json and images/)", type=["zip"], key="ev_upload")
     if upload is None:
         return None
-    return ("zip", upload.name, upload.getvalue())
+    return DatasetChoice(upload.name, zip_bytes=upload.getvalue())
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _dataset_dir(spec: tuple) -> str:
-    """Materialise a dataset spec as a COCO folder (cached: the same spec is written once)."""
-    folder = Path(tempfile.mkdtemp(prefix="mrcnn-eval-"))
-    if spec[0] == "shapes":
-        from mrcnn.data.shapes import write_dataset
-
-        _, num, seed, size, classes = spec
-        write_dataset(folder, num, seed=seed, size=size, classes=classes)
-        return str(folder)
-    from mrcnn.data.coco import safe_extract_zip
-
-    zip_path = folder / spec[1]
-    zip_path.write_bytes(spec[2])
-    return str(safe_extract_zip(zip_path, folder / "data"))
+def _open_dataset(choice: DatasetChoice, folder: uploads.TemporaryFolder) -> coco.CocoDataset:
+    """Write or unpack the chosen data into ``folder`` and scan it. Messages name the upload as the
+    user named it, never the server's folder."""
+    if choice.zip_bytes is None:
+        num, seed, size, classes = choice.shapes
+        shapes.write_dataset(folder.path, num, seed=seed, size=size, classes=classes)
+        root = folder.path
+    else:
+        root = uploads.unpack_dataset_zip(choice.zip_bytes, choice.name, folder.path)
+    with uploads.naming_upload(choice.name, folder.path):
+        return coco.load_dataset(root)
 
 
-def _run(loaded, spec) -> None:
-    from mrcnn.data.coco import load_dataset
-    from mrcnn.evaluation.evaluate import evaluate
+def image_boxes(result: dict, dataset: coco.CocoDataset, categories: list[str]) -> list[ImageBoxes]:
+    """Each image's predictions and ground truth (from the annotations: no image or mask is decoded)."""
+    out = []
+    for i, pred in enumerate(result.get("predictions", [])):
+        anns = dataset.annotations(i)
+        names = [dataset.categories[dataset.cat_id_to_label[a.category_id]] for a in anns]
+        known = np.array([n in categories for n in names], bool)
+        gt_boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in anns)],
+                            np.float32).reshape(-1, 4)
+        out.append(ImageBoxes(
+            np.asarray(pred["boxes"], np.float32).reshape(-1, 4), np.asarray(pred["scores"], np.float32),
+            np.array([categories.index(n) for n in pred["labels"]], np.int64),
+            gt_boxes[known], np.array([categories.index(n) for n in names if n in categories], np.int64),
+            [n for n, k in zip(names, known) if not k]))
+    return out
 
+
+def _run(loaded, choice: DatasetChoice) -> None:
+    ss = st.session_state
+    previous = ss.get("ev_evaluation")
+    key = choice.key
+    reuse = previous is not None and previous.dataset_key == key  # the same data: not written nor scanned again
     bar = st.progress(0.0, text="Preparing the dataset…")
+    folder = previous.folder if reuse else uploads.TemporaryFolder("mrcnn-eval-")
     try:
-        root = _dataset_dir(spec)
-        dataset = load_dataset(root)
-        result = evaluate(loaded, dataset, progress=lambda d, t: bar.progress(d / max(t, 1),
-                                                                              text=f"Evaluating image {d}/{t}"))
-    except MrcnnError as err:
+        dataset = previous.dataset if reuse else _open_dataset(choice, folder)
+        with uploads.naming_upload(choice.name, folder.path):
+            result = coco_metrics.evaluate(
+                loaded, dataset,
+                progress=lambda d, t: bar.progress(d / max(t, 1), text=f"Evaluating image {d}/{t}")).to_dict()
+    except BaseException as err:
         bar.empty()
+        if not reuse:
+            folder.close()
+        if not isinstance(err, MrcnnError):
+            raise
         st.error(str(err))
         return
     bar.empty()
-    st.session_state["ev_result"] = {"model": loaded.name, "root": root, "result": result.to_dict()}
+    ss["ev_evaluation"] = Evaluation(_model_key(loaded), key, choice.name, folder, dataset, result,
+                                     image_boxes(result, dataset, loaded.categories))
+    if previous is not None and not reuse:
+        previous.folder.close()
+    ss.pop("ev_browser", None)
 
 
-def _metrics_tables(result: dict) -> None:
-    table = pd.DataFrame({("box" if k == "bbox" else "mask"): {m: result[k][m] for m in METRIC_KEYS}
-                          for k in ("bbox", "segm")}).T
-    st.dataframe(table.style.format("{:.3f}"))
-    per_class = result.get("per_class", {})
-    if per_class:
-        st.caption("Per class")
-        st.dataframe(pd.DataFrame(per_class).T.rename(columns={"bbox_AP": "box AP", "segm_AP": "mask AP"})
-                     .style.format("{:.3f}"))
-
-
-def _gt_of(dataset, i: int, model_categories: list[str]):
-    """Ground truth of image i with labels as the model's class indices (-1 for classes it lacks)."""
-    _, target = dataset[i]
-    names = [dataset.categories[int(lbl)] for lbl in target["labels"]]
-    labels = np.array([model_categories.index(n) if n in model_categories else -1 for n in names], np.int64)
-    return target["boxes"].numpy().reshape(-1, 4), labels, names
-
-
-def _predictions_as_detections(pred: dict, categories: list[str], size) -> Detections:
-    boxes = np.asarray(pred["boxes"], np.float32).reshape(-1, 4)
-    labels = np.array([categories.index(n) if n in categories else 0 for n in pred["labels"]], np.int64) \
-        if pred["labels"] and isinstance(pred["labels"][0], str) else np.asarray(pred["labels"], np.int64)
-    return Detections(boxes, np.asarray(pred["scores"], np.float32), labels, None,
-                      np.full(len(boxes), -1, np.int64), categories, size)
-
-
-def _confusion(result: dict, dataset, loaded, score_thresh: float) -> None:
+# ---- views that follow the score threshold --------------------------------------------------------------
+def confusion_at(images: list[ImageBoxes], categories: list[str], score_thresh: float) -> np.ndarray:
+    """The confusion matrix of the detections scoring above ``score_thresh``."""
     per_image = []
-    for i, pred in enumerate(result.get("predictions", [])):
-        boxes, labels, _ = _gt_of(dataset, i, loaded.categories)
-        dets = _predictions_as_detections(pred, loaded.categories, (0, 0))
-        keep = dets.scores > score_thresh
-        per_image.append((dets[keep], boxes[labels >= 0], labels[labels >= 0]))
-    if per_image:
-        cm = confusion_matrix(per_image, loaded.num_classes)
-        st.plotly_chart(confusion_figure(cm, loaded.categories), key="ev_cm")
+    for im in images:
+        keep = im.pred_scores > score_thresh
+        dets = Detections(im.pred_boxes[keep], im.pred_scores[keep], im.pred_labels[keep], None,
+                          np.full(int(keep.sum()), -1, np.int64), categories, (0, 0))
+        per_image.append((dets, im.gt_boxes, im.gt_labels))
+    return confusion_matrix(per_image, len(categories))
 
 
-def _browser(loaded, dataset, score_thresh: float) -> None:
+def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float):
+    """(image array, trace) of one dataset image: decoded and run once, then kept for the session
+    (one image at a time: traces are large)."""
+    key = (_model_key(loaded), evaluation.dataset_key, idx)
+    kept = st.session_state.get("ev_browser")
+    if kept is None or kept[0] != key:
+        image, _ = evaluation.dataset[idx]
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        kept = (key, array, run_trace(loaded, array, Thresholds(score_thresh=score_thresh)))
+        st.session_state["ev_browser"] = kept
+    return kept[1], kept[2]
+
+
+def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
     st.subheader("Per-image browser")
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
                "taken from the trace.")
-    n = len(dataset)
+    n = len(evaluation.dataset)
     idx = st.slider("Image", 0, max(n - 1, 0), 0, key="ev_img") if n > 1 else 0
-    image, _ = dataset[idx]
-    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    gt_boxes, gt_labels, gt_names = _gt_of(dataset, idx, loaded.categories)
-    key = ("ev_trace", loaded.name, loaded.sha256, idx)
-    trace = st.session_state.get("ev_trace_cache", {}).get(key)
-    if trace is None:
-        trace = run_trace(loaded, array, Thresholds(score_thresh=score_thresh))
-        st.session_state["ev_trace_cache"] = {key: trace}  # one image at a time: traces are large
+    array, trace = _browser_image(loaded, evaluation, idx, score_thresh)
+    truth = evaluation.images[idx]
     dets = trace.refilter(trace.thresholds.replace(score_thresh=score_thresh))
-    known = gt_labels >= 0
-    match = match_detections(dets, gt_boxes[known], gt_labels[known])
-    reasons = explain_trace_misses(trace, gt_boxes[known], gt_labels[known])
+    match = match_detections(dets, truth.gt_boxes, truth.gt_labels)
+    reasons = explain_trace_misses(trace, truth.gt_boxes, truth.gt_labels)
     canvas = array
     if len(dets):
         colors = [TP_COLOR if tp else FP_COLOR for tp in match.det_tp]
         canvas = draw_boxes(canvas, dets.boxes, colors, width=2,
                             labels=[f"{n} {s:.2f}" for n, s in zip(dets.label_names, dets.scores)])
-    missed_boxes = gt_boxes[known][match.missed]
+    missed_boxes = truth.gt_boxes[match.missed]
     if len(missed_boxes):
         canvas = draw_boxes(canvas, missed_boxes, [MISS_COLOR] * len(missed_boxes), width=3,
                             labels=[f"missed {r.label}" for r in reasons])
@@ -172,40 +239,41 @@ def _browser(loaded, dataset, score_thresh: float) -> None:
                          hide_index=True)
         else:
             st.write("Nothing missed in this image.")
-        lacking = [n for n, k in zip(gt_names, known) if not k]
-        if lacking:
-            st.caption(f"{len(lacking)} objects of classes the model does not have: {', '.join(sorted(set(lacking)))}")
+        if truth.lacking:
+            st.caption(f"{len(truth.lacking)} objects of classes the model does not have: "
+                       f"{', '.join(sorted(set(truth.lacking)))}")
 
 
-st.header("Evaluate")
-st.caption("COCO box and mask AP of a model on a dataset — and, for every object it missed, why.")
-models = [m.name for m in model_infos() if m.available]
-if not models:
-    st.warning("No model is available. See the sidebar for how to get one.")
-    st.stop()
-default = st.session_state.get("model_name")
-name = st.selectbox("Model", models, index=models.index(default) if default in models else 0, key="ev_model")
-try:
-    loaded = get_model(name, st.session_state.get("device", "auto"))
-except MrcnnError as err:
-    st.error(str(err))
-    st.stop()
-spec = _dataset_picker(loaded)
-if spec is not None and st.button("Evaluate", type="primary", key="ev_go"):
-    _run(loaded, spec)
+@st.fragment
+def _threshold_views(loaded, evaluation: Evaluation) -> None:
+    """Moving the threshold or the image redraws only this, from what the evaluation kept."""
+    score = st.slider("Score threshold for the confusion matrix and the browser", 0.05, 0.95, 0.5, 0.05,
+                      key="ev_score")
+    st.subheader("Confusion matrix")
+    if evaluation.images:
+        st.plotly_chart(confusion_figure(confusion_at(evaluation.images, loaded.categories, score),
+                                         loaded.categories), key="ev_cm")
+    _browser(loaded, evaluation, score)
 
-state = st.session_state.get("ev_result")
-if state and state["model"] == loaded.name:
-    from mrcnn.data.coco import load_dataset
 
-    result = state["result"]
+def render() -> None:
+    st.title("Evaluate")
+    st.caption("COCO box and mask AP of the sidebar's model on a dataset — and, for every object it missed, why.")
+    loaded = state.require_model()
+    choice = _dataset_picker(loaded)
+    if choice is not None and st.button("Evaluate", type="primary", key="ev_go"):
+        _run(loaded, choice)
+    evaluation = st.session_state.get("ev_evaluation")
+    if evaluation is None or evaluation.model_key != _model_key(loaded):
+        return
+    st.caption(f"{loaded.name} on {evaluation.dataset_name}: {len(evaluation.dataset)} images")
+    result = evaluation.result
     _metrics_tables(result)
     c1, c2 = st.columns(2)
     c1.plotly_chart(pr_figure(result.get("pr_curves", {}), "bbox"), key="ev_pr_box")
     c2.plotly_chart(pr_figure(result.get("pr_curves", {}), "segm"), key="ev_pr_mask")
-    score = st.slider("Score threshold for the confusion matrix and the browser", 0.05, 0.95, 0.5, 0.05,
-                      key="ev_score")
-    dataset = load_dataset(state["root"])
-    st.subheader("Confusion matrix")
-    _confusion(result, dataset, loaded, score)
-    _browser(loaded, dataset, score)
+    _threshold_views(loaded, evaluation)
+
+
+if __name__ == "__main__":
+    render()

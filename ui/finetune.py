@@ -1,22 +1,31 @@
-"""Fine-tune page: start a short training run in the background, watch it learn, compare before/after.
+"""Fine-tune page: start a short training run from the sidebar's model in the background, watch it learn,
+compare before/after.
 
-UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune / mrcnn.training.jobs.
+UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune /
+mrcnn.training.jobs. What the page computed is kept: the before/after metrics per run (session), the
+validation set's scan and both models' detections per validation image (shared caches keyed by the run's
+checkpoint and its mtime), so moving a slider redraws and never runs a network again.
 """
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from mrcnn.training import finetune
-from mrcnn.training import jobs
+from mrcnn.data import coco, uploads
 from mrcnn.errors import MrcnnError
+from mrcnn.files import atomic_write_bytes
+from mrcnn.inference.draw import draw_detections
+from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.trace import run_trace
 from mrcnn.model.zoo import resolve_device
-from ui.state import get_model, model_infos
+from mrcnn.training import finetune, jobs
+from ui import state, tables
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -47,11 +56,11 @@ def _fmt_s(seconds: float | None) -> str:
 
 
 def _settings_form() -> None:
-    models = [m for m in model_infos() if m.available]
-    if not models:
-        st.warning("No model is available to start from. See the sidebar for how to get one.")
+    loaded = state.current_model()
+    if loaded is None:
+        st.warning(f"No model to start from — {st.session_state.get('model_error')}. "
+                   "Pick an available model in the sidebar.", icon=":material/warning:")
         return
-    names = [m.name for m in models]
     st.subheader("Data")
     source = st.radio("Training data", ["Teach it a new shape (built-in)", "Upload a COCO .zip"], key="ft_source",
                       horizontal=True)
@@ -64,20 +73,19 @@ def _settings_form() -> None:
                    "the bundled model has never seen. Validation scenes are generated apart (another seed).")
 
     st.subheader("Settings")
+    st.caption(f"Starts from `{loaded.name}`, the model chosen in the sidebar.")
     c1, c2, c3 = st.columns(3)
-    start = c1.selectbox("Start from", names, index=names.index("shapes") if "shapes" in names else 0,
-                         key="ft_model")
-    steps = c2.number_input("Steps", 1, 5000, 100, key="ft_steps")
-    batch = c3.number_input("Batch size", 1, 64, 4, key="ft_batch")
-    c4, c5, c6 = st.columns(3)
-    size = c4.select_slider("Image size", [128, 160, 192, 224, 256, 320, 384, 512], 256, key="ft_size")
-    lr = c5.number_input("Learning rate", 0.0001, 0.5, 0.01, format="%.4f", key="ft_lr")
+    steps = c1.number_input("Steps", 1, 5000, 100, key="ft_steps")
+    batch = c2.number_input("Batch size", 1, 64, 4, key="ft_batch")
+    size = c3.select_slider("Image size", [128, 160, 192, 224, 256, 320, 384, 512], 256, key="ft_size")
+    c4, c5, _ = st.columns(3)
+    lr = c4.number_input("Learning rate", 0.0001, 0.5, 0.01, format="%.4f", key="ft_lr")
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
-    device = c6.selectbox("Device", devices, key="ft_device",
+    device = c5.selectbox("Device", devices, key="ft_device",
                           help="auto: CUDA (float16 mixed precision) when a GPU is present, else the CPU "
                                "(bfloat16 mixed precision where the CPU has bf16 instructions)")
     try:
-        settings = finetune.FinetuneSettings(model=start, steps=int(steps), batch_size=int(batch),
+        settings = finetune.FinetuneSettings(model=loaded.name, steps=int(steps), batch_size=int(batch),
                                              image_size=int(size), lr=float(lr), device=device)
     except ValueError as err:
         st.error(str(err))
@@ -98,24 +106,23 @@ def _start(settings: finetune.FinetuneSettings, upload) -> None:
     try:
         with st.status("Preparing data…", expanded=True) as status:
             if upload is not None:
-                with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as tmp:
-                    tmp.write(upload.getvalue())
-                plan = finetune.prepare_upload(tmp.name, settings, run_dir)
-                Path(tmp.name).unlink(missing_ok=True)
+                # the bytes go to a server-named temporary file; the user's name only labels messages
+                with uploads.saved_upload(upload.getvalue()) as zip_path:
+                    plan = finetune.prepare_upload(zip_path, settings, run_dir, display_name=upload.name)
                 st.write(f"Dataset checked: {plan.report.get('num_images', '?')} images, "
                          f"{len(plan.report.get('issues', []))} notes.")
             else:
                 plan = finetune.prepare_builtin(settings, run_dir)
-            job = jobs.start_job(plan.train_args, run_dir, settings.steps)
+            jobs.start_job(plan.train_args, run_dir, settings.steps)
             status.update(label="Training started", state="complete")
-    except MrcnnError as err:
+    except BaseException as err:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run that did not start leaves no folder behind
+        if not isinstance(err, MrcnnError):
+            raise
         st.error(str(err))
         return
-    st.session_state["ft_plan"] = {"val_dir": plan.val_dir, "start_model": settings.model,
-                                   "run_dir": str(run_dir)}
-    (Path(run_dir) / "plan.json").write_text(
-        json.dumps({"val_dir": plan.val_dir, "start_model": settings.model}))
-    st.session_state.pop("ft_compare", None)
+    atomic_write_bytes(Path(run_dir) / "plan.json",
+                       json.dumps({"val_dir": plan.val_dir, "start_model": settings.model}).encode())
     st.rerun()
 
 
@@ -156,24 +163,28 @@ def _plan_of(job: jobs.Job) -> dict | None:
 
 def _results(job: jobs.Job) -> None:
     status = job.status()
-    state = status["state"]
-    if state == "failed":
+    run_state = status["state"]
+    if run_state == "failed":
         st.error(f"The run failed: {status.get('message') or 'no reason given'}")
         with st.expander("Last lines of the training log"):
             st.code(job.log_tail(30) or "(empty)")
         return
-    if state == "cancelled":
+    if run_state == "cancelled":
         st.warning(f"The run was cancelled. {status.get('message', '')}")
     ckpt = Path(job.run_dir) / "checkpoint.pt"
     if not ckpt.is_file():
         st.info("No checkpoint was written.")
         return
-    model_infos.clear()  # the picker lists runs' checkpoints: show the new one now, not at the next refresh
-    st.success(f"New checkpoint: `{ckpt}` — it is now in the model picker.")
+    stamp = ckpt.stat().st_mtime_ns
+    listed = f"ft_listed::{ckpt}::{stamp}"
+    if listed not in st.session_state:  # the sidebar lists runs' checkpoints: show this one now, once
+        state.model_infos.clear()
+        st.session_state[listed] = True
+    st.success(f"New checkpoint: `{ckpt}` — it is now in the sidebar's model picker.")
     plan = _plan_of(job)
     if not plan:
         return
-    key = f"ft_compare::{job.run_dir}"
+    key = f"ft_compare::{ckpt}::{stamp}"
     if key not in st.session_state and st.button("Evaluate before vs after", type="primary", key="ft_eval"):
         bar = st.progress(0.0, text="Evaluating…")
         try:
@@ -186,62 +197,75 @@ def _results(job: jobs.Job) -> None:
         bar.empty()
     result = st.session_state.get(key)
     if result:
-        _show_comparison(result, plan, ckpt)
+        _show_comparison(result, plan, ckpt, stamp)
 
 
-def _show_comparison(result: dict, plan: dict, ckpt: Path) -> None:
-    import pandas as pd
-
+def _show_comparison(result: dict, plan: dict, ckpt: Path, stamp: int) -> None:
     rows = []
     for which in ("before", "after"):
         r = result[which]
-        rows.append({"model": f"{which} ({plan['start_model'] if which == 'before' else ckpt.parent.name})",
-                     "box AP": r["bbox"]["AP"], "mask AP": r["segm"]["AP"],
-                     "box AP50": r["bbox"]["AP50"], "mask AP50": r["segm"]["AP50"]})
+        row = {"model": f"{which} ({plan['start_model'] if which == 'before' else ckpt.parent.name})"}
+        row.update({tables.metric_label(t, m): r[t][m] for m in ("AP", "AP50") for t in ("bbox", "segm")})
+        rows.append(row)
     st.dataframe(pd.DataFrame(rows).set_index("model").style.format("{:.3f}"))
     classes = sorted(set(result["after"].get("per_class", {})) | set(result["before"].get("per_class", {})))
-    per = [{"class": c,
-            "mask AP before": result["before"].get("per_class", {}).get(c, {}).get("segm_AP", 0.0),
-            "mask AP after": result["after"].get("per_class", {}).get(c, {}).get("segm_AP", 0.0)} for c in classes]
+    mask_ap = tables.metric_label("segm", "AP")
+    per = [{"class": c, **{f"{mask_ap} {which}": result[which].get("per_class", {}).get(c, {}).get("segm_AP", 0.0)
+                           for which in ("before", "after")}} for c in classes]
     if per:
         st.caption("Per class (a class the starting model did not know scores 0 before)")
         st.dataframe(pd.DataFrame(per).set_index("class").style.format("{:.3f}"))
-    _side_by_side(plan, ckpt)
+    _side_by_side(plan, ckpt, stamp)
 
 
-def _side_by_side(plan: dict, ckpt: Path) -> None:
-    from mrcnn.data.coco import load_dataset
-    from mrcnn.inference.draw import draw_detections
-    from mrcnn.inference.structures import Thresholds
-    from mrcnn.inference.trace import run_trace
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _validation_set(val_dir: str) -> coco.CocoDataset:
+    """The run's validation scenes, scanned once (a run's folders are written once, before training)."""
+    return coco.load_dataset(val_dir)
 
-    dataset = load_dataset(plan["val_dir"])
-    n = len(dataset)
-    idx = st.slider("Validation image", 0, max(n - 1, 0), 0, key="ft_val_idx") if n > 1 else 0
-    image, _ = dataset[idx]
+
+@st.cache_data(max_entries=32, show_spinner="Running both models on this image…")
+def _before_after_images(start_model: str, checkpoint: str, stamp: int, val_dir: str, idx: int) -> list:
+    """[(drawn detections, count)] of the starting and the fine-tuned model on validation image ``idx``
+    (``stamp``: the checkpoint's mtime, so a rewritten checkpoint is run again)."""
+    image, _ = _validation_set(val_dir)[idx]
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    cols = st.columns(2)
-    for col, (title, name) in zip(cols, (("Before", plan["start_model"]), ("After", str(ckpt)))):
-        try:
-            loaded = get_model(name, "auto")
-        except MrcnnError as err:
-            col.error(str(err))
-            continue
-        trace = run_trace(loaded, array, Thresholds())
-        col.image(draw_detections(array, trace.detections), caption=f"{title}: {len(trace.detections)} detections")
+    drawn = []
+    for name in (start_model, checkpoint):
+        trace = run_trace(state.get_model(name, "auto"), array, Thresholds())
+        drawn.append((draw_detections(array, trace.detections), len(trace.detections)))
+    return drawn
 
 
-st.header("Fine-tune")
-st.caption("Start a short training run in the background, watch it learn, and compare before and after "
-           "on the same validation images. One run at a time per server; it survives page reloads.")
-current = jobs.current_job()
-if current is not None and current.state() == "running":
-    st.subheader(f"Run {Path(current.run_dir).name}")
-    _watch(current)
-else:
+def _side_by_side(plan: dict, ckpt: Path, stamp: int) -> None:
+    try:
+        n = len(_validation_set(plan["val_dir"]))
+        idx = st.slider("Validation image", 0, max(n - 1, 0), 0, key="ft_val_idx") if n > 1 else 0
+        drawn = _before_after_images(plan["start_model"], str(ckpt), stamp, plan["val_dir"], idx)
+    except MrcnnError as err:
+        st.error(str(err))
+        return
+    for col, title, (canvas, count) in zip(st.columns(2), ("Before", "After"), drawn):
+        col.image(canvas, caption=f"{title}: {count} detections")
+
+
+def render() -> None:
+    st.title("Fine-tune")
+    st.caption("Start a short training run from the sidebar's model in the background, watch it learn, and "
+               "compare before and after on the same validation images. One run at a time per server; it "
+               "survives page reloads.")
+    current = jobs.current_job()
+    if current is not None and current.state() == "running":
+        st.subheader(f"Run {Path(current.run_dir).name}")
+        _watch(current)
+        return
     if current is not None:
         with st.container(border=True):
             st.subheader(f"Last run: {Path(current.run_dir).name}")
             _watch(current)
             _results(current)
     _settings_form()
+
+
+if __name__ == "__main__":
+    render()

@@ -2,13 +2,14 @@
 the before/after comparison. The run itself is a background job (mrcnn.training.jobs) running the train CLI.
 
     settings = FinetuneSettings(model="shapes", steps=100)
-    plan = prepare_builtin(settings, run_dir)        # or prepare_upload(zip_path, settings, run_dir)
+    plan = prepare_builtin(settings, run_dir)   # or prepare_upload(zip_path, settings, run_dir, display_name)
     job = jobs.start_job(plan.train_args, run_dir, settings.steps)
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from mrcnn.data.coco import load_dataset, safe_extract_zip, validate_coco
 from mrcnn.data.shapes import write_dataset
+from mrcnn.data.uploads import naming_upload
 from mrcnn.errors import DatasetError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
@@ -92,11 +94,26 @@ def prepare_builtin(s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
     return RunPlan(str(run_dir), train, str(val_dir), list(BUILTIN_CLASSES), _train_args(s, train, str(val_dir)))
 
 
-def prepare_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
+def prepare_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: str | Path,
+                   display_name: str | None = None) -> RunPlan:
     """Extract and validate an uploaded COCO .zip, then split its images into train and validation
-    folders (same images/ folder, two annotation files). Raises DatasetError with the report."""
+    folders (same images/ folder, two annotation files). Raises DatasetError with the report.
+
+    Messages name the upload as ``display_name`` (the name the user gave it; default: the zip's own
+    name), never the server's paths. On an error, ``run_dir`` is removed if this call created it."""
 
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        with naming_upload(display_name or Path(zip_path).name, zip_path, run_dir / "upload"):
+            return _split_upload(zip_path, s, run_dir)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _split_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: Path) -> RunPlan:
     root = safe_extract_zip(zip_path, run_dir / "upload")
     report = validate_coco(root)
     if not report.ok:
@@ -156,13 +173,12 @@ def compare_before_after(before_model: str, after_checkpoint: str | Path, val_di
     """Box and mask AP of the starting model and the fine-tuned one on the same validation set,
     overall and per class. Classes the starting model does not know score 0 before."""
 
+    # the dataset keeps its own categories: predictions are matched to them by name, so a class
+    # the starting model does not know simply scores 0 before
+    dataset = load_dataset(val_dir)
     out = {}
     for key, name in (("before", before_model), ("after", str(after_checkpoint))):
-        loaded = load_model(name, device=device)
-        # the dataset keeps its own categories: predictions are matched to them by name, so a class
-        # the starting model does not know simply scores 0 before
-        result = evaluate(loaded, load_dataset(val_dir), progress=progress)
-        out[key] = result.to_dict()
+        out[key] = evaluate(load_model(name, device=device), dataset, progress=progress).to_dict()
     return out
 
 

@@ -1,0 +1,211 @@
+"""Uploaded files: server-named temporary files and folders, removed on every path; messages name the upload.
+
+The page tests upload under hostile names (a path that climbs out, an absolute path) on every page that
+takes files, with the system temp folder moved to the test's own, so its entries can be counted exactly."""
+from __future__ import annotations
+
+import functools
+import gc
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mrcnn.data import uploads
+from mrcnn.data.shapes import write_dataset
+from mrcnn.errors import DatasetError
+from mrcnn.training import finetune, jobs
+from tests.helpers import scene
+from tests.test_app import env, png, tiny_shapes  # noqa: F401  (fixtures)
+from tests.test_app_training_pages import FAKE, open_page
+from tests.test_app_training_pages import _wait_state as wait_state
+
+TRAVERSAL = "../" * 30 + "escape/x.zip"
+
+
+@pytest.fixture
+def tmpdir(tmp_path, monkeypatch):
+    """The system temp folder moved to an empty folder of this test, so its entries can be counted."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def dataset_zip(tmp_path, n: int = 4, break_it: bool = False) -> bytes:
+    folder = write_dataset(tmp_path / f"ds{n}{break_it}", n, seed=3, size=64)
+    files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    if break_it:  # an image annotations.json names is not in the zip
+        ann = json.loads(files["annotations.json"])
+        ann["images"][0]["file_name"] = "missing.png"
+        files["annotations.json"] = json.dumps(ann).encode()
+    return zip_bytes(files)
+
+
+def test_saved_upload_is_server_named_and_removed_on_error(tmpdir):
+    with pytest.raises(RuntimeError):
+        with uploads.saved_upload(b"bytes") as path:
+            assert path.parent == tmpdir and path.name.startswith("mrcnn-upload-") and path.read_bytes() == b"bytes"
+            raise RuntimeError("the caller failed")
+    assert not list(tmpdir.iterdir())
+
+
+def test_temporary_folder_goes_on_close_and_when_dropped(tmpdir):
+    folder = uploads.TemporaryFolder("mrcnn-eval-")
+    (folder.path / "data").mkdir()
+    folder.close()
+    assert not list(tmpdir.iterdir())
+    dropped = uploads.TemporaryFolder()
+    assert len(list(tmpdir.iterdir())) == 1
+    del dropped
+    gc.collect()
+    assert not list(tmpdir.iterdir())
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"not a zip at all", "bad.zip is not a readable zip file"),
+    (zip_bytes({"images/a.png": b"x"}), "bad.zip: no annotations.json"),
+])
+def test_unpack_names_the_upload_and_leaves_only_dest(tmpdir, data, expected):
+    with uploads.TemporaryFolder() as folder:
+        with pytest.raises(DatasetError) as err:
+            uploads.unpack_dataset_zip(data, "bad.zip", folder.path / "data")
+        assert str(err.value).startswith(expected)
+        assert "mrcnn-upload-" not in str(err.value) and str(tmpdir) not in str(err.value)
+        assert [p.name for p in tmpdir.iterdir()] == [folder.path.name]  # the zip's temporary file is gone
+    assert not list(tmpdir.iterdir())
+
+
+def test_naming_upload_replaces_folders_and_keeps_the_error_type(tmp_path):
+    root = tmp_path / "mrcnn-eval-abc"
+    with pytest.raises(DatasetError, match=r"^dataset shapes\.zip has errors: shapes\.zip/images/1\.png$"):
+        with uploads.naming_upload("shapes.zip", root):
+            raise DatasetError(f"dataset {root} has errors: {root}/images/1.png")
+
+
+def test_a_user_name_is_never_a_path(tmpdir, tmp_path):
+    """The name only labels messages: a traversal or absolute name writes nothing where it points."""
+    target = tmp_path / "target"
+    target.mkdir()
+    for name in (TRAVERSAL, str(target / "abs.zip")):
+        with uploads.TemporaryFolder() as folder:
+            root = uploads.unpack_dataset_zip(dataset_zip(tmp_path), name, folder.path / "data")
+            assert (root / "annotations.json").is_file() and root.is_relative_to(folder.path)
+    assert not list(target.iterdir()) and not (tmp_path / "escape").exists()
+
+
+def test_rejected_finetune_upload_names_it_and_leaves_nothing(tmpdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    for _ in range(2):
+        run_dir = finetune.new_run_dir()
+        with uploads.saved_upload(dataset_zip(tmp_path, break_it=True)) as zip_path:
+            with pytest.raises(DatasetError) as err:
+                finetune.prepare_upload(zip_path, finetune.FinetuneSettings(), run_dir, display_name="bad.zip")
+        message = str(err.value)
+        assert "missing.png" in message and "bad.zip:" in message
+        assert "mrcnn-upload-" not in message and str(tmp_path) not in message
+        assert not run_dir.exists()
+    assert not list(tmpdir.iterdir())
+
+
+# ---- every page that takes files, driven as a browser user (or an ill-willed one) would --------------------
+def hostile_names(target) -> list[str]:
+    """Names that would write into ``target`` if a name became part of a path: relative and absolute."""
+    return ["../" * 30 + str(target / "up.zip").lstrip("/"), str(target / "abs.zip")]
+
+
+def page_texts(at) -> str:
+    return "\n".join(e.value for kind in ("markdown", "caption", "error", "success", "warning")
+                     for e in at.get(kind) if isinstance(getattr(e, "value", None), str))
+
+
+def test_evaluate_uploads_stay_in_server_named_folders(env, tmpdir, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    at = open_page("ui/evaluate.py")
+    at.radio(key="ev_source").set_value("Upload a COCO .zip").run()
+    baseline = len(list(tmpdir.iterdir()))
+    for name in hostile_names(target):
+        at.file_uploader(key="ev_upload").upload(name, dataset_zip(tmp_path), "application/zip").run()
+        at.button(key="ev_go").click().run()
+        assert not list(target.iterdir()), "an upload was written where its name points"
+        assert not at.exception, at.exception
+        assert f"on {name}: 4 images" in page_texts(at)  # the user's name is shown, as given
+        at.file_uploader(key="ev_upload").upload(name, b"not a zip", "application/zip").run()
+        at.button(key="ev_go").click().run()
+        assert f"{name} is not a readable zip file" in page_texts(at)
+    assert not list(target.iterdir()) and not list(tmp_path.glob("*.zip"))
+    assert len(list(tmpdir.iterdir())) == baseline + 1  # the dataset the page shows, in one folder
+
+
+def test_evaluate_uploads_do_not_accumulate(env, tmpdir, tmp_path):
+    at = open_page("ui/evaluate.py")
+    at.radio(key="ev_source").set_value("Upload a COCO .zip").run()
+    baseline = len(list(tmpdir.iterdir()))
+    for _ in range(2):  # each path twice: two different good datasets, a broken one
+        for n, broken in ((4, False), (5, False), (4, True)):
+            at.file_uploader(key="ev_upload").upload("data.zip", dataset_zip(tmp_path, n, broken),
+                                                     "application/zip").run()
+            at.button(key="ev_go").click().run()
+            assert not at.exception, at.exception
+            assert len(list(tmpdir.iterdir())) == baseline + 1, "a dataset folder was left behind"
+    errors = "\n".join(e.value for e in at.error)
+    assert "data.zip" in errors and "missing.png" in errors
+    assert "mrcnn-" not in errors and str(tmpdir) not in errors
+
+
+def test_finetune_uploads_are_checked_named_and_cleaned_up(env, tmpdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "start_job", functools.partial(jobs.start_job, trainer=FAKE))
+    target = tmp_path / "target"
+    target.mkdir()
+    at = open_page("ui/finetune.py")
+    at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
+    at.number_input(key="ft_steps").set_value(2).run()
+    baseline = len(list(tmpdir.iterdir()))
+    runs = lambda: sorted((env / "runs").glob("finetune-*"))  # noqa: E731
+    for name in hostile_names(target):
+        runs_before = runs()
+        at.file_uploader(key="ft_upload").upload(name, dataset_zip(tmp_path, 4, True), "application/zip").run()
+        at.button(key="ft_start").click().run()
+        assert not at.exception, at.exception
+        errors = "\n".join(e.value for e in at.error)
+        assert f"{name}: 4 images" in errors and "missing.png" in errors and "mrcnn-" not in errors
+        assert runs() == runs_before  # a rejected upload leaves no run folder
+        at.file_uploader(key="ft_upload").upload(name, dataset_zip(tmp_path), "application/zip").run()
+        at.button(key="ft_start").click().run()
+        assert not at.exception, at.exception
+        job = wait_state(env / "runs", "finished")
+        assert Path(job.run_dir, "upload", "annotations.json").is_file()  # the data lives with the run
+        at = open_page("ui/finetune.py")
+        at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
+        at.number_input(key="ft_steps").set_value(2).run()
+    assert not list(target.iterdir()) and not list(tmp_path.glob("*.zip"))
+    assert len(list(tmpdir.iterdir())) == baseline
+
+
+def test_detect_uploads_are_read_in_memory(env, tmpdir, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    at = open_page("ui/detect.py")
+    baseline = len(list(tmpdir.iterdir()))
+    for seed, name in enumerate(hostile_names(target)):
+        image_name = name.replace(".zip", ".png")
+        at.file_uploader[0].upload(image_name, png(scene(64, 80, seed=seed)), "image/png").run()
+        assert not at.exception, at.exception
+        assert image_name in page_texts(at)
+        at.file_uploader[0].upload(image_name.replace(".png", "-bad.png"), b"not an image", "image/png").run()
+        assert image_name.replace(".png", "-bad.png") in "\n".join(e.value for e in at.error)
+    assert not list(target.iterdir())
+    assert len(list(tmpdir.iterdir())) == baseline

@@ -1,0 +1,31 @@
+"""Metric tables of the Evaluate and Fine-tune pages, with one naming scheme for their headers.
+
+COCO's iou types are shown as what they measure: "bbox" -> "box", "segm" -> "mask"; a metric is
+"<box|mask> <COCO metric>", e.g. "box AP", "mask AP50". mrcnn.evaluation.evaluate's per-class keys
+("bbox_AP50") become those names here and nowhere else.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from mrcnn.evaluation.evaluate import IOU_TYPES, METRIC_KEYS
+
+IOU_TYPE_NAMES = {"bbox": "box", "segm": "mask"}
+
+
+def metric_label(iou_type: str, metric: str) -> str:
+    """("bbox", "AP50") -> "box AP50"."""
+    return f"{IOU_TYPE_NAMES[iou_type]} {metric}"
+
+
+def summary_table(result: dict) -> pd.DataFrame:
+    """One row per iou type ("box", "mask"), one column per COCO metric (AP, AP50, ... APl)."""
+    return pd.DataFrame({IOU_TYPE_NAMES[t]: {m: result[t][m] for m in METRIC_KEYS} for t in IOU_TYPES}).T
+
+
+def per_class_table(per_class: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """One row per class; columns "box AP", "box AP50", "mask AP", "mask AP50" from evaluate's
+    ``per_class`` ({"bbox_AP": ..., "segm_AP50": ...})."""
+    columns = {f"{t}_{m}": metric_label(t, m) for t in IOU_TYPES for m in ("AP", "AP50")}
+    table = pd.DataFrame(per_class).T
+    return table.reindex(columns=[c for c in columns if c in table.columns]).rename(columns=columns)
