@@ -1,7 +1,9 @@
 """Background job lifecycle with a stand-in trainer (the real trainer is exercised in test_train.py)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -9,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mrcnn.training.jobs import JobError, current_job, running_job, start_job
+from mrcnn.training.jobs import (REGISTRY, START_LOCK, Job, JobError, current_job, registry_problem,
+                                 running_job, start_job)
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]
 
@@ -66,3 +69,89 @@ def test_killed_process_is_reported(tmp_path):
     os.kill(job.pid, signal.SIGKILL)
     assert _wait(lambda: job.state() == "failed")
     assert "ended unexpectedly" in job.status()["message"]
+
+
+def test_cancel_during_the_trainers_imports_ends_as_cancelled(tmp_path):
+    # the trainer catches SIGTERM only once torch is imported; before that SIGTERM ends it (exit -15)
+    job = start_job(["--steps", "50", "--startup-s", "30"], tmp_path / "run", steps=50, root=tmp_path, trainer=FAKE)
+    job.cancel()
+    status = job.status()
+    assert status["state"] == "cancelled", status
+    assert "before the trainer could save anything" in status["message"]
+
+
+def test_run_folder_deleted_while_running(tmp_path):
+    job = start_job(["--steps", "500"], tmp_path / "run", steps=500, root=tmp_path, trainer=FAKE)
+    assert _wait(lambda: job.progress()["step"] >= 2)
+    shutil.rmtree(job.run_dir)
+    job.cancel()  # once raised FileNotFoundError (the STOP flag's folder is gone)
+    assert not job.is_alive()
+    assert job.status() == {"state": "failed", "message": "the run folder run was deleted"}
+    assert not Path(job.run_dir).exists()  # not recreated by the status of the cancel
+
+
+def _write_registry(root: Path, data: bytes) -> None:
+    (root / REGISTRY).write_bytes(data)
+
+
+@pytest.mark.parametrize("record, problem", [
+    (b"\xff\xfe not utf-8 \xc3", "cannot be read"),
+    (b"{not json", "cannot be read"),
+    (b"[" * 100_000 + b"]" * 100_000, "cannot be read"),
+    (b"[1, 2]", "not a JSON object"),
+    (json.dumps({"run_dir": "r", "pid": "123", "command": ["x"], "started": 0, "steps": 1}).encode(), "pid"),
+    (json.dumps({"run_dir": "r", "pid": 123, "command": "x", "started": 0, "steps": 1}).encode(), "command"),
+    (json.dumps({"run_dir": "r", "pid": 123}).encode(), "expected exactly the fields"),
+    *[(json.dumps({"run_dir": "r", "pid": pid, "command": ["x"], "started": 0, "steps": 1}).encode(), "pid")
+      for pid in (0, -1, 1, True)],
+])
+def test_unreadable_registry_is_no_job_and_says_why(tmp_path, monkeypatch, record, problem):
+    signals = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append((pid, sig)))
+    _write_registry(tmp_path, record)
+    assert current_job(tmp_path) is None and running_job(tmp_path) is None
+    assert problem in registry_problem(tmp_path) and REGISTRY in registry_problem(tmp_path)
+    assert signals == []
+    monkeypatch.undo()
+    job = start_job(["--steps", "2"], tmp_path / "run", steps=2, root=tmp_path, trainer=FAKE)  # a new run may start
+    assert _wait(lambda: job.state() == "finished")
+    assert registry_problem(tmp_path) is None
+
+
+@pytest.mark.parametrize("pid", [0, -1, 1])
+def test_cancel_never_signals_a_pid_below_2(tmp_path, monkeypatch, pid):
+    signals = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append((pid, sig)))  # pid 0 = our own process group
+    job = Job(str(tmp_path / "run"), pid, ["x"], 0.0, 1)
+    assert not job.is_alive()
+    job.cancel(grace_s=0.1)
+    assert signals == []
+
+
+def test_start_lock_released_between_create_and_stat(tmp_path, monkeypatch):
+    real_open = os.open
+    lock = tmp_path / START_LOCK
+
+    def held_then_released(path, flags, *args):
+        if Path(path) == lock and not getattr(held_then_released, "done", False):
+            held_then_released.done = True
+            raise FileExistsError(path)  # another session held it, and released it before our stat()
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", held_then_released)
+    job = start_job(["--steps", "2"], tmp_path / "run", steps=2, root=tmp_path, trainer=FAKE)
+    assert _wait(lambda: job.state() == "finished") and not lock.exists()
+
+
+def test_a_start_lock_held_by_another_session_refuses(tmp_path):
+    (tmp_path / START_LOCK).touch()
+    with pytest.raises(JobError, match="being started right now"):
+        start_job(["--steps", "2"], tmp_path / "run", steps=2, root=tmp_path, trainer=FAKE)
+
+
+def test_progress_skips_rows_that_are_not_metrics(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1}\n5\n{"step": "x"}\n\xff\xfe\n{"step": 2}\n{"st')
+    job = Job(str(run), 99999999, ["x"], 0.0, 4)
+    assert job.progress()["step"] == 2

@@ -12,16 +12,20 @@ and every session sees the same job:
     job = start_job(["--model", "shapes", "--data", "shapes:200", "--steps", "100"], run_dir)
     job.state()   # "running", "finished", "cancelled", "failed"
     job.cancel()
+
+A registry that cannot be read (not UTF-8, not JSON, a pid that is not a process id of ours) counts as
+"no job": ``current_job()`` returns None and ``registry_problem()`` says why, for the page to show.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mrcnn.errors import MrcnnError
@@ -30,6 +34,8 @@ from mrcnn.model.zoo import REPO_ROOT, runs_dir
 from mrcnn.training.run_files import read_metrics, write_status
 
 REGISTRY = "current_job.json"
+START_LOCK = ".start.lock"
+LOCK_STALE_S = 30.0  # a start lock older than this was left by a crashed server
 
 
 class JobError(MrcnnError):
@@ -53,14 +59,13 @@ class Job:
 
     def status(self) -> dict:
         """The trainer's own final status, or what we can tell from outside."""
-        status_file = self.path / "status.json"
-        if status_file.is_file():
-            try:
-                return json.loads(status_file.read_text())
-            except (OSError, json.JSONDecodeError):
-                pass
+        written = _read_status(self.path / "status.json")
+        if written is not None:
+            return written
         if self.is_alive():
             return {"state": "running", "message": ""}
+        if not self.path.is_dir():
+            return {"state": "failed", "message": f"the run folder {self.path.name} was deleted"}
         return {"state": "failed", "message": _crash_reason(self.path / "train.log")}
 
     def state(self) -> str:
@@ -72,7 +77,7 @@ class Job:
 
     def progress(self) -> dict:
         """step, steps, fraction, elapsed and ETA in seconds (from the measured step rate)."""
-        rows = [r for r in self.metrics() if "step" in r]
+        rows = [r for r in self.metrics() if isinstance(r.get("step"), int)]
         step = max((int(r["step"]) for r in rows), default=0)
         elapsed = time.time() - self.started
         eta = None
@@ -89,8 +94,10 @@ class Job:
 
     def cancel(self, grace_s: float = 60.0) -> None:
         """Ask the trainer to stop (flag file + SIGTERM); it saves a checkpoint before it exits.
-        After ``grace_s`` without exiting it is killed."""
-        (self.path / "STOP").touch()
+        After ``grace_s`` without exiting it is killed. A trainer that ended without a status of its own
+        (SIGTERM came before it could catch it, during its imports) is recorded as cancelled."""
+        with contextlib.suppress(FileNotFoundError):  # the run folder was deleted: signal all the same
+            (self.path / "STOP").touch()
         if not self.is_alive():
             return
         try:
@@ -100,15 +107,20 @@ class Job:
         deadline = time.time() + grace_s
         while time.time() < deadline and self.is_alive():
             time.sleep(0.1)
+        message = "cancelled before the trainer could save anything"
         if self.is_alive():
             os.kill(self.pid, signal.SIGKILL)
-            write_status(self.path, "cancelled", "killed after it did not stop within the grace period")
+            message = "killed after it did not stop within the grace period"
+        if self.path.is_dir() and _read_status(self.path / "status.json") is None:
+            write_status(self.path, "cancelled", message)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid < 2:  # 0 and -1 would address process groups, 1 is init: never ours
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,13 +136,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _same_command(pid: int, command: list[str]) -> bool:
-    """Guards against a recycled pid (e.g. after a reboot) passing for our trainer."""
+    """Guards against a recycled pid (e.g. after a reboot) passing for our trainer: the process must
+    run exactly the command the job started."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
+            args = f.read().split(b"\0")[:-1]  # each argument ends with a NUL
     except OSError:
         return True  # no /proc: trust the pid
-    return any(a.decode(errors="replace") == command[-1] for a in args)
+    if not args:  # a process in the middle of exec() has no arguments yet: trust the pid
+        return True
+    return [a.decode(errors="replace") for a in args] == command
 
 
 def _not_zombie(pid: int) -> bool:
@@ -139,6 +154,17 @@ def _not_zombie(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def _read_status(path: Path) -> dict | None:
+    """status.json as the trainer wrote it ({"state", "message"}), None when missing or unreadable."""
+    try:
+        status = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8, not JSON
+        return None
+    if not (isinstance(status, dict) and isinstance(status.get("state"), str)):
+        return None
+    return {"state": status["state"], "message": str(status.get("message", ""))}
 
 
 def _crash_reason(log: Path) -> str:
@@ -150,14 +176,49 @@ def _crash_reason(log: Path) -> str:
 
 
 def current_job(root: Path | None = None) -> Job | None:
-    """The job recorded for this server (running or ended), or None."""
+    """The job recorded for this server (running or ended), or None (also when the registry cannot be
+    read: registry_problem() says why)."""
+    return _read_registry(root)[0]
+
+
+def registry_problem(root: Path | None = None) -> str | None:
+    """Why the job registry was ignored (one line for the page), or None when it is fine or absent."""
+    return _read_registry(root)[1]
+
+
+def _read_registry(root: Path | None) -> tuple[Job | None, str | None]:
     path = (root or runs_dir()) / REGISTRY
-    if not path.is_file():
-        return None
     try:
-        return Job(**json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError):
-        return None
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not UTF-8, not JSON
+        return None, f"{REGISTRY} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is ignored"
+    problem = _registry_record_problem(record)
+    if problem:
+        return None, f"{REGISTRY} is not a valid job record ({problem}); it is ignored"
+    return Job(**record), None
+
+
+def _registry_record_problem(record) -> str | None:
+    """What is wrong with a parsed registry record, or None. The pid is signalled by cancel(): only a
+    real process id (>= 2) passes, never 0 or -1 (process groups) or 1 (init)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    expected = {f.name for f in fields(Job)}
+    if set(record) != expected:
+        return f"expected exactly the fields {', '.join(sorted(expected))}"
+    pid = record["pid"]
+    if not (type(pid) is int and pid >= 2):
+        return f"pid must be a process id (an integer >= 2), got {pid!r}"
+    command = record["command"]
+    if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)):
+        return "command must be a list of strings"
+    if not isinstance(record["run_dir"], str):
+        return "run_dir must be a string"
+    if not (type(record["steps"]) is int and type(record["started"]) in (int, float)):
+        return "steps and started must be numbers"
+    return None
 
 
 def running_job(root: Path | None = None) -> Job | None:
@@ -174,14 +235,8 @@ def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path
     exclusive lock file so that two sessions clicking at once cannot both start a job."""
     root = root or runs_dir()
     root.mkdir(parents=True, exist_ok=True)
-    lock = root / ".start.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if time.time() - lock.stat().st_mtime < 30:
-            raise JobError("another training run is being started right now") from None
-        lock.unlink(missing_ok=True)  # stale lock from a crashed server
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    lock = root / START_LOCK
+    fd = _take_start_lock(lock)
     try:
         other = running_job(root)
         if other is not None:
@@ -203,3 +258,20 @@ def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path
     finally:
         os.close(fd)
         lock.unlink(missing_ok=True)
+
+
+def _take_start_lock(lock: Path) -> int:
+    """The file descriptor of the exclusively created ``lock``; JobError while another start holds it."""
+    for _ in range(3):
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue  # released between the create and the stat: try again
+        if age < LOCK_STALE_S:
+            break
+        lock.unlink(missing_ok=True)  # stale lock from a crashed server
+    raise JobError("another training run is being started right now")

@@ -17,17 +17,19 @@ def write_status(out: Path, state: str, message: str) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Every complete row of a run's metrics.jsonl (none when the file is missing). A line that does not
-    parse — the half-written last one of a running or killed trainer — is skipped."""
+    """Every complete row of a run's metrics.jsonl (none when the file is missing). A line that is not a
+    JSON object — the half-written last one of a running or killed trainer — is skipped."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -1,6 +1,9 @@
 """Stands in for `python -m mrcnn train` in job tests: logs steps, honours STOP/SIGTERM, can crash.
 
-usage: fake_trainer.py --steps N [--crash-at K] [--step-s S] --out RUN_DIR
+usage: fake_trainer.py --steps N [--crash-at K] [--step-s S] [--startup-s S] --out RUN_DIR
+
+--startup-s: seconds before the SIGTERM handler is installed, as the real trainer spends importing
+torch (a SIGTERM then ends the process with the default action, exit -15).
 """
 import argparse
 import json
@@ -13,9 +16,11 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int)
 parser.add_argument("--crash-at", type=int, default=-1)
 parser.add_argument("--step-s", type=float, default=0.05)
+parser.add_argument("--startup-s", type=float, default=0.0)
 parser.add_argument("--out")
 args, _ = parser.parse_known_args()  # the real trainer's other options are accepted and ignored
 out = Path(args.out)
+time.sleep(args.startup_s)
 stop = {"flag": False}
 signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
 
@@ -29,6 +34,9 @@ with open(out / "metrics.jsonl", "a") as f:
         if step == args.crash_at:
             print("Traceback: RuntimeError: simulated crash in the trainer", file=sys.stderr)
             sys.exit(1)
+        if not out.is_dir():  # as the real trainer: one line, no traceback
+            print(f"error: the run folder {out} was deleted during step {step}", file=sys.stderr)
+            sys.exit(2)
         if stop["flag"] or (out / "STOP").exists():
             (out / "checkpoint.pt").write_text("saved")
             status("cancelled", f"cancelled at step {step - 1}")
