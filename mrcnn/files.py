@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,31 @@ def _read_umask() -> int:
 NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
+# The temp file of a write to DIR/NAME is DIR/.NAME.XXXXXXXX.tmp (mkstemp's 8 random characters). A process
+# killed mid-write leaves it behind: remove_stale_temp_files() finds exactly these names.
+TEMP_FILE_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def _temp_file_next_to(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files that unfinished atomic writes left in ``folder`` (a checkpoint's is as large
+    as the checkpoint) and return their paths. Only when nothing is writing into ``folder``."""
+    removed = []
+    for path in Path(folder).iterdir():
+        if TEMP_FILE_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file_next_to(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,8 +62,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save through a temp file in the same folder + rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file_next_to(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +126,20 @@ def test_stop_file_cancels_and_saves(tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 2
     # resuming removes the stale flag and finishes
     assert train(tiny_config(run, resume=True), verbose=False).state == "finished"
+
+
+def test_resume_removes_what_a_killed_checkpoint_write_left(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, steps=1), verbose=False)
+    # what a SIGKILL during a checkpoint or metrics write leaves: mkstemp's names, as mrcnn.files makes them
+    leftovers = [Path(tempfile.mkstemp(dir=run, prefix=f".{name}.", suffix=".tmp")[1])
+                 for name in ("checkpoint.pt", "metrics.jsonl")]
+    others = [run / name for name in ("notes.tmp", ".hidden.tmp", ".checkpoint.pt.tmp", "checkpoint.pt.abcd1234.tmp")]
+    for path in others:
+        path.write_text("not ours")
+    assert train(tiny_config(run, steps=2, resume=True), verbose=False).state == "finished"
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.exists() for path in others)
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):

@@ -43,6 +43,7 @@ from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.transforms import train_transforms
 from mrcnn.errors import CheckpointError, DatasetError, MrcnnError, TrainingError
 from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.files import remove_stale_temp_files
 from mrcnn.model.architectures import ARCHITECTURES, build_model, light_arch
 from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from mrcnn.model.zoo import load_model, resolve_device
@@ -525,6 +526,8 @@ def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, prog
                             "or choose another --out")
     if di.is_main:
         stop_file.unlink(missing_ok=True)  # a stale flag from the run being resumed
+        for leftover in remove_stale_temp_files(out):  # a write killed mid-way, e.g. a checkpoint's by SIGKILL
+            log(f"removed {leftover.name}, left by a write that did not finish")
     if di.enabled:
         torch.distributed.barrier()
 
