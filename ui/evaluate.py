@@ -182,7 +182,7 @@ def _run(loaded, choice: DatasetChoice) -> None:
                                      image_boxes(result, dataset, loaded.categories))
     if previous is not None and not reuse:
         previous.folder.close()
-    ss.pop("ev_browser", None)
+    ss.pop("ev_browser", None)  # the browser's image and trace belong to the previous evaluation
 
 
 # ---- views that follow the score threshold --------------------------------------------------------------

@@ -172,10 +172,11 @@ def _results(job: jobs.Job) -> None:
     if run_state == "cancelled":
         st.warning(f"The run was cancelled. {status.get('message', '')}")
     ckpt = Path(job.run_dir) / "checkpoint.pt"
-    if not ckpt.is_file():
+    try:
+        stamp = ckpt.stat().st_mtime_ns  # keys what is kept of this checkpoint: a rewritten one is new
+    except OSError:
         st.info("No checkpoint was written.")
         return
-    stamp = ckpt.stat().st_mtime_ns
     listed = f"ft_listed::{ckpt}::{stamp}"
     if listed not in st.session_state:  # the sidebar lists runs' checkpoints: show this one now, once
         state.model_infos.clear()
@@ -210,8 +211,12 @@ def _show_comparison(result: dict, plan: dict, ckpt: Path, stamp: int) -> None:
     st.dataframe(pd.DataFrame(rows).set_index("model").style.format("{:.3f}"))
     classes = sorted(set(result["after"].get("per_class", {})) | set(result["before"].get("per_class", {})))
     mask_ap = tables.metric_label("segm", "AP")
-    per = [{"class": c, **{f"{mask_ap} {which}": result[which].get("per_class", {}).get(c, {}).get("segm_AP", 0.0)
-                           for which in ("before", "after")}} for c in classes]
+
+    def class_ap(which: str, cls: str) -> float:
+        return result[which].get("per_class", {}).get(cls, {}).get("segm_AP", 0.0)
+
+    per = [{"class": c, f"{mask_ap} before": class_ap("before", c), f"{mask_ap} after": class_ap("after", c)}
+           for c in classes]
     if per:
         st.caption("Per class (a class the starting model did not know scores 0 before)")
         st.dataframe(pd.DataFrame(per).set_index("class").style.format("{:.3f}"))
