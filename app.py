@@ -2,8 +2,10 @@
 
     streamlit run app.py
 
-Each page is a file in ui/ (UI only; the work is done by ``mrcnn``). To add a page, add an entry to
-PAGES. Session state is initialised in ui/state.py.
+Each page is a file in ui/ (UI only; the work is done by ``mrcnn``) with a ``render()`` that draws it:
+title, a one-line caption, the sidebar's model, then the page's sections. ``st.navigation`` runs the file as
+a script, which calls ``render()``. To add a page, add an entry to PAGES. Session state is initialised in
+ui/state.py; every page has its own link (/detect, /inspect, …).
 """
 import streamlit as st
 
@@ -12,13 +14,21 @@ from ui import sidebar, state
 st.set_page_config(page_title="Mask R-CNN Explorer", page_icon=":material/category:", layout="wide")
 state.init()
 
+DETECT = st.Page("ui/detect.py", title="Detect", icon=":material/center_focus_strong:", url_path="detect")
 PAGES = [
-    st.Page("ui/detect.py", title="Detect", icon=":material/center_focus_strong:", url_path="detect", default=True),
+    DETECT,
     st.Page("ui/inspect.py", title="Inspect", icon=":material/account_tree:", url_path="inspect"),
     st.Page("ui/finetune.py", title="Fine-tune", icon=":material/model_training:", url_path="finetune"),
     st.Page("ui/evaluate.py", title="Evaluate", icon=":material/analytics:", url_path="evaluate"),
 ]
 
-page = st.navigation(PAGES)
+
+def open_detect() -> None:
+    st.switch_page(DETECT)
+
+
+# Streamlit serves its default page at `/` only: a page marked default would answer "Page not found" at
+# its own link. So `/` is a hidden page that opens Detect, and every page keeps its link (/detect …).
+page = st.navigation([st.Page(open_detect, url_path="start", default=True, visibility="hidden"), *PAGES])
 sidebar.render()
 page.run()

@@ -349,7 +349,7 @@ def test_shared_controls_keep_their_values_through_every_page(env):
     assert at.number_input(key="rpn_post_nms_top_n").value == 300
     assert at.slider(key="rpn_nms_thresh").value == 0.6
     assert at.slider(key="insp_prop_k").value == 30
-    assert "score ≥ 0.05, NMS IoU 0.30, mask ≥ 0.70" in captions(at)
+    assert "score ≥ 0.05, NMS IoU 0.30 (set on Detect), mask ≥ 0.70" in captions(at)
 
 
 def test_rpn_defaults_button_resets_the_knobs(env):

@@ -184,3 +184,104 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
         assert not errors, errors
     finally:
         page.close()
+
+
+PAGE_TITLES = {"detect": "Detect", "inspect": "Inspect", "finetune": "Fine-tune", "evaluate": "Evaluate"}
+
+
+def test_every_page_answers_at_its_own_link(server, browser):
+    """Once `/detect` answered "Page not found": the default page was served at `/` only."""
+    url, _ = server
+    for path, title in PAGE_TITLES.items():
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{url}/{path}", wait_until="domcontentloaded")
+            page.locator("h1").filter(has_text=title).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(500)  # the "Page not found" dialog comes with the first run
+            assert not page.get_by_text("Page not found").count(), path
+            assert page.url == f"{url}/{path}"
+        finally:
+            page.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        detection_count(page)
+        assert page.url == f"{url}/detect"  # the root opens Detect at its own link
+        assert not page.get_by_text("Page not found").count()
+    finally:
+        page.close()
+
+
+def slider_value(page, label: str) -> float:
+    return float(page.get_by_role("slider", name=label).first.input_value())  # an <input type="range">
+
+
+def move_slider(page, label: str, presses: int) -> None:
+    """Arrow keys: one step per press (negative: to the left)."""
+    thumb = page.get_by_role("slider", name=label).first
+    thumb.focus()
+    for _ in range(abs(presses)):
+        thumb.press("ArrowRight" if presses > 0 else "ArrowLeft")
+
+
+def toggle_states(page, labels) -> dict[str, bool]:
+    return {label: page.get_by_role("switch", name=label).first.is_checked() for label in labels}
+
+
+def flip_toggle(page, label: str) -> None:
+    # the switch itself is a visually hidden input: click its label, as a user does
+    page.locator("label").filter(has=page.get_by_role("switch", name=label)).first.click()
+
+
+def open_page(page, name: str, title: str) -> None:
+    page.get_by_role("link", name=name).first.click()
+    page.locator("h1").filter(has_text=title).first.wait_for(timeout=60_000)
+
+
+def test_shared_controls_and_detections_survive_a_walk_through_every_page(server, browser):
+    """Detect → Inspect → Fine-tune → Evaluate → Detect: every control shared between pages keeps its value
+    (a change made on Inspect included) and Detect shows the same detections."""
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        at_default = detection_count(page)
+        move_slider(page, "Score threshold", -45)  # 0.50 -> 0.05: detections for Inspect to follow
+        count = wait_count_change(page, at_default)
+        move_slider(page, "NMS IoU (per class)", 4)  # 0.50 -> 0.70
+        move_slider(page, "Max detections", -60)  # 100 -> 40
+        move_slider(page, "Mask opacity", 3)  # 0.50 -> 0.65
+        for label in ("Labels", "Outlines"):
+            flip_toggle(page, label)
+        page.wait_for_timeout(1500)
+        count = detection_count(page)
+        expected = {label: slider_value(page, label) for label in
+                    ("Score threshold", "NMS IoU (per class)", "Max detections", "Mask opacity", "Mask threshold")}
+        assert expected == {"Score threshold": 0.05, "NMS IoU (per class)": 0.7, "Max detections": 40,
+                            "Mask opacity": 0.65, "Mask threshold": 0.5}
+        toggles = toggle_states(page, ("Masks", "Boxes", "Labels", "Outlines", "RPN proposals overlay"))
+        assert toggles == {"Masks": True, "Boxes": True, "Labels": False, "Outlines": True,
+                           "RPN proposals overlay": False}
+
+        open_page(page, "Inspect", "Inspect")
+        page.get_by_text("9 Masks").first.wait_for(timeout=60_000)
+        assert slider_value(page, "Mask threshold") == 0.5
+        page.get_by_text(re.compile(r"pixels above 0\.50")).first.wait_for(timeout=30_000)
+        move_slider(page, "Mask threshold", 2)  # 0.50 -> 0.60, to be seen on Detect
+        page.get_by_text(re.compile(r"pixels above 0\.60")).first.wait_for(timeout=30_000)
+        expected["Mask threshold"] = 0.6
+
+        open_page(page, "Fine-tune", "Fine-tune")
+        open_page(page, "Evaluate", "Evaluate")
+        open_page(page, "Detect", "Detect")
+        assert detection_count(page) == count
+        page.wait_for_timeout(1000)
+        assert {label: slider_value(page, label) for label in expected} == expected
+        assert toggle_states(page, toggles) == toggles
+        assert detection_count(page) == count  # not re-drawn from defaults after a late rerun
+        assert not page.get_by_text("Traceback").count()
+        assert not errors, errors
+    finally:
+        page.close()

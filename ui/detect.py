@@ -244,6 +244,8 @@ def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
 
 def render() -> None:
     st.title("Detect")
+    st.caption("The sidebar's model on your images or synthetic scenes: masks, boxes and scores. The network "
+               "runs once per image; every control re-filters that run at once.")
     loaded = state.require_model()
     _input(loaded.categories[1:])
     entry = state.current_image()

@@ -345,6 +345,8 @@ def _timings(trace) -> None:
 
 def render() -> None:
     st.title("Inspect")
+    st.caption("Every stage of the network on Detect's image, from the resized input to the masks: a picture "
+               "and the numbers for each, all read from the one run.")
     loaded = state.require_model()
     state.ensure_image(loaded.categories[1:])
     entry = state.current_image()
@@ -354,8 +356,8 @@ def render() -> None:
     if trace is None:
         return
     t = state.thresholds()
-    st.caption(f"**{entry.name}** · model `{loaded.name}` · score ≥ {t.score_thresh:.2f}, NMS IoU {t.nms_thresh:.2f}, "
-               f"mask ≥ {t.mask_thresh:.2f} (set on Detect) · "
+    st.caption(f"**{entry.name}** · model `{loaded.name}` · score ≥ {t.score_thresh:.2f}, NMS IoU {t.nms_thresh:.2f} "
+               f"(set on Detect), mask ≥ {t.mask_thresh:.2f} · "
                + " · ".join(f"[{s}](#step-{i + 1})" for i, s in enumerate(SECTIONS)))
     _input_resize(trace, entry)
     _backbone(trace)

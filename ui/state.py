@@ -98,9 +98,11 @@ def clamp(key: str, lo, hi, initial=None) -> None:
 def carry_over(key: str) -> None:
     """Call just before drawing a control that more than one page shows (the mask threshold).
 
-    Streamlit gives a widget another id on each page, so on the first run after a switch between two
-    pages that both draw it, the new widget would start at its default and write that back (the mask
-    threshold once came back from Inspect as 0.00). A value written under the key wins over the default."""
+    Streamlit gives a widget another id on each page. The new page's widget finds the kept value only
+    once the old page's widget has been dropped as stale: the browser drops it before it asks for the
+    new page, but a switch that still carries the old page's widgets (AppTest's, for one) runs the new
+    widget first, at its default, and that default is written back (the mask threshold came back from
+    Inspect as 0.00). A value written under the key wins either way."""
     st.session_state[key] = st.session_state[key]
 
 
