@@ -9,7 +9,7 @@ Per session (``st.session_state``), initialised by ``init()``:
   current_image             the image id Detect and Inspect show
   traces                    OrderedDict trace key -> Trace, least recently used first (a small LRU)
   score_thresh … mask_thresh, show_*, color_by, opacity, show_proposals, proposals_k,
-  rpn_* …                   control values (DEFAULTS)
+  rpn_* …, insp_* …         control values (DEFAULTS; insp_anchor_x/y start at the image centre)
 
 A control's value lives in its widget's own state: the widget has the key above and
 ``persist_state="session"``, so Streamlit keeps the value while a page that does not draw it runs,
