@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -122,8 +125,9 @@ def test_stop_file_cancels_and_saves(tmp_path):
         (run / "STOP").touch()
 
     result = train(tiny_config(run), progress=touch_stop_file, verbose=False)
-    assert result.state == "cancelled" and result.step == 2  # seen before step 2's row is logged
-    assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 2
+    # seen while step 2's batch loads: step 2 is not computed
+    assert result.state == "cancelled" and result.step == 1 and "stop file found" in result.message
+    assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 1
     # resuming removes the stale flag and finishes
     assert train(tiny_config(run, resume=True), verbose=False).state == "finished"
 
@@ -142,12 +146,65 @@ def test_resume_removes_what_a_killed_checkpoint_write_left(tmp_path):
     assert all(path.exists() for path in others)
 
 
+class _CallsOnItem(torch.utils.data.Dataset):
+    """Wraps a dataset; calls ``action()`` when item number ``at`` (1-based, over the whole run) is loaded."""
+
+    def __init__(self, ds, at: int, action):
+        self.ds, self.categories, self.at, self.action, self.loaded = ds, ds.categories, at, action, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.loaded += 1
+        if self.loaded == self.at:
+            self.action()
+        return self.ds[i]
+
+
+@pytest.fixture
+def sigterm_caught_by_the_test():
+    """A SIGTERM handler of the test's own, so that a trainer that does not catch SIGTERM fails the test
+    instead of ending pytest; the trainer's handler replaces it while it runs."""
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_while_a_batch_loads_cancels_within_the_step(tmp_path, monkeypatch, sigterm_caught_by_the_test):
+    real_open = train_mod.open_data
+    opened = []
+
+    def open_slow_data(*args, **kwargs):  # a 16-image batch whose 3rd image brings the SIGTERM
+        opened.append(_CallsOnItem(real_open(*args, **kwargs), 3, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+        return opened[-1]
+
+    monkeypatch.setattr(train_mod, "open_data", open_slow_data)
+    run = tmp_path / "run"
+    result = train(tiny_config(run, batch_size=16), verbose=False)
+    assert result.state == "cancelled" and result.step == 0 and "SIGTERM" in result.message
+    assert opened[0].loaded == 3  # the other 13 images of the batch were never loaded
+    assert status(run)["state"] == "cancelled"
+    assert load_checkpoint(run / "checkpoint.pt")["train_state"]["step"] == 0  # --resume starts over exactly
+
+
+def test_run_folder_deleted_while_training_fails_with_one_line(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_open = train_mod.open_data
+    monkeypatch.setattr(train_mod, "open_data",
+                        lambda *a, **k: _CallsOnItem(real_open(*a, **k), 3, lambda: shutil.rmtree(run)))
+    with pytest.raises(TrainingError, match="the run folder .* was deleted during step 2"):
+        train(tiny_config(run, checkpoint_every=1), verbose=False)
+    assert not run.exists()  # neither the checkpoint nor the status recreated it
+
+
 def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
     with pytest.raises(TrainingError, match="nothing to resume"):
         train(tiny_config(tmp_path / "none", resume=True), verbose=False)
     train(tiny_config(tmp_path / "run", steps=1), verbose=False)
     with pytest.raises(TrainingError, match="--resume"):
         train(tiny_config(tmp_path / "run", steps=1), verbose=False)
+    assert status(tmp_path / "run")["state"] == "finished"  # the run that is there keeps its status
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -254,6 +311,10 @@ def test_bad_settings_are_named():
         TrainConfig(data="x", steps=0)
     with pytest.raises(TrainingError, match="unknown training settings: bogus"):
         TrainConfig.from_dict({"data": "x", "bogus": 1})
+    with pytest.raises(TrainingError, match=r"seed must be an integer in \[0, 4294967295\], got 4294967296"):
+        TrainConfig(data="x", seed=2**32)
+    with pytest.raises(TrainingError, match=r"clip_grad_norm must be a finite number in \[0, inf\), got -1"):
+        TrainConfig(data="x", clip_grad_norm=-1)
 
 
 @pytest.mark.parametrize("name, value", [

@@ -24,7 +24,6 @@ redone in float32; a loss that is not finite there stops the run, keeping the la
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -73,7 +72,8 @@ class Interval(NamedTuple):
         return above and below
 
     def __str__(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        low, high = (str(int(end)) if float(end).is_integer() else f"{end:g}" for end in (self.low, self.high))
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
 
 
 # Every numeric setting's range. Those in OPTIONAL_SETTINGS may also be None (the default).
@@ -215,17 +215,23 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 # ------------------------------------------------------------------------------------------ data
 
+class BatchInterrupted(Exception):
+    """StepBatches stopped loading a batch because ``interrupted()`` said so."""
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Item ``s`` = this process's batch for optimizer step ``s``, a pure function of (seed, s, rank).
 
     Indices come from torch's DistributedSampler (one shuffled permutation per epoch, split between
     ranks); augmentation runs under a RNG seeded from (seed, s, rank). So batches don't depend on
-    worker processes or on where a run was resumed.
+    worker processes or on where a run was resumed. ``interrupted``, asked before each image, ends the
+    loading of a batch with BatchInterrupted (a cancel need not wait for a large batch).
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 interrupted: Callable[[], bool] | None = None):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.interrupted = rank, world_size, interrupted
         self._epoch_indices: dict[int, list[int]] = {}
 
     def _indices(self, epoch: int) -> list[int]:
@@ -249,7 +255,11 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + step) * 64 + self.rank)
-            items = [self.dataset[i] for i in self.batch_indices(step)]
+            items = []
+            for i in self.batch_indices(step):
+                if self.interrupted is not None and self.interrupted():
+                    raise BatchInterrupted(f"the loading of step {step + 1}'s batch was interrupted")
+                items.append(self.dataset[i])
         images, targets = zip(*items)
         return list(images), list(targets)
 
@@ -353,6 +363,406 @@ def init_distributed(device_kind: str) -> DistInfo:
 
 # ------------------------------------------------------------------------------------------ the run
 
+def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> TrainResult:
+    """Run (or resume) training as ``config`` says. Returns a TrainResult; a failure that stops the
+    run (non-finite loss, bad data) raises TrainingError / DatasetError after writing status.json."""
+    config.validate()  # again: a dataclass can be changed after it was built
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    resume_ckpt = _checkpoint_to_resume(config, out / "checkpoint.pt")  # refused before a status is written:
+    try:                                                                 # the folder may hold another run
+        # caught from the start: a cancel during the setup stops the run at its first step
+        with _Stopper(out / "STOP", should_stop) as stopper:
+            run = setup_run(config, resume_ckpt, out, device, dist_info, _stderr_log(verbose and dist_info.is_main))
+            with _MetricLogger(run, progress, verbose) as metric_logger:
+                state, message = train_steps(run, stopper, metric_logger)
+            return finish_run(run, state, message, metric_logger.rows)
+    except BaseException as err:
+        folder_deleted = not out.is_dir()  # then the status would recreate a folder the user deleted
+        if dist_info.is_main and not folder_deleted:
+            write_status(out, "failed", str(err) if isinstance(err, MrcnnError) else f"{type(err).__name__}: {err}")
+        if folder_deleted and not isinstance(err, MrcnnError):
+            raise TrainingError(f"the run folder {out} was deleted while training "
+                                f"({type(err).__name__}: {err})") from err
+        raise
+
+
+def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: torch.device, dist: DistInfo,
+              log: Callable[[str], None]) -> _Run:
+    """Everything before the first step: data, model, optimizer (from ``resume_ckpt`` when resuming), run files."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if dist.is_main:
+        (out / "STOP").unlink(missing_ok=True)  # a stale flag from the run being resumed
+        for leftover in remove_stale_temp_files(out):  # a write killed mid-way, e.g. a checkpoint's by SIGKILL
+            log(f"removed {leftover.name}, left by a write that did not finish")
+    if dist.enabled:
+        torch.distributed.barrier()
+
+    # data and model (in this order: both draw from the seeded RNG)
+    torch.manual_seed(cfg.seed)
+    transforms = train_transforms() if cfg.augment else None
+    if resume_ckpt is not None:
+        categories = list(resume_ckpt["categories"])
+        train_ds = open_data(cfg.data, categories, transforms)
+        arch = dict(resume_ckpt["arch"])
+        model = build_model(arch, len(categories))
+        load_state_dict_checked(model, resume_ckpt["state_dict"], out / "checkpoint.pt")
+    else:
+        train_ds = open_data(cfg.data, None, transforms)
+        categories = list(train_ds.categories)
+        model, arch = _starting_model(cfg, categories, log)
+    if len(train_ds) == 0:
+        raise DatasetError(f"training data {cfg.data} has no images")
+    val_ds = first_items(open_data(cfg.val, categories), cfg.val_num) if cfg.val and dist.is_main else None
+    check_batch_fits(cfg.batch_size, arch, device)
+
+    # the model on its device, the optimizer, and their state when resuming
+    autocast_dtype = amp_dtype(device) if cfg.amp else None
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = _sgd(cfg, model)
+    run = _Run(cfg, out, device, dist, log, arch, categories, train_ds, val_ds, model, model, optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg)),
+               # bfloat16 has float32's range: only float16 needs its loss scaled
+               scaler=torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16),
+               autocast_dtype=autocast_dtype)
+    if resume_ckpt is not None:
+        run.restore(resume_ckpt)
+        log(f"resuming {out} at step {run.step}/{cfg.steps}")
+    if dist.enabled:
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    if dist.is_main:
+        write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
+                                          "world_size": dist.world_size, "device": str(device),
+                                          "precision": run.precision})
+        truncate_metrics(out / "metrics.jsonl", run.step)
+    run.t_start = time.time()
+    return run
+
+
+def train_steps(run: _Run, stopper: _Stopper, metric_logger: _MetricLogger) -> tuple[str, str]:
+    """One optimizer step per batch until ``steps`` or a cancel: (state, message). A loss that is not
+    finite, or a run folder deleted meanwhile, raises TrainingError."""
+    cfg = run.cfg
+    for images, targets in _step_batches(run, stopper):
+        lr = run.optimizer.param_groups[0]["lr"]
+        losses = forward_backward(run, images, targets)
+
+        # every rank takes the same decisions, or the others wait for it forever in the next collective
+        stop_reason = stopper.reason()
+        not_finite, stop, folder_deleted = any_rank(run.dist, run.device, not losses.finite,
+                                                    stop_reason is not None, not run.out.is_dir())
+        if folder_deleted:
+            raise TrainingError(f"the run folder {run.out} was deleted during step {run.step + 1}; training stopped")
+        if not_finite:
+            raise TrainingError(_not_finite_message(run, losses))
+        optimizer_step(run)
+
+        metric_logger.update(losses, num_images=len(images) * run.dist.world_size)
+        validate_now = run.validation_due()
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps or validate_now or stop:
+            log_step(run, metric_logger, lr, validate_now)
+        if stop:
+            return "cancelled", (f"cancelled at step {run.step}/{cfg.steps} "
+                                 f"({stop_reason or 'stop requested on another process'})")
+        maybe_checkpoint(run)
+    if run.step < cfg.steps:  # a cancel interrupted the loading of the next batch
+        return "cancelled", f"cancelled at step {run.step}/{cfg.steps} ({stopper.reason() or 'stop requested'})"
+    return "finished", f"finished {run.step} steps"
+
+
+@dataclass
+class _StepLosses:
+    terms: dict[str, torch.Tensor]      # the model's loss terms (LOSS_TERMS)
+    total: torch.Tensor
+    finite: bool                        # the loss (and the gradient norm, when clipped) on every rank
+    grad_norm: torch.Tensor | None = None
+
+
+def forward_backward(run: _Run, images: list, targets: list) -> _StepLosses:
+    """The forward pass in mixed precision (redone in float32 when its loss is not finite there), then,
+    when the loss is finite on every rank, the backward pass and gradient clipping."""
+    losses = _forward(run, images, targets, mixed=run.autocast_dtype is not None)
+    if not losses.finite and run.autocast_dtype is not None:
+        # Mixed precision ran out on this batch (bfloat16 did once in the 4000 steps of the bundled
+        # recipe): redo it in float32; only a loss that is not finite there stops the run.
+        run.float32_retries += 1
+        run.log(f"step {run.step + 1}: the loss is not finite in {run.precision}; computing this step in float32")
+        losses = _forward(run, images, targets, mixed=False)
+    if not losses.finite:
+        return losses
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(losses.total).backward()
+    if run.cfg.clip_grad_norm:
+        run.scaler.unscale_(run.optimizer)
+        losses.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad_norm)
+        if not run.scaler.is_enabled() and not bool(torch.isfinite(losses.grad_norm)):
+            losses.finite = False  # (with float16 the scaler skips such steps by itself)
+    return losses
+
+
+def _forward(run: _Run, images: list, targets: list, mixed: bool) -> _StepLosses:
+    with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=mixed):
+        terms = run.train_model(images, targets)
+    total = sum(terms.values())
+    # the ranks agree before any backward: one rank skipping it would leave the others waiting in DDP's
+    # gradient all-reduce
+    (not_finite,) = any_rank(run.dist, run.device, not bool(torch.isfinite(total)))
+    return _StepLosses(terms, total, finite=not not_finite)
+
+
+def any_rank(dist: DistInfo, device: torch.device, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true when it is true on any rank: the decisions every rank must take together."""
+    if not dist.enabled:
+        return flags
+    votes = torch.tensor([float(flag) for flag in flags], device=device)
+    torch.distributed.all_reduce(votes)
+    return tuple(bool(vote > 0) for vote in votes)
+
+
+def optimizer_step(run: _Run) -> None:
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
+
+
+def log_step(run: _Run, metric_logger: _MetricLogger, lr: float, validate_now: bool) -> None:
+    """One metrics row: the losses since the last row, and the validation metrics when they are due."""
+    row = metric_logger.row(lr)
+    if validate_now and run.val_ds is not None:  # only rank 0 holds validation data
+        run.last_val = row["val"] = _val_metrics(run.model, run.val_ds, run.device)
+        run.model.train()
+    metric_logger.write(row)
+
+
+def maybe_checkpoint(run: _Run) -> None:
+    every = run.cfg.checkpoint_every
+    if every and run.step % every == 0 and run.step < run.cfg.steps:  # the last step's is finish_run's
+        run.save()
+
+
+def finish_run(run: _Run, state: str, message: str, rows: list[dict]) -> TrainResult:
+    """The last checkpoint (a cancelled run's too: --resume continues it), the export and status.json."""
+    if run.dist.enabled:
+        torch.distributed.barrier()
+    run.save()
+    if state == "finished" and run.cfg.export and run.dist.is_main:
+        save_checkpoint(run.cfg.export, run.arch, run.categories, run.model.state_dict(), run.meta(),
+                        half=run.cfg.export_half)
+    if run.dist.is_main:
+        write_status(run.out, state, message)
+    run.log(message)
+    if run.dist.enabled:
+        torch.distributed.barrier()
+    return TrainResult(state, message, run.step, str(run.ckpt_path), rows, run.last_val, run.elapsed())
+
+
+# ------------------------------------------------------------------------------------------ run state and helpers
+
+@dataclass
+class _Run:
+    """One run between its steps: what torchvision's train_one_epoch gets as arguments, plus the step."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dist: DistInfo
+    log: Callable[[str], None]
+    arch: dict
+    categories: list[str]
+    train_ds: Any
+    val_ds: Any                         # None on ranks > 0 and without ``val``
+    model: torch.nn.Module              # the bare model: saved and validated
+    train_model: torch.nn.Module        # the model or its DDP wrapper: trained
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None  # None: float32
+    step: int = 0                       # optimizer steps done
+    start_step: int = 0                 # where this call started (resumed)
+    elapsed_before: float = 0.0         # training time of the calls this one resumes
+    last_val: dict | None = None        # the latest validation metrics
+    float32_retries: int = 0            # steps redone in float32 (this call)
+    t_start: float = 0.0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def precision(self) -> str:
+        return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    def validation_due(self) -> bool:
+        """After this step? The same answer on every rank (the logging all-reduces); rank 0 validates."""
+        every, step = self.cfg.val_every, self.step
+        return bool(self.cfg.val) and bool((every and step % every == 0) or step == self.cfg.steps)
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint's train state: optimizer, schedule, loss scale, RNG, step, clock."""
+        state = ckpt["train_state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = self.start_step = int(state["step"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.last_val = ckpt["meta"].get("metrics") or None
+
+    def meta(self) -> dict:
+        cfg = self.cfg
+        return {"data": cfg.data, "val": cfg.val, "steps": self.step,
+                "recipe": {k: v for k, v in cfg.to_dict().items()
+                           if k not in ("out", "resume", "device", "num_workers", "export", "threads")},
+                "world_size": self.dist.world_size, "metrics": self.last_val or {},
+                "training_time_s": round(self.elapsed(), 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def save(self) -> None:
+        """The checkpoint with the train state that --resume continues from (rank 0 writes it)."""
+        if not self.dist.is_main:
+            return
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}, "rng": _rng_state(),
+                 "elapsed_s": self.elapsed(), "config": self.cfg.to_dict()}
+        save_checkpoint(self.ckpt_path, self.arch, self.categories, self.model.state_dict(), self.meta(),
+                        extra={"train_state": state})
+
+
+def _checkpoint_to_resume(cfg: TrainConfig, ckpt_path: Path) -> dict | None:
+    """The checkpoint ``--resume`` continues (None for a new run); refuses to overwrite a run otherwise."""
+    if not cfg.resume:
+        if ckpt_path.is_file():
+            raise TrainingError(f"{ckpt_path.parent} already holds a run (checkpoint.pt); use --resume to "
+                                "continue it or choose another --out")
+        return None
+    if not ckpt_path.is_file():
+        raise TrainingError(f"--resume: {ckpt_path} does not exist; nothing to resume")
+    ckpt = load_checkpoint(ckpt_path)
+    if "train_state" not in ckpt:
+        raise TrainingError(f"--resume: {ckpt_path} has no training state (an exported model?)")
+    return ckpt
+
+
+def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # norms and biases: no weight decay
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.peak_lr, momentum=cfg.momentum)
+
+
+def _step_batches(run: _Run, stopper: _Stopper):
+    """(images, targets) on the device for each remaining step. In a single process a cancel (signal or
+    STOP file) is seen between the images of a batch and ends the batches; with DDP a rank must not
+    leave a step alone, so there it is seen once per step (train_steps)."""
+    cfg = run.cfg
+    between_images = stopper.requested_from_outside if not run.dist.enabled and cfg.num_workers == 0 else None
+    batches = StepBatches(run.train_ds, cfg.batch_size, cfg.seed, run.dist.rank, run.dist.world_size,
+                          interrupted=between_images)
+    try:
+        for images, targets in _loader(batches, run.step, cfg.steps, cfg.num_workers):
+            yield ([image.to(run.device, non_blocking=True) for image in images],
+                   [{k: v.to(run.device, non_blocking=True) for k, v in target.items()} for target in targets])
+    except BatchInterrupted:
+        return
+
+
+def _not_finite_message(run: _Run, losses: _StepLosses) -> str:
+    terms = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in losses.terms.items())
+    grad = f", gradient norm {float(losses.grad_norm):.4g}" if losses.grad_norm is not None else ""
+    return (f"training stopped at step {run.step + 1}: the loss is not finite ({terms}{grad}). The last good "
+            f"checkpoint ({run.ckpt_path.name}, step {_saved_step(run.ckpt_path)}) is kept. Try a lower --lr "
+            f"(now {run.cfg.peak_lr:g}) or more warm-up steps.")
+
+
+def _saved_step(path: Path) -> int | str:
+    if not path.is_file():
+        return "none saved yet"
+    try:
+        return int(load_checkpoint(path, mmap=True)["train_state"]["step"])
+    except (CheckpointError, KeyError):
+        return "?"
+
+
+class _MetricLogger:
+    """The losses averaged between log steps over all ranks, written by rank 0 as one row per log step
+    to metrics.jsonl, the progress bar and the ``progress`` callback."""
+
+    def __init__(self, run: _Run, progress: Callable[[dict], None] | None, verbose: bool):
+        self.run, self.progress = run, progress
+        self.bar = _Bar(run.cfg.steps, verbose and run.dist.is_main)
+        self.rows: list[dict] = []  # the rows written by this call
+        self.sums = dict.fromkeys((*LOSS_TERMS, "loss"), 0.0)
+        self.num_steps, self.num_images, self.since = 0, 0, time.time()
+
+    def __enter__(self) -> _MetricLogger:
+        self.file = (self.run.out / "metrics.jsonl").open("a") if self.run.dist.is_main else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.bar.close()
+
+    def update(self, losses: _StepLosses, num_images: int) -> None:
+        for k, v in losses.terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.sums["loss"] += float(losses.total.detach())
+        self.num_steps += 1
+        self.num_images += num_images
+
+    def row(self, lr: float) -> dict:
+        """This step's row: the mean losses since the last row (over all ranks), lr, speed, time."""
+        run, now = self.run, time.time()
+        avg = {k: v / self.num_steps for k, v in self.sums.items()}
+        if run.dist.enabled:
+            vec = torch.tensor([avg[k] for k in sorted(avg)], device=run.device)
+            torch.distributed.all_reduce(vec)
+            avg = {k: float(x) / run.dist.world_size for k, x in zip(sorted(avg), vec)}
+        row = {"step": run.step, **{k: round(avg.get(k, 0.0), 6) for k in LOSS_TERMS},
+               "loss": round(avg["loss"], 6), "lr": lr,
+               "images_per_s": round(self.num_images / max(now - self.since, 1e-9), 3),
+               "elapsed": round(run.elapsed_before + now - run.t_start, 2)}
+        if run.float32_retries:
+            row["float32_retries"] = run.float32_retries  # steps redone in float32 so far (this call)
+        if run.step > run.start_step:
+            row["eta_s"] = round((now - run.t_start) / (run.step - run.start_step) * (run.cfg.steps - run.step), 1)
+        return row
+
+    def write(self, row: dict) -> None:
+        if self.run.dist.is_main:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            self.rows.append(row)
+            self.bar.update(row["step"], row)
+            if self.progress is not None:
+                self.progress(row)
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        self.num_steps, self.num_images, self.since = 0, 0, time.time()
+
+
+def _stderr_log(enabled: bool) -> Callable[[str], None]:
+    if not enabled:
+        return lambda message: None
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
 class _Stopper:
     """Cancel requests: SIGTERM/SIGINT (main thread only), RUN_DIR/STOP, or a callback."""
 
@@ -372,6 +782,10 @@ class _Stopper:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def requested_from_outside(self) -> bool:
+        """A signal or the STOP file: cheap enough to ask between images (``should_stop`` is asked once a step)."""
+        return self.signalled is not None or self.stop_file.exists()
 
     def reason(self) -> str | None:
         if self.signalled:
@@ -479,272 +893,6 @@ def _val_metrics(model, val_ds, device) -> dict:
     result = evaluate(model, val_ds, device=device, categories=val_ds.categories)
     return {"bbox_AP": result.bbox["AP"], "segm_AP": result.segm["AP"],
             "bbox_AP50": result.bbox["AP50"], "segm_AP50": result.segm["AP50"]}
-
-
-def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> TrainResult:
-    """Run (or resume) training as ``config`` says. Returns a TrainResult; a failure that stops the
-    run (non-finite loss, bad data) raises TrainingError / DatasetError after writing status.json."""
-    config.validate()  # again: a dataclass can be changed after it was built
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    dist_info = init_distributed(device.type)
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
-    try:
-        return _train(config, out, device, dist_info, progress, should_stop, verbose)
-    except MrcnnError as err:
-        if dist_info.is_main:
-            write_status(out, "failed", str(err))
-        raise
-    except BaseException as err:
-        if dist_info.is_main:
-            write_status(out, "failed", f"{type(err).__name__}: {err}")
-        raise
-
-
-def _train(cfg: TrainConfig, out: Path, device: torch.device, di: DistInfo, progress, should_stop,
-           verbose: bool) -> TrainResult:
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if (verbose and di.is_main) else (lambda msg: None)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    ckpt_path = out / "checkpoint.pt"
-    metrics_path = out / "metrics.jsonl"
-    stop_file = out / "STOP"
-
-    resume_ckpt = None
-    if cfg.resume:
-        if not ckpt_path.is_file():
-            raise TrainingError(f"--resume: {ckpt_path} does not exist; nothing to resume")
-        resume_ckpt = load_checkpoint(ckpt_path)
-        if "train_state" not in resume_ckpt:
-            raise TrainingError(f"--resume: {ckpt_path} has no training state (an exported model?)")
-    elif ckpt_path.is_file():
-        raise TrainingError(f"{out} already holds a run (checkpoint.pt); use --resume to continue it "
-                            "or choose another --out")
-    if di.is_main:
-        stop_file.unlink(missing_ok=True)  # a stale flag from the run being resumed
-        for leftover in remove_stale_temp_files(out):  # a write killed mid-way, e.g. a checkpoint's by SIGKILL
-            log(f"removed {leftover.name}, left by a write that did not finish")
-    if di.enabled:
-        torch.distributed.barrier()
-
-    # data and model ------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    transforms = None
-    if cfg.augment:
-        transforms = train_transforms()
-    if resume_ckpt is not None:
-        categories = list(resume_ckpt["categories"])
-        train_ds = open_data(cfg.data, categories, transforms)
-        arch = dict(resume_ckpt["arch"])
-        model = build_model(arch, len(categories))
-        load_state_dict_checked(model, resume_ckpt["state_dict"], ckpt_path)
-    else:
-        train_ds = open_data(cfg.data, None, transforms)
-        categories = list(train_ds.categories)
-        model, arch = _starting_model(cfg, categories, log)
-    if len(train_ds) == 0:
-        raise DatasetError(f"training data {cfg.data} has no images")
-    val_ds = None
-    if cfg.val and di.is_main:
-        val_ds = first_items(open_data(cfg.val, categories), cfg.val_num)
-
-    check_batch_fits(cfg.batch_size, arch, device)
-    use_cuda = device.type == "cuda"
-    autocast_dtype = amp_dtype(device) if cfg.amp else None
-    use_amp = autocast_dtype is not None
-    use_scaler = autocast_dtype == torch.float16  # bfloat16 has float32's range: nothing to scale
-    precision = str(autocast_dtype or torch.float32).removeprefix("torch.")
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.train()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # norms and biases: no weight decay
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=cfg.peak_lr, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    start_step, elapsed_before, last_val = 0, 0.0, None
-    if resume_ckpt is not None:
-        st = resume_ckpt["train_state"]
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        if st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        _set_rng_state(st["rng"])
-        start_step = int(st["step"])
-        elapsed_before = float(st.get("elapsed_s", 0.0))
-        last_val = resume_ckpt["meta"].get("metrics") or None
-        log(f"resuming {out} at step {start_step}/{cfg.steps}")
-
-    train_model = model
-    if di.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=True)
-
-    if di.is_main:
-        write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
-                                          "world_size": di.world_size, "device": str(device),
-                                          "precision": precision})
-        truncate_metrics(metrics_path, start_step)
-
-    def meta(step: int) -> dict:
-        return {"data": cfg.data, "val": cfg.val, "steps": step,
-                "recipe": {k: v for k, v in cfg.to_dict().items()
-                           if k not in ("out", "resume", "device", "num_workers", "export", "threads")},
-                "world_size": di.world_size, "metrics": last_val or {},
-                "training_time_s": round(elapsed_before + time.time() - t_start, 1),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-    def save(step: int) -> None:
-        if not di.is_main:
-            return
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if use_scaler else {}, "rng": _rng_state(),
-                 "elapsed_s": elapsed_before + time.time() - t_start, "config": cfg.to_dict()}
-        save_checkpoint(ckpt_path, arch, categories, model.state_dict(), meta(step), extra={"train_state": state})
-
-    batches = StepBatches(train_ds, cfg.batch_size, cfg.seed, di.rank, di.world_size)
-    loader = _loader(batches, start_step, cfg.steps, cfg.num_workers)
-    bar = _Bar(cfg.steps, verbose and di.is_main)
-    rows: list[dict] = []
-    float32_retries = 0
-
-    def forward(images, targets, mixed: bool):
-        """(loss terms, loss, whether the loss is finite on every rank). The ranks agree before any
-        backward: one rank skipping it would leave the others waiting in DDP's gradient all-reduce."""
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=mixed):
-            terms = train_model(images, targets)
-        total = sum(terms.values())
-        ok = bool(torch.isfinite(total))
-        if di.enabled:
-            flag = torch.tensor([0.0 if ok else 1.0], device=device)
-            torch.distributed.all_reduce(flag)
-            ok = flag.item() == 0
-        return terms, total, ok
-
-    sums = {k: 0.0 for k in (*LOSS_TERMS, "loss")}
-    n_sum, images_since, t_log = 0, 0, time.time()
-    t_start = time.time()
-    step = start_step
-    state, message = "finished", ""
-
-    with _Stopper(stop_file, should_stop) as stopper, (metrics_path.open("a") if di.is_main else
-                                                        contextlib.nullcontext()) as mfile:
-        for images, targets in loader:
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            lr = optimizer.param_groups[0]["lr"]
-            loss_dict, loss, finite = forward(images, targets, use_amp)
-            if not finite and use_amp:
-                # Mixed precision ran out on this batch (bfloat16 did once in the 4000 steps of the bundled
-                # recipe): redo it in float32; only a loss that is not finite there stops the run.
-                float32_retries += 1
-                log(f"step {step + 1}: the loss is not finite in {precision}; "
-                    "computing this step in float32")
-                loss_dict, loss, finite = forward(images, targets, False)
-            grad_norm = None
-            if finite:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad_norm:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                    if not use_scaler and not bool(torch.isfinite(grad_norm)):
-                        finite = False  # (with float16 the scaler skips such steps by itself)
-            stop_reason = stopper.reason()
-            if di.enabled:  # every rank must take the same decision, or the others hang
-                flags = torch.tensor([0.0 if finite else 1.0, 1.0 if stop_reason else 0.0], device=device)
-                torch.distributed.all_reduce(flags)
-                finite = finite and flags[0].item() == 0
-                if flags[1].item() > 0 and not stop_reason:
-                    stop_reason = "stop requested on another process"
-            if not finite:
-                terms = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in loss_dict.items())
-                message = (f"training stopped at step {step + 1}: the loss is not finite ({terms}"
-                           f"{', gradient norm ' + format(float(grad_norm), '.4g') if grad_norm is not None else ''})."
-                           f" The last good checkpoint ({ckpt_path.name}, step "
-                           f"{_saved_step(ckpt_path)}) is kept. Try a lower --lr (now {cfg.peak_lr:g}) or more "
-                           "warm-up steps.")
-                raise TrainingError(message)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-
-            for k, v in loss_dict.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] += float(loss.detach())
-            n_sum += 1
-            images_since += len(images) * di.world_size
-
-            # the same on every rank (the logging below all-reduces); only rank 0 evaluates
-            want_val = bool(cfg.val) and bool((cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps)
-            if step % cfg.log_every == 0 or step == cfg.steps or want_val or stop_reason:
-                now = time.time()
-                avg = {k: v / n_sum for k, v in sums.items()}
-                if di.enabled:
-                    vec = torch.tensor([avg[k] for k in sorted(avg)], device=device)
-                    torch.distributed.all_reduce(vec)
-                    avg = {k: float(x) / di.world_size for k, x in zip(sorted(avg), vec)}
-                elapsed = elapsed_before + now - t_start
-                row = {"step": step, **{k: round(avg.get(k, 0.0), 6) for k in LOSS_TERMS},
-                       "loss": round(avg["loss"], 6), "lr": lr,
-                       "images_per_s": round(images_since / max(now - t_log, 1e-9), 3),
-                       "elapsed": round(elapsed, 2)}
-                if float32_retries:
-                    row["float32_retries"] = float32_retries  # steps redone in float32 so far (this run)
-                if step > start_step:
-                    row["eta_s"] = round((now - t_start) / (step - start_step) * (cfg.steps - step), 1)
-                if want_val and val_ds is not None:
-                    last_val = _val_metrics(model, val_ds, device)
-                    row["val"] = last_val
-                    model.train()
-                if di.is_main:
-                    mfile.write(json.dumps(row) + "\n")
-                    mfile.flush()
-                    rows.append(row)
-                    bar.update(step, row)
-                    if progress is not None:
-                        progress(row)
-                sums = {k: 0.0 for k in sums}
-                n_sum, images_since, t_log = 0, 0, time.time()
-            if stop_reason:
-                state, message = "cancelled", f"cancelled at step {step}/{cfg.steps} ({stop_reason})"
-                break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save(step)
-        bar.close()
-    if di.enabled:
-        torch.distributed.barrier()
-    save(step)
-    if state == "finished":
-        message = f"finished {step} steps"
-        if cfg.export and di.is_main:
-            save_checkpoint(cfg.export, arch, categories, model.state_dict(), meta(step), half=cfg.export_half)
-    if di.is_main:
-        write_status(out, state, message)
-    log(message)
-    if di.enabled:
-        torch.distributed.barrier()
-    return TrainResult(state, message, step, str(ckpt_path), rows, last_val, elapsed_before + time.time() - t_start)
-
-
-def _saved_step(path: Path) -> int | str:
-    if not path.is_file():
-        return "none saved yet"
-    try:
-        return int(load_checkpoint(path, mmap=True)["train_state"]["step"])
-    except (CheckpointError, KeyError):
-        return "?"
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "remap_class_weights", "StepBatches", "LOSS_TERMS"]
