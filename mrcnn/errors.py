@@ -26,3 +26,7 @@ class DatasetError(MrcnnError):
 
 class TrainingError(MrcnnError):
     """A training run that cannot start or had to stop (bad config, non-finite loss)."""
+
+
+class ExportError(MrcnnError):
+    """A model that cannot be exported in the asked format, or whose export does not reproduce it."""

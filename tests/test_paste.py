@@ -81,3 +81,15 @@ def test_centre_transform_keeps_the_resize_settings():
     model = build_model(dict(TINY_LIGHT, min_size=[256, 320], max_size=640), 4)
     t = model.transform
     assert tuple(t.min_size) == (256, 320) and t.max_size == 640 and t.size_divisible == 32
+
+
+def test_traceable_centre_paste_gives_the_same_values():
+    """The whole-image paste used when tracing (ONNX export) equals the cropped one."""
+    from mrcnn.model.paste import _paste_centre_full
+
+    torch.manual_seed(0)
+    probs = torch.rand(4, 1, M, M)
+    boxes = torch.tensor([[3.3, 4.7, 20.2, 30.9], [-5.0, 10.0, 12.5, 18.0], [40.0, 30.0, 70.0, 60.0],
+                          [10.0, 10.0, 10.0005, 10.0005]])
+    assert torch.allclose(_paste_centre_full(probs, boxes, (48, 64)),
+                          paste_masks_full(probs, boxes, (48, 64), mode="centre"), atol=1e-6)

@@ -71,9 +71,27 @@ def paste_masks_cropped(probs: torch.Tensor, boxes: torch.Tensor, image_size: tu
     return [(y0, x0, crop.float().cpu().numpy()) for y0, x0, crop in _paster(mode)(probs, boxes, image_size)]
 
 
+def _paste_centre_full(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """``_paste_centre`` over the whole image at once, in tensor operations only, so that tracing (ONNX
+    export) follows the boxes instead of baking in one image's crops. Same values: outside a crop the
+    sampling point lies beyond the mask's zero padding."""
+    im_h, im_w = image_size
+    x0, y0, x1, y1 = boxes.float().unbind(1)
+    bw, bh = (x1 - x0).clamp(min=1e-3), (y1 - y0).clamp(min=1e-3)
+    xs = torch.arange(im_w, dtype=torch.float32, device=probs.device) + 0.5
+    ys = torch.arange(im_h, dtype=torch.float32, device=probs.device) + 0.5
+    gx = (xs[None, :] - x0[:, None]) * (2 / bw[:, None]) - 1  # (N, W)
+    gy = (ys[None, :] - y0[:, None]) * (2 / bh[:, None]) - 1  # (N, H)
+    grid = torch.stack([gx[:, None, :].expand(-1, im_h, -1), gy[:, :, None].expand(-1, -1, im_w)], dim=-1)
+    return F.grid_sample(probs.float(), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).to(probs.dtype)
+
+
 def paste_masks_full(probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int],
                      mode: str = "torchvision") -> torch.Tensor:
     """Like torchvision's paste_masks_in_image: (N, 1, M, M) -> (N, 1, H, W) probabilities."""
+    if mode == "centre" and torch.jit.is_tracing():
+        return _paste_centre_full(probs, boxes, image_size)
     full = probs.new_zeros((probs.shape[0], 1, *image_size))
     for n, (y0, x0, crop) in enumerate(_paster(mode)(probs[:, 0], boxes, image_size)):
         full[n, 0, y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop

@@ -1,0 +1,77 @@
+"""Exports: a torchvision state dict that torchvision's own builder loads strictly, and ONNX files that
+onnxruntime runs to the same detections as PyTorch (light architecture, and R50 at 320 px)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+from mrcnn.errors import ExportError
+from mrcnn.inference import model_export
+from mrcnn.inference.model_export import export_model
+from tests.helpers import CATEGORIES, scene, tiny_loaded
+
+
+def detecting(loaded, boost: float = 6.0):
+    """Random weights with the class scores raised, and the mask logits away from 0: a model that finds
+    things to compare, with masks that a rounding error cannot flip (random ones sit at p = 0.5)."""
+    with torch.no_grad():
+        loaded.model.roi_heads.box_predictor.cls_score.bias[1:] += boost
+        loaded.model.roi_heads.mask_predictor.mask_fcn_logits.bias += 4.0
+    return loaded
+
+
+def r50_loaded(size: int = 320):
+    return detecting(tiny_loaded({"name": "maskrcnn_resnet50_fpn", "min_size": size, "max_size": size}))
+
+
+def test_torchvision_export_loads_strictly_in_plain_torchvision(tmp_path):
+    loaded = r50_loaded()
+    report = export_model(loaded, tmp_path / "out", "torchvision")
+    assert sorted(report.files) == ["README.md", "classes.json", "model.pt"]
+    classes = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert classes == CATEGORIES
+    plain = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(classes), min_size=320,
+                                  max_size=320)
+    plain.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True), strict=True)
+    image = torch.from_numpy(scene(120, 160, seed=4)).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        ours, theirs = loaded.model([image])[0], plain.eval()([image])[0]
+    assert len(theirs["boxes"]) and torch.equal(ours["boxes"], theirs["boxes"])
+    assert "load_state_dict" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_torchvision_format_refuses_the_light_architecture(tmp_path):
+    with pytest.raises(ExportError, match="--format onnx"):
+        export_model(tiny_loaded(), tmp_path / "out", "torchvision")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["light", "r50"])
+def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path, which):
+    loaded = detecting(tiny_loaded()) if which == "light" else r50_loaded()
+    report = export_model(loaded, tmp_path / "out", "onnx")
+    check = report.check
+    assert check.passed and check.images == 3 and check.detections > 0
+    assert check.max_box_px <= 0.5 and check.max_score_diff <= 1e-3 and check.min_mask_iou >= 0.99
+    assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
+    assert report.input_size == model_export.default_input_size(loaded)
+
+
+def test_a_failed_check_fails_loudly_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_export, "MAX_BOX_PX", -1.0)  # no export can be this exact
+    with pytest.raises(ExportError, match="does not reproduce PyTorch: image 1: detection 0 differs"):
+        export_model(detecting(tiny_loaded()), tmp_path / "out", "onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_settings_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export_model(tiny_loaded(), tmp_path / "file", "onnx")
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_model(tiny_loaded(), tmp_path / "out", "tflite")
+    with pytest.raises(ExportError, match="32 to 4096"):
+        export_model(tiny_loaded(), tmp_path / "out", "onnx", size=(10, 100000))
