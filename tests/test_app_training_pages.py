@@ -193,3 +193,18 @@ def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
     at.slider(key="ft_val_idx").set_value(0).run()
     at.run()
     assert calls["compare_before_after"] == 1 and calls["_run_network"] == 4, "a rerun ran a network again"
+
+
+@pytest.mark.parametrize("registry", [b"\xff\xfe not utf-8", b'{"pid": "12", "run_dir": "x"}', b'{"pid": 0}',
+                                      b'{"pid": -1, "run_dir": "x", "command": [], "started": 0}'])
+def test_unreadable_job_registry_is_no_job_and_the_page_says_so(env, fake_trainer, registry):
+    runs = env / "runs"
+    runs.mkdir(exist_ok=True)
+    (runs / jobs.REGISTRY).write_bytes(registry)
+    at = open_page("ui/finetune.py")
+    assert "current_job.json" in "\n".join(w.value for w in at.warning)
+    assert at.button(key="ft_start"), "the Start button is there"
+    at.number_input(key="ft_steps").set_value(2).run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception
+    _wait_state(runs, "finished")

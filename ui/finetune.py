@@ -260,6 +260,8 @@ def render() -> None:
                "compare before and after on the same validation images. One run at a time per server; it "
                "survives page reloads.")
     current = jobs.current_job()
+    if current is None and (problem := jobs.registry_problem()):
+        st.warning(f"{problem} — treated as no job; starting a run replaces it.", icon=":material/warning:")
     if current is not None and current.state() == "running":
         st.subheader(f"Run {Path(current.run_dir).name}")
         _watch(current)
