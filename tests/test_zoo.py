@@ -197,3 +197,71 @@ def test_download_bad_hash_saves_nothing(local_server, tmp_path):
 def test_download_offline_is_a_clear_error(tmp_path):
     with pytest.raises(ModelUnavailable, match="cannot download"):
         download_weights("http://127.0.0.1:9/model-abc.pth", tmp_path, timeout=2)
+
+
+@pytest.mark.parametrize("arch, words", [
+    (dict(TINY_LIGHT, fpn_channels=2_000_000), ["fpn_channels", "2000000"]),
+    (dict(TINY_LIGHT, fpn_channels=-4), ["fpn_channels", "-4"]),
+    (dict(TINY_LIGHT, min_size="big"), ["min_size", "'big'"]),
+    (dict(TINY_LIGHT, bogus=1), ["bogus"]),
+    ({"name": "resnet9000"}, ["architecture name", "resnet9000"]),
+])
+def test_absurd_architecture_in_a_checkpoint_is_named(tmp_path, arch, words):
+    path = save_checkpoint(tmp_path / "absurd.pt", arch, CATEGORIES, {"w": torch.zeros(1)})
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(path))
+    assert "absurd.pt" in str(err.value) and all(w in str(err.value) for w in words), err.value
+
+
+def test_strings_where_tensors_belong_are_named(tmp_path):
+    path = tmp_path / "strings.pt"
+    torch.save({"format": "mrcnn-checkpoint", "version": 1, "arch": TINY_LIGHT, "categories": CATEGORIES,
+                "state_dict": {"rpn.head.conv.0.0.weight": "a string"}, "meta": {}}, path)
+    with pytest.raises(CheckpointError, match=r"strings.pt: state_dict\['rpn.head.conv.0.0.weight'\] is a str"):
+        load_checkpoint(path)
+
+
+def test_weights_must_be_of_the_named_models_architecture(tiny_ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match="tiny.pt: holds a 'light' model, but coco-r50-fpn is a "
+                                              "'maskrcnn_resnet50_fpn' model"):
+        load_model("coco-r50-fpn", weights=tiny_ckpt)
+    r50 = save_checkpoint(tmp_path / "r50.pt", {"name": "maskrcnn_resnet50_fpn"}, CATEGORIES, {"w": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="r50.pt: holds a 'maskrcnn_resnet50_fpn' model, but shapes"):
+        load_model("shapes", weights=r50)
+    assert load_model("shapes", weights=tiny_ckpt).name == "shapes"  # a fine-tuned light model is fine
+
+
+def test_download_streams_into_a_temp_file_in_the_destination(local_server, tmp_path):
+    base, served = local_server
+    payload = bytes(range(256)) * 20_000  # 5 MB: several 1 MiB blocks
+    prefix = hashlib.sha256(payload).hexdigest()[:8]
+    (served / f"model-{prefix}.pth").write_bytes(payload)
+    dest = tmp_path / "dest"
+    on_disk = []
+    download_weights(f"{base}/model-{prefix}.pth", dest,
+                     progress=lambda done, total: on_disk.append((done, sum(p.stat().st_size for p in dest.iterdir()))))
+    assert len(on_disk) >= 5 and all(size == done for done, size in on_disk), on_disk
+    assert [p.name for p in dest.iterdir()] == [f"model-{prefix}.pth"]
+
+
+def test_download_cut_off_leaves_nothing(tmp_path, monkeypatch):
+    class CutOff:
+        headers = {"Content-Length": str(3 << 20)}
+        blocks = [b"x" * (1 << 20)]
+
+        def read(self, n):
+            if self.blocks:
+                return self.blocks.pop()
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: CutOff())
+    dest = tmp_path / "dest"
+    with pytest.raises(ModelUnavailable, match="cannot download .*Connection reset by peer"):
+        download_weights("https://example.invalid/model-abc.pth", dest)
+    assert list(dest.iterdir()) == []

@@ -13,6 +13,7 @@ import torch
 
 from mrcnn.errors import CheckpointError
 from mrcnn.files import atomic_torch_save
+from mrcnn.model.architectures import check_arch
 
 FORMAT = "mrcnn-checkpoint"
 VERSION = 1
@@ -92,7 +93,18 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
             raise CheckpointError(f"{path}: checkpoint is missing '{key}' or it is not a {kind.__name__}")
     if not obj["categories"] or obj["categories"][0] != "__background__":
         raise CheckpointError(f"{path}: categories must start with '__background__'")
-    obj.setdefault("meta", {})
+    if not all(isinstance(c, str) for c in obj["categories"]):
+        raise CheckpointError(f"{path}: categories must be names (strings)")
+    if not isinstance(obj.setdefault("meta", {}), dict):
+        raise CheckpointError(f"{path}: 'meta' must be a dict")
+    try:
+        check_arch(obj["arch"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: bad architecture: {err}") from None
+    not_tensor = next((k for k, v in obj["state_dict"].items() if not isinstance(v, torch.Tensor)), None)
+    if not_tensor is not None:
+        kind = type(obj["state_dict"][not_tensor]).__name__
+        raise CheckpointError(f"{path}: state_dict[{not_tensor!r}] is a {kind}, not a tensor")
     return obj
 
 

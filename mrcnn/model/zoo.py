@@ -6,21 +6,23 @@ to a checkpoint. Nothing here downloads on import; ``download_weights`` does, wh
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
-import hashlib
 import re
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
 
 from mrcnn.errors import CheckpointError, MrcnnError, ModelUnavailable
-from mrcnn.files import atomic_write_bytes, file_sha256
+from mrcnn.files import NEW_FILE_MODE, file_sha256
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file
 
@@ -63,6 +65,7 @@ TORCHVISION_MODELS = {
     "coco-r50-fpn-v2": TorchvisionEntry("maskrcnn_resnet50_fpn_v2", MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
 }
 BUNDLED = {"shapes": "shapes.pt"}
+BUNDLED_ARCH = {"shapes": "light"}  # what --weights given for a bundled model must hold
 DEFAULT_MODEL = "shapes"
 
 
@@ -101,9 +104,10 @@ def read_card(checkpoint_path: Path) -> dict:
     card_path = checkpoint_path.with_suffix(".json")
     if card_path.is_file():
         try:
-            return json.loads(card_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, malformed or nested too deeply
+            return {}
+        return card if isinstance(card, dict) else {}
     return {}
 
 
@@ -178,8 +182,12 @@ class LoadedModel:
         return getattr(self.model.roi_heads, "mask_head", None) is not None
 
 
-def _from_checkpoint(name: str, path: Path, device: torch.device) -> LoadedModel:
+def _from_checkpoint(name: str, path: Path, device: torch.device, arch_name: str | None = None) -> LoadedModel:
+    """``arch_name``: the architecture the model ``name`` stands for; a checkpoint of another is refused."""
     ckpt = load_checkpoint(path)
+    if arch_name is not None and ckpt["arch"]["name"] != arch_name:
+        raise CheckpointError(f"{path}: holds a {ckpt['arch']['name']!r} model, but {name} is a {arch_name!r} "
+                              f"model; load the file by its path instead (--model {path})")
     try:
         model = build_model(ckpt["arch"], len(ckpt["categories"]))
     except (ValueError, TypeError) as err:
@@ -194,7 +202,7 @@ def _from_torchvision(name: str, path: Path, device: torch.device) -> LoadedMode
     entry = TORCHVISION_MODELS[name]
     obj = read_torch_file(path)
     if is_checkpoint(obj):  # a fine-tuned checkpoint given with --weights
-        return _from_checkpoint(name, path, device)
+        return _from_checkpoint(name, path, device, arch_name=entry.arch)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # torchvision reference-scripts' training checkpoints
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -222,7 +230,7 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
         path = Path(weights) if weights else weights_dir() / BUNDLED[name]
         if not path.is_file():
             raise ModelUnavailable(f"{name}: {path} is missing; reproduce it with `bash weights/train_shapes.sh`")
-        return _from_checkpoint(name, path, dev)
+        return _from_checkpoint(name, path, dev, arch_name=BUNDLED_ARCH[name])
     path = Path(name)
     if path.suffix in (".pt", ".pth") or path.exists() or os.sep in name:
         return _from_checkpoint(str(path), Path(weights) if weights else path, dev)
@@ -237,37 +245,58 @@ def download_weights(name_or_url: str, dest_dir: str | Path | None = None,
                      progress: Callable[[int, int | None], None] | None = None, timeout: float = 30.0) -> Path:
     """Download a weights file with a progress callback(done_bytes, total_bytes|None) and torchvision's hash check.
 
-    The file appears under its final name only when complete and verified. Offline or on a bad hash,
-    raises ModelUnavailable with the reason.
+    The bytes stream into a temporary file in the destination folder (hashed on the way, never held in
+    memory); it gets its final name only when complete and verified, and is removed on any failure.
+    Offline, on a bad hash or when the folder cannot be written, raises ModelUnavailable with the reason.
     """
     url = TORCHVISION_MODELS[name_or_url].url if name_or_url in TORCHVISION_MODELS else name_or_url
     filename = url.rsplit("/", 1)[-1]
     dest = Path(dest_dir) if dest_dir else hub_checkpoint_dir()
     target = dest / filename
     expected = HASH_REGEX.search(filename)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{filename}.", suffix=".tmp")
+    except OSError as err:
+        raise ModelUnavailable(f"cannot write to {dest}: {err.strerror or err}") from None
+    sha, done = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for block, total in _download_blocks(url, timeout, dest):
+                sha.update(block)
+                f.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = sha.hexdigest()
+        if expected and not digest.startswith(expected.group(1)):
+            raise ModelUnavailable(f"downloaded {filename} is corrupt: sha256 {digest[:12]}… does not start with "
+                                   f"{expected.group(1)} as its name says; nothing was saved")
+        os.chmod(tmp, NEW_FILE_MODE)
+        os.replace(tmp, target)
+    except OSError as err:  # the download's own errors are ModelUnavailable already: this is the disk
+        Path(tmp).unlink(missing_ok=True)
+        raise ModelUnavailable(f"cannot write {target}: {err.strerror or err}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
-    sha = hashlib.sha256()
-    chunks: list[bytes] = []
+
+def _download_blocks(url: str, timeout: float, dest: Path) -> Iterator[tuple[bytes, int | None]]:
+    """(block of at most 1 MiB, Content-Length or None) until the end of ``url``; network failures are
+    ModelUnavailable."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = resp.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
-            done = 0
             while block := resp.read(1 << 20):
-                sha.update(block)
-                chunks.append(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
+                yield block, total
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         raise ModelUnavailable(f"cannot download {url}: {reason} (offline? copy the file to {dest} instead)") from None
-    digest = sha.hexdigest()
-    if expected and not digest.startswith(expected.group(1)):
-        raise ModelUnavailable(f"downloaded {filename} is corrupt: sha256 {digest[:12]}… does not start with "
-                               f"{expected.group(1)} as its name says; nothing was saved")
-    atomic_write_bytes(target, b"".join(chunks))
-    return target
 
 
 __all__ = ["ModelInfo", "LoadedModel", "list_models", "load_model", "download_weights", "resolve_device",
