@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import stat
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mrcnn.data.coco import CocoDataset, collate, load_dataset, safe_extract_zip, validate_coco
+from mrcnn.data.coco import CocoDataset, load_dataset, safe_extract_zip, validate_coco
 from mrcnn.errors import DatasetError
 
 W, H = 20, 16
@@ -186,8 +188,8 @@ def test_every_validation_problem_is_named(tmp_path):
     issue("image 4 (img_004.png)", "error", "20x16", "30x16")
     issue("annotation 11 (image 1)", "error", "unknown category", "99")
     issue("annotation 12 (image 1)", "error", "outside")
-    issue("annotation 13 (image 1)", "warning", "degenerate", "dropped")
-    issue("annotation 14 (image 1)", "warning", "empty mask", "dropped")
+    issue("annotation 13 (image 1)", "warning", "zero-width box [3, 2, 0, 5]", "skipped")
+    issue("annotation 14 (image 1)", "warning", "empty mask", "polygon", "skipped")
     issue("annotation 15 (image 1)", "error", "size")
     issue("annotation 16 (image 1)", "error", "missing", "'segmentation'", "'category_id'")
     issue("annotation 17 (image 77)", "error", "not in 'images'")
@@ -214,14 +216,16 @@ def test_every_validation_problem_is_named(tmp_path):
     ("{\"images\": [", "malformed JSON"),
     ("[1, 2]", "must be an object"),
     (json.dumps({"images": [], "categories": []}), "missing key 'annotations'"),
+    ("{\"images\": " + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
 ])
 def test_fatal_problems_are_report_errors(tmp_path, content, words):
     if content is not None:
         (tmp_path / "annotations.json").write_text(content)
     report = validate_coco(tmp_path)
     assert not report.ok and words in report.errors[0].message and report.errors[0].where == "annotations.json"
-    with pytest.raises(DatasetError, match=words):
+    with pytest.raises(DatasetError, match=f"annotations.json: .*{words}") as err:
         CocoDataset(tmp_path)
+    assert "\n" not in str(err.value)  # one line, for the CLI and the app alike
 
 
 def test_degenerate_annotations_never_reach_torchvision(tmp_path):
@@ -236,6 +240,9 @@ def test_degenerate_annotations_never_reach_torchvision(tmp_path):
     ], CATS)
     ds = CocoDataset(root, categories=["__background__", "circle", "square", "triangle", "cat", "dog"])
     assert [w.where for w in ds.report.warnings] == [f"annotation {i} (image 1)" for i in (2, 3, 4)]
+    assert [w.message for w in ds.report.warnings] == [
+        "zero-size box [5, 5, 0, 0], skipped", "zero-width box [50, 50, 1e-09, 5], skipped",
+        "empty mask: its RLE sets no pixel, skipped"]
     assert ds.report.ok
     image_, target = ds[0]
     assert target["boxes"].tolist() == [[10, 10, 40, 30], [60, 60, 64, 64]]
@@ -244,6 +251,17 @@ def test_degenerate_annotations_never_reach_torchvision(tmp_path):
     torch.manual_seed(0)
     losses = loaded.model([image_], [target])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_skipped_annotations_are_in_the_report_for_the_app(tmp_path):
+    """What the CLI prints as warning lines the report holds: one ValidationIssue per skipped annotation."""
+    root = write_coco(tmp_path, [image(1)], [
+        ann(1, 1), ann(7, 1, bbox=(3, 2, 0, 5)), ann(8, 1, seg=[[4, 4, 4, 4, 4, 4]], bbox=None)], CATS)
+    report = validate_coco(root)
+    assert report.ok and report.to_dict()["num_warnings"] == 2
+    assert str(report.warnings[0]) == "warning: annotation 7 (image 1): zero-width box [3, 2, 0, 5], skipped"
+    assert str(report.warnings[1]).startswith("warning: annotation 8 (image 1): empty mask: its polygon encloses "
+                                              "no pixel (points that coincide or lie on one line")
 
 
 def test_coco_ground_truth_evaluates(tmp_path):
@@ -261,11 +279,6 @@ def test_coco_ground_truth_evaluates(tmp_path):
         ev = COCOeval(coco, dt, "segm")
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
-
-
-def test_collate():
-    images, targets = collate([(torch.zeros(3, 4, 5), {"a": 1}), (torch.zeros(3, 6, 7), {"a": 2})])
-    assert [i.shape[1] for i in images] == [4, 6] and targets == [{"a": 1}, {"a": 2}]
 
 
 # ---------------------------------------------------------------------------------------- zips
@@ -331,3 +344,24 @@ def test_zip_symlink_and_size_limits(tmp_path):
         load_dataset(tmp_path / "fake.zip")
     with pytest.raises(DatasetError, match="not a readable zip"):
         safe_extract_zip(tmp_path / "fake.zip", tmp_path / "d")
+
+
+def test_a_zip_folder_lives_as_long_as_its_dataset(tmp_path, monkeypatch):
+    src = write_coco(tmp_path / "src", [image(1)], [ann(1, 1)], CATS)
+    z = zip_folder(tmp_path / "data.zip", src)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ds = load_dataset(z)
+    assert [p.name.startswith("mrcnn-dataset-") for p in temp.iterdir()] == [True]
+    assert ds[0][1]["labels"].tolist() == [1]  # the files are there while the dataset is
+    del ds
+    gc.collect()
+    assert list(temp.iterdir()) == []
+
+    bad = tmp_path / "bad.zip"  # refused after unpacking: the folder goes at once
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("annotations.json", json.dumps({"images": [image(1)], "annotations": [], "categories": CATS}))
+    with pytest.raises(DatasetError, match="img_001.png"):
+        load_dataset(bad)
+    assert list(temp.iterdir()) == []

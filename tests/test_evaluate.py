@@ -164,3 +164,11 @@ def test_bundled_model_finds_shapes_drawn_by_other_code(size):
         matched.update(overlapping)
     spurious = [labels[j] for j in range(len(labels)) if j not in matched]
     assert len(spurious) <= 1, f"confident detections on the background: {spurious}"
+
+
+@pytest.mark.parametrize("settings", [{"score_thresh": float("nan")}, {"mask_thresh": 1.5},
+                                      {"max_detections": 10**9}])
+def test_thresholds_out_of_range_are_refused_before_any_image(settings):
+    ds = ShapesDataset(1, seed=0, size=64)
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        evaluate(OracleModel(ds, ds.categories), ds, categories=ds.categories, **settings)

@@ -273,3 +273,33 @@ def test_cli_writes_a_loadable_dataset(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "2",
                         "--classes", "circle,blob"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "'blob'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"num": 8, "size": 100_000}, "image size (px) must be a whole number from 32 to 2,048, got 100000"),
+    ({"num": 8, "size": 16}, "image size (px) must be a whole number from 32"),
+    ({"num": 1_000_000_000_000}, "number of images must be a whole number from 1 to 10,000,000"),
+    ({"num": 0}, "number of images"),
+    ({"num": 8, "seed": 2**40}, "seed must be a whole number from 0 to 4,294,967,295"),
+    ({"num": 8, "seed": -1}, "seed"),
+    ({"num": 8, "max_objects": 10**9}, "max_objects"),
+])
+def test_sizes_counts_and_seeds_are_bounded_before_any_work(tmp_path, kwargs, words):
+    with pytest.raises(DatasetError) as err:
+        ShapesDataset(**kwargs)
+    assert words in str(err.value)
+    if "max_objects" not in kwargs:
+        with pytest.raises(DatasetError) as err:
+            write_dataset(tmp_path / "out", **kwargs)
+        assert words in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("shapes:8:0:100000", "image size"),
+    ("shapes:1000000000000:0:128", "number of images"),
+    ("shapes:8:99999999999:64", "seed"),
+])
+def test_data_specs_name_the_field_out_of_range(spec, words):
+    with pytest.raises(DatasetError) as err:
+        open_data(spec)
+    assert str(err.value).startswith(f"shapes data spec {spec!r}: {words}")

@@ -7,9 +7,10 @@
 
 Problems are sorted in two levels. *Errors* make the data wrong (missing or unreadable image, malformed
 JSON or missing keys, unknown category, box outside the image, malformed segmentation): the offending
-image or annotation is left out, and ``load_dataset`` refuses a dataset that has any. *Warnings* are
-dropped quietly enough to train on (degenerate box, empty mask). Targets never hold an instance that
-torchvision would reject. Crowd annotations (``iscrowd: 1``) are left out of training targets by
+image or annotation is left out, and ``load_dataset`` refuses a dataset that has any. *Warnings* name an
+annotation that is skipped but leaves the data usable (zero-width box, empty mask): ``report.warnings``
+lists them, one ValidationIssue each, and ``open_data`` logs them (the CLI prints them as
+``warning: ...`` lines). Targets never hold an instance that torchvision would reject. Crowd annotations (``iscrowd: 1``) are left out of training targets by
 default but kept in ``.coco`` so that evaluation honours them.
 
 Images are read as stored (no EXIF rotation), which is how COCO annotations are made.
@@ -20,19 +21,23 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
+import shutil
 import stat
 import tempfile
 import warnings
+import weakref
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from mrcnn.errors import DatasetError
 
@@ -173,13 +178,6 @@ def safe_extract_zip(zip_path: str | Path, dest_dir: str | Path, max_bytes: int 
 
 # ---------------------------------------------------------------------------------------- scanning
 
-class ImageInfo(NamedTuple):
-    file: Path
-    width: int
-    height: int
-    id: int
-
-
 @dataclass
 class _Annotation:
     id: int
@@ -315,6 +313,9 @@ def _scan(root: Path, report: ValidationReport, check_files: bool = True) -> _In
     except json.JSONDecodeError as err:
         report.error("annotations.json", f"malformed JSON: {err.msg} (line {err.lineno}, column {err.colno})")
         return None
+    except RecursionError:  # the decoder recurses once per [ or {: a hostile file exhausts the stack
+        report.error("annotations.json", "nested too deeply")
+        return None
     except (UnicodeDecodeError, OSError) as err:
         report.error("annotations.json", f"cannot read: {err}")
         return None
@@ -428,26 +429,29 @@ def _scan(root: Path, report: ValidationReport, check_files: bool = True) -> _In
         except _Bad as err:
             report.error(where, f"malformed segmentation: {err}")
             continue
+        mask_area = int(mask_utils.area(rle))
         bbox = a.get("bbox")
         if bbox is None:
+            if mask_area == 0:  # its box would be [0, 0, 0, 0]: name the cause, not the symptom
+                report.warning(where, f"{_empty_mask_reason(a['segmentation'])}, skipped")
+                continue
             bbox = [float(v) for v in mask_utils.toBbox(rle)]
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             report.error(where, f"bbox must be [x, y, width, height], got {bbox!r}")
             continue
         x, y, bw, bh = (float(v) for v in bbox)
         if bw < MIN_BOX_SIDE or bh < MIN_BOX_SIDE:
-            report.warning(where, f"degenerate box {_fmt(bbox)} (width or height under {MIN_BOX_SIDE:g} px); dropped")
+            report.warning(where, f"{_thin_side(bw, bh)} box {_fmt(bbox)}, skipped")
             continue
         if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE or y + bh > h + BOX_TOLERANCE:
             report.error(where, f"box {_fmt(bbox)} (x, y, width, height) is outside the {w}x{h} image")
             continue
         x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
         if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
-            report.warning(where, f"degenerate box {_fmt(bbox)} once clipped to the image; dropped")
+            report.warning(where, f"{_thin_side(x1 - x0, y1 - y0)} box {_fmt(bbox)} once clipped to the image, skipped")
             continue
-        mask_area = int(mask_utils.area(rle))
         if mask_area == 0:
-            report.warning(where, "empty mask (no pixel inside the image); dropped")
+            report.warning(where, f"{_empty_mask_reason(a['segmentation'])}, skipped")
             continue
         area = float(a["area"]) if _is_number(a.get("area")) else float(mask_area)
         report.num_crowd += int(iscrowd)
@@ -459,6 +463,21 @@ def _scan(root: Path, report: ValidationReport, check_files: bool = True) -> _In
 
 def _fmt(bbox: Sequence[float]) -> str:
     return "[" + ", ".join(f"{float(v):g}" for v in bbox) + "]"
+
+
+def _thin_side(width: float, height: float) -> str:
+    """Which side of a box is under MIN_BOX_SIDE: "zero-width", "zero-height" or "zero-size"."""
+    if width < MIN_BOX_SIDE and height < MIN_BOX_SIDE:
+        return "zero-size"
+    return "zero-width" if width < MIN_BOX_SIDE else "zero-height"
+
+
+def _empty_mask_reason(segmentation: Any) -> str:
+    """Why a well-formed segmentation covers no pixel of its image."""
+    if isinstance(segmentation, list):
+        return "empty mask: its polygon encloses no pixel (points that coincide or lie on one line, " \
+               "fewer than 3 points, or outside the image)"
+    return "empty mask: its RLE sets no pixel"
 
 
 def _model_categories(categories: Sequence[str] | None, dataset_names: list[str]) -> list[str]:
@@ -544,7 +563,8 @@ class CocoDataset(torch.utils.data.Dataset):
         self.report = report if report is not None else ValidationReport()
         index = _scan(self.root, self.report, check_files)
         if index is None:
-            raise DatasetError(f"cannot use dataset {self.root}:\n{self.report.summary()}")
+            problems = "; ".join(f"{i.where}: {i.message}" for i in self.report.errors)
+            raise DatasetError(f"cannot use dataset {self.root}: {problems}")
         names = [index.categories[k] for k in sorted(index.categories)]
         self.categories = _model_categories(categories, names)
         unknown_ids = [cid for cid in sorted(index.categories) if index.categories[cid] not in self.categories]
@@ -571,10 +591,6 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._images)
-
-    def image_info(self, i: int) -> ImageInfo:
-        image_id, _, file, w, h = self._images[i]
-        return ImageInfo(file, w, h, image_id)
 
     def annotations(self, i: int) -> list[_Annotation]:
         """The valid annotations that go into item ``i``'s target."""
@@ -607,7 +623,6 @@ class CocoDataset(torch.utils.data.Dataset):
     def coco(self):
         """pycocotools COCO ground truth of the valid images and annotations (crowd included), for COCOeval."""
         if self._coco is None:
-            from pycocotools.coco import COCO
             anns = []
             for image_id, *_ in self._images:
                 for a in self._all_annotations[image_id]:
@@ -629,31 +644,42 @@ class CocoDataset(torch.utils.data.Dataset):
 
 def load_dataset(path_or_zip: str | Path, categories: Sequence[str] | None = None,
                  extract_to: str | Path | None = None, **kwargs) -> CocoDataset:
-    """A CocoDataset from a folder (or its annotations.json) or a .zip of that layout (docs/datasets.md).
+    """A CocoDataset from a folder (or its annotations.json) or a .zip of the layout in docs/datasets.md.
 
-    A zip is unpacked with ``safe_extract_zip`` into ``extract_to`` (default: a new temporary folder
-    that is left for the caller). Raises DatasetError with the report's summary when it has errors.
-    ``kwargs`` go to CocoDataset (transforms, unknown, include_crowd, check_files).
+    A zip is unpacked with ``safe_extract_zip`` into ``extract_to``, or by default into a new temporary
+    folder that lives as long as the dataset: it is removed when the dataset is garbage collected (or
+    at exit), and at once when loading fails. Raises DatasetError with the report's summary when it has
+    errors. ``kwargs`` go to CocoDataset (transforms, unknown, include_crowd, check_files).
     """
     path = Path(path_or_zip)
     if path.is_dir():
-        root = path
-    elif path.is_file() and path.name == "annotations.json":
-        root = path.parent
-    elif path.is_file():
-        if not zipfile.is_zipfile(path):
-            raise DatasetError(f"{path} is neither a dataset folder nor a .zip file")
-        dest = Path(extract_to) if extract_to is not None else Path(tempfile.mkdtemp(prefix="mrcnn-dataset-"))
-        root = safe_extract_zip(path, dest)
-    else:
+        return _without_errors(CocoDataset(path, categories, **kwargs), path)
+    if path.is_file() and path.name == "annotations.json":
+        return _without_errors(CocoDataset(path.parent, categories, **kwargs), path)
+    if not path.is_file():
         raise DatasetError(f"dataset not found: {path}")
-    ds = CocoDataset(root, categories, **kwargs)
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path} is neither a dataset folder nor a .zip file")
+    owns_folder = extract_to is None
+    dest = Path(tempfile.mkdtemp(prefix="mrcnn-dataset-")) if owns_folder else Path(extract_to)
+    try:
+        ds = _without_errors(CocoDataset(safe_extract_zip(path, dest), categories, **kwargs), path)
+    except BaseException:
+        if owns_folder:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    if owns_folder:
+        weakref.finalize(ds, _remove_folder, dest, os.getpid())
+    return ds
+
+
+def _without_errors(ds: CocoDataset, path: Path) -> CocoDataset:
     if not ds.report.ok:
         raise DatasetError(f"dataset {path} has errors:\n{ds.report.summary()}")
     return ds
 
 
-def collate(batch):
-    """DataLoader collate for detection: ([image, ...], [target, ...]) — images differ in size."""
-    images, targets = zip(*batch) if batch else ((), ())
-    return list(images), list(targets)
+def _remove_folder(folder: Path, owner_pid: int) -> None:
+    # Only the process that made it: a forked DataLoader worker holds a copy of the dataset too.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)

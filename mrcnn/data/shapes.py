@@ -41,6 +41,13 @@ _INRADIUS = {"circle": 1.0, "square": math.cos(math.pi / 4), "triangle": math.co
              "hexagon": math.cos(math.pi / 6), "star": 0.45 * math.cos(math.pi / 5)}
 _SEED_STRIDE = 1_000_003     # scene i of dataset seed s: s * stride + i (datasets don't overlap)
 
+# Limits on what a user may ask for: a 100,000 px scene would allocate 37 GiB before the first shape,
+# and a dataset of 10^12 scenes makes the training sampler's permutation alone 8 TB.
+MIN_SIZE, MAX_SIZE = 32, 2048        # px per side
+MAX_SCENES = 10_000_000              # the bundled model's recipe draws from 1,000,000
+MAX_SEED = 2 ** 32 - 1
+MAX_OBJECTS = 100
+
 
 @dataclass
 class Scene:
@@ -262,9 +269,21 @@ def random_shapes(rng: np.random.Generator, size: int, classes: Sequence[str], m
 
 
 def check_probability(name: str, value: float) -> float:
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
         raise DatasetError(f"{name} must be a probability between 0 and 1, got {value}")
     return float(value)
+
+
+def check_in_range(name: str, value: int, low: int, high: int) -> int:
+    """``value`` as an int if it is a whole number in low..high, else a DatasetError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise DatasetError(f"{name} must be a whole number from {low:,} to {high:,}, got {value!r}")
+    return int(value)
+
+
+def _check_dataset(num: int, seed: int, size: int) -> tuple[int, int, int]:
+    return (check_in_range("number of images", num, 1, MAX_SCENES), check_in_range("seed", seed, 0, MAX_SEED),
+            check_in_range("image size (px)", size, MIN_SIZE, MAX_SIZE))
 
 
 def generate_scene(seed: int, size: int = 256, classes: Sequence[str] = DEFAULT_CLASSES,
@@ -273,10 +292,8 @@ def generate_scene(seed: int, size: int = 256, classes: Sequence[str] = DEFAULT_
     ``nested``, ``overlap``: probabilities that a shape is placed inside or across an earlier one
     (see ``random_shapes``)."""
     classes = check_classes(classes)
-    if size < 32:
-        raise DatasetError(f"image size must be at least 32 px, got {size}")
-    if max_objects < 1:
-        raise DatasetError(f"max_objects must be at least 1, got {max_objects}")
+    size = check_in_range("image size (px)", size, MIN_SIZE, MAX_SIZE)
+    max_objects = check_in_range("max_objects", max_objects, 1, MAX_OBJECTS)
     nested, overlap = check_probability("nested", nested), check_probability("overlap", overlap)
     rng = np.random.default_rng(seed)
     background = _background(rng, size)
@@ -312,10 +329,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
     """
     classes = check_classes(classes)
     nested, overlap = check_probability("nested", nested), check_probability("overlap", overlap)
-    if num < 1:
-        raise DatasetError(f"number of images must be at least 1, got {num}")
-    if seed < 0:
-        raise DatasetError(f"seed must be non-negative, got {seed}")
+    num, seed, size = _check_dataset(num, seed, size)
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     try:
@@ -368,11 +382,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.classes = check_classes(classes)
         self.nested = check_probability("nested", nested)
         self.overlap = check_probability("overlap", overlap)
-        if num < 1:
-            raise DatasetError(f"number of images must be at least 1, got {num}")
-        if seed < 0:
-            raise DatasetError(f"seed must be non-negative, got {seed}")
-        self.num, self.seed, self.size, self.max_objects = int(num), int(seed), int(size), int(max_objects)
+        self.num, self.seed, self.size = _check_dataset(num, seed, size)
+        self.max_objects = check_in_range("max_objects", max_objects, 1, MAX_OBJECTS)
         self.categories = list(categories) if categories is not None else ["__background__", *self.classes]
         missing = [c for c in self.classes if c not in self.categories]
         if missing:

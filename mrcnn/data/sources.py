@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,9 @@ import torch
 from mrcnn.data.coco import load_dataset
 from mrcnn.data.shapes import ShapesDataset
 from mrcnn.errors import DatasetError
+
+log = logging.getLogger(__name__)
+MAX_LOGGED_WARNINGS = 50  # a dataset with thousands of bad annotations should not bury the run's own output
 
 
 def parse_shapes_spec(spec: str) -> dict:
@@ -48,13 +52,27 @@ def parse_shapes_spec(spec: str) -> dict:
 
 
 def open_data(spec: str, categories: list[str] | None = None, transforms=None):
-    """A dataset from a COCO folder, a .zip or a ``shapes:...`` spec (DatasetError when unusable)."""
+    """A dataset from a COCO folder, a .zip or a ``shapes:...`` spec (DatasetError when unusable).
+    A COCO dataset's warnings (annotations it skips, and why) go to the ``mrcnn`` logger, one line each."""
     spec = str(spec)
     if spec.startswith("shapes:"):
-        return ShapesDataset(**parse_shapes_spec(spec), categories=categories, transforms=transforms)
+        kwargs = parse_shapes_spec(spec)
+        try:
+            return ShapesDataset(**kwargs, categories=categories, transforms=transforms)
+        except DatasetError as err:  # a value out of range: say which spec it came from
+            raise DatasetError(f"shapes data spec {spec!r}: {err}") from None
     ds = load_dataset(spec, categories)
     ds.transforms = transforms
+    _log_warnings(spec, ds.report.warnings)
     return ds
+
+
+def _log_warnings(spec: str, issues: list) -> None:
+    """One log line per skipped annotation (the CLI prints them), at most MAX_LOGGED_WARNINGS of them."""
+    for issue in issues[:MAX_LOGGED_WARNINGS]:
+        log.warning("%s: annotations.json: %s: %s", spec, issue.where, issue.message)
+    if len(issues) > MAX_LOGGED_WARNINGS:
+        log.warning("%s: annotations.json: and %d more like these", spec, len(issues) - MAX_LOGGED_WARNINGS)
 
 
 def first_items(ds, n: int | None):

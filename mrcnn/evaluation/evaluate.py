@@ -17,14 +17,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from mrcnn.data.masks import encode_rles, rle_area
 from mrcnn.errors import DatasetError
+from mrcnn.inference.structures import Thresholds
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -58,7 +62,6 @@ def _gt_coco(dataset, categories: list[str]):
     if hasattr(base, "coco") and hasattr(base, "label_to_cat_id") and not isinstance(dataset, torch.utils.data.Subset):
         return base.coco, dict(base.label_to_cat_id)
     # build it from the items (e.g. ShapesDataset): category id = label index
-    from pycocotools.coco import COCO
     images, anns = [], []
     for i in range(len(dataset)):
         image, target = dataset[i]
@@ -97,8 +100,8 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
     """COCO metrics of ``model`` (a LoadedModel, or an nn.Module with ``categories``) on ``dataset``
     (CocoDataset, ShapesDataset or any dataset of the same items with ``.categories``).
 
-    progress(done, total) is called after each image."""
-    import time
+    progress(done, total) is called after each image. ValueError for a threshold that is NaN or out of range."""
+    Thresholds(score_thresh=score_thresh, max_detections=max_detections, mask_thresh=mask_thresh)
     t0 = time.time()
     if hasattr(model, "model") and hasattr(model, "categories"):  # LoadedModel
         module, model_categories = model.model, list(model.categories)
@@ -160,7 +163,6 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
 
 def _coco_eval(gt, dets: list[dict], iou_type: str, cat_names: dict[int, str]):
     """(summary metrics, per-class {"AP", "AP50"}, per-class PR curve at IoU 0.5)."""
-    from pycocotools.cocoeval import COCOeval
     if not dets or not gt.getAnnIds():
         zero_classes = {n: {"AP": 0.0, "AP50": 0.0} for n in cat_names.values()}
         return _empty_metrics(), zero_classes, {}

@@ -6,8 +6,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 
+# More would not be looked at, and each detection keeps a full-image mask (1,000 of a 1 MP image: 1 GB).
+MAX_DETECTIONS = 1000
+
+
 def _check_fraction(name: str, value: float) -> None:
-    if not (0.0 <= float(value) <= 1.0):
+    if not (0.0 <= float(value) <= 1.0):  # NaN fails too
         raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
 
 
@@ -24,8 +28,8 @@ class Thresholds:
         _check_fraction("score_thresh", self.score_thresh)
         _check_fraction("nms_thresh", self.nms_thresh)
         _check_fraction("mask_thresh", self.mask_thresh)
-        if int(self.max_detections) < 0:
-            raise ValueError(f"max_detections must be >= 0, got {self.max_detections!r}")
+        if not 0 <= int(self.max_detections) <= MAX_DETECTIONS:
+            raise ValueError(f"max_detections must be between 0 and {MAX_DETECTIONS}, got {self.max_detections!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
