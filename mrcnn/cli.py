@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,14 @@ from mrcnn import bench
 from mrcnn.data.images import load_image
 from mrcnn.data.shapes import check_classes, write_dataset
 from mrcnn.data.sources import first_items, open_data
-from mrcnn.errors import DatasetError, ImageError, MrcnnError, TrainingError
+from mrcnn.errors import ImageError, MrcnnError, TrainingError
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
+from mrcnn.model.architectures import ARCHITECTURES, check_arch
 from mrcnn.model.zoo import list_models, load_model
 from mrcnn.training.card import card_path, write_card
 from mrcnn.training.engine import TrainConfig, train
@@ -141,16 +144,47 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-def cli_predict(args) -> int:
-
+def _thresholds(**settings) -> Thresholds:
     try:
-        thresholds = Thresholds(args.score_thresh, args.nms_thresh, args.max_detections, args.mask_thresh)
+        return Thresholds(**settings)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise MrcnnError(str(err)) from None
+
+
+def _check_folder_writable(flag: str, value: str) -> Path:
+    """``value`` as a Path once it is known to be, or to be able to become, a folder we can write in.
+    Checked before any work, so that a run does not fail at its end for want of a place to put the result."""
+    path = Path(value)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MrcnnError(f"{flag} {value}: {existing} exists and is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise MrcnnError(f"{flag} {value}: cannot write in {existing} ({err.strerror or err})") from None
+    return path
+
+
+def _check_file_writable(flag: str, value: str) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        raise MrcnnError(f"{flag} {value}: is a folder; name the file to write")
+    _check_folder_writable(flag, str(path.parent))
+    return path
+
+
+def cli_predict(args) -> int:
+    thresholds = _thresholds(score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
+                             max_detections=args.max_detections, mask_thresh=args.mask_thresh)
+    out_dir = _check_folder_writable("--out", args.out)
     loaded = load_model(args.model, weights=args.weights, device=args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MrcnnError(f"--out {args.out}: cannot create the folder ({err.strerror or err})") from None
     failed, used = 0, set()
     for name in args.images:
         path = Path(name)
@@ -173,8 +207,6 @@ def cli_shapes(args) -> int:
     """`python -m mrcnn shapes --out DIR --num N [--seed S] [--size PX] [--classes a,b,c] [--nested P]
     [--overlap P]`."""
     classes = check_classes(args.classes)
-    if args.size < 32:
-        raise DatasetError(f"--size must be at least 32 px, got {args.size}")
     out = write_dataset(args.out, args.num, seed=args.seed, size=args.size, classes=classes,
                         nested=args.nested, overlap=args.overlap)
     data = json.loads((out / "annotations.json").read_text())
@@ -187,12 +219,7 @@ def config_from_args(args) -> TrainConfig:
     """TrainConfig from the parsed `train` arguments: --config JSON first, flags given over it."""
     base: dict[str, Any] = {}
     if getattr(args, "config", None):
-        try:
-            base = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise TrainingError(f"cannot read --config {args.config}: {err}") from None
-        if not isinstance(base, dict):
-            raise TrainingError(f"--config {args.config} must hold a JSON object")
+        base = _read_json_object("--config", args.config, Path(args.config))
     names = {f.name for f in fields(TrainConfig)} - {"arch", "resume", "amp"}
     flags = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "resume", False):
@@ -200,16 +227,43 @@ def config_from_args(args) -> TrainConfig:
     if getattr(args, "no_amp", False):
         flags["amp"] = False
     if getattr(args, "arch", None):
+        flags["arch"] = _read_json_object("--arch", args.arch)
+    cfg = TrainConfig.from_dict({**base, **flags})
+    if isinstance(cfg.arch, dict) and cfg.model in ARCHITECTURES:  # checked now, before any work is done
+        if "name" in cfg.arch:
+            raise TrainingError(f"--arch: 'name' is set by --model ({cfg.model})")
         try:
-            flags["arch"] = json.loads(args.arch)
-        except json.JSONDecodeError as err:
-            raise TrainingError(f"--arch must be a JSON object: {err}") from None
-    return TrainConfig.from_dict({**base, **flags})
+            check_arch({"name": cfg.model, **cfg.arch})
+        except ValueError as err:
+            raise TrainingError(f"--arch: {err}") from None
+    return cfg
+
+
+def _read_json_object(flag: str, value: str, path: Path | None = None) -> dict:
+    """The JSON object in ``value``, or in the file ``path`` when given; TrainingError naming ``flag`` otherwise."""
+    where = f"{flag} {value}" if path is not None else flag
+    try:
+        text = path.read_bytes().decode("utf-8") if path is not None else value
+        obj = json.loads(text)
+    except OSError as err:
+        raise TrainingError(f"{where}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise TrainingError(f"{where}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise TrainingError(f"{where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+    except RecursionError:
+        raise TrainingError(f"{where}: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise TrainingError(f"{where}: must be a JSON object {{...}}, got {type(obj).__name__}")
+    return obj
 
 
 def cli_train(args) -> int:
     """Exit status: 0 finished, 3 cancelled (checkpoint saved; --resume continues), 2 failed (via MrcnnError)."""
     cfg = config_from_args(args)
+    _check_folder_writable("--out", cfg.out)
+    if cfg.export:
+        _check_file_writable("--export", cfg.export)
     try:
         result = train(cfg)
     finally:
@@ -235,11 +289,13 @@ class _Progress:
 
 def cli_evaluate(args) -> int:
     """`python -m mrcnn evaluate --model NAME|PATH --data DIR|ZIP|shapes:N:... [--json]`."""
+    thresholds = _thresholds(score_thresh=args.score_thresh, max_detections=args.max_detections)
+    if args.num is not None and args.num < 1:
+        raise MrcnnError(f"--num must be at least 1, got {args.num}")
     loaded = load_model(args.model, args.weights, device=args.device)
-    dataset = open_data(args.data)
-    dataset = first_items(dataset, args.num)
-    result = evaluate(loaded, dataset, progress=_Progress("evaluating"),
-                      score_thresh=args.score_thresh, max_detections=args.max_detections, keep_predictions=False)
+    dataset = first_items(open_data(args.data), args.num)
+    result = evaluate(loaded, dataset, progress=_Progress("evaluating"), score_thresh=thresholds.score_thresh,
+                      max_detections=thresholds.max_detections, keep_predictions=False)
     if args.json:
         print(json.dumps({"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
                           "num_images": result.num_images, "model": loaded.name, "data": str(args.data)}))
@@ -275,10 +331,22 @@ def cli_bench(args) -> int:
     return 0
 
 
+class _WarningLines(logging.Handler):
+    """What mrcnn logs at warning level (e.g. an annotation skipped), as one ``warning: ...`` line on stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)  # sys.stderr now: tests swap it
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"models": cli_models, "predict": cli_predict, "shapes": cli_shapes, "train": cli_train,
                 "evaluate": cli_evaluate, "card": cli_card, "bench": cli_bench}
+    logger, handler = logging.getLogger("mrcnn"), _WarningLines()
+    logger.addHandler(handler)
     try:
         return int(commands[args.command](args) or 0)
     except MrcnnError as err:
@@ -287,3 +355,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
