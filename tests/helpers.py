@@ -10,6 +10,10 @@ from mrcnn.model.zoo import LoadedModel
 TINY_LIGHT = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, box_head_dim=32, mask_head_channels=[16],
                         min_size=96, max_size=128)
 CATEGORIES = ["__background__", "circle", "square", "triangle"]
+# The same tiny network as a training run's --arch overrides: 64-px inputs, few RoIs, quick steps.
+TINY_TRAIN_ARCH = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "box_head_dim": 32,
+                   "mask_head_channels": [16], "min_size": 64, "max_size": 96, "rpn_pre_nms_top_n_train": 200,
+                   "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 16}
 
 
 def tiny_loaded(arch: dict | None = None, categories: list[str] | None = None, seed: int = 0,

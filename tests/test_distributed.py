@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 
 from mrcnn.model.checkpoint import load_checkpoint
+from tests.helpers import TINY_TRAIN_ARCH
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "box_head_dim": 32, "mask_head_channels": [16],
-        "min_size": 64, "max_size": 96, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-        "box_batch_size_per_image": 16}
+TINY = TINY_TRAIN_ARCH
 
 
 def test_torchrun_two_processes_gloo(tmp_path):

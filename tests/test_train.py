@@ -18,10 +18,9 @@ from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.errors import TrainingError
 from mrcnn.training.engine import TrainConfig, lr_factor, remap_class_weights, train
+from tests.helpers import TINY_TRAIN_ARCH
 
-TINY = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "box_head_dim": 32,
-        "mask_head_channels": [16], "min_size": 64, "max_size": 96,
-        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 16}
+TINY = TINY_TRAIN_ARCH
 DATA = "shapes:12:0:64"
 
 

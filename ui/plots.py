@@ -293,14 +293,6 @@ def nms_figure(summary: Sequence[dict], height: int = 280) -> go.Figure:
     return fig
 
 
-def count_bars_figure(labels: Sequence[str], counts: Sequence[int], title: str | None = None,
-                      height: int = 260) -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(labels), y=[int(c) for c in counts], text=[str(int(c)) for c in counts],
-                           textposition="auto", marker_color="#1f77b4"))
-    fig.update_layout(height=height, margin=MARGIN, title=title)
-    return fig
-
-
 # ---- array helpers for the pictures (numpy only) ------------------------------------------------------
 def feature_map_2d(feature: np.ndarray, channel: int | None = None) -> np.ndarray:
     """(C, H, W) -> (H, W): one channel, or the mean over channels when ``channel`` is None."""
