@@ -15,8 +15,9 @@ from mrcnn.errors import CheckpointError
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.model.importer import import_model
-from mrcnn.model.zoo import load_model
+from mrcnn.model.zoo import list_models, load_model
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene
+from tests.test_app import env, tiny_shapes  # noqa: F401  (fixtures)
 
 
 def shaped_state_dict(arch_name: str, num_classes: int) -> dict[str, torch.Tensor]:
@@ -129,3 +130,48 @@ def test_wrong_files_get_one_clear_line_and_nothing_is_written(tmp_path, capsys)
         assert "\n" not in str(err.value) and path.name in str(err.value), (name, str(err.value))
     assert not dest.exists()
     assert "pwned" not in capsys.readouterr().out
+
+
+def test_imported_model_is_listed_and_loaded_by_its_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
+    src = save_checkpoint(tmp_path / "own.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
+    import_model(src, name="../../evil name", classes=["o", "p", "q"])
+    assert [p.name for p in (tmp_path / "models").iterdir()] and all(
+        p.name.startswith("imported-") for p in (tmp_path / "models").iterdir()), "the server names the files"
+    info = next(i for i in list_models() if i.name == "../../evil name")
+    assert info.kind == "imported" and info.available and info.classes == ["o", "p", "q"]
+    assert load_model("../../evil name", device="cpu").categories[1:] == ["o", "p", "q"]
+    with pytest.raises(CheckpointError, match="exists already"):
+        import_model(save_checkpoint(tmp_path / "other.pt", TINY_LIGHT, CATEGORIES,
+                                     build_model(TINY_LIGHT, 4).state_dict()), name="shapes")
+
+
+def test_add_a_model_from_the_sidebar(env, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(env / "models"))
+    src = env / "upload.pth"
+    torch.save(shaped_state_dict("maskrcnn_resnet50_fpn_v2", 3), src)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.file_uploader(key="add_model_file").upload("../../../x/my_pets.pth", src.read_bytes(),
+                                                  "application/octet-stream").run()
+    at.text_input(key="add_model_classes").set_value("cat, dog").run()
+    at.button(key="add_model").click().run()
+    assert not at.exception
+    assert any("Added **my_pets**" in s.value for s in at.success), [e.value for e in at.error]
+    assert at.selectbox(key="model_name").value == "my_pets"
+    assert not (env.parent / "x").exists() and [p.name[:9] for p in (env / "models").iterdir()] == ["imported-"] * 2
+    at.file_uploader(key="add_model_file").upload("classifier.pth", _classifier_bytes(env),
+                                                  "application/octet-stream").run()
+    at.text_input(key="add_model_name").set_value("clf").run()
+    at.button(key="add_model").click().run()
+    assert any("classifier.pth: expected a Mask R-CNN" in e.value for e in at.error)
+    assert len(list((env / "models").iterdir())) == 2, "a refused file writes nothing"
+
+
+def _classifier_bytes(folder) -> bytes:
+    path = folder / "clf.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(10, 4)}, path)
+    return path.read_bytes()

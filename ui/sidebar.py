@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 import torch
 
-from mrcnn.model import zoo
+from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
+from mrcnn.model import importer, zoo
 from ui import state
 
 DEVICES = ["auto", "cpu", "cuda"]
-KIND_LABELS = {"bundled": "bundled", "torchvision": "COCO, torchvision", "checkpoint": "training run"}
+KIND_LABELS = {"bundled": "bundled", "torchvision": "COCO, torchvision", "checkpoint": "training run",
+               "imported": "imported"}
+# Largest model file "Add a model" takes, in MB (torchvision's R50 files are 170-180 MB).
+MAX_MODEL_UPLOAD_MB = int(os.environ.get("MRCNN_MAX_MODEL_UPLOAD_MB", "1024"))
 
 
 def model_label(info: zoo.ModelInfo) -> str:
@@ -104,6 +109,51 @@ def _flatten(metrics: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _add_model_now() -> None:
+    """The "Add" button's callback: import the uploaded file, then pick it (before the picker is drawn)."""
+    ss = st.session_state
+    upload = ss.get("add_model_file")
+    if upload is None:
+        ss["add_model_message"] = ("error", "Choose a model file first.")
+        return
+    names = [c.strip() for c in ss.get("add_model_classes", "").split(",") if c.strip()]
+    try:
+        with saved_upload(upload.getvalue(), suffix=".pth") as path:
+            imported = importer.import_model(
+                path, classes=names or None, name=ss.get("add_model_name") or Path(upload.name).stem,
+                # sizes only when changed: an own checkpoint keeps its sizes, a state dict gets torchvision's
+                **{k: int(ss[f"add_model_{k}"]) for k, v in importer.TORCHVISION_DEFAULT_SIZES.items()
+                   if int(ss[f"add_model_{k}"]) != v},
+                display_file_name=upload.name)
+    except MrcnnError as err:
+        ss["add_model_message"] = ("error", str(err))
+        return
+    state.model_infos.clear()
+    ss["model_name"] = imported.name
+    note = f" {imported.class_note}." if imported.class_note else ""
+    ss["add_model_message"] = ("success", f"Added **{imported.name}** ({len(imported.card['classes'])} classes, "
+                                          f"{imported.card['architecture']['name']}).{note}")
+
+
+def _add_model() -> None:
+    with st.expander("Add a model", icon=":material/upload_file:"):
+        st.file_uploader("Mask R-CNN weights (.pt, .pth)", type=["pt", "pth"], key="add_model_file",
+                         max_upload_size=MAX_MODEL_UPLOAD_MB,
+                         help="torchvision maskrcnn_resnet50_fpn / _v2 state dicts (any classes), torchvision "
+                              "references checkpoints, DataParallel/DDP state dicts, or this app's checkpoints")
+        st.text_input("Name", key="add_model_name", max_chars=importer.MAX_NAME_CHARS,
+                      placeholder="the file's name")
+        st.text_input("Class names, comma-separated", key="add_model_classes", placeholder="class_1, class_2, …")
+        c1, c2 = st.columns(2)
+        c1.number_input("min_size", 32, 4096, importer.TORCHVISION_DEFAULT_SIZES["min_size"], key="add_model_min_size",
+                        help="The input transform's shorter side; a state dict does not record it")
+        c2.number_input("max_size", 32, 4096, importer.TORCHVISION_DEFAULT_SIZES["max_size"], key="add_model_max_size")
+        st.button("Add", key="add_model", on_click=_add_model_now, icon=":material/add:")
+        message = st.session_state.pop("add_model_message", None)
+        if message:
+            (st.error if message[0] == "error" else st.success)(message[1])
+
+
 def _device() -> None:
     if torch.cuda.is_available():
         st.radio("Device", DEVICES, key="device", persist_state="session", horizontal=True)
@@ -141,6 +191,7 @@ def render() -> zoo.LoadedModel | None:
         if info.available and loaded is None:
             st.error(st.session_state.get("model_error"))
         _card(info, loaded)
+        _add_model()
         if st.button("Refresh model list", key="refresh_models", type="tertiary", icon=":material/refresh:"):
             state.model_infos.clear()
             st.rerun()

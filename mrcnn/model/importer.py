@@ -15,15 +15,15 @@ name: v1 and v2 differ in their box head (``fc6``/``fc7`` vs. four conv layers a
 class count is the box predictor's row count. A state dict does not record the input transform, so the
 sizes default to torchvision's (``min_size`` 800, ``max_size`` 1333) unless given.
 
-The imported model is written once into the models folder under a name the server makes (a hash of the
-source file), with a card holding the display name, the source file's sha256, the architecture and classes.
+The imported model is written once into the models folder (``zoo.models_dir()``) under a name the server
+makes (a hash of the source file), with a card holding the display name, the source file's sha256, the
+architecture and classes; the zoo then lists it under that display name.
 A file that is not a Mask R-CNN this can run is refused with the first key or shape that does not fit, and
 nothing is written.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from mrcnn.errors import CheckpointError
 from mrcnn.files import atomic_write_bytes, file_sha256
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, read_torch_file, save_checkpoint
+from mrcnn.model.zoo import list_models, models_dir, read_card
 
 BACKGROUND = "__background__"
 TORCHVISION_DEFAULT_SIZES = {"min_size": 800, "max_size": 1333}
@@ -57,12 +58,6 @@ class ImportedModel:
     checkpoint: Path
     card: dict
     class_note: str | None  # set when class names were made up (class_1 ...): how to name them
-
-
-def models_dir() -> Path:
-    """Where imported models live (``MRCNN_MODELS_DIR``, default ``models/`` beside ``weights/``)."""
-    from_env = os.environ.get("MRCNN_MODELS_DIR")
-    return Path(from_env) if from_env else Path(__file__).resolve().parents[2] / "models"
 
 
 def unwrap_state_dict(obj: Any, source: str | Path) -> dict[str, torch.Tensor]:
@@ -216,8 +211,12 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
     sha = file_sha256(path)
     dest = Path(dest_dir) if dest_dir is not None else models_dir()
     stem = f"imported-{sha[:16]}"  # the server's name: the same file imported twice is one model
+    display = _display_name(name, Path(shown))
+    taken = {i.name for i in list_models(include_runs=False)} - {read_card(dest / f"{stem}.pt").get("name")}
+    if display in taken:
+        raise CheckpointError(f"a model named {display!r} exists already; give this one another name (--name)")
     card = {
-        "name": _display_name(name, Path(shown)),
+        "name": display,
         "source": {"file": shown, "sha256": sha},
         "architecture": arch,
         "classes": categories[1:],
@@ -229,5 +228,5 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
     return ImportedModel(card["name"], checkpoint, card, note)
 
 
-__all__ = ["ImportedModel", "import_model", "models_dir", "recognise", "unwrap_state_dict", "check_fits",
+__all__ = ["ImportedModel", "import_model", "recognise", "unwrap_state_dict", "check_fits",
            "class_names"]

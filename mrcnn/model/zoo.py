@@ -33,6 +33,23 @@ def weights_dir() -> Path:
     return Path(os.environ.get("MRCNN_WEIGHTS_DIR", REPO_ROOT / "weights"))
 
 
+def models_dir() -> Path:
+    """Where imported models live, one ``imported-<hash>.pt`` + ``.json`` card each (mrcnn.model.importer)."""
+    return Path(os.environ.get("MRCNN_MODELS_DIR", REPO_ROOT / "models"))
+
+
+def imported_models() -> dict[str, Path]:
+    """Display name (from each card) -> checkpoint, for every imported model; the file names are the
+    server's, the display names the users'."""
+    found = {}
+    folder = models_dir()
+    for path in sorted(folder.glob("imported-*.pt")) if folder.is_dir() else []:
+        name = read_card(path).get("name")
+        if isinstance(name, str) and name and name not in found:
+            found[name] = path
+    return found
+
+
 def runs_dir() -> Path:
     """Where training runs started from the app live; their checkpoints join the model list."""
     return Path(os.environ.get("MRCNN_RUNS_DIR", REPO_ROOT / "runs"))
@@ -141,6 +158,8 @@ def list_models(include_runs: bool = True) -> list[ModelInfo]:
                 reason=(f"weights file {entry.filename} not found in {weights_dir()} or {hub_checkpoint_dir()}; "
                         f"download it from {entry.url} (the app has a download button when online) "
                         f"or pass --weights FILE")))
+    for name, path in imported_models().items():
+        infos.append(_checkpoint_info(name, path, "imported"))
     if include_runs and runs_dir().is_dir():
         for ckpt_path in sorted(runs_dir().glob("*/checkpoint.pt")):
             infos.append(_checkpoint_info(str(ckpt_path), ckpt_path, "checkpoint"))
@@ -231,10 +250,13 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
         if not path.is_file():
             raise ModelUnavailable(f"{name}: {path} is missing; reproduce it with `bash weights/train_shapes.sh`")
         return _from_checkpoint(name, path, dev, arch_name=BUNDLED_ARCH[name])
+    imported = imported_models().get(name)
+    if imported is not None and not weights:
+        return _from_checkpoint(name, imported, dev)
     path = Path(name)
     if path.suffix in (".pt", ".pth") or path.exists() or os.sep in name:
         return _from_checkpoint(str(path), Path(weights) if weights else path, dev)
-    known = ", ".join([*BUNDLED, *TORCHVISION_MODELS])
+    known = ", ".join([*BUNDLED, *TORCHVISION_MODELS, *imported_models()])
     raise MrcnnError(f"unknown model {name!r}: use one of {known} or a checkpoint path")
 
 
