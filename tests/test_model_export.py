@@ -12,6 +12,7 @@ from mrcnn.errors import ExportError
 from mrcnn.inference import model_export
 from mrcnn.inference.model_export import export_model
 from tests.helpers import CATEGORIES, scene, tiny_loaded
+from tests.test_app import env, tiny_shapes  # noqa: F401  (fixtures)
 
 
 def detecting(loaded, boost: float = 6.0):
@@ -75,3 +76,24 @@ def test_bad_settings_are_one_line(tmp_path):
         export_model(tiny_loaded(), tmp_path / "out", "tflite")
     with pytest.raises(ExportError, match="32 to 4096"):
         export_model(tiny_loaded(), tmp_path / "out", "onnx", size=(10, 100000))
+
+
+def test_model_card_offers_an_export_download(env):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    assert at.radio(key="export_format").options == ["onnx"], "the light model has no torchvision export"
+    at.button(key="export_prepare").click().run()
+    assert not at.exception and not at.error
+    assert any("onnxruntime matched" in c.value for c in at.caption)
+    assert not list(env.glob("**/model.onnx")), "the export was zipped in memory, nothing left on disk"
+
+
+def test_export_zip_holds_the_files(tmp_path):
+    import io
+    import zipfile
+
+    data, report = model_export.export_zip(r50_loaded(), "torchvision")
+    assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == sorted(report.files)

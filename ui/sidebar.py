@@ -11,6 +11,7 @@ import torch
 
 from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
+from mrcnn.inference.model_export import TORCHVISION_ARCHITECTURES, export_zip
 from mrcnn.model import importer, zoo
 from ui import state
 
@@ -89,12 +90,41 @@ def _card(info: zoo.ModelInfo, loaded: zoo.LoadedModel | None) -> None:
             flat = _flatten(metrics)
             st.dataframe(pd.DataFrame({"metric": list(flat), "value": list(flat.values())}), hide_index=True,
                          width="stretch")
+        if loaded is not None:
+            _export(loaded)
         rest = {k: v for k, v in (card or {}).items() if k != "metrics"}
         if rest:
             st.markdown("**About**")
             for key, value in rest.items():
                 text = value if isinstance(value, (str, int, float)) else json.dumps(value)
                 st.markdown(f"- *{key}*: {str(text)[:300]}")
+
+
+def _export(loaded: zoo.LoadedModel) -> None:
+    """Build the chosen export on request (ONNX takes a while: it is checked with onnxruntime) and offer it."""
+    formats = (["torchvision"] if loaded.arch.get("name") in TORCHVISION_ARCHITECTURES else []) + ["onnx"]
+    fmt = st.radio("Export as", formats, key="export_format", horizontal=True,
+                   help="torchvision: a state dict plain torchvision loads; onnx: fixed input size, "
+                        "checked against PyTorch with onnxruntime")
+    key = (loaded.name, loaded.sha256, fmt)
+    ready = st.session_state.get("export_ready")
+    if st.button("Prepare export", key="export_prepare", icon=":material/package_2:"):
+        try:
+            with st.spinner(f"Exporting {loaded.name} as {fmt}…"):
+                data, report = export_zip(loaded, fmt)
+        except MrcnnError as err:
+            st.error(str(err))
+            return
+        check = report.check
+        note = (f"onnxruntime matched {check.detections} detections on {check.images} images: boxes within "
+                f"{check.max_box_px:.2g} px, scores within {check.max_score_diff:.1g}, mask IoU ≥ "
+                f"{check.min_mask_iou:.3f}") if check else "loads with strict=True in torchvision"
+        ready = st.session_state["export_ready"] = (key, data, note)
+    if ready and ready[0] == key:
+        st.caption(ready[2])
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in loaded.name)[:40] or "model"
+        st.download_button(f"Download {fmt} export (.zip)", ready[1], file_name=f"{safe}-{fmt}.zip",
+                           mime="application/zip", key="export_download", icon=":material/download:")
 
 
 def _flatten(metrics: dict, prefix: str = "") -> dict[str, str]:

@@ -18,10 +18,12 @@ Files appear in the output folder only when complete (written to a temporary fol
 from __future__ import annotations
 
 import copy
+import io
 import json
 import shutil
 import tempfile
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,6 +110,21 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "torchvisi
         return ExportReport(report.format, out, report.files, report.input_size, report.check)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_zip(loaded: LoadedModel, fmt: str = "torchvision", size: tuple[int, int] | None = None
+               ) -> tuple[bytes, ExportReport]:
+    """``export_model`` into a zip held in memory (the app's download); nothing stays on disk."""
+    folder = Path(tempfile.mkdtemp(prefix="mrcnn-export-"))
+    try:
+        report = export_model(loaded, folder / "export", fmt, size)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name in report.files:
+                zf.write(report.folder / name, name)
+        return buf.getvalue(), report
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_classes_and_readme(loaded: LoadedModel, folder: Path, how_to_load: str) -> list[str]:
@@ -216,4 +233,4 @@ def _mask_iou(ref: np.ndarray, got: np.ndarray, thresh: float = 0.5) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-__all__ = ["FORMATS", "ExportReport", "ParityCheck", "export_model", "check_onnx", "default_input_size"]
+__all__ = ["FORMATS", "ExportReport", "ParityCheck", "export_model", "export_zip", "check_onnx", "default_input_size"]
