@@ -25,9 +25,11 @@ from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
+from mrcnn.inference.model_export import FORMATS as EXPORT_FORMATS, export_model
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.architectures import ARCHITECTURES, check_arch
+from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import list_models, load_model
 from mrcnn.training.card import card_path, write_card
 from mrcnn.training.engine import TrainConfig, train
@@ -114,6 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out data: COCO folder, .zip or shapes:N:seed:size")
     p.add_argument("--run", default=None, metavar="RUN_DIR", help="the training run (adds its throughput)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("import", help="bring in a Mask R-CNN trained elsewhere (torchvision state dict or "
+                                      "checkpoint, DDP, this app's); it then has a name in every command")
+    p.add_argument("file", metavar="FILE")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--classes", default=None, help="comma-separated class names, background excluded")
+    names.add_argument("--classes-from", default=None, metavar="ANNOTATIONS_JSON",
+                       help="class names from a COCO annotations file's categories (sorted by id)")
+    p.add_argument("--name", default=None, help="the name to list it under (default: the file's stem)")
+    p.add_argument("--min-size", type=int, default=None, help="input transform's shorter side (default 800)")
+    p.add_argument("--max-size", type=int, default=None, help="input transform's longer-side cap (default 1333)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write a model as a torchvision state dict or ONNX (checked with onnxruntime)")
+    p.add_argument("model", metavar="MODEL", help="model name or checkpoint path")
+    p.add_argument("--format", default="torchvision", choices=list(EXPORT_FORMATS))
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--size", default=None, metavar="HxW", help="ONNX input size (default: the model's own)")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="run the benchmarks and print the table")
     p.add_argument("--json", action="store_true")
@@ -248,7 +270,8 @@ def _read_json_object(flag: str, value: str, path: Path | None = None) -> dict:
     except OSError as err:
         raise TrainingError(f"{where}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
-        raise TrainingError(f"{where}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+        bad_byte = err.object[err.start]
+        raise TrainingError(f"{where}: not UTF-8 text (byte {bad_byte:#04x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise TrainingError(f"{where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
     except RecursionError:
@@ -321,6 +344,48 @@ def cli_card(args) -> int:
     return 0
 
 
+def cli_import(args) -> int:
+    """`python -m mrcnn import FILE [--classes a,b | --classes-from annotations.json] [--name NAME]`."""
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
+    imported = import_model(args.file, classes=classes, classes_from=args.classes_from, name=args.name,
+                            min_size=args.min_size, max_size=args.max_size)
+    if imported.class_note:
+        print(f"warning: {imported.class_note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**imported.card, "checkpoint": str(imported.checkpoint)}))
+        return 0
+    card = imported.card
+    print(f"imported {args.file} as {imported.name!r}: {card['architecture']['name']}, "
+          f"{len(card['classes'])} classes ({', '.join(card['classes'][:8])}"
+          f"{', …' if len(card['classes']) > 8 else ''}) -> {imported.checkpoint}")
+    return 0
+
+
+def _export_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    h, sep, w = value.lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
+        raise MrcnnError(f"--size {value!r}: use HxW in pixels, e.g. 512x512")
+    return int(h), int(w)
+
+
+def cli_export(args) -> int:
+    """`python -m mrcnn export MODEL --format torchvision|onnx --out DIR [--size HxW]`."""
+    size = _export_size(args.size)
+    out = _check_folder_writable("--out", args.out)
+    report = export_model(load_model(args.model, args.weights, device="cpu"), out, args.format, size)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    print(f"wrote {', '.join(report.files)} to {report.folder}")
+    if report.check is not None:
+        c = report.check
+        print(f"checked with onnxruntime on {c.images} images: {c.detections} detections matched, boxes within "
+              f"{c.max_box_px:.3g} px, scores within {c.max_score_diff:.2g}, mask IoU >= {c.min_mask_iou:.4f}")
+    return 0
+
+
 def cli_bench(args) -> int:
     results = bench.run_benchmarks(quick=args.quick)
     if args.json:
@@ -344,7 +409,8 @@ class _WarningLines(logging.Handler):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"models": cli_models, "predict": cli_predict, "shapes": cli_shapes, "train": cli_train,
-                "evaluate": cli_evaluate, "card": cli_card, "bench": cli_bench}
+                "evaluate": cli_evaluate, "card": cli_card, "import": cli_import, "export": cli_export,
+                "bench": cli_bench}
     logger, handler = logging.getLogger("mrcnn"), _WarningLines()
     logger.addHandler(handler)
     try:

@@ -175,3 +175,26 @@ def _classifier_bytes(folder) -> bytes:
     path = folder / "clf.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(10, 4)}, path)
     return path.read_bytes()
+
+
+def test_cli_import_then_use_the_name_everywhere(tmp_path, monkeypatch, capsys):
+    """import -> models --json -> predict --model NAME -> export NAME; a wrong file is exit 2, one line."""
+    from PIL import Image
+
+    from mrcnn.cli import main
+
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
+    src = save_checkpoint(tmp_path / "own.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
+    assert main(["import", str(src), "--name", "mine", "--classes", "o,p,q", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"] == ["o", "p", "q"]
+    assert main(["models", "--json"]) == 0
+    assert any(m["name"] == "mine" and m["kind"] == "imported" for m in json.loads(capsys.readouterr().out))
+    Image.fromarray(scene(64, 80)).save(tmp_path / "a.png")
+    assert main(["predict", str(tmp_path / "a.png"), "--model", "mine", "--out", str(tmp_path / "pred")]) == 0
+    assert json.loads((tmp_path / "pred" / "a.json").read_text())["model"]["name"] == "mine"
+    assert main(["export", "mine", "--format", "torchvision", "--out", str(tmp_path / "tv")]) == 2
+    assert "--format onnx" in capsys.readouterr().err
+    (tmp_path / "bad.pth").write_bytes(b"not torch")
+    assert main(["import", str(tmp_path / "bad.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: bad.pth")
