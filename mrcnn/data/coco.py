@@ -10,8 +10,9 @@ JSON or missing keys, unknown category, box outside the image, malformed segment
 image or annotation is left out, and ``load_dataset`` refuses a dataset that has any. *Warnings* name an
 annotation that is skipped but leaves the data usable (zero-width box, empty mask): ``report.warnings``
 lists them, one ValidationIssue each, and ``open_data`` logs them (the CLI prints them as
-``warning: ...`` lines). Targets never hold an instance that torchvision would reject. Crowd annotations (``iscrowd: 1``) are left out of training targets by
-default but kept in ``.coco`` so that evaluation honours them.
+``warning: ...`` lines). Targets never hold an instance that torchvision would reject. Crowd annotations
+(``iscrowd: 1``) are left out of training targets by default but kept in ``.coco`` so that evaluation
+honours them.
 
 Images are read as stored (no EXIF rotation), which is how COCO annotations are made.
 """
