@@ -56,6 +56,9 @@ MAX_BATCH_SIZE = 256  # images per step per process (Mask R-CNN recipes use 2-16
 MAX_IMAGE_SIZE = 4096
 # numpy's seeds end at 2**32; torch's at 2**64, which StepBatches' per-step seed (about seed * 6.4e7) would pass first
 MAX_SEED = 2**32 - 1
+# The backbone's stages in torchvision's order for ``trainable_backbone_layers``: the first N of these train.
+BACKBONE_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+FINETUNE_TRAINABLE_LAYERS = 3  # torchvision's default for its R50 models started from trained weights
 
 
 class Interval(NamedTuple):
@@ -83,13 +86,15 @@ INTEGER_SETTINGS = {
     "val_every": Interval(0, MAX_STEPS), "checkpoint_every": Interval(0, MAX_STEPS),
     "seed": Interval(0, MAX_SEED), "num_workers": Interval(0, 64), "threads": Interval(1, 1024),
     "image_size": Interval(32, MAX_IMAGE_SIZE), "val_num": Interval(1, 10**9),
+    "trainable_backbone_layers": Interval(0, len(BACKBONE_STAGES)),
 }
 FLOAT_SETTINGS = {
     "lr": Interval(0, 10, low_open=True, high_open=True), "momentum": Interval(0, 1, high_open=True),
     "weight_decay": Interval(0, 1, high_open=True), "warmup_factor": Interval(0, 1),
     "min_lr_ratio": Interval(0, 1), "clip_grad_norm": Interval(0, math.inf, high_open=True),  # 0: no clipping
 }
-OPTIONAL_SETTINGS = {"weights", "arch", "val", "val_num", "lr", "clip_grad_norm", "image_size", "threads", "export"}
+OPTIONAL_SETTINGS = {"weights", "arch", "val", "val_num", "lr", "clip_grad_norm", "image_size", "threads", "export",
+                     "trainable_backbone_layers"}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -115,6 +120,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0       # cosine / linear end at lr * min_lr_ratio
     clip_grad_norm: float | None = 10.0
     image_size: int | None = None   # model input size (shorter side); None: the model's own
+    trainable_backbone_layers: int | None = None  # backbone stages that train, 0..5 as torchvision counts them
+                                    # (BACKBONE_STAGES); None: 3 for a trained R50 model, else all 5
     augment: bool = False           # flip + scale jitter + colour jitter (mrcnn.data.transforms)
     device: str = "auto"
     amp: bool = True                # mixed precision where it is native: float16 on CUDA, bfloat16 on
@@ -332,6 +339,55 @@ def _starting_model(cfg: TrainConfig, categories: list[str], log: Callable[[str]
     return model, arch
 
 
+def default_trainable_layers(arch_name: str, from_trained_weights: bool) -> int:
+    """torchvision's default: 3 backbone stages train when an R50 starts from trained weights; all 5 for a
+    fresh model and for the light architecture (small, GroupNorm: cheap to train whole)."""
+    if from_trained_weights and arch_name != "light":
+        return FINETUNE_TRAINABLE_LAYERS
+    return len(BACKBONE_STAGES)
+
+
+class FrozenStatsBatchNorm2d(torch.nn.BatchNorm2d):
+    """A BatchNorm2d that always normalises with its stored statistics, in training too: torchvision's
+    FrozenBatchNorm2d's behaviour with BatchNorm2d's state dict (so checkpoints and exports load as before)."""
+
+    def train(self, mode: bool = True) -> FrozenStatsBatchNorm2d:
+        return super().train(False)
+
+
+def freeze_backbone(model: torch.nn.Module, trainable_layers: int, freeze_norms: bool) -> None:
+    """torchvision's rule (backbone_utils._resnet_fpn_extractor): only the first ``trainable_layers`` of
+    BACKBONE_STAGES train, the stem's norm only with all 5. ``freeze_norms``: the backbone's BatchNorm layers
+    keep their statistics and affine weights, as FrozenBatchNorm2d does in torchvision's trained R50 (a batch
+    of a few images cannot estimate them)."""
+    body = model.backbone.body
+    stages = BACKBONE_STAGES[:trainable_layers] + (("bn1",) if trainable_layers == len(BACKBONE_STAGES) else ())
+    for name, parameter in body.named_parameters():
+        if not name.startswith(stages):
+            parameter.requires_grad_(False)
+    if freeze_norms:
+        for module in body.modules():
+            if type(module) is torch.nn.BatchNorm2d:
+                module.__class__ = FrozenStatsBatchNorm2d
+                module.requires_grad_(False)
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def prepare_for_training(model: torch.nn.Module, arch: dict, cfg: TrainConfig) -> int:
+    """Freeze what ``cfg`` keeps fixed (before the optimizer is built); returns the trainable stages."""
+    from_trained_weights = cfg.model not in ARCHITECTURES
+    layers = cfg.trainable_backbone_layers
+    if layers is None:
+        layers = default_trainable_layers(arch["name"], from_trained_weights)
+    freeze_backbone(model, layers, freeze_norms=from_trained_weights)
+    return layers
+
+
 # ------------------------------------------------------------------------------------------ DDP
 
 @dataclass
@@ -422,6 +478,10 @@ def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: tor
         raise DatasetError(f"training data {cfg.data} has no images")
     val_ds = first_items(open_data(cfg.val, categories), cfg.val_num) if cfg.val and dist.is_main else None
     check_batch_fits(cfg.batch_size, arch, device)
+    trainable_layers = prepare_for_training(model, arch, cfg)
+    trainable, frozen = count_trainable(model)
+    log(f"backbone: {trainable_layers} of {len(BACKBONE_STAGES)} stages train; "
+        f"{trainable:,} parameters train, {frozen:,} frozen")
 
     # the model on its device, the optimizer, and their state when resuming
     autocast_dtype = amp_dtype(device) if cfg.amp else None
@@ -445,6 +505,8 @@ def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: tor
     if dist.is_main:
         write_json(out / "config.json", {**cfg.to_dict(), "arch": arch, "categories": categories,
                                           "world_size": dist.world_size, "device": str(device),
+                                          "trainable_layers": trainable_layers, "trainable_parameters": trainable,
+                                          "frozen_parameters": frozen,
                                           "precision": run.precision})
         truncate_metrics(out / "metrics.jsonl", run.step)
     run.t_start = time.time()
@@ -895,4 +957,5 @@ def _val_metrics(model, val_ds, device) -> dict:
             "bbox_AP50": result.bbox["AP50"], "segm_AP50": result.segm["AP50"]}
 
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "remap_class_weights", "StepBatches", "LOSS_TERMS"]
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "remap_class_weights", "StepBatches", "LOSS_TERMS",
+           "count_trainable", "freeze_backbone", "default_trainable_layers", "prepare_for_training"]
