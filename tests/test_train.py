@@ -369,3 +369,37 @@ def test_cli_train_with_config_file(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["batch_size"] == 1
     rc = main(["train", "--model", "light", "--data", "shapes:0", "--steps", "1", "--out", str(tmp_path / "r2")])
     assert rc == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch_name", ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"])
+def test_both_r50_predictors_keep_the_rows_of_shared_classes(arch_name):
+    old_cats, new_cats = ["__background__", "cat", "dog"], ["__background__", "dog", "bird"]
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        old_keys = build_model({"name": arch_name}, len(old_cats)).state_dict()
+        new_keys = build_model({"name": arch_name}, len(new_cats)).state_dict()
+    per_class = ("cls_score", "bbox_pred", "mask_fcn_logits")
+    old = {k: torch.randn(v.shape) for k, v in old_keys.items() if k.startswith("roi_heads.") and k.split(".")[2] in per_class}
+    fresh = {k: torch.zeros(v.shape) for k, v in new_keys.items() if k.startswith("roi_heads.") and k.split(".")[2] in per_class}
+    merged, new = remap_class_weights(old, old_cats, new_cats, fresh)
+    assert new == ["bird"] and len(fresh) == 6  # weight and bias of each
+    for key in fresh:
+        rows = 4 if "bbox_pred" in key else 1
+        torch.testing.assert_close(merged[key][rows:2 * rows], old[key][2 * rows:3 * rows])  # dog kept
+        assert not merged[key][2 * rows:].any()  # bird: fresh
+
+
+def test_trainable_backbone_layers_counted_as_torchvision_does():
+    with pytest.raises(TrainingError, match=r"trainable_backbone_layers must be an integer in \[0, 5\], got 6"):
+        TrainConfig(data=DATA, trainable_backbone_layers=6)
+    counts = []
+    for layers in (0, 3, 5):
+        with torch.device("meta"):
+            model = build_model({"name": "maskrcnn_resnet50_fpn"}, 3)
+        train_mod.freeze_backbone(model, layers, freeze_norms=True)
+        trainable = {n.split(".")[2] for n, p in model.named_parameters() if n.startswith("backbone.body.")
+                     and p.requires_grad}
+        assert trainable == {0: set(), 3: {"layer2", "layer3", "layer4"}, 5: {"conv1", "layer1", "layer2", "layer3",
+                                                                              "layer4"}}[layers]
+        counts.append(train_mod.count_trainable(model))
+    assert counts[0][0] < counts[1][0] < counts[2][0] and len({sum(c) for c in counts}) == 1
