@@ -379,8 +379,9 @@ def test_both_r50_predictors_keep_the_rows_of_shared_classes(arch_name):
         old_keys = build_model({"name": arch_name}, len(old_cats)).state_dict()
         new_keys = build_model({"name": arch_name}, len(new_cats)).state_dict()
     per_class = ("cls_score", "bbox_pred", "mask_fcn_logits")
-    old = {k: torch.randn(v.shape) for k, v in old_keys.items() if k.startswith("roi_heads.") and k.split(".")[2] in per_class}
-    fresh = {k: torch.zeros(v.shape) for k, v in new_keys.items() if k.startswith("roi_heads.") and k.split(".")[2] in per_class}
+    keys = [k for k in old_keys if k.startswith("roi_heads.") and k.split(".")[2] in per_class]
+    old = {k: torch.randn(old_keys[k].shape) for k in keys}
+    fresh = {k: torch.zeros(new_keys[k].shape) for k in keys}
     merged, new = remap_class_weights(old, old_cats, new_cats, fresh)
     assert new == ["bird"] and len(fresh) == 6  # weight and bias of each
     for key in fresh:
