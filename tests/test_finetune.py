@@ -4,12 +4,18 @@ from __future__ import annotations
 import json
 import zipfile
 
+import subprocess
+import sys
+
 import pytest
 
-from mrcnn.training import finetune
+from mrcnn.cli import build_parser, config_from_args
+from mrcnn.model.architectures import light_arch
+from mrcnn.training import finetune, jobs
 from mrcnn.data.coco import load_dataset
 from mrcnn.errors import DatasetError
 from mrcnn.data.shapes import write_dataset
+from tests.test_app import write_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +80,53 @@ def test_settings_validated():
         finetune.FinetuneSettings(steps=0)
     with pytest.raises(ValueError, match="learning rate"):
         finetune.FinetuneSettings(lr=2.0)
+
+
+def test_train_command_carries_image_size_and_trainable_layers(tmp_path):
+    s = finetune.FinetuneSettings(steps=5, num_val=2, image_size=96, trainable_backbone_layers=2)
+    plan = finetune.prepare_builtin(s, tmp_path / "run")
+    args = plan.train_args
+    assert args[args.index("--image-size") + 1] == "96"
+    cfg = config_from_args(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "out")]))
+    assert cfg.trainable_backbone_layers == 2 and cfg.image_size == 96
+    with pytest.raises(ValueError, match="trainable backbone layers"):
+        finetune.FinetuneSettings(trainable_backbone_layers=6)
+
+
+def test_all_gpus_start_under_torchrun(tmp_path, runs, monkeypatch):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "mrcnn", "train"]
+    # the module torchrun is started as exists and takes these options
+    help_text = subprocess.run(torchrun[:3] + ["--help"], capture_output=True, text=True, check=True).stdout
+    assert "--nproc-per-node" in help_text and "--standalone" in help_text
+    started = []
+
+    class Recorder:
+        def __init__(self, command, **kwargs):
+            started.append(command)
+            self.pid = 4242
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Recorder)
+    s = finetune.FinetuneSettings(steps=5, num_val=2, image_size=96, gpus=2)
+    plan = finetune.prepare_builtin(s, tmp_path / "run")
+    assert plan.train_args[plan.train_args.index("--device") + 1] == "cuda"
+    job = jobs.start_job(plan.train_args, plan.run_dir, s.steps, nproc=s.gpus)
+    assert started == [job.command] and job.command == [*torchrun, *plan.train_args, "--out", plan.run_dir]
+
+
+def test_parameter_counts_follow_trainable_layers():
+    r50 = {"name": "maskrcnn_resnet50_fpn"}
+    counts = [finetune.parameter_counts(r50, 3, layers) for layers in (0, 3, 5)]
+    assert counts[0][0] < counts[1][0] < counts[2][0] and len({sum(c) for c in counts}) == 1
+    assert finetune.parameter_counts(r50, 3, None) == counts[1]  # default: 3
+    trainable, frozen = finetune.parameter_counts(light_arch(), 4, None)
+    assert frozen == 0 and trainable > 0
+    assert finetune.default_image_size("maskrcnn_resnet50_fpn_v2") > finetune.default_image_size("light")
+
+
+def test_estimate_from_the_chosen_models_measured_step(tmp_path):
+    ckpt = write_tiny(tmp_path / "tiny.pt")
+    seconds = finetune.measure_seconds_per_image(str(ckpt), 96, "cpu")
+    assert seconds > 0
+    s = finetune.FinetuneSettings(steps=10, batch_size=3, image_size=96)
+    assert finetune.estimate_seconds(s, "cpu", seconds_per_image=seconds) == pytest.approx(30 * seconds)

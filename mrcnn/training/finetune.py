@@ -3,7 +3,7 @@ the before/after comparison. The run itself is a background job (mrcnn.training.
 
     settings = FinetuneSettings(model="shapes", steps=100)
     plan = prepare_builtin(settings, run_dir)   # or prepare_upload(zip_path, settings, run_dir, display_name)
-    job = jobs.start_job(plan.train_args, run_dir, settings.steps)
+    job = jobs.start_job(plan.train_args, run_dir, settings.steps, nproc=settings.gpus)
 """
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mrcnn.data.coco import load_dataset, safe_extract_zip, validate_coco
-from mrcnn.data.shapes import write_dataset
+from mrcnn.data.shapes import generate_scene, write_dataset
 from mrcnn.data.uploads import naming_upload
 from mrcnn.errors import DatasetError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
-from mrcnn.model.zoo import load_model, runs_dir
+from mrcnn.model.architectures import build_model
+from mrcnn.model.zoo import load_model, resolve_device, runs_dir
+from mrcnn.training.engine import BACKBONE_STAGES, count_trainable, default_trainable_layers, freeze_backbone
 from mrcnn.training.run_files import read_metrics
 
 # The built-in "teach it a new shape" set: the bundled model's classes plus one it has never seen.
@@ -33,6 +36,19 @@ BUILTIN_CLASSES = ("circle", "square", "triangle", NEW_SHAPE)
 # until a run on this server has measured its own (the default fine-tune here: 7.1 in bfloat16, 5.5 in
 # float32 as on a CPU without bf16 instructions). The CUDA figure is a guess: no GPU was measured.
 DEFAULT_IMAGES_PER_S = {"cpu": 6.5, "cuda": 120.0}
+# Image sizes that fit a fine-tune on a CPU: R50 costs about 10x the light architecture per pixel.
+DEFAULT_IMAGE_SIZE = {"light": 256}
+R50_IMAGE_SIZE = 320
+SETTINGS_FILE = "finetune_settings.json"  # TrainConfig fields the train command reads with --config
+
+
+def default_image_size(arch_name: str) -> int:
+    return DEFAULT_IMAGE_SIZE.get(arch_name, R50_IMAGE_SIZE)
+
+
+def has_backbone_choice(arch_name: str) -> bool:
+    """Whether trainable_backbone_layers is the user's to choose: the light architecture trains whole."""
+    return arch_name != "light"
 
 
 @dataclass
@@ -47,6 +63,8 @@ class FinetuneSettings:
     num_val: int = 40
     val_fraction: float = 0.2  # uploaded data
     seed: int = 1
+    trainable_backbone_layers: int | None = None  # None: the engine's default (3 for R50, all for light)
+    gpus: int = 1  # > 1: one process per GPU through torchrun (DDP)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "image_size", "num_train", "num_val"):
@@ -56,6 +74,11 @@ class FinetuneSettings:
             raise ValueError("learning rate must be between 0 and 1")
         if not (0 < self.val_fraction < 1):
             raise ValueError("validation fraction must be between 0 and 1")
+        layers = self.trainable_backbone_layers
+        if layers is not None and not 0 <= layers <= len(BACKBONE_STAGES):
+            raise ValueError(f"trainable backbone layers must be between 0 and {len(BACKBONE_STAGES)}")
+        if self.gpus < 1:
+            raise ValueError("gpus must be at least 1")
 
 
 @dataclass
@@ -78,9 +101,16 @@ def new_run_dir(prefix: str = "finetune") -> Path:
     return path
 
 
-def _train_args(s: FinetuneSettings, train_data: str, val_dir: str) -> list[str]:
-    return ["--model", s.model, "--data", train_data, "--val", val_dir, "--steps", str(s.steps),
-            "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--device", s.device]
+def _train_args(s: FinetuneSettings, train_data: str, val_dir: str, run_dir: Path) -> list[str]:
+    """The train command's arguments; settings without a flag of their own go in a --config file."""
+    args = ["--model", s.model, "--data", train_data, "--val", val_dir, "--steps", str(s.steps),
+            "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--image-size", str(s.image_size),
+            "--device", "cuda" if s.gpus > 1 else s.device]
+    if s.trainable_backbone_layers is not None:
+        settings = run_dir / SETTINGS_FILE
+        atomic_write_bytes(settings, json.dumps({"trainable_backbone_layers": s.trainable_backbone_layers}).encode())
+        args += ["--config", str(settings)]
+    return args
 
 
 def prepare_builtin(s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
@@ -91,7 +121,8 @@ def prepare_builtin(s: FinetuneSettings, run_dir: str | Path) -> RunPlan:
     val_dir = run_dir / "val"
     write_dataset(val_dir, s.num_val, seed=s.seed + 7919, size=s.image_size, classes=BUILTIN_CLASSES)
     train = f"shapes:{s.num_train}:{s.seed}:{s.image_size}:{','.join(BUILTIN_CLASSES)}"
-    return RunPlan(str(run_dir), train, str(val_dir), list(BUILTIN_CLASSES), _train_args(s, train, str(val_dir)))
+    return RunPlan(str(run_dir), train, str(val_dir), list(BUILTIN_CLASSES),
+                   _train_args(s, train, str(val_dir), run_dir))
 
 
 def prepare_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: str | Path,
@@ -139,7 +170,7 @@ def _split_upload(zip_path: str | Path, s: FinetuneSettings, run_dir: Path) -> R
         dirs[split] = str(folder)
     classes = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
     return RunPlan(str(run_dir), dirs["train"], dirs["val"], classes,
-                   _train_args(s, dirs["train"], dirs["val"]), report.to_dict())
+                   _train_args(s, dirs["train"], dirs["val"], run_dir), report.to_dict())
 
 
 def measured_images_per_s(device: str) -> float:
@@ -161,11 +192,54 @@ def measured_images_per_s(device: str) -> float:
     return best or DEFAULT_IMAGES_PER_S.get(device, DEFAULT_IMAGES_PER_S["cpu"])
 
 
-def estimate_seconds(s: FinetuneSettings, device: str) -> float:
-    """Training time from measured throughput, scaled by image area (cost grows with pixels)."""
+def estimate_seconds(s: FinetuneSettings, device: str, seconds_per_image: float | None = None) -> float:
+    """Training time: from ``seconds_per_image`` of the chosen model at ``s.image_size`` when measured
+    (measure_seconds_per_image), else from earlier runs' throughput scaled by image area."""
+    if seconds_per_image is not None:
+        return s.steps * s.batch_size * seconds_per_image
     ips_at_256 = measured_images_per_s(device)
     ips = ips_at_256 * (256 / s.image_size) ** 2
     return s.steps * s.batch_size / ips
+
+
+def parameter_counts(arch: dict, num_classes: int, trainable_layers: int | None) -> tuple[int, int]:
+    """(trainable, frozen) parameters when fine-tuning a trained ``arch`` model with ``trainable_layers``
+    backbone stages (None: the default); counted on the structure alone (meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        model = build_model(arch, num_classes)
+    if trainable_layers is None:
+        trainable_layers = default_trainable_layers(arch["name"], from_trained_weights=True)
+    freeze_backbone(model, trainable_layers, freeze_norms=True)
+    return count_trainable(model)
+
+
+def measure_seconds_per_image(model_name: str, image_size: int, device: str = "auto",
+                              trainable_layers: int | None = None) -> float:
+    """Seconds one training image of ``image_size`` px takes with ``model_name`` on ``device``, on this
+    machine: a forward and backward pass of a copy of the model set up as the run would set it up, timed
+    after one untimed pass (the first pays for allocations and kernel choices)."""
+    loaded = load_model(model_name, device="cpu")
+    arch = dict(loaded.arch, min_size=int(image_size), max_size=int(image_size))
+    model = build_model(arch, loaded.num_classes)
+    model.load_state_dict(loaded.model.state_dict())
+    if trainable_layers is None:
+        trainable_layers = default_trainable_layers(arch["name"], from_trained_weights=True)
+    freeze_backbone(model, trainable_layers, freeze_norms=True)
+    dev = resolve_device(device)
+    model.to(dev).train()
+    scene = generate_scene(0, size=int(image_size))
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float().div(255).to(dev)
+    target = {"boxes": torch.from_numpy(scene.boxes).to(dev),
+              "labels": torch.ones(len(scene), dtype=torch.int64, device=dev),  # any class the model has
+              "masks": torch.from_numpy(scene.masks).to(torch.uint8).to(dev)}
+    elapsed = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        sum(model([image], [target]).values()).backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - started
+    return elapsed
 
 
 def compare_before_after(before_model: str, after_checkpoint: str | Path, val_dir: str | Path,
@@ -183,4 +257,5 @@ def compare_before_after(before_model: str, after_checkpoint: str | Path, val_di
 
 
 __all__ = ["FinetuneSettings", "RunPlan", "prepare_builtin", "prepare_upload", "estimate_seconds",
+           "measure_seconds_per_image", "parameter_counts", "default_image_size", "has_backbone_choice",
            "compare_before_after", "new_run_dir", "BUILTIN_CLASSES", "NEW_SHAPE"]

@@ -226,10 +226,22 @@ def running_job(root: Path | None = None) -> Job | None:
     return job if job is not None and job.state() == "running" else None
 
 
+def train_command(nproc: int = 1) -> list[str]:
+    """`python -m mrcnn train`, or with ``nproc`` > 1 the same under torchrun, one process per GPU (DDP).
+    torchrun is run as `python -m torch.distributed.run`: the process's command line is then exactly this
+    list, which is how a job recognises its process (_same_command)."""
+    if nproc < 1:
+        raise JobError(f"the number of training processes must be at least 1, got {nproc}")
+    if nproc == 1:
+        return [sys.executable, "-m", "mrcnn", "train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "mrcnn", "train"]
+
+
 def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path | None = None,
-              trainer: list[str] | None = None) -> Job:
-    """Start `python -m mrcnn train <train_args> --out run_dir` in the background
-    (``trainer`` replaces `python -m mrcnn train`, for tests).
+              trainer: list[str] | None = None, nproc: int = 1) -> Job:
+    """Start `python -m mrcnn train <train_args> --out run_dir` in the background, under torchrun with
+    ``nproc`` processes when > 1 (``trainer`` replaces the train command, for tests).
 
     Refused with JobError while another job runs. Creating the registry entry is guarded by an
     exclusive lock file so that two sessions clicking at once cannot both start a job."""
@@ -246,7 +258,7 @@ def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("STOP", "status.json"):
             (run_dir / stale).unlink(missing_ok=True)
-        command = [*(trainer or [sys.executable, "-m", "mrcnn", "train"]), *train_args, "--out", str(run_dir)]
+        command = [*(trainer or train_command(nproc)), *train_args, "--out", str(run_dir)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(run_dir / "train.log", "ab") as log:
