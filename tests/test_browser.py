@@ -70,6 +70,7 @@ def server(tmp_path_factory):
     log = ARTIFACTS / "streamlit.log"
     port = free_port()
     env = dict(os.environ, MRCNN_WEIGHTS_DIR=str(weights), MRCNN_RUNS_DIR=str(tmp / "runs"),
+               MRCNN_MODELS_DIR=str(tmp / "models"),
                TORCH_HOME=str(tmp / "torch"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with open(log, "w") as out:
@@ -281,6 +282,37 @@ def test_shared_controls_and_detections_survive_a_walk_through_every_page(server
         assert {label: slider_value(page, label) for label in expected} == expected
         assert toggle_states(page, toggles) == toggles
         assert detection_count(page) == count  # not re-drawn from defaults after a late rerun
+        assert not page.get_by_text("Traceback").count()
+        assert not errors, errors
+    finally:
+        page.close()
+
+
+def test_add_a_model_from_the_sidebar_and_detect_with_it(server, browser):
+    """Upload a checkpoint under a hostile name, name its classes, add it: it is picked and detects."""
+    url, tmp = server
+    upload = tmp / "upload.pt"
+    save_checkpoint(upload, TINY_LIGHT, CATEGORIES, tiny_loaded(seed=3).model.state_dict())
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(f"{url}/detect", wait_until="domcontentloaded")
+        detection_count(page)
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        sidebar.get_by_text("Add a model").first.click()
+        sidebar.locator('input[type="file"]').set_input_files(
+            files=[{"name": "../../my-shapes.pt", "mimeType": "application/octet-stream",
+                    "buffer": upload.read_bytes()}])
+        sidebar.get_by_label("Class names, comma-separated").fill("disc, box, wedge")
+        sidebar.get_by_label("Class names, comma-separated").press("Enter")
+        page.wait_for_timeout(500)
+        sidebar.get_by_role("button", name="Add", exact=True).click()
+        sidebar.get_by_text(re.compile(r"Added my-shapes")).first.wait_for(timeout=60_000)
+        detection_count(page)  # the page runs the new model
+        assert not page.get_by_text("No model loaded").count()
+        assert [p.name[:9] for p in (tmp / "models").iterdir()] == ["imported-"] * 2
+        assert not (tmp.parent / "my-shapes.pt").exists()
         assert not page.get_by_text("Traceback").count()
         assert not errors, errors
     finally:

@@ -162,6 +162,7 @@ def test_add_a_model_from_the_sidebar(env, monkeypatch):
     assert not at.exception
     assert any("Added **my_pets**" in s.value for s in at.success), [e.value for e in at.error]
     assert at.selectbox(key="model_name").value == "my_pets"
+    assert not at.error and not [w.value for w in at.warning if "No model loaded" in w.value], "it loads"
     assert not (env.parent / "x").exists() and [p.name[:9] for p in (env / "models").iterdir()] == ["imported-"] * 2
     at.file_uploader(key="add_model_file").upload("classifier.pth", _classifier_bytes(env),
                                                   "application/octet-stream").run()

@@ -179,9 +179,10 @@ def _add_model() -> None:
                         help="The input transform's shorter side; a state dict does not record it")
         c2.number_input("max_size", 32, 4096, importer.TORCHVISION_DEFAULT_SIZES["max_size"], key="add_model_max_size")
         st.button("Add", key="add_model", on_click=_add_model_now, icon=":material/add:")
-        message = st.session_state.pop("add_model_message", None)
-        if message:
-            (st.error if message[0] == "error" else st.success)(message[1])
+    # outside the expander: a rerun may fold it, and the result must stay in sight
+    message = st.session_state.pop("add_model_message", None)
+    if message:
+        (st.error if message[0] == "error" else st.success)(message[1])
 
 
 def _device() -> None:

@@ -251,8 +251,8 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
             raise ModelUnavailable(f"{name}: {path} is missing; reproduce it with `bash weights/train_shapes.sh`")
         return _from_checkpoint(name, path, dev, arch_name=BUNDLED_ARCH[name])
     imported = imported_models().get(name)
-    if imported is not None and not weights:
-        return _from_checkpoint(name, imported, dev)
+    if imported is not None:
+        return _from_checkpoint(name, Path(weights) if weights else imported, dev)
     path = Path(name)
     if path.suffix in (".pt", ".pth") or path.exists() or os.sep in name:
         return _from_checkpoint(str(path), Path(weights) if weights else path, dev)
