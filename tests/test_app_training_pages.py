@@ -10,14 +10,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from mrcnn.data import coco
 from mrcnn.data.shapes import write_dataset
 from mrcnn.evaluation import evaluate as coco_metrics
 from mrcnn.inference.trace import Trace
+from mrcnn.model.importer import import_model
 from mrcnn.training import finetune, jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
+from tests.test_importer import shaped_state_dict
 from ui import tables
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]
@@ -208,3 +211,59 @@ def test_unreadable_job_registry_is_no_job_and_the_page_says_so(env, fake_traine
     at.button(key="ft_start").click().run()
     assert not at.exception
     _wait_state(runs, "finished")
+
+
+PARAMETER_COUNTS = re.compile(r"\*\*([\d,]+)\*\* parameters train, \*\*([\d,]+)\*\* frozen")
+
+
+def parameter_counts(at: AppTest) -> tuple[int, int]:
+    trainable, frozen = PARAMETER_COUNTS.search(texts(at)).groups()
+    return int(trainable.replace(",", "")), int(frozen.replace(",", ""))
+
+
+@pytest.fixture
+def imported_r50(env, monkeypatch):
+    """A torchvision R50 (its keys and shapes, zero weights) imported as 'my-r50'; the step timing stubbed
+    (an R50 training step takes seconds on this CPU; finetune's own tests time a real one)."""
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(env / "models"))
+    source = env / "r50.pth"
+    torch.save(shaped_state_dict("maskrcnn_resnet50_fpn", 3), source)
+    import_model(source, classes=["cat", "dog"], name="my-r50")
+    monkeypatch.setattr(finetune, "measure_seconds_per_image", lambda *args: 0.5)
+    return "my-r50"
+
+
+def test_finetune_page_shows_the_r50_backbone_layers_and_parameter_counts(env, imported_r50):
+    at = AppTest.from_file(APP, default_timeout=90).run()
+    at.selectbox(key="model_name").set_value(imported_r50).run()
+    at.switch_page("ui/finetune.py").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="ft_trainable_layers").value == 3
+    assert at.select_slider(key="ft_size_r50").value == 320  # the CPU default for R50
+    trainable, frozen = parameter_counts(at)
+    assert frozen > 0
+    assert "about 3 min 20 s" in texts(at)  # 100 steps x 4 images x the measured 0.5 s
+    at.number_input(key="ft_trainable_layers").set_value(5).run()
+    more_trainable, less_frozen = parameter_counts(at)
+    assert more_trainable > trainable and less_frozen < frozen and more_trainable + less_frozen == trainable + frozen
+
+
+def test_finetune_page_light_model_trains_whole(env):
+    at = open_page("ui/finetune.py")
+    assert "ft_trainable_layers" not in [n.key for n in at.number_input]
+    assert "every layer trains" in texts(at) and parameter_counts(at)[1] == 0
+    assert at.select_slider(key="ft_size_light").value == 256
+
+
+def test_finetune_page_offers_all_gpus_through_torchrun(env, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(finetune, "measure_seconds_per_image", lambda *args: 0.1)
+    started = []
+    monkeypatch.setattr(jobs, "start_job", lambda args, run_dir, steps, nproc=1: started.append((args, nproc)))
+    at = open_page("ui/finetune.py")
+    at.radio(key="ft_gpus").set_value("all 2 GPUs").run()
+    assert "on 2 GPUs" in texts(at)
+    at.button(key="ft_start").click().run()
+    assert not at.exception, at.exception
+    (args, nproc), = started
+    assert nproc == 2 and args[args.index("--device") + 1] == "cuda"

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from mrcnn.data import coco, uploads
 from mrcnn.errors import MrcnnError
@@ -23,11 +24,13 @@ from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
+from mrcnn.model.zoo import LoadedModel
 from mrcnn.model.zoo import resolve_device
 from mrcnn.training import finetune, jobs
 from ui import state, tables
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+IMAGE_SIZES = [128, 160, 192, 224, 256, 320, 384, 512, 640, 800]
 
 
 def loss_figure(metrics: list[dict]) -> go.Figure:
@@ -74,31 +77,89 @@ def _settings_form() -> None:
 
     st.subheader("Settings")
     st.caption(f"Starts from `{loaded.name}`, the model chosen in the sidebar.")
+    arch_name = loaded.arch["name"]
+    kind = "light" if arch_name == "light" else "r50"  # each kind keeps its own image size
     c1, c2, c3 = st.columns(3)
     steps = c1.number_input("Steps", 1, 5000, 100, key="ft_steps")
     batch = c2.number_input("Batch size", 1, 64, 4, key="ft_batch")
-    size = c3.select_slider("Image size", [128, 160, 192, 224, 256, 320, 384, 512], 256, key="ft_size")
-    c4, c5, _ = st.columns(3)
+    size = c3.select_slider("Image size", IMAGE_SIZES, finetune.default_image_size(arch_name), key=f"ft_size_{kind}",
+                            help="the shorter image side the model trains at; the default fits a CPU")
+    c4, c5, c6 = st.columns(3)
     lr = c4.number_input("Learning rate", 0.0001, 0.5, 0.01, format="%.4f", key="ft_lr")
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     device = c5.selectbox("Device", devices, key="ft_device",
                           help="auto: CUDA (float16 mixed precision) when a GPU is present, else the CPU "
                                "(bfloat16 mixed precision where the CPU has bf16 instructions)")
+    gpus = _gpu_choice(c6, device)
+    layers = _backbone_layers(loaded)
     try:
         settings = finetune.FinetuneSettings(model=loaded.name, steps=int(steps), batch_size=int(batch),
-                                             image_size=int(size), lr=float(lr), device=device)
+                                             image_size=int(size), lr=float(lr), device=device,
+                                             trainable_backbone_layers=layers, gpus=gpus)
     except ValueError as err:
         st.error(str(err))
         return
-    run_device = resolve_device(device).type
-    st.info(f"Estimated training time on {run_device.upper()}: about "
-            f"{_fmt_s(finetune.estimate_seconds(settings, run_device))} (from measured throughput), "
-            "plus a minute for evaluation before and after.")
+    _estimate(loaded, settings)
     if st.button("Start fine-tuning", type="primary", key="ft_start"):
         if upload is None and source.startswith("Upload"):
             st.error("Choose a .zip file first.")
             return
         _start(settings, upload)
+
+
+def _gpu_choice(column, device: str) -> int:
+    """1, or every GPU of the machine (torchrun, one process each) when it has several and the user says so."""
+    count = torch.cuda.device_count()
+    if count < 2 or device == "cpu":
+        return 1
+    choice = column.radio("GPUs", ["1 GPU", f"all {count} GPUs"], key="ft_gpus", horizontal=True,
+                          help="all: one training process per GPU through torchrun (DistributedDataParallel); "
+                               "the batch size is per GPU")
+    return count if choice.startswith("all") else 1
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _parameter_counts(arch: dict, num_classes: int, layers: int | None) -> tuple[int, int]:
+    return finetune.parameter_counts(arch, num_classes, layers)
+
+
+def _backbone_layers(loaded: LoadedModel) -> int | None:
+    """The trainable backbone layers (None for the light architecture, which trains whole), with the
+    trainable and frozen parameter counts they give."""
+    if finetune.has_backbone_choice(loaded.arch["name"]):
+        layers = int(st.number_input(
+            "Trainable backbone layers", 0, 5, 3, key="ft_trainable_layers",
+            help="as torchvision counts them: the last N of layer4, layer3, layer2, layer1, conv1 train "
+                 "(5 = all), the rest stays as it is; the backbone's BatchNorm statistics stay fixed"))
+    else:
+        layers = None
+        st.caption("Backbone: every layer trains. The light architecture is small and normalises with GroupNorm, "
+                   "so freezing part of it saves little; the setting applies to torchvision's R50 models.")
+    trainable, frozen = _parameter_counts(loaded.arch, loaded.num_classes, layers)
+    st.caption(f"**{trainable:,}** parameters train, **{frozen:,}** frozen (with the model's "
+               f"{loaded.num_classes - 1} classes; the heads are rebuilt for the data's)")
+    return layers
+
+
+@st.cache_data(max_entries=32, show_spinner="Timing one training step of this model on this machine…")
+def _seconds_per_image(model: str, sha256: str, image_size: int, device: str, layers: int | None) -> float | None:
+    """Measured once per model file, size, device and frozen layers (``sha256``: a rewritten file is new)."""
+    try:
+        return finetune.measure_seconds_per_image(model, image_size, device, layers)
+    except MrcnnError:
+        return None
+
+
+def _estimate(loaded: LoadedModel, settings: finetune.FinetuneSettings) -> None:
+    run_device = "cuda" if settings.gpus > 1 else resolve_device(settings.device).type
+    per_image = _seconds_per_image(settings.model, loaded.sha256, settings.image_size, run_device,
+                                   settings.trainable_backbone_layers)
+    source = (f"a training step of `{loaded.name}` at {settings.image_size} px measured on this machine: "
+              f"{per_image:.2f} s per image" if per_image is not None else "from measured throughput")
+    on = f"{settings.gpus} GPUs" if settings.gpus > 1 else run_device.upper()
+    st.info(f"Estimated training time on {on}: about "
+            f"{_fmt_s(finetune.estimate_seconds(settings, run_device, per_image))} ({source}), "
+            "plus a minute for evaluation before and after.")
 
 
 def _start(settings: finetune.FinetuneSettings, upload) -> None:
@@ -113,7 +174,7 @@ def _start(settings: finetune.FinetuneSettings, upload) -> None:
                          f"{len(plan.report.get('issues', []))} notes.")
             else:
                 plan = finetune.prepare_builtin(settings, run_dir)
-            jobs.start_job(plan.train_args, run_dir, settings.steps)
+            jobs.start_job(plan.train_args, run_dir, settings.steps, nproc=settings.gpus)
             status.update(label="Training started", state="complete")
     except BaseException as err:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that did not start leaves no folder behind
