@@ -209,3 +209,20 @@ def test_detect_uploads_are_read_in_memory(env, tmpdir, tmp_path):
         assert image_name.replace(".png", "-bad.png") in "\n".join(e.value for e in at.error)
     assert not list(target.iterdir())
     assert len(list(tmpdir.iterdir())) == baseline
+
+
+def test_evaluate_reports_the_annotations_it_skipped(env, tmp_path):
+    folder = write_dataset(tmp_path / "degenerate", 2, seed=3, size=64)
+    files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    ann = json.loads(files["annotations.json"])
+    first = ann["annotations"][0]
+    first["bbox"][2] = 0  # zero-width
+    first["segmentation"] = [[10, 10, 10, 10, 10, 10]]  # three identical points
+    files["annotations.json"] = json.dumps(ann).encode()
+    at = open_page("ui/evaluate.py")
+    at.radio(key="ev_source").set_value("Upload a COCO .zip").run()
+    at.file_uploader(key="ev_upload").upload("odd.zip", zip_bytes(files), "application/zip").run()
+    at.button(key="ev_go").click().run()
+    assert not at.exception, at.exception
+    assert "Dataset report: 1 annotation skipped" in [e.label for e in at.expander]
+    assert f"annotation {first['id']}" in page_texts(at)
