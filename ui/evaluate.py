@@ -260,7 +260,8 @@ def _dataset_report(evaluation: Evaluation) -> None:
     """What the dataset check skipped (a zero-width box, a polygon enclosing no pixel), one line each."""
     skipped = evaluation.dataset.report.warnings
     if skipped:
-        with st.expander(f"Dataset report: {len(skipped)} annotation{'' if len(skipped) == 1 else 's'} skipped", icon=":material/report:"):
+        title = f"Dataset report: {len(skipped)} annotation{'' if len(skipped) == 1 else 's'} skipped"
+        with st.expander(title, icon=":material/report:"):
             st.markdown("\n".join(f"- {issue}" for issue in skipped[:200])
                         + (f"\n- … and {len(skipped) - 200} more" if len(skipped) > 200 else ""))
 
