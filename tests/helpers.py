@@ -16,6 +16,14 @@ TINY_TRAIN_ARCH = {"depths": [1, 1, 1, 1], "fpn_channels": 16, "gn_groups": 4, "
                    "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 16}
 
 
+def shaped_state_dict(arch_name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The keys and shapes of a torchvision Mask R-CNN, each tensor one stored number (zero-stride ``expand``):
+    a 170 MB model's file in a few kilobytes, for tests where the weights do not matter."""
+    with torch.device("meta"):
+        own = build_model({"name": arch_name}, num_classes).state_dict()
+    return {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in own.items()}
+
+
 def tiny_loaded(arch: dict | None = None, categories: list[str] | None = None, seed: int = 0,
                 **model_kwargs) -> LoadedModel:
     """A random-weight model wrapped like zoo.load_model's result (CPU, eval)."""

@@ -20,7 +20,7 @@ from mrcnn.inference.trace import Trace
 from mrcnn.model.importer import import_model
 from mrcnn.training import finetune, jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
-from tests.test_importer import shaped_state_dict
+from tests.helpers import shaped_state_dict
 from ui import tables
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]

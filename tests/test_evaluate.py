@@ -14,6 +14,7 @@ from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.data.shapes import ShapesDataset, write_dataset
+from tests.helpers import CATEGORIES, TINY_TRAIN_ARCH
 
 
 class _Heads(nn.Module):
@@ -81,9 +82,7 @@ def test_no_detections_give_zero_and_model_is_not_mutated():
 def test_cli_evaluate_json(tmp_path, capsys):
     from mrcnn.cli import main
     torch.manual_seed(0)
-    arch = light_arch(depths=[1, 1, 1, 1], fpn_channels=16, gn_groups=4, box_head_dim=32, mask_head_channels=[16],
-                      min_size=64, max_size=96)
-    cats = ["__background__", "circle", "square", "triangle"]
+    arch, cats = light_arch(**TINY_TRAIN_ARCH), CATEGORIES
     path = save_checkpoint(tmp_path / "m.pt", arch, cats, build_model(arch, 4).state_dict())
     write_dataset(tmp_path / "ds", 2, seed=2, size=64)
     assert main(["evaluate", "--model", str(path), "--data", str(tmp_path / "ds"), "--json", "--device", "cpu"]) == 0

@@ -16,15 +16,8 @@ from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import list_models, load_model
-from tests.helpers import CATEGORIES, TINY_LIGHT, scene
+from tests.helpers import CATEGORIES, TINY_LIGHT, scene, shaped_state_dict
 from tests.test_app import env, tiny_shapes  # noqa: F401  (fixtures)
-
-
-def shaped_state_dict(arch_name: str, num_classes: int) -> dict[str, torch.Tensor]:
-    """The keys and shapes of a torchvision Mask R-CNN, each tensor one stored number."""
-    with torch.device("meta"):
-        own = build_model({"name": arch_name}, num_classes).state_dict()
-    return {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in own.items()}
 
 
 @pytest.mark.parametrize("arch_name, num_classes", [("maskrcnn_resnet50_fpn", 3), ("maskrcnn_resnet50_fpn_v2", 5)])

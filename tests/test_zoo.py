@@ -14,7 +14,7 @@ from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.errors import CheckpointError, ModelUnavailable, MrcnnError
 from mrcnn.model.zoo import download_weights, list_models, load_model, resolve_device
-from tests.helpers import CATEGORIES, TINY_LIGHT
+from tests.helpers import CATEGORIES, TINY_LIGHT, shaped_state_dict
 
 
 @pytest.fixture
@@ -121,9 +121,7 @@ def test_architecture_mismatch_names_first_keys(tmp_path):
 
 
 def test_raw_torchvision_state_dict_with_named_architecture(tmp_path):
-    arch = {"name": "maskrcnn_resnet50_fpn"}
-    torch.manual_seed(0)
-    sd = build_model(arch, 91).state_dict()
+    sd = shaped_state_dict("maskrcnn_resnet50_fpn", 91)
     path = tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
     torch.save(sd, path)
     loaded = load_model("coco-r50-fpn", weights=path, device="cpu")
@@ -142,8 +140,7 @@ def test_coco_weights_found_in_weights_dir(tmp_path, monkeypatch):
     assert not names["shapes"].available
     with pytest.raises(ModelUnavailable, match="coco-r50-fpn"):
         load_model("coco-r50-fpn")
-    torch.save(build_model({"name": "maskrcnn_resnet50_fpn"}, 91).state_dict(),
-               tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
+    torch.save(shaped_state_dict("maskrcnn_resnet50_fpn", 91), tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
     names = {i.name: i for i in list_models()}
     assert names["coco-r50-fpn"].available and len(names["coco-r50-fpn"].classes) == 80
 
