@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=None)
     p.add_argument("--clip-grad-norm", type=float, default=None)
     p.add_argument("--image-size", type=int, default=None, help="model input size (shorter side)")
+    p.add_argument("--trainable-backbone-layers", type=int, default=None, metavar="N",
+                   help="backbone stages that train, 0..5 as torchvision counts them (default: 3 for a trained R50, "
+                        "else all 5)")
     p.add_argument("--augment", action="store_true", default=None, help="flip, scale and colour jitter")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
