@@ -226,3 +226,22 @@ def test_evaluate_reports_the_annotations_it_skipped(env, tmp_path):
     assert not at.exception, at.exception
     assert "Dataset report: 1 annotation skipped" in [e.label for e in at.expander]
     assert f"annotation {first['id']}" in page_texts(at)
+
+
+def test_finetune_reports_the_annotations_it_skipped(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "start_job", functools.partial(jobs.start_job, trainer=FAKE))
+    folder = write_dataset(tmp_path / "degenerate", 6, seed=3, size=64)
+    files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    ann = json.loads(files["annotations.json"])
+    first = ann["annotations"][0]
+    first["bbox"][2] = 0
+    first["segmentation"] = [[10, 10, 10, 10, 10, 10]]
+    files["annotations.json"] = json.dumps(ann).encode()
+    at = open_page("ui/finetune.py")
+    at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
+    at.number_input(key="ft_steps").set_value(2).run()
+    at.file_uploader(key="ft_upload").upload("odd.zip", zip_bytes(files), "application/zip").run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception, at.exception
+    assert "Dataset report: 1 annotation skipped" in [e.label for e in at.expander]
+    assert f"annotation {first['id']}" in page_texts(at)

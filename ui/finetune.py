@@ -170,8 +170,9 @@ def _start(settings: finetune.FinetuneSettings, upload) -> None:
                 # the bytes go to a server-named temporary file; the user's name only labels messages
                 with uploads.saved_upload(upload.getvalue()) as zip_path:
                     plan = finetune.prepare_upload(zip_path, settings, run_dir, display_name=upload.name)
-                st.write(f"Dataset checked: {plan.report.get('num_images', '?')} images, "
-                         f"{len(plan.report.get('issues', []))} notes.")
+                skipped = [f"{i['where']}: {i['message']}" for i in plan.report.get("issues", [])
+                           if i.get("level") == "warning"]
+                st.session_state["ft_dataset_report"] = (str(run_dir), skipped)  # shown beside the run
             else:
                 plan = finetune.prepare_builtin(settings, run_dir)
             jobs.start_job(plan.train_args, run_dir, settings.steps, nproc=settings.gpus)
@@ -315,6 +316,16 @@ def _side_by_side(plan: dict, ckpt: Path, stamp: int) -> None:
         col.image(canvas, caption=f"{title}: {count} detections")
 
 
+def _dataset_report(job: jobs.Job) -> None:
+    """The annotations the upload's check skipped, and why, for the run they were checked for."""
+    run_dir, skipped = st.session_state.get("ft_dataset_report") or (None, [])
+    if skipped and run_dir == str(job.run_dir):
+        title = f"Dataset report: {len(skipped)} annotation{'' if len(skipped) == 1 else 's'} skipped"
+        with st.expander(title, icon=":material/report:"):
+            st.markdown("\n".join(f"- {line}" for line in skipped[:200])
+                        + (f"\n- … and {len(skipped) - 200} more" if len(skipped) > 200 else ""))
+
+
 def render() -> None:
     st.title("Fine-tune")
     st.caption("Start a short training run from the sidebar's model in the background, watch it learn, and "
@@ -323,6 +334,8 @@ def render() -> None:
     current = jobs.current_job()
     if current is None and (problem := jobs.registry_problem()):
         st.warning(f"{problem} — treated as no job; starting a run replaces it.", icon=":material/warning:")
+    if current is not None:
+        _dataset_report(current)
     if current is not None and current.state() == "running":
         st.subheader(f"Run {Path(current.run_dir).name}")
         _watch(current)
