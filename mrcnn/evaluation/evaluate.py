@@ -84,6 +84,12 @@ def _gt_coco(dataset, categories: list[str]):
     return coco, {k: k for k in range(1, len(categories))}
 
 
+def ground_truth(dataset) -> tuple[COCO, dict[str, int]]:
+    """(COCO ground truth of ``dataset``, {class name -> COCO category id})."""
+    gt, label_to_cat = _gt_coco(dataset, list(dataset.categories))
+    return gt, {dataset.categories[label]: cid for label, cid in label_to_cat.items()}
+
+
 def _eval_model(model: torch.nn.Module, score_thresh: float, max_detections: int, device) -> torch.nn.Module:
     """A copy of ``model`` set up for AP: eval mode, low score threshold. The original is untouched."""
     m = copy.deepcopy(model).eval()
@@ -188,4 +194,4 @@ def _coco_eval(gt, dets: list[dict], iou_type: str, cat_names: dict[int, str]):
     return _metrics(ev.stats), per_class, curves
 
 
-__all__ = ["EvalResult", "evaluate", "METRIC_KEYS"]
+__all__ = ["EvalResult", "evaluate", "ground_truth", "METRIC_KEYS"]
