@@ -168,6 +168,21 @@ def test_metric_headers_follow_one_scheme(env):
     assert list(per_class.columns) == ["box AP", "box AP50", "mask AP", "mask AP50"]
 
 
+def test_evaluate_shows_what_each_error_costs(env):
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5).run()
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    assert not at.exception, at.exception
+    assert "What each error costs" in [h.value for h in at.subheader]
+    costs = next(t.value for t in at.dataframe if t.value.index.name == "error type")
+    assert list(costs.index) == ["classification", "localisation", "both", "duplicate", "background", "missed"]
+    assert {"box", "mask"} <= set(costs.columns)
+    assert any("(#per-image-browser)" in c.value for c in at.caption)
+    assert at.session_state["ev_evaluation"].error_costs["segm"]["AP50"] == pytest.approx(
+        at.session_state["ev_evaluation"].result["segm"]["AP50"], abs=1e-4)
+
+
 @pytest.fixture
 def finished_run(env, fake_trainer) -> Path:
     """A finished fine-tune run with a loadable (tiny) checkpoint and three validation scenes."""

@@ -1,5 +1,5 @@
-"""Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, confusion matrix, and a per-image
-browser that says, for every missed object, which stage of the network lost it.
+"""Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, what each error type costs
+(TIDE), confusion matrix, and a per-image browser that says, for every missed object, which stage of the network lost it.
 
 UI only: the metrics come from mrcnn.evaluation.evaluate, the reasons from mrcnn.evaluation.diagnose.
 
@@ -22,6 +22,7 @@ from mrcnn.data import coco, shapes, uploads
 from mrcnn.errors import MrcnnError
 from mrcnn.evaluation import evaluate as coco_metrics
 from mrcnn.evaluation.diagnose import confusion_matrix, explain_trace_misses, match_detections
+from mrcnn.evaluation.error_costs import ERROR_TYPES, error_costs_of
 from mrcnn.inference.draw import draw_boxes
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
@@ -73,6 +74,7 @@ class Evaluation:
     dataset: coco.CocoDataset
     result: dict  # EvalResult.to_dict()
     images: list[ImageBoxes]
+    error_costs: dict  # error_costs_of(result, dataset): {"bbox"|"segm": {error type: AP50 lost, ...}}
 
 
 def _model_key(loaded) -> tuple[str, str]:
@@ -97,6 +99,44 @@ def confusion_figure(cm: np.ndarray, names: list[str]) -> go.Figure:
     fig.update_layout(height=380, margin={"l": 10, "r": 10, "t": 30, "b": 10}, xaxis_title="predicted",
                       yaxis_title="true", yaxis_autorange="reversed")
     return fig
+
+
+def error_costs_table(costs: dict) -> pd.DataFrame:
+    """AP50 lost to each error type (rows), for boxes and masks (columns), with how many errors each is."""
+    rows = {}
+    for error_type in ERROR_TYPES:
+        row = {}
+        for iou_type in ("bbox", "segm"):
+            name = tables.IOU_TYPE_NAMES[iou_type]
+            row[name] = costs[iou_type][error_type]
+            row[f"{name} errors"] = costs[iou_type]["counts"][error_type]
+        rows[error_type] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "error type"
+    return table
+
+
+def error_costs_figure(costs: dict) -> go.Figure:
+    fig = go.Figure([go.Bar(name=tables.IOU_TYPE_NAMES[iou_type], x=list(ERROR_TYPES),
+                            y=[costs[iou_type][t] for t in ERROR_TYPES]) for iou_type in ("bbox", "segm")])
+    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 30, "b": 10}, barmode="group",
+                      yaxis_title="AP50 gained by fixing it", title="What each error costs")
+    return fig
+
+
+def _error_costs(evaluation: Evaluation) -> None:
+    st.subheader("What each error costs")
+    costs = evaluation.error_costs
+    st.caption(f"AP50 gained by fixing only the errors of one type, as TIDE (Bolya et al., ECCV 2020) measures it "
+               f"(box AP50 {costs['bbox']['AP50']:.3f}, mask AP50 {costs['segm']['AP50']:.3f}). "
+               "Classification: right place, wrong class · localisation: right class, IoU 0.1–0.5 · both: wrong "
+               "class and IoU 0.1–0.5 · duplicate: an object already found · background: IoU < 0.1 with every "
+               "object · missed: objects nothing found — [why each one was missed: per-image browser]"
+               "(#per-image-browser).")
+    c1, c2 = st.columns([3, 2])
+    c1.plotly_chart(error_costs_figure(costs), key="ev_error_costs")
+    names = [tables.IOU_TYPE_NAMES[t] for t in ("bbox", "segm")]
+    c2.dataframe(error_costs_table(costs).style.format("{:.3f}", subset=names))
 
 
 def _metrics_tables(result: dict) -> None:
@@ -169,6 +209,8 @@ def _run(loaded, choice: DatasetChoice) -> None:
             result = coco_metrics.evaluate(
                 loaded, dataset,
                 progress=lambda d, t: bar.progress(d / max(t, 1), text=f"Evaluating image {d}/{t}")).to_dict()
+            bar.progress(1.0, text="Measuring what each error costs…")
+            costs = error_costs_of(result, dataset)
     except BaseException as err:
         bar.empty()
         if not reuse:
@@ -179,7 +221,7 @@ def _run(loaded, choice: DatasetChoice) -> None:
         return
     bar.empty()
     ss["ev_evaluation"] = Evaluation(_model_key(loaded), key, choice.name, folder, dataset, result,
-                                     image_boxes(result, dataset, loaded.categories))
+                                     image_boxes(result, dataset, loaded.categories), costs)
     if previous is not None and not reuse:
         previous.folder.close()
     ss.pop("ev_browser", None)  # the browser's image and trace belong to the previous evaluation
@@ -211,7 +253,7 @@ def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float
 
 
 def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
-    st.subheader("Per-image browser")
+    st.subheader("Per-image browser", anchor="per-image-browser")  # "missed" in the error costs links here
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
                "taken from the trace.")
     n = len(evaluation.dataset)
@@ -283,6 +325,7 @@ def render() -> None:
     c1, c2 = st.columns(2)
     c1.plotly_chart(pr_figure(result.get("pr_curves", {}), "bbox"), key="ev_pr_box")
     c2.plotly_chart(pr_figure(result.get("pr_curves", {}), "segm"), key="ev_pr_mask")
+    _error_costs(evaluation)
     _threshold_views(loaded, evaluation)
 
 
