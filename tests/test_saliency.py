@@ -5,9 +5,10 @@ import torch
 from torchvision.ops import box_iou
 
 from mrcnn.data.shapes import generate_scene
-from mrcnn.inference.saliency import saliency
+from mrcnn.inference.saliency import HEAT_COLOURS, heat_overlay, saliency
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.zoo import load_model
+from tests.test_app import env, start, tiny_shapes  # noqa: F401 (fixtures: the app on a tiny model)
 
 SEEDS = range(6)
 
@@ -92,7 +93,42 @@ def test_backbone_is_not_run_and_the_shared_model_is_unchanged(loaded, scenes, m
     assert all(torch.equal(features[k], v) and not v.requires_grad for k, v in trace.features.items())
 
 
+def test_heat_overlay_keeps_the_image_where_the_map_is_cold():
+    image = np.full((4, 5, 3), 40, np.uint8)
+    heat = np.zeros((4, 5), np.float32)
+    heat[1, 2] = 1.0
+    out = heat_overlay(image, heat, opacity=1.0)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out[heat == 0] == 40).all()
+    assert (out[1, 2] == HEAT_COLOURS[-1].round()).all()
+
+
 def test_unknown_method_is_refused(scenes):
     _, trace = scenes[0]
     with pytest.raises(ValueError, match="unknown saliency method"):
         saliency(trace, int(trace.detections.candidate_ids[0]), "magic")
+
+
+def test_inspect_shows_the_saliency_of_the_chosen_detection(env, monkeypatch):
+    """AppTest on the tiny model: the overlay is drawn for the chosen detection, once per candidate."""
+    import mrcnn.inference.saliency as module
+
+    computed = []
+    original = module.saliency
+    monkeypatch.setattr(module, "saliency", lambda *a: (computed.append(a[1:]), original(*a))[1])
+    at = start()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    at.switch_page("ui/inspect.py").run()
+    assert not at.exception, at.exception
+    figures = [c for c in at.get("plotly_chart") if c.proto.id and "saliency_fig" in c.proto.id]
+    assert len(figures) == 1
+    first = at.session_state["insp_det"]
+    options = at.selectbox(key="insp_det").options
+    assert "Where the model looks" in "\n".join(m.value for m in at.markdown)
+    at.selectbox(key="insp_det").select_index(len(options) - 1).run()
+    at.radio(key="insp_sal_method").set_value("grad-cam").run()
+    at.slider(key="insp_sal_opacity").set_value(0.3).run()  # display only: nothing recomputed
+    assert not at.exception, at.exception
+    last = at.session_state["insp_det"]
+    assert computed[0] == (first, "element-wise") and computed[-1] == (last, "grad-cam")
+    assert len(computed) == len(set(computed)) == (3 if last != first else 2)

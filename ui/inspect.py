@@ -6,6 +6,7 @@ knobs re-run proposal filtering and the heads from the cached features (``Trace.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import streamlit as st
 import torch
 
 from mrcnn.model.paste import paste_mode
+from mrcnn.inference.saliency import METHODS as SALIENCY_METHODS, heat_overlay, saliency
 from mrcnn.inference.structures import RpnSettings
 from ui import plots, state
 
@@ -240,6 +242,7 @@ def _detection_steps(trace, entry) -> None:
     if cid is not None:
         _roi(trace, entry, cid)
         _box_head(trace, entry, cid)
+        _saliency(trace, entry, cid, dets, by_cid[cid])
     _nms(trace, thresholds)
     if cid is not None:
         _masks(trace, entry, cid, dets, by_cid[cid])
@@ -292,6 +295,38 @@ def _box_head(trace, entry, cid: int) -> None:
                      hide_index=True, width="stretch")
         rpn_level = level_labels(trace)[trace.level_names[level]]
         st.caption(f"proposal from RPN level {rpn_level} · P({trace.categories[label]}) = {probs[label]:.3f}")
+
+
+def cached_saliency(trace, cid: int, method: str):
+    """The saliency of one candidate, computed once per trace, RPN settings (they renumber the
+    candidates), candidate and method, and kept while the session holds the trace."""
+    per_trace = st.session_state.setdefault("saliency_cache", weakref.WeakKeyDictionary())
+    cache = per_trace.setdefault(trace, {})
+    key = (trace.rpn_settings, cid, method)
+    if key not in cache:
+        cache[key] = saliency(trace, cid, method)
+    return cache[key]
+
+
+def _saliency(trace, entry, cid: int, dets, index: int) -> None:
+    st.markdown("**Where the model looks** for this detection's class")
+    st.caption("The gradient of the class logit with respect to the FPN level the proposal was pooled from, "
+               "from the cached features (RoI pooling and the box head re-run, the backbone does not). "
+               "Element-wise: each cell's share of the score (HiResCAM); Grad-CAM: channels weighted by their "
+               "mean gradient over the whole level, which also lights up other objects alike.")
+    c1, c2 = st.columns([1, 3])
+    with c1:
+        state.keep_choice("insp_sal_method", list(SALIENCY_METHODS), SALIENCY_METHODS[0])
+        state.clamp("insp_sal_opacity", 0.0, 1.0, initial=0.6)
+        method = st.radio("Saliency", SALIENCY_METHODS, key="insp_sal_method", persist_state="session")
+        opacity = float(st.slider("Heat opacity", 0.0, 1.0, step=0.05, key="insp_sal_opacity",
+                                  persist_state="session"))
+    sal = cached_saliency(trace, cid, method)
+    level = level_labels(trace)[sal.level_name]
+    c2.plotly_chart(plots.boxes_figure(heat_overlay(entry.array, sal.heat, opacity), [
+        {"boxes": dets.boxes[index:index + 1], "name": _det_label(dets, index), "color": "#00e5ff"}],
+        max_height=420), key="saliency_fig")
+    c1.caption(f"level {level} · logit {sal.logit:.2f} for {trace.categories[sal.label]}")
 
 
 def _nms(trace, thresholds) -> None:

@@ -78,3 +78,16 @@ def saliency(trace: Trace, candidate_id: int, method: str = "element-wise") -> S
     else:
         cam = (grads * activations).sum(0)
     return Saliency(to_image(trace, torch.relu(cam)), level_name, label, float(logit.detach()))
+
+
+# A heat colour scale (dark red → orange → yellow → white), as (position, RGB) control points.
+HEAT_STOPS = np.array([0.0, 0.35, 0.7, 1.0], np.float32)
+HEAT_COLOURS = np.array([[120, 0, 0], [230, 60, 0], [255, 200, 0], [255, 255, 220]], np.float32)
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, opacity: float = 0.6) -> np.ndarray:
+    """An RGB uint8 image with a [0, 1] heat map blended over it: hot pixels take the heat colour, cold
+    ones keep the image, so the picture stays readable where the model does not look."""
+    colours = np.stack([np.interp(heat, HEAT_STOPS, HEAT_COLOURS[:, c]) for c in range(3)], axis=-1)
+    alpha = (opacity * heat)[..., None]  # (H, W, 1)
+    return np.round((1 - alpha) * image.astype(np.float32) + alpha * colours).astype(np.uint8)
