@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.models.detection import maskrcnn_resnet50_fpn
 
+from mrcnn.data.shapes import ShapesDataset
 from mrcnn.training import engine as train_mod
 from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
@@ -404,3 +406,40 @@ def test_trainable_backbone_layers_counted_as_torchvision_does():
                                                                               "layer4"}}[layers]
         counts.append(train_mod.count_trainable(model))
     assert counts[0][0] < counts[1][0] < counts[2][0] and len({sum(c) for c in counts}) == 1
+
+
+# ---- validation loss -------------------------------------------------------------------------------------
+def test_validation_rows_hold_the_loss_per_term(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, steps=4, val="shapes:2:5:64", val_every=2), verbose=False)
+    val_rows = [r for r in metrics(run) if "val" in r]
+    assert [r["step"] for r in val_rows] == [2, 4]
+    for row in val_rows:
+        val = row["val"]
+        assert {"bbox_AP", "segm_AP", "loss", *train_mod.LOSS_TERMS} <= set(val)
+        assert all(math.isfinite(val[k]) and val[k] >= 0 for k in ("loss", *train_mod.LOSS_TERMS))
+        assert val["loss"] == pytest.approx(sum(val[k] for k in train_mod.LOSS_TERMS), abs=1e-5)
+
+
+def test_validation_changes_nothing_in_the_run(tmp_path):
+    plain = train(tiny_config(tmp_path / "plain"), verbose=False)
+    validated = train(tiny_config(tmp_path / "validated", val="shapes:2:5:64", val_every=1), verbose=False)
+    assert [r["loss"] for r in plain.metrics] == [r["loss"] for r in validated.metrics]
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "validated" / "checkpoint.pt")["state_dict"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
+
+
+def test_validation_losses_leave_batchnorm_statistics_modes_and_random_stream_alone():
+    torch.manual_seed(0)
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4, min_size=64, max_size=64)
+    model.eval()
+    model.roi_heads.train()  # a mix of modes, to see each one put back
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    losses = train_mod.validation_losses(model, ShapesDataset(3, seed=5, size=64), torch.device("cpu"), 2)
+    assert set(losses) == {"loss", *train_mod.LOSS_TERMS} and math.isfinite(losses["loss"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # running stats included
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert torch.equal(torch.get_rng_state(), rng)
