@@ -131,7 +131,7 @@ def test_upload_detect_slide_and_inspect(server, browser):
         page.goto(url, wait_until="domcontentloaded")
         detection_count(page)  # the starting sample scene
 
-        page.locator('input[type="file"]').first.set_input_files(str(image))
+        page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(image))
         page.get_by_text(re.compile(r"upload\.png · 200×150 px")).first.wait_for(timeout=60_000)
         at_default = detection_count(page)  # score 0.50
 
