@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="shapes", help="model name or checkpoint path")
     p.add_argument("--weights", default=None, help="weights file (raw torchvision state dict or checkpoint)")
     _add_thresholds(p)
+    p.add_argument("--agnostic-nms", action="store_true", help="one NMS over all classes' boxes, not one per class")
+    p.add_argument("--class-thresh", default="", metavar="NAME=VALUE,...",
+                   help="score thresholds of single classes; the others use --score-thresh")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True, metavar="DIR")
 
@@ -201,11 +204,30 @@ def _check_file_writable(flag: str, value: str) -> Path:
     return path
 
 
+def _class_thresh(value: str) -> dict[str, float]:
+    """``NAME=VALUE,NAME=VALUE`` -> {name: value} (ranges are checked by Thresholds)."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, number = (part.strip() for part in item.partition("="))
+        try:
+            if not (sep and name):
+                raise ValueError
+            pairs[name] = float(number)
+        except ValueError:
+            raise MrcnnError(f"--class-thresh {value}: expected NAME=VALUE,NAME=VALUE, got {item!r}") from None
+    return pairs
+
+
 def cli_predict(args) -> int:
     thresholds = _thresholds(score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
-                             max_detections=args.max_detections, mask_thresh=args.mask_thresh)
+                             max_detections=args.max_detections, mask_thresh=args.mask_thresh,
+                             agnostic_nms=args.agnostic_nms, class_thresh=_class_thresh(args.class_thresh))
     out_dir = _check_folder_writable("--out", args.out)
     loaded = load_model(args.model, weights=args.weights, device=args.device)
+    try:
+        thresholds.check_classes(loaded.categories)
+    except ValueError as err:
+        raise MrcnnError(f"--class-thresh: {err}") from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Mapping
 
 import numpy as np
 
@@ -23,6 +24,10 @@ class Thresholds:
     nms_thresh: float = 0.5  # per-class NMS IoU; 1.0 disables suppression
     max_detections: int = 100
     mask_thresh: float = 0.5
+    agnostic_nms: bool = False  # one NMS over every class's boxes instead of one per class
+    # class name -> its own score threshold (classes not named use score_thresh). Given as a mapping or
+    # pairs; kept as sorted (name, value) pairs so that Thresholds stays hashable (the app caches by it).
+    class_thresh: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check_fraction("score_thresh", self.score_thresh)
@@ -30,9 +35,30 @@ class Thresholds:
         _check_fraction("mask_thresh", self.mask_thresh)
         if not 0 <= int(self.max_detections) <= MAX_DETECTIONS:
             raise ValueError(f"max_detections must be between 0 and {MAX_DETECTIONS}, got {self.max_detections!r}")
+        pairs = self.class_thresh.items() if isinstance(self.class_thresh, Mapping) else self.class_thresh
+        checked = {}
+        for name, value in pairs:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"class_thresh: class names must be non-empty strings, got {name!r}")
+            _check_fraction(f"score threshold of class {name!r}", value)
+            checked[name] = float(value)
+        object.__setattr__(self, "class_thresh", tuple(sorted(checked.items())))
+        object.__setattr__(self, "agnostic_nms", bool(self.agnostic_nms))
+
+    def score_thresh_of(self, class_name: str) -> float:
+        return dict(self.class_thresh).get(class_name, float(self.score_thresh))
+
+    def check_classes(self, categories: list[str]) -> None:
+        """ValueError naming the first class of class_thresh the model does not have."""
+        known = [c for c in dict.fromkeys(categories[1:]) if c != "N/A"]  # COCO's label space has N/A gaps
+        for name, _ in self.class_thresh:
+            if name not in known:
+                raise ValueError(f"unknown class {name!r}; the model's classes are {', '.join(known)}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        record["class_thresh"] = dict(self.class_thresh)
+        return record
 
     def replace(self, **changes) -> "Thresholds":
         return replace(self, **changes)

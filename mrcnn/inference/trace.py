@@ -7,7 +7,8 @@
 Stages (torchvision's GeneralizedRCNN.forward, taken apart): transform → backbone/FPN → RPN head
 and anchors → proposal filtering (pre-NMS top-N per level, NMS per level, post-NMS top-N) → box
 head on every proposal (the candidates: class probabilities and class-specific refined boxes) →
-per-class NMS → mask head (28×28 probabilities, memoised per candidate) → paste into the image.
+per-class (or class-agnostic) NMS → mask head (28×28 probabilities, memoised per candidate) → paste
+into the image.
 
 With the thresholds the model was built with, the detections equal torchvision's ``model(images)``
 on the same weights (tests/test_trace_equivalence.py). The shared model is only called, never
@@ -181,6 +182,7 @@ class Trace:
     def refilter(self, thresholds: Thresholds) -> Detections:
         """Detections for new thresholds from the cached candidates (the mask head runs only for
         candidates not seen before; every other stage is reused)."""
+        thresholds.check_classes(self.categories)
         start = time.perf_counter()
         self.last_mask_ms = 0.0
         self.thresholds = thresholds
@@ -207,19 +209,28 @@ class Trace:
         return int(self.candidates.probs.shape[1])
 
     def _select(self, t: Thresholds, apply_nms: bool = True):
-        """torchvision's RoIHeads.postprocess_detections on the cached candidates.
+        """torchvision's RoIHeads.postprocess_detections on the cached candidates, plus per-class score
+        thresholds and class-agnostic NMS when ``t`` asks for them.
 
         Returns candidate ids (proposal * C + class), scores and boxes (network-input pixels)."""
         probs, boxes = self.candidates.probs, self.candidates.boxes
         num_props, num_classes = probs.shape
         ids = torch.arange(num_props * num_classes, device=probs.device).view(num_props, num_classes)
         ids, scores, boxes = ids[:, 1:].reshape(-1), probs[:, 1:].reshape(-1), boxes[:, 1:].reshape(-1, 4)
-        keep = torch.where(scores > t.score_thresh)[0]
+        if t.class_thresh:
+            per_class = torch.tensor([t.score_thresh_of(name) for name in self.categories[:num_classes]],
+                                     dtype=scores.dtype, device=scores.device)
+            keep = torch.where(scores > per_class[ids % num_classes])[0]
+        else:
+            keep = torch.where(scores > t.score_thresh)[0]
         ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
         keep = box_ops.remove_small_boxes(boxes, DET_MIN_BOX_SIZE)
         ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
         if apply_nms:
-            keep = box_ops.batched_nms(boxes, scores, ids % num_classes, float(t.nms_thresh))
+            if t.agnostic_nms:
+                keep = box_ops.nms(boxes, scores, float(t.nms_thresh))
+            else:
+                keep = box_ops.batched_nms(boxes, scores, ids % num_classes, float(t.nms_thresh))
             keep = keep[: int(t.max_detections)]
             ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
         return ids, scores, boxes
