@@ -79,6 +79,20 @@ def test_finetune_run_starts_reports_and_finishes(env, fake_trainer):
     assert at2.button(key="ft_eval")
 
 
+def test_live_curves_draw_validation_loss_and_ap_five_times_per_run(env, fake_trainer):
+    at = open_page("ui/finetune.py")
+    at.number_input(key="ft_steps").set_value(10).run()
+    at.button(key="ft_start").click().run()
+    job = _wait_state(env / "runs", "finished")
+    assert job.command[job.command.index("--val-every") + 1] == "2"  # the default: 5 times per run
+    at2 = open_page("ui/finetune.py")
+    chart = next(c for c in at2.get("plotly_chart") if "ft_loss_chart" in c.proto.id)
+    traces = {t["name"]: t for t in json.loads(chart.proto.spec)["data"]}
+    assert {"loss", "val loss", "val box AP", "val mask AP"} <= set(traces)
+    assert traces["val loss"]["x"] == [2, 4, 6, 8, 10]
+    assert traces["val mask AP"]["y"] == pytest.approx([s / (s + 2) for s in (2, 4, 6, 8, 10)])
+
+
 def test_failed_run_shows_the_reason(env, monkeypatch):
     monkeypatch.setattr(jobs, "start_job", functools.partial(jobs.start_job, trainer=[*FAKE, "--crash-at", "2"]))
     at = open_page("ui/finetune.py")

@@ -30,11 +30,14 @@ from mrcnn.training import finetune, jobs
 from ui import state, tables
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+VAL_AP_KEYS = {"bbox_AP": "val box AP", "segm_AP": "val mask AP"}
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320, 384, 512, 640, 800]
 
 
 def loss_figure(metrics: list[dict]) -> go.Figure:
-    """Per-term loss curves and the learning rate (second axis) from metrics.jsonl rows."""
+    """Per-term training loss curves, the validation loss and AP where the run validated (dashed, AP on a
+    0-1 axis of its own), and the learning rate, from metrics.jsonl rows. A validation loss that rises while
+    the training loss falls is over-fitting."""
     rows = [m for m in metrics if "step" in m and "loss" in m]
     fig = go.Figure()
     steps = [m["step"] for m in rows]
@@ -42,11 +45,23 @@ def loss_figure(metrics: list[dict]) -> go.Figure:
         if rows and term in rows[0]:
             fig.add_trace(go.Scatter(x=steps, y=[m.get(term) for m in rows], mode="lines", name=term,
                                      line={"width": 3 if term == "loss" else 1.5}))
+    validated = [m for m in rows if isinstance(m.get("val"), dict)]
+    val_steps = [m["step"] for m in validated]
+    if validated and "loss" in validated[0]["val"]:
+        fig.add_trace(go.Scatter(x=val_steps, y=[m["val"].get("loss") for m in validated], mode="lines+markers",
+                                 name="val loss", line={"width": 3, "dash": "dash", "color": "black"}))
+    for key, name in VAL_AP_KEYS.items():
+        if validated and key in validated[0]["val"]:
+            fig.add_trace(go.Scatter(x=val_steps, y=[m["val"].get(key) for m in validated], mode="lines+markers",
+                                     name=name, yaxis="y3", line={"dash": "dash"}))
     if rows and "lr" in rows[0]:
         fig.add_trace(go.Scatter(x=steps, y=[m["lr"] for m in rows], name="learning rate", yaxis="y2",
                                  line={"dash": "dot", "color": "grey"}))
     fig.update_layout(height=360, margin={"l": 10, "r": 10, "t": 30, "b": 10}, xaxis_title="step",
-                      yaxis_title="loss", yaxis2={"overlaying": "y", "side": "right", "title": "lr", "showgrid": False},
+                      xaxis_domain=[0, 0.9], yaxis_title="loss",
+                      yaxis2={"overlaying": "y", "side": "right", "title": "lr", "showgrid": False},
+                      yaxis3={"overlaying": "y", "side": "right", "anchor": "free", "position": 1.0,
+                              "title": "val AP", "range": [0, 1], "showgrid": False},
                       legend={"orientation": "h"})
     return fig
 
@@ -91,11 +106,15 @@ def _settings_form() -> None:
                           help="auto: CUDA (float16 mixed precision) when a GPU is present, else the CPU "
                                "(bfloat16 mixed precision where the CPU has bf16 instructions)")
     gpus = _gpu_choice(c6, device)
+    validations = st.number_input("Validations per run", 0, 100, 5, key="ft_validations",
+                                  help="how many times the run measures the validation loss and AP while it "
+                                       "trains (0: once, at the end)")
     layers = _backbone_layers(loaded)
     try:
         settings = finetune.FinetuneSettings(model=loaded.name, steps=int(steps), batch_size=int(batch),
                                              image_size=int(size), lr=float(lr), device=device,
-                                             trainable_backbone_layers=layers, gpus=gpus)
+                                             trainable_backbone_layers=layers, gpus=gpus,
+                                             validations=int(validations))
     except ValueError as err:
         st.error(str(err))
         return

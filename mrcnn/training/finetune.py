@@ -65,6 +65,7 @@ class FinetuneSettings:
     seed: int = 1
     trainable_backbone_layers: int | None = None  # None: the engine's default (3 for R50, all for light)
     gpus: int = 1  # > 1: one process per GPU through torchrun (DDP)
+    validations: int = 5  # validation loss and AP this many times per run (every steps // validations); 0: at the end
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "image_size", "num_train", "num_val"):
@@ -77,6 +78,8 @@ class FinetuneSettings:
         layers = self.trainable_backbone_layers
         if layers is not None and not 0 <= layers <= len(BACKBONE_STAGES):
             raise ValueError(f"trainable backbone layers must be between 0 and {len(BACKBONE_STAGES)}")
+        if self.validations < 0:
+            raise ValueError("validations per run must be at least 0")
         if self.gpus < 1:
             raise ValueError("gpus must be at least 1")
 
@@ -105,7 +108,8 @@ def _train_args(s: FinetuneSettings, train_data: str, val_dir: str, run_dir: Pat
     """The train command's arguments; settings without a flag of their own go in a --config file."""
     args = ["--model", s.model, "--data", train_data, "--val", val_dir, "--steps", str(s.steps),
             "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--image-size", str(s.image_size),
-            "--device", "cuda" if s.gpus > 1 else s.device]
+            "--device", "cuda" if s.gpus > 1 else s.device,
+            "--val-every", str(max(s.steps // s.validations, 1) if s.validations else 0)]
     if s.trainable_backbone_layers is not None:
         settings = run_dir / SETTINGS_FILE
         atomic_write_bytes(settings, json.dumps({"trainable_backbone_layers": s.trainable_backbone_layers}).encode())

@@ -1,6 +1,8 @@
 """Stands in for `python -m mrcnn train` in job tests: logs steps, honours STOP/SIGTERM, can crash.
 
-usage: fake_trainer.py --steps N [--crash-at K] [--step-s S] [--startup-s S] --out RUN_DIR
+usage: fake_trainer.py --steps N [--crash-at K] [--step-s S] [--startup-s S] [--val-every K] --out RUN_DIR
+
+--val-every: rows with validation metrics ("val": loss terms and AP) every K steps and at the last step.
 
 --startup-s: seconds before the SIGTERM handler is installed, as the real trainer spends importing
 torch (a SIGTERM then ends the process with the default action, exit -15).
@@ -12,11 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-parser = argparse.ArgumentParser()
+parser = argparse.ArgumentParser(allow_abbrev=False)  # the real "--val DIR" is not "--val-every"
 parser.add_argument("--steps", type=int)
 parser.add_argument("--crash-at", type=int, default=-1)
 parser.add_argument("--step-s", type=float, default=0.05)
 parser.add_argument("--startup-s", type=float, default=0.0)
+parser.add_argument("--val-every", type=int, default=0)
 parser.add_argument("--out")
 args, _ = parser.parse_known_args()  # the real trainer's other options are accepted and ignored
 out = Path(args.out)
@@ -42,7 +45,11 @@ with open(out / "metrics.jsonl", "a") as f:
             status("cancelled", f"cancelled at step {step - 1}")
             sys.exit(0)
         time.sleep(args.step_s)
-        f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+        row = {"step": step, "loss": 1.0 / step}
+        if step == args.steps or (args.val_every and step % args.val_every == 0):
+            row["val"] = {"loss": 1.0 + step / 100, "loss_classifier": 0.5, "bbox_AP": step / (step + 1),
+                          "segm_AP": step / (step + 2)}
+        f.write(json.dumps(row) + "\n")
         f.flush()
 (out / "checkpoint.pt").write_text("saved")
 status("finished")
