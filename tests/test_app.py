@@ -10,10 +10,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import streamlit as st
+import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
+from torchvision.ops import box_iou
 
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.errors import ImageError, ModelUnavailable
@@ -109,6 +112,52 @@ def test_controls_refilter_without_running_the_network(env, monkeypatch):
     filtered = count(at)
     assert filtered <= min(low, 3)
     assert len(runs) == 1, "a control change ran the network again"
+
+
+def shown_detections(at: AppTest) -> pd.DataFrame:
+    return next(d.value for d in at.dataframe if "x0" in d.value.columns)
+
+
+def max_box_iou(table: pd.DataFrame) -> float:
+    boxes = torch.tensor(table[["x0", "y0", "x1", "y1"]].to_numpy(), dtype=torch.float32)
+    iou = box_iou(boxes, boxes).fill_diagonal_(0)
+    return float(iou.max()) if len(table) > 1 else 0.0
+
+
+def test_agnostic_nms_and_class_thresholds_refilter_without_running_the_network(env, monkeypatch):
+    from mrcnn.inference.trace import Trace
+
+    runs = []
+    original = Trace._run_network
+    monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
+    at = start()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    per_class = shown_detections(at)
+    assert max_box_iou(per_class) > 0.6, "boxes of different classes overlap before agnostic NMS"
+    at.toggle(key="agnostic_nms").set_value(True).run()
+    agnostic = shown_detections(at)
+    # the table rounds boxes to 0.1 px, so the IoU may pass the threshold by a hair
+    assert max_box_iou(agnostic) <= 0.5 + 0.01 and not agnostic.equals(per_class)
+    at.toggle(key="agnostic_nms").set_value(False).run()
+    assert shown_detections(at).equals(per_class)
+    assert "circle" in set(per_class["class"])
+    at.session_state["class_thresh::shapes"] = {"circle": 1.0}  # what an edit of the class table stores
+    at.run()
+    assert not at.exception
+    assert "circle" not in set(shown_detections(at)["class"])
+    assert len(runs) == 1, "re-filtering ran the network again"
+
+
+def test_class_table_edit_keeps_only_thresholds_that_differ_from_the_global_one(monkeypatch):
+    import ui.detect
+
+    ss = {"model_name": "shapes", "score_thresh": 0.5, "class_thresh::shapes": {"square": 0.8},
+          "table": {"edited_rows": {0: {"score threshold": 0.9}, 1: {"score threshold": 0.5}},
+                    "added_rows": [], "deleted_rows": []}}
+    monkeypatch.setattr(st, "session_state", ss)
+    ui.detect._store_class_edits(["circle", "square", "triangle"], "table")
+    assert ss["class_thresh::shapes"] == {"circle": 0.9}  # square set back to the global value follows it
+    assert ss["class_thresh_gen"] == 1  # the table starts again from the stored values
 
 
 def test_table_row_highlights_that_instance(env):

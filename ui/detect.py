@@ -122,10 +122,15 @@ def _controls(classes: list[str]) -> dict:
     st.markdown("**Thresholds**")
     st.slider("Score threshold", 0.0, 1.0, step=0.01, key="score_thresh", persist_state="session")
     st.slider("NMS IoU (per class)", 0.0, 1.0, step=0.05, key="nms_thresh", persist_state="session",
-              help="Boxes of one class overlapping more than this are suppressed; 1 keeps all")
+              help="Boxes of one class (of any class with class-agnostic NMS) overlapping more than this are "
+                   "suppressed; 1 keeps all")
     st.slider("Max detections", 1, 300, step=1, key="max_detections", persist_state="session")
     state.carry_over("mask_thresh")  # Inspect shows it too
     st.slider("Mask threshold", 0.0, 1.0, step=0.05, key="mask_thresh", persist_state="session")
+    st.toggle("Class-agnostic NMS", key="agnostic_nms", persist_state="session",
+              help="One NMS over every class's boxes: overlapping detections of different classes suppress "
+                   "each other too")
+    _class_thresholds(classes)
     model = st.session_state.get("model_name") or ""
     class_filter = st.multiselect("Classes", classes, key=f"class_filter::{model}", persist_state="session",
                                   placeholder="all classes")
@@ -142,6 +147,47 @@ def _controls(classes: list[str]) -> dict:
     if st.toggle("RPN proposals overlay", key="show_proposals", persist_state="session"):
         st.slider("Top-K proposals", 1, 500, step=1, key="proposals_k", persist_state="session")
     return {"class_filter": class_filter}
+
+
+def _class_thresh_editor_key() -> str:
+    # A new key after each edit: the table starts again from the stored thresholds, so a class set back
+    # to the global value follows the slider from then on.
+    ss = st.session_state
+    return f"class_thresh_table::{ss.get('model_name') or ''}::{ss.get('class_thresh_gen', 0)}"
+
+
+def _store_class_edits(classes: list[str], editor_key: str) -> None:
+    ss = st.session_state
+    overrides = dict(ss.get(state.class_thresh_key(), {}))
+    for row, change in (ss.get(editor_key) or {}).get("edited_rows", {}).items():
+        if "score threshold" not in change or not 0 <= int(row) < len(classes):
+            continue
+        name, value = classes[int(row)], change["score threshold"]
+        if value is None or float(value) == float(ss["score_thresh"]):
+            overrides.pop(name, None)
+        else:
+            overrides[name] = min(max(float(value), 0.0), 1.0)
+    ss[state.class_thresh_key()] = overrides
+    ss["class_thresh_gen"] = ss.get("class_thresh_gen", 0) + 1
+
+
+def _class_thresholds(classes: list[str]) -> None:
+    """A table of the model's classes with their score thresholds, each the global one until edited."""
+    ss = st.session_state
+    key = state.class_thresh_key()
+    overrides = {c: v for c, v in ss.get(key, {}).items() if c in classes}  # another model's names mean nothing
+    if overrides != ss.get(key, {}):
+        ss[key] = overrides
+    own = len(overrides)
+    with st.expander("Per-class score thresholds" + (f" ({own} set)" if own else ""), icon=":material/tune:"):
+        table = pd.DataFrame({"class": classes,
+                              "score threshold": [overrides.get(c, float(ss["score_thresh"])) for c in classes]})
+        editor_key = _class_thresh_editor_key()
+        st.data_editor(table, key=editor_key, hide_index=True, disabled=["class"], width="stretch",
+                       on_change=_store_class_edits, args=(classes, editor_key),
+                       column_config={"score threshold": st.column_config.NumberColumn(
+                           min_value=0.0, max_value=1.0, step=0.01, format="%.2f")})
+        st.caption("A class left at the global threshold follows the slider.")
 
 
 def filter_classes(dets: Detections, class_filter: list[str]) -> Detections:

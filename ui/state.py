@@ -8,8 +8,9 @@ Per session (``st.session_state``), initialised by ``init()``:
   images                    OrderedDict image id -> ImageEntry: uploads and sample scenes, in order
   current_image             the image id Detect and Inspect show
   traces                    OrderedDict trace key -> Trace, least recently used first (a small LRU)
-  score_thresh … mask_thresh, show_*, color_by, opacity, show_proposals, proposals_k,
+  score_thresh … mask_thresh, agnostic_nms, show_*, color_by, opacity, show_proposals, proposals_k,
   rpn_* …, insp_* …         control values (DEFAULTS; insp_anchor_x/y start at the image centre)
+  class_thresh::<model>     per-class score thresholds that differ from the global one (Detect's table)
 
 A control's value lives in its widget's own state: the widget has the key above and
 ``persist_state="session"``, so Streamlit keeps the value while a page that does not draw it runs,
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "nms_thresh": 0.5,
     "max_detections": 100,
     "mask_thresh": 0.5,
+    "agnostic_nms": False,
     # display
     "show_boxes": True,
     "show_masks": True,
@@ -114,10 +116,17 @@ def keep_choice(key: str, options: list, fallback) -> None:
         ss[key] = fallback
 
 
+def class_thresh_key() -> str:
+    """Where the current model's per-class score thresholds live: {class name: threshold}, only the classes
+    whose threshold differs from the global one (the others follow the score slider)."""
+    return f"class_thresh::{st.session_state.get('model_name') or ''}"
+
+
 def thresholds() -> Thresholds:
     ss = st.session_state
     return Thresholds(score_thresh=float(ss["score_thresh"]), nms_thresh=float(ss["nms_thresh"]),
-                      max_detections=int(ss["max_detections"]), mask_thresh=float(ss["mask_thresh"]))
+                      max_detections=int(ss["max_detections"]), mask_thresh=float(ss["mask_thresh"]),
+                      agnostic_nms=bool(ss["agnostic_nms"]), class_thresh=ss.get(class_thresh_key(), {}))
 
 
 def rpn_settings() -> RpnSettings:
