@@ -13,7 +13,6 @@ from torchvision.ops import box_iou
 from mrcnn.cli import main
 from mrcnn.inference.structures import MAX_DETECTIONS, Thresholds
 from mrcnn.inference.trace import Trace, run_trace
-from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import save_checkpoint
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
 
