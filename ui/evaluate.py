@@ -1,7 +1,9 @@
 """Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, what each error type costs
-(TIDE), confusion matrix, and a per-image browser that says, for every missed object, which stage of the network lost it.
+(TIDE), confusion matrix, and a per-image browser that says, for every missed object, which stage of the
+network lost it.
 
-UI only: the metrics come from mrcnn.evaluation.evaluate, the reasons from mrcnn.evaluation.diagnose.
+UI only: the metrics come from mrcnn.evaluation.evaluate, the error costs from mrcnn.evaluation.error_costs,
+the reasons from mrcnn.evaluation.diagnose.
 
 What the page computed stays in the session as one ``Evaluation``: the dataset is scanned once (not
 again on a rerun, nor when the same data is evaluated again), each image's boxes are gathered once

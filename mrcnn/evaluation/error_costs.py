@@ -157,7 +157,7 @@ def _without_annotations(gt: COCO, ann_ids: set[int]) -> COCO:
     return out
 
 
-def error_costs(gt: COCO, dets: list[dict], iou_type: str) -> dict[str, float]:
+def error_costs(gt: COCO, dets: list[dict], iou_type: str) -> dict:
     """{"AP50", "counts": {type: number of errors}, and per error type: AP50 with only those fixed minus AP50}.
     ``dets``: COCO results, each with "bbox" (xywh) for iou_type "bbox", "segmentation" (RLE) for "segm"."""
     outcomes, missed = classify_errors(gt, dets, iou_type)

@@ -9,6 +9,9 @@
     result = train(TrainConfig(model="shapes", data="DIR", steps=100, out="runs/x"),
                    progress=print, should_stop=lambda: False)
 
+Every ``val_every`` steps (and at the end) with ``val``: the validation AP and loss per term in the metrics
+row's "val" (validation_losses changes nothing the run goes on with).
+
 The run folder (``out``): config.json, metrics.jsonl (one JSON object per logged step), checkpoint.pt
 (docs/checkpoints.md + a ``train_state`` key for --resume) and, at the end, status.json
 {"state": "finished"|"cancelled"|"failed", "message": ...}. A file ``out/STOP``, SIGTERM/SIGINT or
@@ -874,7 +877,8 @@ class _Bar:
         text = (f"step {step}/{self.total} loss {row['loss']:.3f} lr {row['lr']:.4f} "
                 f"{row['images_per_s']:.1f} img/s" + (f" eta {eta / 60:.1f} min" if eta is not None else ""))
         if "val" in row:
-            text += f" | val box AP {row['val']['bbox_AP']:.3f} mask AP {row['val']['segm_AP']:.3f}"
+            text += (f" | val loss {row['val']['loss']:.3f} box AP {row['val']['bbox_AP']:.3f} "
+                     f"mask AP {row['val']['segm_AP']:.3f}")
         if self.tty:
             bar = "#" * int(frac * 24)
             sys.stderr.write(f"\r[{bar:<24}] {text}\x1b[K")
@@ -986,5 +990,6 @@ def _val_metrics(model, val_ds, device) -> dict:
             "bbox_AP50": result.bbox["AP50"], "segm_AP50": result.segm["AP50"]}
 
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "validation_losses", "remap_class_weights", "StepBatches", "LOSS_TERMS",
-           "count_trainable", "freeze_backbone", "default_trainable_layers", "prepare_for_training"]
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "remap_class_weights", "StepBatches", "LOSS_TERMS",
+           "validation_losses", "count_trainable", "freeze_backbone", "default_trainable_layers",
+           "prepare_for_training"]
