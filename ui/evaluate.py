@@ -300,16 +300,6 @@ def _threshold_views(loaded, evaluation: Evaluation) -> None:
     _browser(loaded, evaluation, score)
 
 
-def _dataset_report(evaluation: Evaluation) -> None:
-    """What the dataset check skipped (a zero-width box, a polygon enclosing no pixel), one line each."""
-    skipped = evaluation.dataset.report.warnings
-    if skipped:
-        title = f"Dataset report: {len(skipped)} annotation{'' if len(skipped) == 1 else 's'} skipped"
-        with st.expander(title, icon=":material/report:"):
-            st.markdown("\n".join(f"- {issue}" for issue in skipped[:200])
-                        + (f"\n- … and {len(skipped) - 200} more" if len(skipped) > 200 else ""))
-
-
 def render() -> None:
     st.title("Evaluate")
     st.caption("COCO box and mask AP of the sidebar's model on a dataset — and, for every object it missed, why.")
@@ -321,7 +311,7 @@ def render() -> None:
     if evaluation is None or evaluation.model_key != _model_key(loaded):
         return
     st.caption(f"{loaded.name} on {evaluation.dataset_name}: {len(evaluation.dataset)} images")
-    _dataset_report(evaluation)
+    tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
     result = evaluation.result
     _metrics_tables(result)
     c1, c2 = st.columns(2)

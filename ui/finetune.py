@@ -335,16 +335,6 @@ def _side_by_side(plan: dict, ckpt: Path, stamp: int) -> None:
         col.image(canvas, caption=f"{title}: {count} detections")
 
 
-def _dataset_report(job: jobs.Job) -> None:
-    """The annotations the upload's check skipped, and why, for the run they were checked for."""
-    run_dir, skipped = st.session_state.get("ft_dataset_report") or (None, [])
-    if skipped and run_dir == str(job.run_dir):
-        title = f"Dataset report: {len(skipped)} annotation{'' if len(skipped) == 1 else 's'} skipped"
-        with st.expander(title, icon=":material/report:"):
-            st.markdown("\n".join(f"- {line}" for line in skipped[:200])
-                        + (f"\n- … and {len(skipped) - 200} more" if len(skipped) > 200 else ""))
-
-
 def render() -> None:
     st.title("Fine-tune")
     st.caption("Start a short training run from the sidebar's model in the background, watch it learn, and "
@@ -354,7 +344,9 @@ def render() -> None:
     if current is None and (problem := jobs.registry_problem()):
         st.warning(f"{problem} — treated as no job; starting a run replaces it.", icon=":material/warning:")
     if current is not None:
-        _dataset_report(current)
+        run_dir, skipped = st.session_state.get("ft_dataset_report") or (None, [])
+        if run_dir == str(current.run_dir):  # the report of the upload this run was started from
+            tables.skipped_annotations(skipped)
     if current is not None and current.state() == "running":
         st.subheader(f"Run {Path(current.run_dir).name}")
         _watch(current)

@@ -1,4 +1,5 @@
-"""Metric tables of the Evaluate and Fine-tune pages, with one naming scheme for their headers.
+"""Tables of the Evaluate and Fine-tune pages: metrics, with one naming scheme for their headers, and the
+dataset report of what a dataset check skipped.
 
 COCO's iou types are shown as what they measure: "bbox" -> "box", "segm" -> "mask"; a metric is
 "<box|mask> <COCO metric>", e.g. "box AP", "mask AP50". mrcnn.evaluation.evaluate's per-class keys
@@ -7,6 +8,7 @@ COCO's iou types are shown as what they measure: "bbox" -> "box", "segm" -> "mas
 from __future__ import annotations
 
 import pandas as pd
+import streamlit as st
 
 from mrcnn.evaluation.evaluate import IOU_TYPES, METRIC_KEYS
 
@@ -29,3 +31,13 @@ def per_class_table(per_class: dict[str, dict[str, float]]) -> pd.DataFrame:
     columns = {f"{t}_{m}": metric_label(t, m) for t in IOU_TYPES for m in ("AP", "AP50")}
     table = pd.DataFrame(per_class).T
     return table.reindex(columns=[c for c in columns if c in table.columns]).rename(columns=columns)
+
+
+def skipped_annotations(lines: list[str], shown: int = 200) -> None:
+    """The annotations a dataset check skipped, one line each (why), in a folded report."""
+    if not lines:
+        return
+    title = f"Dataset report: {len(lines)} annotation{'' if len(lines) == 1 else 's'} skipped"
+    with st.expander(title, icon=":material/report:"):
+        st.markdown("\n".join(f"- {line}" for line in lines[:shown])
+                    + (f"\n- … and {len(lines) - shown} more" if len(lines) > shown else ""))
