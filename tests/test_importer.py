@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.models.detection import maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 
 from mrcnn.errors import CheckpointError
 from mrcnn.model.architectures import build_model
@@ -63,16 +63,22 @@ def test_class_names_from_coco_annotations_and_sidecars(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_imported_torchvision_model_detects_exactly_as_torchvision(tmp_path):
+@pytest.mark.parametrize("builder, num_classes, wrap", [(maskrcnn_resnet50_fpn, 3, "ddp"),
+                                                       (maskrcnn_resnet50_fpn_v2, 5, "references")])
+def test_imported_torchvision_model_detects_exactly_as_torchvision(tmp_path, builder, num_classes, wrap):
     torch.manual_seed(0)
-    reference = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=128,
-                                      max_size=160).eval()
+    reference = builder(weights=None, weights_backbone=None, num_classes=num_classes, min_size=128,
+                        max_size=160).eval()
     with torch.no_grad():
         reference.roi_heads.box_predictor.cls_score.bias[1:] += 8.0  # random weights, yet detections
+    state = reference.state_dict()
+    saved = {f"module.{k}": v for k, v in state.items()} if wrap == "ddp" else {"model": state, "epoch": 3}
     src = tmp_path / "tv.pth"
-    torch.save(reference.state_dict(), src)
-    imported = import_model(src, classes=["a", "b"], min_size=128, max_size=160, dest_dir=tmp_path / "models")
+    torch.save(saved, src)
+    names = [f"c{i}" for i in range(1, num_classes)]
+    imported = import_model(src, classes=names, min_size=128, max_size=160, dest_dir=tmp_path / "models")
     loaded = load_model(str(imported.checkpoint), device="cpu")
+    assert loaded.arch["name"] == builder.__name__ and loaded.categories[1:] == names
     image = torch.from_numpy(scene(96, 128, seed=3)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         ours, theirs = loaded.model([image])[0], reference([image])[0]
