@@ -173,6 +173,9 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
         steps.wait_for(timeout=60_000)
         steps.fill("12")
         steps.press("Enter")
+        validations = page.get_by_role("spinbutton", name="Validations per run")  # once, at the end
+        validations.fill("0")
+        validations.press("Enter")
         page.get_by_text("Estimated training time").first.wait_for(timeout=30_000)
         page.get_by_role("button", name="Start fine-tuning").click()
         # the loss chart is drawn from metrics.jsonl while (or once) the job runs
