@@ -1,8 +1,8 @@
 """The model zoo: which models exist, whether their weights are here, and loading them.
 
 Names (docs/checkpoints.md): ``shapes`` (bundled in weights/), ``coco-r50-fpn`` and ``coco-r50-fpn-v2``
-(torchvision's COCO weights, found in torch's hub cache, in weights/, or given as a file), or a path
-to a checkpoint. Nothing here downloads on import; ``download_weights`` does, when called.
+(torchvision's COCO weights, found in torch's hub cache, in weights/, or given as a file), the display
+names of imported models (models/, mrcnn.model.importer), or a path to a checkpoint. Nothing here downloads on import; ``download_weights`` does, when called.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class ModelInfo:
     """One row of the model list."""
 
     name: str
-    kind: str  # "bundled" | "torchvision" | "checkpoint"
+    kind: str  # "bundled" | "torchvision" | "imported" | "checkpoint"
     classes: list[str]  # without "__background__"
     available: bool
     path: str | None = None
