@@ -11,7 +11,8 @@ import torch
 
 from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
-from mrcnn.inference.model_export import TORCHVISION_ARCHITECTURES, export_zip
+from mrcnn.inference.model_export import export_zip
+from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
 from mrcnn.model import importer, zoo
 from ui import state
 

@@ -32,7 +32,7 @@ import torch
 
 from mrcnn.data.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
 from mrcnn.errors import ExportError
-from mrcnn.model.architectures import ARCHITECTURES
+from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
 from mrcnn.model.zoo import LoadedModel
 
 FORMATS = ("torchvision", "onnx")
@@ -42,7 +42,6 @@ OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
 MAX_BOX_PX, MAX_SCORE_DIFF, MIN_MASK_IOU = 0.5, 1e-3, 0.99
 MASK_PROB_TOL = 1e-3
 CHECK_SEEDS = (101, 202, 303)
-TORCHVISION_ARCHITECTURES = tuple(a for a in ARCHITECTURES if a != "light")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ _TORCHVISION_BUILDERS = {
     "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn,
     "maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2,
 }
-ARCHITECTURES = ("light", *_TORCHVISION_BUILDERS)
+TORCHVISION_ARCHITECTURES = tuple(_TORCHVISION_BUILDERS)  # R50-FPN v1, v2: torchvision state dicts
+ARCHITECTURES = ("light", *TORCHVISION_ARCHITECTURES)
 
 # MaskRCNN keyword arguments an arch dict may carry for any architecture (test-time settings, sizes).
 MODEL_KWARGS = (
@@ -252,4 +253,4 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHITECTURES", "LIGHT_DEFAULTS", "build_model", "check_arch", "light_arch", "count_parameters"]
+__all__ = ["ARCHITECTURES", "TORCHVISION_ARCHITECTURES", "LIGHT_DEFAULTS", "build_model", "check_arch", "light_arch", "count_parameters"]

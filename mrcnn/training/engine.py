@@ -46,7 +46,7 @@ from mrcnn.data.transforms import train_transforms
 from mrcnn.errors import CheckpointError, DatasetError, MrcnnError, TrainingError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import remove_stale_temp_files
-from mrcnn.model.architectures import ARCHITECTURES, build_model, light_arch
+from mrcnn.model.architectures import ARCHITECTURES, TORCHVISION_ARCHITECTURES, build_model, light_arch
 from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from mrcnn.model.zoo import load_model, resolve_device
 from mrcnn.training.run_files import truncate_metrics, write_json, write_status
@@ -345,7 +345,7 @@ def _starting_model(cfg: TrainConfig, categories: list[str], log: Callable[[str]
 def default_trainable_layers(arch_name: str, from_trained_weights: bool) -> int:
     """torchvision's default: 3 backbone stages train when an R50 starts from trained weights; all 5 for a
     fresh model and for the light architecture (small, GroupNorm: cheap to train whole)."""
-    if from_trained_weights and arch_name != "light":
+    if from_trained_weights and arch_name in TORCHVISION_ARCHITECTURES:
         return FINETUNE_TRAINABLE_LAYERS
     return len(BACKBONE_STAGES)
 

@@ -23,7 +23,7 @@ from mrcnn.data.uploads import naming_upload
 from mrcnn.errors import DatasetError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
-from mrcnn.model.architectures import build_model
+from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES, build_model
 from mrcnn.model.zoo import load_model, resolve_device, runs_dir
 from mrcnn.training.engine import BACKBONE_STAGES, count_trainable, default_trainable_layers, freeze_backbone
 from mrcnn.training.run_files import read_metrics
@@ -48,7 +48,7 @@ def default_image_size(arch_name: str) -> int:
 
 def has_backbone_choice(arch_name: str) -> bool:
     """Whether trainable_backbone_layers is the user's to choose: the light architecture trains whole."""
-    return arch_name != "light"
+    return arch_name in TORCHVISION_ARCHITECTURES
 
 
 @dataclass
