@@ -1,0 +1,73 @@
+"""Two models side by side: the one-to-one matcher (crafted detections) and the Detect and Evaluate pages
+comparing two tiny models (AppTest)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mrcnn.inference.compare import compare_detections, counts_by_class
+from mrcnn.inference.structures import Detections
+
+CLASSES = ["__background__", "circle", "square", "triangle"]
+
+
+def dets(rows, categories=CLASSES) -> Detections:
+    """Detections from (class name, score, x0, y0, x1, y1) rows."""
+    rows = list(rows)
+    return Detections(np.array([r[2:] for r in rows], np.float32).reshape(-1, 4),
+                      np.array([r[1] for r in rows], np.float32),
+                      np.array([categories.index(r[0]) for r in rows], np.int64), None,
+                      np.arange(len(rows), dtype=np.int64), list(categories), (100, 100))
+
+
+def test_same_detections_all_match():
+    a = dets([("circle", 0.9, 0, 0, 10, 10), ("square", 0.8, 20, 20, 40, 40), ("square", 0.7, 22, 22, 40, 40)])
+    c = compare_detections(a, a)
+    assert sorted(map(tuple, c.pairs.tolist())) == [(0, 0), (1, 1), (2, 2)]
+    assert c.counts == {"matched": 3, "only A": 0, "only B": 0}
+    assert np.allclose(c.ious, 1.0)
+
+
+def test_class_iou_and_one_to_one():
+    a = dets([("circle", 0.9, 0, 0, 10, 10),     # matches B0 (IoU 0.81)
+              ("circle", 0.8, 1, 1, 11, 11),     # B0 is taken by the better pair: only A
+              ("square", 0.9, 50, 50, 60, 60),   # B2 is a triangle there: only A
+              ("triangle", 0.6, 80, 80, 90, 90)])  # B3 overlaps by IoU 1/3 < 0.5: only A
+    b = dets([("circle", 0.7, 0, 0, 9, 9),
+              ("square", 0.9, 30, 30, 40, 40),   # nothing of A there: only B
+              ("triangle", 0.8, 50, 50, 60, 60),
+              ("triangle", 0.8, 85, 80, 95, 90)])
+    c = compare_detections(a, b)
+    assert c.pairs.tolist() == [[0, 0]]
+    assert c.only_a.tolist() == [1, 2, 3] and c.only_b.tolist() == [1, 2, 3]
+    assert counts_by_class(c, a, b) == {"circle": {"matched": 1, "only A": 1, "only B": 0},
+                                        "square": {"matched": 0, "only A": 1, "only B": 1},
+                                        "triangle": {"matched": 0, "only A": 1, "only B": 2}}
+
+
+def test_highest_iou_wins_and_swapping_models_swaps_the_result():
+    # A0 overlaps B0 a little more than A1 does; greedy by A's score alone would give B0 to A1
+    a = dets([("circle", 0.5, 0, 0, 10, 10), ("circle", 0.9, 0, 0, 10, 12)])
+    b = dets([("circle", 0.8, 0, 0, 10, 10)])
+    c = compare_detections(a, b)
+    assert c.pairs.tolist() == [[0, 0]] and c.only_a.tolist() == [1]
+    swapped = compare_detections(b, a)
+    assert swapped.pairs.tolist() == [[0, 0]] and swapped.only_b.tolist() == [1]
+
+
+def test_classes_match_by_name_across_label_orders():
+    other = ["__background__", "triangle", "circle"]  # an imported model's own order
+    a = dets([("circle", 0.9, 0, 0, 10, 10)])
+    b = dets([("circle", 0.9, 0, 0, 10, 10)], other)
+    assert compare_detections(a, b).counts == {"matched": 1, "only A": 0, "only B": 0}
+
+
+def test_empty_sides_and_bad_threshold():
+    a = dets([("circle", 0.9, 0, 0, 10, 10)])
+    empty = dets([])
+    assert compare_detections(a, empty).counts == {"matched": 0, "only A": 1, "only B": 0}
+    assert compare_detections(empty, a).counts == {"matched": 0, "only A": 0, "only B": 1}
+    assert compare_detections(empty, empty).pairs.shape == (0, 2)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="iou_thresh"):
+            compare_detections(a, a, iou_thresh=bad)
