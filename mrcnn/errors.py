@@ -30,3 +30,7 @@ class TrainingError(MrcnnError):
 
 class ExportError(MrcnnError):
     """A model that cannot be exported in the asked format, or whose export does not reproduce it."""
+
+
+class VideoError(MrcnnError):
+    """A video clip that cannot be used (not decodable, no video stream, truncated, over the limits)."""
