@@ -5,8 +5,9 @@ import hashlib
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 
@@ -43,13 +44,15 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+@contextmanager
+def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file for ``path``'s new content, written as it comes (a video, frame by frame): renamed
+    over ``path`` when the block ends, removed when it raises."""
     path = Path(path)
     fd, tmp = _temp_file_next_to(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, NEW_FILE_MODE)
@@ -57,6 +60,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
