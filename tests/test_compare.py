@@ -71,3 +71,51 @@ def test_empty_sides_and_bad_threshold():
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="iou_thresh"):
             compare_detections(a, a, iou_thresh=bad)
+
+
+# ---- Detect: "Compare with" ------------------------------------------------------------------------
+from tests.test_app import count, env, start, tiny_shapes, write_tiny  # noqa: E402,F401  (fixtures)
+
+
+def comparison_counts(at) -> dict:
+    table = next(d.value for d in at.dataframe if "only A" in d.value.columns)
+    return table.loc["all classes"].to_dict()
+
+
+def test_compare_with_a_twin_matches_everything(env):
+    write_tiny(env / "runs" / "twin" / "checkpoint.pt", seed=0)  # the same weights as shapes.pt
+    at = start()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    n = count(at)
+    assert n > 0
+    at.selectbox(key="compare_with").select(str(env / "runs" / "twin" / "checkpoint.pt")).run()
+    assert not at.exception, at.exception
+    assert comparison_counts(at) == {"matched": n, "only A": 0, "only B": 0}
+    captions = [c for image in at.image for c in image.captions]
+    assert captions == [f"A: shapes — {n} detections, 0 only here",
+                        f"B: {env / 'runs' / 'twin' / 'checkpoint.pt'} — {n} detections, 0 only here"]
+
+
+def test_compare_two_models_counts_are_the_matchers_and_sliders_run_no_network(env, monkeypatch):
+    from mrcnn.inference.structures import Thresholds
+    from mrcnn.inference.trace import Trace
+
+    runs = []
+    original = Trace._run_network
+    monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
+    other = str(env / "runs" / "other" / "checkpoint.pt")
+    write_tiny(env / "runs" / "other" / "checkpoint.pt", seed=5)
+    at = start()
+    at.selectbox(key="compare_with").select(other).run()
+    assert len(runs) == 2
+    for score in (0.05, 0.2):
+        at.slider(key="score_thresh").set_value(score).run()
+        assert not at.exception, at.exception
+        traces = {key[0]: trace for key, trace in at.session_state["traces"].items()}
+        a, b = (traces[name].refilter(Thresholds(score_thresh=score)) for name in ("shapes", other))
+        expected = compare_detections(a, b).counts
+        assert comparison_counts(at) == expected
+        assert expected["only A"] + expected["only B"] > 0  # two random models disagree somewhere
+    assert len(runs) == 2, "a slider ran a network again"
+    at.selectbox(key="compare_with").select(None).run()
+    assert not any("only A" in d.value.columns for d in at.dataframe)
