@@ -58,6 +58,31 @@ class Candidates:
     boxes: torch.Tensor  # (P, C, 4) class-specific refined boxes, clipped, network-input pixels
 
 
+def select_candidates(ids: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor, num_classes: int,
+                      categories: list[str], t: Thresholds, apply_nms: bool = True):
+    """Score thresholds, small-box removal, NMS and the top-N cut on foreground candidates given flat:
+    ``ids`` (K,) proposal * C + class, ``scores`` (K,), ``boxes`` (K, 4), C = ``num_classes``.
+    A subset holding every candidate above the thresholds gives the same result as the full set (a clip's
+    frames keep only those, mrcnn.inference.video). Returns the kept (ids, scores, boxes), best first."""
+    if t.class_thresh:
+        per_class = torch.tensor([t.score_thresh_of(name) for name in categories[:num_classes]],
+                                 dtype=scores.dtype, device=scores.device)
+        keep = torch.where(scores > per_class[ids % num_classes])[0]
+    else:
+        keep = torch.where(scores > t.score_thresh)[0]
+    ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+    keep = box_ops.remove_small_boxes(boxes, DET_MIN_BOX_SIZE)
+    ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+    if apply_nms:
+        if t.agnostic_nms:
+            keep = box_ops.nms(boxes, scores, float(t.nms_thresh))
+        else:
+            keep = box_ops.batched_nms(boxes, scores, ids % num_classes, float(t.nms_thresh))
+        keep = keep[: int(t.max_detections)]
+        ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+    return ids, scores, boxes
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -217,23 +242,7 @@ class Trace:
         num_props, num_classes = probs.shape
         ids = torch.arange(num_props * num_classes, device=probs.device).view(num_props, num_classes)
         ids, scores, boxes = ids[:, 1:].reshape(-1), probs[:, 1:].reshape(-1), boxes[:, 1:].reshape(-1, 4)
-        if t.class_thresh:
-            per_class = torch.tensor([t.score_thresh_of(name) for name in self.categories[:num_classes]],
-                                     dtype=scores.dtype, device=scores.device)
-            keep = torch.where(scores > per_class[ids % num_classes])[0]
-        else:
-            keep = torch.where(scores > t.score_thresh)[0]
-        ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
-        keep = box_ops.remove_small_boxes(boxes, DET_MIN_BOX_SIZE)
-        ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
-        if apply_nms:
-            if t.agnostic_nms:
-                keep = box_ops.nms(boxes, scores, float(t.nms_thresh))
-            else:
-                keep = box_ops.batched_nms(boxes, scores, ids % num_classes, float(t.nms_thresh))
-            keep = keep[: int(t.max_detections)]
-            ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
-        return ids, scores, boxes
+        return select_candidates(ids, scores, boxes, num_classes, self.categories, t, apply_nms)
 
     # ---- masks --------------------------------------------------------------------------------------
     def mask_probs_28(self, candidate_ids, boxes: torch.Tensor | None = None) -> torch.Tensor:
