@@ -12,9 +12,9 @@ from torch import nn
 
 from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import save_checkpoint
-from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
+from mrcnn.evaluation.evaluate import METRIC_KEYS, _same_size_runs, evaluate
 from mrcnn.data.shapes import ShapesDataset, write_dataset
-from tests.helpers import CATEGORIES, TINY_TRAIN_ARCH
+from tests.helpers import CATEGORIES, TINY_TRAIN_ARCH, tiny_loaded
 
 
 class _Heads(nn.Module):
@@ -23,26 +23,30 @@ class _Heads(nn.Module):
         self.score_thresh, self.detections_per_img = 0.5, 100
 
 
+def _fingerprint(image: torch.Tensor) -> bytes:
+    return image.numpy().tobytes()
+
+
 class OracleModel(nn.Module):
-    """Answers each image (in order) with its ground truth, labels renamed into ``categories``."""
+    """Answers each image (recognised by its pixels: batches come in any order) with its ground truth,
+    labels renamed into ``categories``."""
 
     def __init__(self, dataset, categories, drop_all: bool = False):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(1))
         self.roi_heads = _Heads()
-        self.answers, self.calls = [], 0
+        self.answers, self.calls = {}, 0
         for i in range(len(dataset)):
-            _, t = dataset[i]
+            image, t = dataset[i]
             labels = torch.tensor([categories.index(dataset.categories[int(k)]) for k in t["labels"]])
             n = 0 if drop_all else len(labels)
-            self.answers.append({"boxes": t["boxes"][:n], "labels": labels[:n],
-                                 "scores": torch.linspace(0.99, 0.9, len(labels))[:n],
-                                 "masks": t["masks"][:n, None].float()})
+            self.answers[_fingerprint(image)] = {"boxes": t["boxes"][:n], "labels": labels[:n],
+                                                 "scores": torch.linspace(0.99, 0.9, len(labels))[:n],
+                                                 "masks": t["masks"][:n, None].float()}
 
     def forward(self, images):
-        out = [self.answers[self.calls]]
         self.calls += 1
-        return out
+        return [self.answers[_fingerprint(image)] for image in images]
 
 
 def test_perfect_predictions_score_one_on_generated_scenes():
@@ -57,6 +61,28 @@ def test_perfect_predictions_score_one_on_generated_scenes():
     assert len(curve["recall"]) == len(curve["precision"]) and max(curve["precision"]) == 1.0
     assert len(result.predictions) == 4 and isinstance(result.predictions[0]["labels"][0], str)
     assert json.dumps(result.to_dict())  # plain JSON for the app
+
+
+def test_batched_threaded_evaluation_equals_one_by_one():
+    """Batches of two on two worker threads give the same detections and AP (4 decimals) as one image at
+    a time on the caller's thread (float32, a tiny random-weight model scoring low everywhere)."""
+    loaded = tiny_loaded()
+    ds = ShapesDataset(4, seed=4, size=64)
+    one = evaluate(loaded, ds, batch_size=1, workers=1)
+    many = evaluate(loaded, ds, batch_size=2, workers=2)
+    assert sum(len(p["scores"]) for p in one.predictions) > 0
+    for iou_type in ("bbox", "segm"):
+        assert {k: round(v, 4) for k, v in getattr(one, iou_type).items()} == \
+               {k: round(v, 4) for k, v in getattr(many, iou_type).items()}
+    for a, b in zip(one.predictions, many.predictions, strict=True):
+        assert a["image_id"] == b["image_id"] and a["labels"] == b["labels"]
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-4)
+
+
+def test_only_consecutive_images_of_one_size_share_a_batch():
+    images = [torch.zeros(3, 64, 64), torch.zeros(3, 64, 64), torch.zeros(3, 64, 80), torch.zeros(3, 64, 64)]
+    assert _same_size_runs(images) == [slice(0, 2), slice(2, 3), slice(3, 4)]
 
 
 def test_classes_matched_by_name_on_coco_folder(tmp_path):
