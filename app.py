@@ -9,10 +9,11 @@ ui/state.py; every page has its own link (/detect, /inspect, …).
 """
 import streamlit as st
 
-from ui import sidebar, state
+from ui import share, sidebar, state
 
 st.set_page_config(page_title="Mask R-CNN Explorer", page_icon=":material/category:", layout="wide")
 state.init()
+share.restore()  # a shared link's view, before any widget is drawn and before / switches to Detect
 
 DETECT = st.Page("ui/detect.py", title="Detect", icon=":material/center_focus_strong:", url_path="detect")
 PAGES = [
@@ -31,4 +32,6 @@ def open_detect() -> None:
 # its own link. So `/` is a hidden page that opens Detect, and every page keeps its link (/detect …).
 page = st.navigation([st.Page(open_detect, url_path="start", default=True, visibility="hidden"), *PAGES])
 sidebar.render()
+if page.url_path:  # not the start page (at ""), which only switches to Detect: the warning goes there
+    share.show_problems()
 page.run()

@@ -19,7 +19,7 @@ from mrcnn.inference.draw import draw_detections
 from mrcnn.errors import MrcnnError
 from mrcnn.inference.export import detections_csv, png_bytes, prediction_json
 from mrcnn.inference.structures import Detections, RpnSettings
-from ui import compare, plots, state
+from ui import compare, plots, share, state
 from ui.state import sample_classes, sample_entry
 
 UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
@@ -228,7 +228,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     dets_all, refilter_ms = state.detections_for(trace, thresholds)
     mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
     dets = filter_classes(dets_all, opts["class_filter"])
-    highlight = _selected_row(len(dets))
+    highlight = share.restored_row(dets, entry, _selected_row(len(dets)))
     st.session_state["highlight"] = None if highlight is None else int(dets.candidate_ids[highlight])
 
     ss = st.session_state
@@ -269,6 +269,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         st.dataframe(detections_table(dets), key="det_table", on_select="rerun", selection_mode="single-row",
                      width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
         _downloads(loaded, entry, trace, dets, thresholds, overlay)
+        share.copy_link("detect", entry, st.session_state["highlight"])
         compare.section(loaded, entry, dets, thresholds, lambda d: filter_classes(d, opts["class_filter"]))
         with st.expander("Stage timings", icon=":material/timer:"):
             st.plotly_chart(plots.timings_figure(trace.timings_ms, {"re-filter": refilter_ms or 0.0, "draw": draw_ms}),

@@ -16,7 +16,7 @@ import torch
 from mrcnn.model.paste import paste_mode
 from mrcnn.inference.saliency import METHODS as SALIENCY_METHODS, heat_overlay, saliency
 from mrcnn.inference.structures import RpnSettings
-from ui import plots, state
+from ui import plots, share, state
 
 SECTIONS = ["1 Input and resize", "2 Backbone / FPN", "3 Anchors", "4 RPN", "5 Proposals", "6 RoI pooling",
             "7 Box head", "8 Per-class NMS", "9 Masks", "10 Where the time went"]
@@ -239,6 +239,7 @@ def _detection_steps(trace, entry) -> None:
     else:
         st.info(f"No detections at score ≥ {thresholds.score_thresh:.2f}: lower the score threshold on Detect "
                 "to follow one through RoI pooling, the box head and the mask head.")
+    share.copy_link("inspect", entry, cid)
     if cid is not None:
         _roi(trace, entry, cid)
         _box_head(trace, entry, cid)
@@ -384,6 +385,7 @@ def render() -> None:
                "and the numbers for each, all read from the one run.")
     loaded = state.require_model()
     state.ensure_image(loaded.categories[1:])
+    share.apply_highlight()
     entry = state.current_image()
     st.page_link("ui/detect.py", label="Choose the image and the thresholds on Detect",
                  icon=":material/center_focus_strong:")

@@ -1,0 +1,106 @@
+"""Shareable views: a link built in one session restores the view in a fresh one (AppTest); bad values in a
+link are one warning and the defaults, never a traceback."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from urllib.parse import parse_qsl, urlsplit
+
+from streamlit.testing.v1 import AppTest
+
+import ui.detect
+import ui.inspect
+from tests.test_app import APP, count, env, start, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
+from ui import share
+
+SET_ON_DETECT = {"slider": {"score_thresh": 0.05, "nms_thresh": 0.3, "opacity": 0.8},
+                 "toggle": {"agnostic_nms": True, "show_labels": False}, "radio": {"color_by": "class"}}
+
+
+def shared_link(at: AppTest) -> str:
+    links = [c.value for c in at.code if "?" in c.value]
+    assert len(links) == 1, [c.value for c in at.code]
+    return links[0]
+
+
+def open_link(link: str, page: str | None = None) -> AppTest:
+    """A fresh session opening ``link`` (AppTest's address is unknown: links are relative there)."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params = dict(parse_qsl(urlsplit(link).query))
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_the_pages_choices_are_the_ones_links_accept():
+    assert share.SAMPLE_SIZES == tuple(ui.detect.SAMPLE_SIZES)
+    assert share.FEATURE_MODES == tuple(ui.inspect.FEATURE_MODES)
+
+
+def test_a_link_from_detect_restores_the_view_in_a_fresh_session(env):
+    other = str(env / "runs" / "other" / "checkpoint.pt")
+    write_tiny(env / "runs" / "other" / "checkpoint.pt", seed=5)
+    at = start()
+    at.number_input(key="sample_seed").set_value(3).run()
+    for kind, values in SET_ON_DETECT.items():
+        for key, value in values.items():
+            getattr(at, kind)(key=key).set_value(value).run()
+    at.session_state["class_thresh::shapes"] = {"triangle": 0.3}  # what an edit of the class table stores
+    at.session_state["det_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.selectbox(key="compare_with").select(other).run()
+    assert not at.exception, at.exception
+    n, highlight = count(at), at.session_state["highlight"]
+    assert n > 1 and highlight is not None
+    link = shared_link(at)
+    assert link.startswith("/detect?model=shapes&seed=3&size=256&highlight=")
+
+    fresh = open_link(link)
+    assert not fresh.warning
+    for kind, values in SET_ON_DETECT.items():
+        for key, value in values.items():
+            assert getattr(fresh, kind)(key=key).value == value, key
+    assert fresh.session_state["class_thresh::shapes"] == {"triangle": 0.3}
+    assert fresh.session_state["compare_with"] == other
+    entry = fresh.session_state["images"][fresh.session_state["current_image"]]
+    assert entry.name == "sample-3.png" and entry.width == 256
+    assert count(fresh) == n
+    assert fresh.session_state["highlight"] == highlight
+    assert fresh.query_params == {}  # the address bar no longer shows the link's values
+    assert shared_link(fresh) == link
+
+
+def test_a_link_from_inspect_follows_the_same_detection(env):
+    at = start()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    at.switch_page("ui/inspect.py").run()
+    options = at.selectbox(key="insp_det").options
+    at.selectbox(key="insp_det").select_index(len(options) - 1).run()
+    chosen = at.session_state["insp_det"]
+    link = shared_link(at)
+    assert link.startswith("/inspect?") and f"highlight={chosen}" in link
+
+    fresh = AppTest.from_file(APP, default_timeout=60).run()  # a session that has just opened the link:
+    fresh.session_state["share_restored"] = False  # AppTest starts on Detect; the link opens Inspect
+    fresh.session_state["images"] = OrderedDict()
+    fresh.query_params = dict(parse_qsl(urlsplit(link).query))
+    fresh.switch_page("ui/inspect.py").run()
+    assert not fresh.exception, fresh.exception
+    assert fresh.session_state["insp_det"] == chosen
+    assert fresh.session_state["score_thresh"] == 0.05
+
+
+def test_bad_values_in_a_link_are_one_warning_and_the_defaults(env):
+    at = open_link("/detect?model=nope&score_thresh=nan&nms_thresh=0.3&max_detections=5000&color_by=purple"
+                   "&agnostic_nms=yes&seed=-1&size=100&class_thresh={bad&classes=[\"dog\"]&highlight=x"
+                   "&compare=shapes&opacity=0.8")
+    assert len(at.warning) == 1
+    warning = at.warning[0].value
+    for name in ("model 'nope'", "score_thresh", "max_detections", "color_by", "agnostic_nms", "seed", "size",
+                 "class_thresh", "classes", "highlight", "compare"):
+        assert name in warning, name
+    ss = at.session_state
+    assert ss["model_name"] == "shapes"
+    assert (ss["score_thresh"], ss["max_detections"], ss["color_by"], ss["agnostic_nms"]) == (0.5, 100, "instance",
+                                                                                            False)
+    assert (ss["nms_thresh"], ss["opacity"]) == (0.3, 0.8)  # the valid values are kept
+    assert ss["sample_seed"] == 0 and ss["compare_with"] is None
+    count(at)
