@@ -6,6 +6,7 @@
   the new detections were seen before; cold re-filters that run the mask head are reported apart).
 - refilter_ms_light: median re-filter time on a 640×480 image with the light architecture (the
   bundled shapes model when present).
+- evaluation_images_per_s: `evaluate` of the bundled model on generated 256-px scenes, images/s.
 - peak_rss_mb: the process's peak resident memory.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from mrcnn.data.shapes import generate_scene
+from mrcnn.data.shapes import ShapesDataset, generate_scene
+from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.architectures import build_model, light_arch
@@ -115,12 +117,26 @@ def bench_light(repeats: int = 30) -> dict:
     return out
 
 
+def bench_evaluation(num: int = 50) -> dict:
+    """Evaluation images/s of the bundled model on ``num`` generated 256-px scenes (the Evaluate page's
+    default set), the whole of ``evaluate``: loading, network, RLE encoding and COCO metrics."""
+    if not (weights_dir() / "shapes.pt").is_file():
+        return {}
+    loaded = load_model("shapes", device="cpu")
+    dataset = ShapesDataset(num, seed=12345, size=256, classes=tuple(loaded.categories[1:]),
+                            categories=loaded.categories)
+    start = time.perf_counter()
+    evaluate(loaded, dataset, keep_predictions=False)
+    return {"evaluation_images_per_s": num / (time.perf_counter() - start)}
+
+
 def run_benchmarks(quick: bool = False) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}"}
     results.update(bench_r50(repeats=2 if quick else 5))
     results.update(bench_light(repeats=9 if quick else 45))
+    results.update(bench_evaluation(num=10 if quick else 50))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return results
 
