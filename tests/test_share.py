@@ -104,3 +104,18 @@ def test_bad_values_in_a_link_are_one_warning_and_the_defaults(env):
     assert (ss["nms_thresh"], ss["opacity"]) == (0.3, 0.8)  # the valid values are kept
     assert ss["sample_seed"] == 0 and ss["compare_with"] is None
     count(at)
+
+
+def test_an_uploaded_image_is_not_in_the_link_and_the_page_says_so(env):
+    from tests.test_app import png
+    from tests.helpers import scene
+
+    at = start()
+    assert not any("not in links" in w.value for w in at.warning)
+    at.file_uploader[0].upload("mine.png", png(scene(80, 100, seed=1)), "image/png").run()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    at.session_state["det_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert any("Uploaded images are not in links" in w.value for w in at.warning)
+    link = shared_link(at)
+    assert "mine" not in link and "highlight=" not in link and "seed=0&size=256" in link
