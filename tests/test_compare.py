@@ -119,3 +119,53 @@ def test_compare_two_models_counts_are_the_matchers_and_sliders_run_no_network(e
     assert len(runs) == 2, "a slider ran a network again"
     at.selectbox(key="compare_with").select(None).run()
     assert not any("only A" in d.value.columns for d in at.dataframe)
+
+
+# ---- Evaluate: a second model on the same data -------------------------------------------------------
+def evaluated_with(env, monkeypatch, other_seed: int):
+    """Evaluate shapes on 5 small scenes, then the model of ``other_seed`` as B on the same data."""
+    from collections import Counter
+
+    from mrcnn.data import coco
+    from tests.test_app_training_pages import count_calls, open_page
+
+    other = str(env / "runs" / "b" / "checkpoint.pt")
+    write_tiny(env / "runs" / "b" / "checkpoint.pt", seed=other_seed)
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5).run()
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    at.selectbox(key="ev_compare_with").select(other).run()
+    scans = Counter()
+    count_calls(monkeypatch, coco.CocoDataset, "__init__", scans)
+    at.button(key="ev_compare_go").click().run()
+    assert not at.exception, at.exception
+    assert scans["__init__"] == 0, "the dataset was scanned again for model B"
+    return at
+
+
+def difference(at, what: str):
+    return next(d.value for d in at.dataframe if d.value.index.name == f"B − A {what}")
+
+
+def test_evaluate_a_twin_differs_by_nothing(env, monkeypatch):
+    at = evaluated_with(env, monkeypatch, other_seed=0)
+    for what in ("overall", "per class"):
+        table = difference(at, what)
+        assert len(table) and (table.fillna(0) == 0).all().all(), table
+    assert list(difference(at, "per class").columns) == ["box AP", "box AP50", "mask AP", "mask AP50"]
+
+
+def test_evaluate_another_model_shows_b_minus_a_per_class(env, monkeypatch):
+    from ui import tables
+
+    at = evaluated_with(env, monkeypatch, other_seed=5)
+    a = at.session_state["ev_evaluation"].result["per_class"]
+    b = at.session_state["ev_compare"][1]["per_class"]
+    shown = difference(at, "per class")
+    for name in a:
+        for column, key in (("box AP", "bbox_AP"), ("mask AP50", "segm_AP50")):
+            if a[name][key] >= 0 and b[name][key] >= 0:
+                assert shown.loc[name, column] == pytest.approx(b[name][key] - a[name][key])
+    assert tables.difference_table(tables.per_class_table(a), tables.per_class_table(b)).equals(shown)
+    assert not (shown.fillna(0) == 0).all().all(), "two random models score the same everywhere"

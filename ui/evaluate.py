@@ -1,6 +1,6 @@
-"""Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, what each error type costs
-(TIDE), confusion matrix, and a per-image browser that says, for every missed object, which stage of the
-network lost it.
+"""Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, a second model's AP side by side
+(B − A, per class too), what each error type costs (TIDE), confusion matrix, and a per-image browser that
+says, for every missed object, which stage of the network lost it.
 
 UI only: the metrics come from mrcnn.evaluation.evaluate, the error costs from mrcnn.evaluation.error_costs,
 the reasons from mrcnn.evaluation.diagnose.
@@ -28,7 +28,7 @@ from mrcnn.evaluation.error_costs import ERROR_TYPES, error_costs_of
 from mrcnn.inference.draw import draw_boxes
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
-from ui import state, tables
+from ui import sidebar, state, tables
 
 TP_COLOR, FP_COLOR, MISS_COLOR = (40, 200, 60), (230, 40, 40), (250, 200, 0)
 
@@ -147,6 +147,71 @@ def _metrics_tables(result: dict) -> None:
     if per_class:
         st.caption("Per class")
         st.dataframe(tables.per_class_table(per_class).style.format("{:.3f}"))
+
+
+# ---- a second model on the same data ---------------------------------------------------------------------
+def _evaluate_other(other, evaluation: Evaluation) -> dict | None:
+    """``other``'s metrics on the evaluation's dataset (already scanned: not again), or None with the reason."""
+    bar = st.progress(0.0, text=f"Evaluating {other.name}…")
+    try:
+        with uploads.naming_upload(evaluation.dataset_name, evaluation.folder.path):
+            return coco_metrics.evaluate(
+                other, evaluation.dataset, keep_predictions=False,
+                progress=lambda d, t: bar.progress(d / max(t, 1), text=f"{other.name}: image {d}/{t}")).to_dict()
+    except MrcnnError as err:
+        st.error(str(err))
+        return None
+    finally:
+        bar.empty()
+
+
+def _comparison(loaded, evaluation: Evaluation) -> None:
+    """A second model (B) on the same dataset: both AP tables side by side and B − A, overall and per class.
+    B's metrics are kept for the session, keyed by its weights and the dataset."""
+    st.subheader("Compare with another model")
+    infos = {i.name: i for i in state.model_infos() if i.available and i.name != loaded.name}
+    options = [None, *infos]
+    state.keep_choice("ev_compare_with", options, None)
+    name = st.selectbox("Model B, on the same data", options, key="ev_compare_with",
+                        format_func=lambda n: "none" if n is None else sidebar.model_label(infos[n]),
+                        help="Typical: the model before and after a fine-tune, or the bundled one against an "
+                             "imported one")
+    if name is None:
+        return
+    ss = st.session_state
+    try:
+        other = state.get_model(name, ss.get("device", "auto"))
+    except MrcnnError as err:
+        st.error(str(err))
+        return
+    key = (_model_key(other), evaluation.dataset_key)
+    kept = ss.get("ev_compare")
+    if kept is None or kept[0] != key:
+        if not st.button(f"Evaluate {name} on the same data", key="ev_compare_go"):
+            return
+        result = _evaluate_other(other, evaluation)
+        if result is None:
+            return
+        kept = ss["ev_compare"] = (key, result)
+    a, b = evaluation.result, kept[1]
+    left, right = st.columns(2)
+    summaries = tables.summary_table(a), tables.summary_table(b)
+    per_class = tables.per_class_table(a.get("per_class", {})), tables.per_class_table(b.get("per_class", {}))
+    for column, label, model, k in ((left, "A", loaded.name, 0), (right, "B", name, 1)):
+        column.caption(f"**{label}**: {model}")
+        column.dataframe(summaries[k].style.format("{:.3f}"))
+        column.dataframe(per_class[k].style.format("{:.3f}"))
+    st.caption("B − A (green: B is better; empty: no ground truth of that class, or only one model has it)")
+    for what, (table_a, table_b) in (("overall", summaries), ("per class", per_class)):
+        difference = tables.difference_table(table_a, table_b)
+        difference.index.name = f"B − A {what}"
+        st.dataframe(difference.style.format("{:+.3f}", na_rep="").map(_difference_color))
+
+
+def _difference_color(value: float) -> str:
+    if value != value or value == 0:  # NaN or no change
+        return ""
+    return "color: #1a9641" if value > 0 else "color: #d7191c"
 
 
 # ---- the dataset and the evaluation ---------------------------------------------------------------------
@@ -314,6 +379,7 @@ def render() -> None:
     tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
     result = evaluation.result
     _metrics_tables(result)
+    _comparison(loaded, evaluation)
     c1, c2 = st.columns(2)
     c1.plotly_chart(pr_figure(result.get("pr_curves", {}), "bbox"), key="ev_pr_box")
     c2.plotly_chart(pr_figure(result.get("pr_curves", {}), "segm"), key="ev_pr_mask")
