@@ -20,7 +20,8 @@ from mrcnn import bench
 from mrcnn.data.images import load_image
 from mrcnn.data.shapes import check_classes, write_dataset
 from mrcnn.data.sources import first_items, open_data
-from mrcnn.errors import ImageError, MrcnnError, TrainingError
+from mrcnn.data.video import is_clip, open_clip
+from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
@@ -28,6 +29,7 @@ from mrcnn.inference.export import png_bytes, trace_json
 from mrcnn.inference.model_export import FORMATS as EXPORT_FORMATS, export_model
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
+from mrcnn.inference.video import predict_clip
 from mrcnn.model.architectures import ARCHITECTURES, check_arch
 from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import list_models, load_model
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list models and whether they are available")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("predict", help="detect objects in images; writes DIR/<stem>.json and .png")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser("predict", help="detect objects in images and video clips; writes DIR/<stem>.json and "
+                                       ".png (.mp4 for a clip: every frame annotated)")
+    p.add_argument("images", nargs="+", metavar="IMAGE|CLIP")
     p.add_argument("--model", default="shapes", help="model name or checkpoint path")
     p.add_argument("--weights", default=None, help="weights file (raw torchvision state dict or checkpoint)")
     _add_thresholds(p)
@@ -235,6 +238,9 @@ def cli_predict(args) -> int:
     failed, used = 0, set()
     for name in args.images:
         path = Path(name)
+        if is_clip(path.name, path):
+            failed += _predict_clip(loaded, path, thresholds, out_dir, used)
+            continue
         try:
             image = load_image(path)
         except ImageError as err:
@@ -248,6 +254,22 @@ def cli_predict(args) -> int:
         atomic_write_bytes(out_dir / f"{stem}.png", png_bytes(draw_detections(image.array, trace.detections)))
         print(f"{path}: {len(trace.detections)} detections -> {out_dir / stem}.json")
     return 2 if failed else 0
+
+
+def _predict_clip(loaded, path: Path, thresholds: Thresholds, out_dir: Path, used: set[str]) -> int:
+    """One clip of `predict`: DIR/<stem>.json and the annotated DIR/<stem>.mp4. 1 when it failed (said on stderr)."""
+    bar = _Progress(path.name)
+    try:
+        clip = open_clip(path)
+        stem = _unique_stem(path, used)
+        record = predict_clip(loaded, clip, thresholds, out_dir / f"{stem}.json", out_dir / f"{stem}.mp4",
+                              progress=lambda done, total, _seconds_left: bar(done, total))
+    except VideoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    found = sum(len(frame["detections"]) for frame in record["frames"])
+    print(f"{path}: {len(record['frames'])} frames, {found} detections -> {out_dir / stem}.json, .mp4")
+    return 0
 
 
 def cli_shapes(args) -> int:

@@ -1,0 +1,243 @@
+"""Video clips (mrcnn.data.video, mrcnn.inference.video, `predict` on clips): clips made here with PyAV from
+shapes scenes, 8 frames of 128x128, a tiny random-weight model at a low score threshold."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrcnn.cli import main
+from mrcnn.data.shapes import generate_scene
+from mrcnn.data.video import ClipWriter, is_clip, open_clip
+from mrcnn.errors import VideoError
+from mrcnn.inference.export import detection_records
+from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.trace import run_trace
+from mrcnn.inference.video import ClipCancelled, FrameCandidates, detect_frames, predict_clip
+from mrcnn.model.checkpoint import save_checkpoint
+from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
+
+FRAMES, SIZE, FPS = 8, 128, 10
+LOW = Thresholds(score_thresh=0.3, max_detections=20)
+
+
+def scenes(n: int = FRAMES, size: int = SIZE) -> list[np.ndarray]:
+    return [generate_scene(seed, size=size).image for seed in range(n)]
+
+
+def encode(frames: list[np.ndarray], fmt: str = "mp4", codec: str = "libx264", fps: int = FPS) -> bytes:
+    """A clip made with PyAV directly (not with our ClipWriter)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for array in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def audio_only() -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def decoded_frames(path_or_bytes) -> tuple[int, float]:
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    with av.open(source) as container:
+        stream = container.streams.video[0]
+        return sum(1 for _ in container.decode(stream)), float(stream.average_rate)
+
+
+@pytest.fixture(scope="module")
+def clip_bytes() -> bytes:
+    return encode(scenes())
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """Random weights, with class scores spread out and mostly background: a few confident candidates per
+    frame, as a trained model has (uniform ~0.25 scores would keep thousands)."""
+    loaded = tiny_loaded(seed=0)
+    cls_score = loaded.model.roi_heads.box_predictor.cls_score
+    with torch.no_grad():
+        cls_score.weight.mul_(20.0)
+        cls_score.bias[0] += 6.0
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def results(loaded, clip_bytes) -> list:
+    """One pass over the clip, keeping the candidates, and the progress reports it made."""
+    progress = []
+    frames = list(detect_frames(loaded, open_clip(clip_bytes, name="walk.mp4"), LOW, keep_candidates=True,
+                                progress=lambda *a: progress.append(a)))
+    return frames, progress
+
+
+def same_detections(a, b) -> None:
+    assert len(a) == len(b)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.boxes, b.boxes, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(a.masks, b.masks)
+
+
+def test_every_frame_gets_the_image_paths_detections_and_refilters_like_a_trace(loaded, clip_bytes, results):
+    clip = open_clip(clip_bytes, name="walk.mp4")
+    assert (clip.info.frames, clip.info.fps, clip.info.width, clip.info.height) == (FRAMES, FPS, SIZE, SIZE)
+    frames, progress = results
+    assert [r.index for r in frames] == list(range(FRAMES))
+    assert [r.time_s for r in frames] == pytest.approx([n / FPS for n in range(FRAMES)])
+    assert [p[:2] for p in progress] == [(n, FRAMES) for n in range(1, FRAMES + 1)] and progress[-1][2] == 0.0
+    stricter = LOW.replace(score_thresh=0.5, nms_thresh=0.3, max_detections=3, mask_thresh=0.7)
+    looser = LOW.replace(score_thresh=0.25, agnostic_nms=True, class_thresh={"circle": 0.6})
+    for result in frames:
+        image_trace = run_trace(loaded, result.array, LOW)  # the image path on the same decoded frame
+        same_detections(result.detections, image_trace.detections)
+        # the stored candidates re-filter as the full trace does, at the clip's thresholds and at others
+        same_detections(result.candidates.refilter(LOW), image_trace.detections)
+        for t in (stricter, looser):
+            same_detections(result.candidates.refilter(t), image_trace.refilter(t))
+        assert result.candidates.exact_for(looser) and not result.candidates.exact_for(Thresholds(0.1))
+    assert sum(len(r.detections) for r in frames) > 0
+
+
+def test_what_a_frame_keeps_is_small(results):
+    cand = max((r.candidates for r in results[0]), key=lambda c: len(c.ids))
+    assert isinstance(cand, FrameCandidates) and len(cand.ids) > 0
+    assert cand.nbytes == len(cand.ids) * (8 + 4 + 16 + 28 * 28 * 4)
+
+
+def test_frame_at_finds_a_frame_again(clip_bytes):
+    clip = open_clip(clip_bytes)
+    frames = list(clip.frames())
+    for index in (0, 5, FRAMES - 1):
+        np.testing.assert_array_equal(clip.frame_at(index, frames[index].pts), frames[index].array)
+
+
+def test_predict_clip_writes_json_and_an_annotated_clip_of_the_same_length(loaded, clip_bytes, results, tmp_path):
+    clip = open_clip(clip_bytes, name="walk.mp4")
+    record = predict_clip(loaded, clip, LOW, tmp_path / "walk.json", tmp_path / "walk.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["walk.json", "walk.mp4"]
+    assert json.loads((tmp_path / "walk.json").read_text()) == json.loads(json.dumps(record))
+    assert record["video"] == {"file": "walk.mp4", "fps": FPS, "frames": FRAMES, "width": SIZE, "height": SIZE}
+    assert [f["index"] for f in record["frames"]] == list(range(FRAMES))
+    assert [f["detections"] for f in record["frames"]] == [detection_records(r.detections) for r in results[0]]
+    assert decoded_frames(tmp_path / "walk.mp4") == (FRAMES, FPS)
+
+
+def test_writer_pads_odd_sizes_and_keeps_frame_count_and_rate(tmp_path):
+    with ClipWriter(tmp_path / "odd.mp4", Fraction(30000, 1001), 65, 47) as out:
+        for array in scenes(5, 65):
+            out.write(array[:47])
+    clip = open_clip(tmp_path / "odd.mp4")
+    assert (clip.info.width, clip.info.height) == (66, 48)
+    assert decoded_frames(tmp_path / "odd.mp4") == (5, pytest.approx(30000 / 1001))
+
+
+@pytest.mark.parametrize("kind", ["mp4", "webm", "mov", "gif"])
+def test_containers_the_app_takes_decode(kind):
+    frames = scenes(4, 64)
+    if kind == "gif":
+        buf = io.BytesIO()
+        Image.fromarray(frames[0]).save(buf, format="GIF", save_all=True,
+                                        append_images=[Image.fromarray(f) for f in frames[1:]], duration=100)
+        data = buf.getvalue()
+    else:
+        data = encode(frames, fmt=kind, codec={"webm": "libvpx", "mov": "mpeg4"}.get(kind, "libx264"))
+    assert is_clip(f"x.{kind}", data)
+    decoded = list(open_clip(data).frames())
+    assert len(decoded) == 4 and decoded[0].array.shape == (64, 64, 3)
+
+
+def test_a_single_frame_gif_is_an_image():
+    buf = io.BytesIO()
+    Image.fromarray(scenes(1, 32)[0]).save(buf, format="GIF")
+    assert not is_clip("still.gif", buf.getvalue())
+    assert not is_clip("photo.png") and is_clip("CLIP.MP4")
+
+
+def bad_clips(clip_bytes: bytes) -> dict[str, tuple[bytes, str]]:
+    webm = encode(scenes(8, 64), fmt="webm", codec="libvpx")
+    return {
+        "garbage": (b"not a video at all " * 50, "not a readable video file"),
+        "no video stream": (audio_only(), "has no video stream"),
+        "mp4 cut short": (clip_bytes[: len(clip_bytes) // 2], "truncated"),
+        "webm cut short": (webm[: int(len(webm) * 0.8)], "truncated"),
+        "empty": (b"", "file is empty"),
+    }
+
+
+@pytest.mark.parametrize("case", ["garbage", "no video stream", "mp4 cut short", "webm cut short", "empty"])
+def test_bad_clips_are_one_line_and_leave_nothing(case, loaded, clip_bytes, tmp_path):
+    data, says = bad_clips(clip_bytes)[case]
+    with pytest.raises(VideoError) as err:
+        predict_clip(loaded, open_clip(data, name="bad.mp4"), LOW, tmp_path / "bad.json", tmp_path / "bad.mp4")
+    message = str(err.value)
+    assert message.startswith("bad.mp4: ") and says in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("env,value,says", [("MRCNN_MAX_VIDEO_SECONDS", "0.5", "clip is too long (0.8 s"),
+                                            ("MRCNN_MAX_VIDEO_MB", "0.001", "file is too large"),
+                                            ("MRCNN_MAX_PIXELS", "10000", "frames have too many pixels (128x128")])
+def test_limits_come_from_the_environment(env, value, says, clip_bytes, monkeypatch):
+    open_clip(clip_bytes)
+    monkeypatch.setenv(env, value)
+    with pytest.raises(VideoError, match=rf"^clip: {re.escape(says)}.*raise it with {env}\)$"):
+        open_clip(clip_bytes)
+
+
+def test_a_cancel_stops_and_leaves_nothing(loaded, clip_bytes, tmp_path):
+    calls = []
+    with pytest.raises(ClipCancelled, match="stopped after 2 of 8 frames"):
+        predict_clip(loaded, open_clip(clip_bytes), LOW, tmp_path / "c.json", tmp_path / "c.mp4",
+                     should_stop=lambda: calls.append(1) or len(calls) > 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, loaded) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", TINY_LIGHT, CATEGORIES,
+                           loaded.model.state_dict())
+
+
+def test_cli_predicts_images_and_clips_in_one_call(tiny_checkpoint, clip_bytes, tmp_path, capsys):
+    (tmp_path / "walk.mp4").write_bytes(clip_bytes)
+    Image.fromarray(scenes(1)[0]).save(tmp_path / "still.png")
+    out = tmp_path / "out"
+    code = main(["predict", str(tmp_path / "still.png"), str(tmp_path / "walk.mp4"), "--model", str(tiny_checkpoint),
+                 "--score-thresh", "0.3", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["still.json", "still.png", "walk.json", "walk.mp4"]
+    record = json.loads((out / "walk.json").read_text())
+    assert record["video"]["frames"] == FRAMES and len(record["frames"]) == FRAMES
+    assert json.loads((out / "still.json").read_text())["image"]["file"] == "still.png"
+    assert decoded_frames(out / "walk.mp4") == (FRAMES, FPS)
+    assert "walk.mp4: 8 frames" in capsys.readouterr().out
+
+
+def test_cli_bad_clip_is_one_line_exit_2_and_leaves_nothing(tiny_checkpoint, clip_bytes, tmp_path, capsys):
+    (tmp_path / "cut.mp4").write_bytes(clip_bytes[:3000])
+    out = tmp_path / "out"
+    code = main(["predict", str(tmp_path / "cut.mp4"), "--model", str(tiny_checkpoint), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {tmp_path / 'cut.mp4'}: file is truncated or damaged "
+                                        "(its MP4/MOV index is missing)"]
+    assert list(out.iterdir()) == []
