@@ -1,13 +1,15 @@
 """Session state in one place, and the resources every session shares.
 
 Shared by all sessions (``st.cache_resource``): the loaded models, keyed by (name, weights file, its
-mtime/size, device). They are only ever called, never changed.
+mtime/size, device). They are only ever called, never changed. And the trace cache (``trace_cache``):
+one memory budget for every session's traces.
 
 Per session (``st.session_state``), initialised by ``init()``:
   model_name, device        what the sidebar chose (device: "auto" | "cpu" | "cuda")
   images                    OrderedDict image id -> ImageEntry: uploads and sample scenes, in order
   current_image             the image id Detect and Inspect show
-  traces                    OrderedDict trace key -> Trace, least recently used first (a small LRU)
+  traces                    this session's live traces, trace key -> Trace: its part of the server-wide
+                            trace cache (``trace_cache()``, one byte budget for every session)
   score_thresh … mask_thresh, agnostic_nms, show_*, color_by, opacity, show_proposals, proposals_k,
   rpn_* …, insp_* …         control values (DEFAULTS; insp_anchor_x/y start at the image centre)
   class_thresh::<model>     per-class score thresholds that differ from the global one (Detect's table)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +36,8 @@ import streamlit as st
 from mrcnn.model import zoo
 from mrcnn.errors import ModelUnavailable, MrcnnError
 from mrcnn.inference.structures import RpnSettings, Thresholds
+from mrcnn.inference.trace_cache import TraceCache, budget_bytes
 
-TRACE_CACHE_SIZE = 8  # images whose traces a session keeps
-TRACE_CACHE_BYTES = 1.5e9  # ... and at most about this much feature memory (one trace is always kept)
 MAX_IMAGES = 16  # images a session keeps in its strip
 THUMB_SIZE = 112
 
@@ -79,9 +81,10 @@ def init() -> None:
     for key, value in DEFAULTS.items():
         if key not in ss:
             ss[key] = value
-    for key in ("images", "traces"):
-        if key not in ss:
-            ss[key] = OrderedDict()
+    if "images" not in ss:
+        ss["images"] = OrderedDict()
+    if "traces" not in ss:
+        ss["traces"] = trace_cache().session(_session_id())
     ss.setdefault("current_image", None)
     ss.setdefault("ingested_uploads", {})  # uploader file id -> image id, or the error message
 
@@ -282,39 +285,44 @@ def current_image() -> ImageEntry | None:
 
 def clear_images() -> None:
     st.session_state["images"] = OrderedDict()
-    st.session_state["traces"] = OrderedDict()
+    trace_cache().forget(_session_id())
     st.session_state["current_image"] = None
     st.session_state["ingested_uploads"] = {}
 
 
 # ---- traces ------------------------------------------------------------------------------------------
-def _trace_bytes(trace) -> int:
-    return sum(int(f.numel() * f.element_size()) for f in trace.features.values())
+@st.cache_resource(show_spinner=False)
+def trace_cache() -> TraceCache:
+    """Every session's traces under one budget ($MRCNN_TRACE_CACHE_GB, default 4 GB): least recently
+    used first, feature maps before detections (mrcnn.inference.trace_cache)."""
+    return TraceCache(budget_bytes())
+
+
+def _session_id() -> str:
+    """Names this session in the shared trace cache (made here: nothing a user typed)."""
+    return st.session_state.setdefault("trace_session", uuid.uuid4().hex)
 
 
 def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
-    """The trace of this image under this model: from the session's LRU, or run once now.
+    """The trace of this image under this model: from the trace cache, or run once now.
 
-    A cached trace whose RPN settings differ from the session's is re-filtered from its cached
-    features (``Trace.set_rpn``); the backbone never runs twice for one image and model."""
+    A cached trace whose RPN settings differ from the session's is re-filtered from its features
+    (``Trace.set_rpn``); features the cache dropped to stay in budget are recomputed then, by the
+    backbone alone."""
     from mrcnn.inference.trace import run_trace
 
     ss = st.session_state
-    traces: OrderedDict = ss["traces"]
+    cache = trace_cache()
     key = (loaded.name, loaded.sha256, str(loaded.device), entry.id)
     rpn = rpn_settings()
-    trace = traces.get(key)
+    trace = cache.get(_session_id(), key)
     if trace is None:
         with st.spinner(f"Running {loaded.name} on {entry.name}…"):
             start = time.perf_counter()
             trace = run_trace(loaded, entry.array, thresholds(), rpn)
             ss["network_ran_ms"] = (time.perf_counter() - start) * 1000.0
-        traces[key] = trace
-        while len(traces) > 1 and (len(traces) > TRACE_CACHE_SIZE
-                                   or sum(_trace_bytes(t) for t in traces.values()) > TRACE_CACHE_BYTES):
-            traces.popitem(last=False)
+        cache.put(_session_id(), key, trace)
     else:
-        traces.move_to_end(key)
         if trace.rpn_settings != rpn:
             start = time.perf_counter()
             trace.set_rpn(rpn)

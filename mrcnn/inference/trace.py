@@ -125,15 +125,14 @@ class Trace:
     def _run_network(self) -> None:
         model = self.model
         with self._timed("transform"):
-            tensor = torch.from_numpy(self.image).to(self.device).permute(2, 0, 1).float().div_(255.0)
-            image_list, _ = model.transform([tensor])
-        self.image_list = image_list
+            image_list = self._transform()
+        self._image_list = image_list
         self.input_size = tuple(int(s) for s in image_list.image_sizes[0])  # (h, w) after resize
         self.padded_size = tuple(int(s) for s in image_list.tensors.shape[-2:])
 
         with self._timed("backbone"):
-            self.features: OrderedDict[str, torch.Tensor] = model.backbone(image_list.tensors)
-        feature_list = list(self.features.values())
+            self._features: OrderedDict[str, torch.Tensor] | None = self._backbone(image_list)
+        feature_list = list(self._features.values())
 
         with self._timed("rpn_head"):
             objectness, deltas = model.rpn.head(feature_list)
@@ -151,6 +150,44 @@ class Trace:
         self.detections = self.refilter(self.thresholds)
         self.timings_ms["detections"] = self.last_refilter_ms - self.last_mask_ms
         self.timings_ms["masks"] = self.last_mask_ms
+
+    def _transform(self):
+        """The network input: resized, normalised, padded (torchvision's ImageList of one image)."""
+        tensor = torch.from_numpy(self.image).to(self.device).permute(2, 0, 1).float().div_(255.0)
+        return self.model.transform([tensor])[0]
+
+    def _backbone(self, image_list) -> OrderedDict[str, torch.Tensor]:
+        return self.model.backbone(image_list.tensors)
+
+    # ---- memory: the feature maps can be dropped and come back on demand ---------------------------
+    @property
+    def image_list(self):
+        """The network input (see ``_transform``); recomputed after ``drop_features``."""
+        image_list = self._image_list
+        if image_list is None:
+            with torch.inference_mode():
+                image_list = self._image_list = self._transform()
+        return image_list
+
+    @property
+    def features(self) -> OrderedDict[str, torch.Tensor]:
+        """The FPN feature maps, level name -> (1, channels, Hi, Wi); after ``drop_features``, the
+        backbone runs again (same input, same values) the first time something asks for them."""
+        features = self._features
+        if features is None:
+            with torch.inference_mode():
+                features = self._features = self._backbone(self.image_list)
+        return features
+
+    @property
+    def has_features(self) -> bool:
+        return self._features is not None
+
+    def drop_features(self) -> None:
+        """Free the feature maps and the network input, most of a trace's memory (mrcnn.inference.trace_cache).
+        Re-filtering whose masks were seen before needs neither."""
+        self._features = None
+        self._image_list = None
 
     def _run_heads(self) -> None:
         """RPN filtering and the box head: everything downstream of the cached features."""
