@@ -11,8 +11,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import streamlit as st
 import torch
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
 from mrcnn.cli import main
 from mrcnn.data.shapes import generate_scene
@@ -241,3 +243,68 @@ def test_cli_bad_clip_is_one_line_exit_2_and_leaves_nothing(tiny_checkpoint, cli
     assert err.strip().splitlines() == [f"error: {tmp_path / 'cut.mp4'}: file is truncated or damaged "
                                         "(its MP4/MOV index is missing)"]
     assert list(out.iterdir()) == []
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture
+def app_env(tmp_path, monkeypatch, tiny_checkpoint):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "shapes.pt").symlink_to(tiny_checkpoint)
+    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield tmp_path
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def shown_count(at: AppTest) -> int:
+    found = [int(m.group(1)) for md in at.markdown if (m := re.search(r"### (\d+) detections", md.value))]
+    assert len(found) == 1, [md.value for md in at.markdown]
+    return found[0]
+
+
+def test_app_processes_a_clip_once_then_scrubs_and_refilters_without_the_network(app_env, clip_bytes, monkeypatch):
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.slider(key="score_thresh").set_value(0.3).run()
+    at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
+    assert not at.exception, at.exception
+    clip = at.session_state["video"]
+    assert len(clip.candidates) == FRAMES and "walk.mp4" in "\n".join(md.value for md in at.markdown)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network ran again")
+    monkeypatch.setattr("mrcnn.inference.video.run_trace", no_network)
+    counts = []
+    for index, score in ((5, 0.3), (5, 0.6), (2, 0.3)):
+        at.slider(key="score_thresh").set_value(score)
+        at.slider(key="video_frame").set_value(index).run()
+        assert not at.exception, at.exception
+        expected = clip.candidates[index].refilter(LOW.replace(score_thresh=score, max_detections=100))
+        assert shown_count(at) == len(expected)
+        counts.append(len(expected))
+    assert counts[0] >= counts[1]
+
+    next(b for b in at.button if b.label == "Make the annotated clip").click().run()
+    assert not at.exception, at.exception
+    assert decoded_frames(at.session_state["video_download"][1]) == (FRAMES, FPS)
+
+    next(b for b in at.button if b.label == "Open this frame in Inspect").click().run()
+    assert not at.exception, at.exception
+    entry = at.session_state["images"][at.session_state["current_image"]]
+    assert entry.name == "walk-frame2.png" and entry.array.shape == (SIZE, SIZE, 3)
+
+
+def test_app_bad_clip_is_a_message_and_keeps_nothing(app_env):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.file_uploader[0].upload("broken.mp4", b"\x00\x00\x00\x18ftypisom" + b"\x00" * 100, "video/mp4").run()
+    assert not at.exception, at.exception
+    assert any("broken.mp4" in e.value and "truncated or damaged" in e.value for e in at.error)
+    assert "video" not in at.session_state

@@ -19,10 +19,10 @@ from mrcnn.inference.draw import draw_detections
 from mrcnn.errors import MrcnnError
 from mrcnn.inference.export import detections_csv, png_bytes, prediction_json
 from mrcnn.inference.structures import Detections, RpnSettings
-from ui import compare, plots, share, state
+from ui import compare, plots, share, state, video
 from ui.state import sample_classes, sample_entry
 
-UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS)
+UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS) + video.UPLOAD_TYPES  # an animated GIF is a clip
 # Larger uploads are refused with a message. Lower than mrcnn.data.images' 40 MP default because the page
 # keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
 MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
@@ -61,6 +61,8 @@ def _uploads() -> None:
     seen: dict = st.session_state["ingested_uploads"]
     newest = None
     for f in files or []:
+        if f.file_id not in seen and video.is_clip_upload(f):
+            seen[f.file_id] = video.ingest_clip(f)
         if f.file_id not in seen:
             try:
                 entry = ingest_upload(f.name, f.getvalue())
@@ -296,6 +298,9 @@ def render() -> None:
                "runs once per image; every control re-filters that run at once.")
     loaded = state.require_model()
     _input(loaded.categories[1:])
+    if video.showing_clip():
+        video.render(loaded, _controls)
+        return
     entry = state.current_image()
     if entry is None:
         st.info("Upload an image or make a sample scene to start.", icon=":material/upload:")
