@@ -2,7 +2,8 @@
 through Python Playwright (never a downloaded browser).
 
 Uploads an image, waits for the detections, moves the score slider with the keyboard and sees the
-count change, opens Inspect. Screenshots go to test-artifacts/. Skipped when /usr/bin/chromium is
+count change, opens Inspect; compares two models and opens a shared link in a fresh browser. Screenshots
+go to test-artifacts/ (and the README's to docs/images/). Skipped when /usr/bin/chromium is
 missing (CI installs it: apt-get install chromium).
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 COUNT = re.compile(r"(\d+) detections")
+COMPARE_RUN = "compare-b"
+DOC_IMAGES = ROOT / "docs" / "images"  # the README's screenshots
 
 # CI sets MRCNN_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip.
 if not Path(CHROMIUM).exists() and os.environ.get("MRCNN_REQUIRE_BROWSER") == "1":
@@ -66,6 +69,9 @@ def server(tmp_path_factory):
     loaded = tiny_loaded(seed=0)
     save_checkpoint(weights / "shapes.pt", TINY_LIGHT, CATEGORIES, loaded.model.state_dict(),
                     {"data": "random weights (browser test)"}, half=True)
+    # a second model to compare with, listed as a training run
+    save_checkpoint(tmp / "runs" / COMPARE_RUN / "checkpoint.pt", TINY_LIGHT, CATEGORIES,
+                    tiny_loaded(seed=5).model.state_dict(), {"data": "random weights (browser test)"}, half=True)
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "streamlit.log"
     port = free_port()
@@ -320,3 +326,65 @@ def test_add_a_model_from_the_sidebar_and_detect_with_it(server, browser):
         assert not errors, errors
     finally:
         page.close()
+
+
+def save_doc_image(png: bytes, name: str, width: int = 800) -> None:
+    """A README screenshot: scaled to ``width`` and reduced to 128 colours (under 150 kB)."""
+    import io
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+    image.quantize(128).save(DOC_IMAGES / name, optimize=True)
+
+
+def test_compare_two_models_and_open_a_shared_link_in_a_fresh_browser(server, browser):
+    """Detect compares the sidebar's model with a second one; its "Copy link" opened in a new browser
+    context (no cookies, a new session) shows the same detections, sliders and comparison."""
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    fresh = None
+    try:
+        page.goto(f"{url}/detect", wait_until="domcontentloaded")
+        at_default = detection_count(page)
+        move_slider(page, "Score threshold", -22)  # 0.50 -> 0.28: a few detections of the random-weight models
+        count = wait_count_change(page, at_default)
+        move_slider(page, "Mask opacity", 4)  # 0.50 -> 0.70
+        page.get_by_text("Compare with another model").first.scroll_into_view_if_needed()
+        page.get_by_role("combobox", name="Compare with").first.click()
+        page.get_by_role("option", name=re.compile(f"run {COMPARE_RUN}")).first.click()
+        matched = page.get_by_text(re.compile(r"\d+ matched \(same class")).first
+        matched.wait_for(timeout=60_000)
+        summary = matched.inner_text().split(" · ")[0]
+        page.set_viewport_size({"width": 1400, "height": 2600})  # the whole section in sight
+        page.wait_for_timeout(1000)
+        top = page.get_by_text("Compare with another model").first.bounding_box()
+        table = page.locator('[data-testid="stDataFrame"]').last.bounding_box()  # matched / only A / only B
+        save_doc_image(page.screenshot(clip={"x": top["x"] - 8, "y": top["y"] - 8, "width": table["width"] + 16,
+                                             "height": table["y"] + table["height"] - top["y"] + 16}), "compare.png")
+
+        page.get_by_role("button", name="Copy link").first.click()
+        code = page.locator('[data-testid="stCode"] code').filter(has_text="/detect?").first
+        code.wait_for(timeout=30_000)
+        link = code.inner_text().strip()
+        assert link.startswith(f"{url}/detect?model=shapes&") and "compare=" in link, link
+        page.wait_for_timeout(500)
+        save_doc_image(page.locator('[data-testid="stPopoverBody"]').first.screenshot(), "share.png", width=700)
+        expected = {label: slider_value(page, label) for label in ("Score threshold", "Mask opacity")}
+        assert expected == {"Score threshold": 0.28, "Mask opacity": 0.7}
+
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        fresh = context.new_page()
+        fresh.on("pageerror", lambda err: errors.append(str(err)))
+        fresh.goto(link, wait_until="domcontentloaded")
+        assert detection_count(fresh) == count
+        fresh.get_by_text(summary).first.wait_for(timeout=60_000)  # B ran, and the same pairs matched
+        assert {label: slider_value(fresh, label) for label in expected} == expected
+        assert not fresh.get_by_text("Traceback").count()
+        assert not errors, errors
+    finally:
+        page.close()
+        if fresh is not None:
+            fresh.context.close()

@@ -93,7 +93,7 @@ def test_compare_with_a_twin_matches_everything(env):
     assert comparison_counts(at) == {"matched": n, "only A": 0, "only B": 0}
     captions = [c for image in at.image for c in image.captions]
     assert captions == [f"A: shapes — {n} detections, 0 only here",
-                        f"B: {env / 'runs' / 'twin' / 'checkpoint.pt'} — {n} detections, 0 only here"]
+                        f"B: run twin (training run) — {n} detections, 0 only here"]
 
 
 def test_compare_two_models_counts_are_the_matchers_and_sliders_run_no_network(env, monkeypatch):

@@ -38,7 +38,7 @@ def picture(image: np.ndarray, dets: Detections, only: np.ndarray) -> np.ndarray
                           show_labels=ss["show_labels"], show_outlines=ss["show_outlines"],
                           color_by=ss["color_by"], opacity=float(ss["opacity"]))
     if len(only):
-        width = max(4, round(min(image.shape[:2]) / 120))
+        width = max(3, round(min(image.shape[:2]) / 150))
         out = draw_boxes(out, dets.boxes[only], ONLY_ONE_COLOR, width=width)
     return out
 
@@ -48,8 +48,7 @@ def thresholds_for(thresholds: Thresholds, categories: list[str]) -> Thresholds:
     return thresholds.replace(class_thresh={c: v for c, v in thresholds.class_thresh if c in categories})
 
 
-def _picker(current: str) -> str | None:
-    infos = {i.name: i for i in state.model_infos() if i.available and i.name != current}
+def _picker(infos: dict) -> str | None:
     options = [None, *infos]
     state.keep_choice("compare_with", options, None)
     return st.selectbox("Compare with", options, key="compare_with", persist_state="session",
@@ -63,9 +62,11 @@ def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thres
     """The "Compare with" picker and, when a model is picked, the two pictures and the counts.
     ``dets``: the sidebar model's detections as the page shows them; ``keep``: the page's class filter."""
     st.markdown("**Compare with another model**")
-    name = _picker(loaded.name)
+    infos = {i.name: i for i in state.model_infos() if i.available and i.name != loaded.name}
+    name = _picker(infos)
     if name is None:
         return
+    label = sidebar.model_label(infos[name])
     ss = st.session_state
     try:
         other = state.get_model(name, ss.get("device", "auto"))
@@ -80,11 +81,11 @@ def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thres
     comparison = compare_detections(dets, other_dets)
     counts = comparison.counts
     left, right = st.columns(2)
-    left.image(picture(entry.array, dets, comparison.only_a),
+    left.image(picture(entry.array, dets, comparison.only_a), width="stretch",
                caption=f"A: {loaded.name} — {len(dets)} detections, {counts['only A']} only here")
-    right.image(picture(entry.array, other_dets, comparison.only_b),
-                caption=f"B: {other.name} — {len(other_dets)} detections, {counts['only B']} only here")
+    right.image(picture(entry.array, other_dets, comparison.only_b), width="stretch",
+                caption=f"B: {label} — {len(other_dets)} detections, {counts['only B']} only here")
     st.caption(f"{counts['matched']} matched (same class, box IoU ≥ 0.5) · magenta boxes: found by one model "
-               "only · " + (f"{other.name} ran once for this image in {ran_ms:.0f} ms" if ran_ms is not None
+               "only · " + (f"B ran once for this image in {ran_ms:.0f} ms" if ran_ms is not None
                             else "neither network re-run"))
     st.dataframe(comparison_table(comparison, dets, other_dets), key="compare_table", width="stretch")
