@@ -54,7 +54,7 @@ def _clear() -> None:
 
 def _uploads() -> None:
     # a new key empties the uploader (after "Clear")
-    files = st.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True,
+    files = st.file_uploader("Upload images or clips", type=UPLOAD_TYPES, accept_multiple_files=True,
                              key=f"uploads_{st.session_state.get('uploader_gen', 0)}",
                              help=f"{', '.join(UPLOAD_TYPES)}; up to {MAX_PIXELS / 1e6:.0f} megapixels; "
                                   "several at once make a strip to pick from")

@@ -1,0 +1,58 @@
+"""A clip in a real browser: upload a short generated clip on Detect, wait for every frame to be processed,
+scrub to a frame with the keyboard and see that frame's detection count (computed here with the same
+weights and code). Uses tests/test_browser.py's server and browser; a screenshot goes to test-artifacts/.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mrcnn.data.video import open_clip
+from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.video import detect_frames
+from mrcnn.model.zoo import load_model
+from tests.test_browser import ARTIFACTS, browser, detection_count, pytestmark, server  # noqa: F401 - fixtures
+from tests.test_video import encode, scenes
+
+FRAMES, TARGET = 4, 3
+SCORE = Thresholds(score_thresh=0.27)  # the random-weight model's class scores sit around 0.25
+
+
+def test_upload_a_clip_scrub_to_a_frame_and_see_its_detections(server, browser):
+    url, tmp = server
+    clip_path = tmp / "walk.mp4"
+    clip_path.write_bytes(encode(scenes(FRAMES)))
+    loaded = load_model(str(tmp / "weights" / "shapes.pt"), device="cpu")
+    expected = [len(r.detections) for r in detect_frames(loaded, open_clip(clip_path), SCORE)]
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    try:
+        page.goto(url, wait_until="domcontentloaded")
+        detection_count(page)  # the starting sample scene
+        score = page.get_by_role("slider", name="Score threshold")
+        score.focus()
+        for _ in range(23):  # 0.50 -> 0.27 in steps of 0.01, before the clip is processed
+            score.press("ArrowLeft")
+        page.get_by_text("0.27").first.wait_for(timeout=30_000)
+
+        page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(clip_path))
+        page.get_by_text(re.compile(rf"Frame 1 of {FRAMES} ")).first.wait_for(timeout=120_000)
+        assert detection_count(page) == expected[0]
+
+        frame = page.get_by_role("slider", name="Frame")
+        frame.focus()
+        for _ in range(TARGET):
+            frame.press("ArrowRight")
+        page.get_by_text(re.compile(rf"Frame {TARGET + 1} of {FRAMES} ")).first.wait_for(timeout=30_000)
+        page.wait_for_timeout(500)
+        assert detection_count(page) == expected[TARGET], expected
+        page.set_viewport_size({"width": 1400, "height": 1800})
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(ARTIFACTS / "detect-clip.png"), full_page=True)
+        assert not page.get_by_text("Traceback").count()
+        assert not errors, errors
+    finally:
+        page.close()
