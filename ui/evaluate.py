@@ -23,6 +23,7 @@ import streamlit as st
 from mrcnn.data import coco, shapes, uploads
 from mrcnn.errors import MrcnnError
 from mrcnn.evaluation import evaluate as coco_metrics
+from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.diagnose import confusion_matrix, explain_trace_misses, match_detections
 from mrcnn.evaluation.error_costs import ERROR_TYPES, error_costs_of
 from mrcnn.inference.draw import draw_boxes
@@ -202,10 +203,11 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
         column.dataframe(summaries[k].style.format("{:.3f}"))
         column.dataframe(per_class[k].style.format("{:.3f}"))
     st.caption("B − A (green: B is better; empty: no ground truth of that class, or only one model has it)")
-    for what, (table_a, table_b) in (("overall", summaries), ("per class", per_class)):
-        difference = tables.difference_table(table_a, table_b)
-        difference.index.name = f"B − A {what}"
-        st.dataframe(difference.style.format("{:+.3f}", na_rep="").map(_difference_color))
+    difference = ap_difference(a, b)
+    for what, table in (("overall", tables.summary_table(difference)),
+                        ("per class", tables.per_class_table(difference["per_class"]))):
+        table.index.name = f"B − A {what}"
+        st.dataframe(table.astype(float).style.format("{:+.3f}", na_rep="").map(_difference_color))
 
 
 def _difference_color(value: float) -> str:

@@ -33,12 +33,6 @@ def per_class_table(per_class: dict[str, dict[str, float]]) -> pd.DataFrame:
     return table.reindex(columns=[c for c in columns if c in table.columns]).rename(columns=columns)
 
 
-def difference_table(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """B − A of two metric tables of the same shape (summary_table or per_class_table), row by row and column
-    by column; a row only one table has, or a -1 (no ground truth in range) on either side, gives no number."""
-    return b.where(b >= 0).sub(a.where(a >= 0))
-
-
 def skipped_annotations(lines: list[str], shown: int = 200) -> None:
     """The annotations a dataset check skipped, one line each (why), in a folded report."""
     if not lines:
