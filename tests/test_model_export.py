@@ -29,13 +29,13 @@ def r50_loaded(size: int = 320):
 
 
 def test_torchvision_export_loads_strictly_in_plain_torchvision(tmp_path):
-    loaded = r50_loaded()
+    loaded = r50_loaded(160)
     report = export_model(loaded, tmp_path / "out", "torchvision")
     assert sorted(report.files) == ["README.md", "classes.json", "model.pt"]
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     assert classes == CATEGORIES
-    plain = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(classes), min_size=320,
-                                  max_size=320)
+    plain = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(classes), min_size=160,
+                                  max_size=160)
     plain.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True), strict=True)
     image = torch.from_numpy(scene(120, 160, seed=4)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
