@@ -28,6 +28,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _setup_scales
 
+from mrcnn.inference.precision import stage_autocast
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.model.paste import paste_masks_cropped, paste_mode
 from mrcnn.model.zoo import LoadedModel
@@ -98,6 +99,7 @@ class Trace:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
+        self.precision = loaded.precision  # the network stages run in it; what they hand back is float32
         self.categories = loaded.categories
         self.image = image
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
@@ -135,7 +137,8 @@ class Trace:
         feature_list = list(self._features.values())
 
         with self._timed("rpn_head"):
-            objectness, deltas = model.rpn.head(feature_list)
+            with self._network():
+                objectness, deltas = model.rpn.head(feature_list)
             anchors = model.rpn.anchor_generator(image_list, feature_list)[0]
             # per level (1, A, Hi, Wi) -> A * Hi * Wi anchors
             self.num_anchors_per_level = [int(o[0].numel()) for o in objectness]
@@ -157,7 +160,13 @@ class Trace:
         return self.model.transform([tensor])[0]
 
     def _backbone(self, image_list) -> OrderedDict[str, torch.Tensor]:
-        return self.model.backbone(image_list.tensors)
+        with self._network():
+            return self.model.backbone(image_list.tensors)
+
+    def _network(self):
+        """Around the modules that compute: autocast in a reduced precision (their outputs come back
+        float32: mrcnn.inference.precision.prepare_model), nothing in float32."""
+        return stage_autocast(self.precision, self.device)
 
     # ---- memory: the feature maps can be dropped and come back on demand ---------------------------
     @property
@@ -224,7 +233,8 @@ class Trace:
     def _box_head(self, proposals: torch.Tensor) -> Candidates:
         heads = self.model.roi_heads
         feats = heads.box_roi_pool(self.features, [proposals], [self.input_size])
-        class_logits, box_regression = heads.box_predictor(heads.box_head(feats))
+        with self._network():
+            class_logits, box_regression = heads.box_predictor(heads.box_head(feats))
         boxes = heads.box_coder.decode(box_regression, [proposals])  # (P, C, 4)
         boxes = box_ops.clip_boxes_to_image(boxes, self.input_size)
         return Candidates(torch.softmax(class_logits, -1), boxes)
@@ -296,7 +306,8 @@ class Trace:
                     miss_boxes = boxes[[pos[i] for i in missing]]
                 heads = self.model.roi_heads
                 feats = heads.mask_roi_pool(self.features, [miss_boxes], [self.input_size])
-                logits = heads.mask_predictor(heads.mask_head(feats))  # (n, C, M, M)
+                with self._network():
+                    logits = heads.mask_predictor(heads.mask_head(feats))  # (n, C, M, M)
                 labels = torch.tensor([i % self.num_classes for i in missing], device=logits.device)
                 probs = logits[torch.arange(len(missing), device=logits.device), labels].sigmoid()
                 for cid, p in zip(missing, probs):

@@ -23,6 +23,7 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskR
 
 from mrcnn.errors import CheckpointError, MrcnnError, ModelUnavailable
 from mrcnn.files import NEW_FILE_MODE, file_sha256
+from mrcnn.inference.precision import choose_precision, prepare_model
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file
 
@@ -191,6 +192,8 @@ class LoadedModel:
     sha256: str
     meta: dict
     device: torch.device
+    precision: str = "float32"  # what the network stages run in (mrcnn.inference.precision)
+    precision_note: str = ""  # why ``auto`` did not pick the device's fast precision, if it did not
 
     @property
     def num_classes(self) -> int:
@@ -236,9 +239,20 @@ def _from_torchvision(name: str, path: Path, device: torch.device) -> LoadedMode
                        file_sha256(path), {"source": "torchvision", "weights": "COCO_V1"}, device)
 
 
-def load_model(name: str, weights: str | Path | None = None, device: str | torch.device = "auto") -> LoadedModel:
-    """Load a model by name or checkpoint path. Raises ModelUnavailable / CheckpointError with a clear message."""
+def load_model(name: str, weights: str | Path | None = None, device: str | torch.device = "auto",
+               precision: str = "float32") -> LoadedModel:
+    """Load a model by name or checkpoint path, ready to run in ``precision`` (float32, bfloat16, float16 or
+    auto: mrcnn.inference.precision). Raises ModelUnavailable / CheckpointError / MrcnnError with a clear message."""
     dev = resolve_device(device)
+    choose_precision(precision, dev)  # a precision the device lacks is refused before the weights are read
+    loaded = _load_float32(name, weights, dev)
+    choice = choose_precision(precision, dev, loaded.meta.get("precision_fidelity"))
+    prepare_model(loaded.model, choice.precision)
+    loaded.precision, loaded.precision_note = choice.precision, choice.note
+    return loaded
+
+
+def _load_float32(name: str, weights: str | Path | None, dev: torch.device) -> LoadedModel:
     if name in TORCHVISION_MODELS:
         path = Path(weights) if weights else find_torchvision_weights(name)
         if path is None:
