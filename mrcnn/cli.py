@@ -22,6 +22,7 @@ from mrcnn.data.shapes import check_classes, write_dataset
 from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.video import is_clip, open_clip
 from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
+from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--score-thresh", type=float, default=0.05, help="detections kept for AP (default 0.05)")
     p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--compare", default=None, metavar="MODEL",
+                   help="also evaluate MODEL (name or checkpoint) on the same data and print B − A")
 
     p = sub.add_parser("card", help="evaluate a checkpoint on held-out data and write its model card")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -364,11 +367,21 @@ def cli_evaluate(args) -> int:
         raise MrcnnError(f"--num must be at least 1, got {args.num}")
     loaded = load_model(args.model, args.weights, device=args.device)
     dataset = first_items(open_data(args.data), args.num)
+    other = load_model(args.compare, device=args.device) if args.compare else None  # fail before the long part
     result = evaluate(loaded, dataset, progress=_Progress("evaluating"), score_thresh=thresholds.score_thresh,
                       max_detections=thresholds.max_detections, keep_predictions=False)
+    compared = None
+    if other is not None:
+        compared = evaluate(other, dataset, progress=_Progress(f"evaluating {other.name}"),
+                            score_thresh=thresholds.score_thresh, max_detections=thresholds.max_detections,
+                            keep_predictions=False).to_dict()
     if args.json:
-        print(json.dumps({"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
-                          "num_images": result.num_images, "model": loaded.name, "data": str(args.data)}))
+        record = {"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
+                  "num_images": result.num_images, "model": loaded.name, "data": str(args.data)}
+        if compared is not None:
+            record["compare"] = {"model": other.name, **{k: compared[k] for k in ("bbox", "segm", "per_class")}}
+            record["difference"] = ap_difference(result.to_dict(), compared)
+        print(json.dumps(record))
         return 0
     print(f"{loaded.name} on {args.data} ({result.num_images} images, {result.seconds:.1f} s)")
     print(f"{'':6}" + "".join(f"{k:>8}" for k in METRIC_KEYS))
@@ -377,7 +390,20 @@ def cli_evaluate(args) -> int:
         print(f"{name:6}" + "".join(f"{m[k]:8.3f}" for k in METRIC_KEYS))
     for cls, v in result.per_class.items():
         print(f"  {cls:<16} box AP {v.get('bbox_AP', 0):.3f}  mask AP {v.get('segm_AP', 0):.3f}")
+    if compared is not None:
+        _print_difference(other.name, loaded.name, ap_difference(result.to_dict(), compared))
     return 0
+
+
+def _print_difference(name_b: str, name_a: str, difference: dict) -> None:
+    def signed(value) -> str:
+        return f"{value:+8.3f}" if value is not None else f"{'—':>8}"
+
+    print(f"B − A: {name_b} minus {name_a}")
+    for iou_type, name in (("bbox", "box"), ("segm", "mask")):
+        print(f"{name:6}" + "".join(signed(difference[iou_type][k]) for k in METRIC_KEYS))
+    for cls, v in difference["per_class"].items():
+        print(f"  {cls:<16} box AP {signed(v['bbox_AP']).strip()}  mask AP {signed(v['segm_AP']).strip()}")
 
 
 def cli_card(args) -> int:

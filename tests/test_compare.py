@@ -183,3 +183,25 @@ def test_evaluate_another_model_shows_b_minus_a_per_class(env, monkeypatch):
                 assert shown.loc[name, column] == pytest.approx(b[name][key] - a[name][key])
     assert len(shown) == len(a)
     assert not (shown.fillna(0) == 0).all().all(), "two random models score the same everywhere"
+
+
+# ---- CLI: evaluate --compare -------------------------------------------------------------------------
+def test_cli_evaluate_compare_prints_b_minus_a(tmp_path, capsys):
+    import json
+
+    from mrcnn.cli import main
+    from mrcnn.model.checkpoint import save_checkpoint
+    from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
+
+    a, b = (save_checkpoint(tmp_path / f"{name}.pt", TINY_LIGHT, CATEGORIES, tiny_loaded(seed=seed).model.state_dict())
+            for name, seed in (("a", 0), ("b", 5)))
+    args = ["evaluate", "--model", str(a), "--data", "shapes:2:0:64", "--device", "cpu", "--compare", str(b)]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compare"]["model"] == str(b)
+    assert out["difference"] == ap_difference(out, out["compare"])
+    assert main(args) == 0
+    assert f"B − A: {b} minus {a}" in capsys.readouterr().out
+    assert main([*args[:-1], "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no-such-model" in err and "evaluating" not in err
