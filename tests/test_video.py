@@ -91,12 +91,17 @@ def results(loaded, clip_bytes) -> list:
     return frames, progress
 
 
-def same_detections(a, b) -> None:
+def same_detections(a, b, half_masks: bool = False) -> None:
+    """Equal detections; ``half_masks``: masks pasted from float16 probabilities (a frame's stored
+    candidates) may differ in pixels whose probability lies at the threshold."""
     assert len(a) == len(b)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-6)
     np.testing.assert_allclose(a.boxes, b.boxes, rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(a.masks, b.masks)
+    if not half_masks:
+        np.testing.assert_array_equal(a.masks, b.masks)
+    for m_a, m_b in zip(a.masks, b.masks):
+        assert (m_a != m_b).sum() <= max(2, 0.01 * m_b.sum())
 
 
 def test_every_frame_gets_the_image_paths_detections_and_refilters_like_a_trace(loaded, clip_bytes, results):
@@ -112,9 +117,9 @@ def test_every_frame_gets_the_image_paths_detections_and_refilters_like_a_trace(
         image_trace = run_trace(loaded, result.array, LOW)  # the image path on the same decoded frame
         same_detections(result.detections, image_trace.detections)
         # the stored candidates re-filter as the full trace does, at the clip's thresholds and at others
-        same_detections(result.candidates.refilter(LOW), image_trace.detections)
+        same_detections(result.candidates.refilter(LOW), image_trace.detections, half_masks=True)
         for t in (stricter, looser):
-            same_detections(result.candidates.refilter(t), image_trace.refilter(t))
+            same_detections(result.candidates.refilter(t), image_trace.refilter(t), half_masks=True)
         assert result.candidates.exact_for(looser) and not result.candidates.exact_for(Thresholds(0.1))
     assert sum(len(r.detections) for r in frames) > 0
 
@@ -122,7 +127,7 @@ def test_every_frame_gets_the_image_paths_detections_and_refilters_like_a_trace(
 def test_what_a_frame_keeps_is_small(results):
     cand = max((r.candidates for r in results[0]), key=lambda c: len(c.ids))
     assert isinstance(cand, FrameCandidates) and len(cand.ids) > 0
-    assert cand.nbytes == len(cand.ids) * (8 + 4 + 16 + 28 * 28 * 4)
+    assert cand.nbytes == len(cand.ids) * (8 + 4 + 16 + 28 * 28 * 2)
 
 
 def test_frame_at_finds_a_frame_again(clip_bytes):

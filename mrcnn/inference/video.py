@@ -7,8 +7,8 @@
 
 Nothing of a frame's trace outlives the frame (its feature maps are hundreds of times the frame's
 candidates). What can be kept per frame to re-filter it later is ``FrameCandidates``: the foreground
-candidates scoring above a floor, with their 28×28 mask-head probabilities — about 3 KB per candidate
-whatever the frame size; masks are pasted at full size only for the frame being looked at.
+candidates scoring above a floor, with their 28×28 mask-head probabilities in float16 — about 1.6 KB per
+candidate whatever the frame size; masks are pasted at full size only for the frame being looked at.
 """
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ class FrameCandidates:
     """A frame's candidates above ``floor``, enough to re-filter it like ``Trace.refilter`` does.
 
     ids: int64 (K,) candidate ids (proposal * C + class), ascending; scores: float32 (K,);
-    boxes: float32 (K, 4) in network-input pixels; mask_probs: float32 (K, M, M) or None (no mask head).
+    boxes: float32 (K, 4) in network-input pixels; mask_probs: float16 (K, M, M) or None (no mask head).
+    Half precision halves a clip's memory; a mask pixel whose probability lies within ~1e-3 of the mask
+    threshold may come out the other way than in the image's float32 trace (boxes, scores and labels
+    are exact).
     """
 
     ids: torch.Tensor
@@ -75,7 +78,7 @@ class FrameCandidates:
         if len(keep) > max_candidates:
             keep = keep[scores[keep].topk(max_candidates).indices].sort().values  # ids stay ascending
         ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
-        mask_probs = trace.mask_probs_28(ids.tolist(), boxes).float().cpu() if trace.loaded.has_masks else None
+        mask_probs = trace.mask_probs_28(ids.tolist(), boxes).half().cpu() if trace.loaded.has_masks else None
         return cls(ids.cpu(), scores.float().cpu(), boxes.float().cpu(), mask_probs, float(floor), int(num_classes),
                    list(trace.categories), trace.input_size, trace.original_size, paste_mode(trace.model))
 
@@ -94,7 +97,7 @@ class FrameCandidates:
             h, w = self.original_size
             masks = np.zeros((len(ids), h, w), dtype=bool)
             if len(ids):
-                probs = self.mask_probs[torch.searchsorted(self.ids, ids)]
+                probs = self.mask_probs[torch.searchsorted(self.ids, ids)].float()
                 for n, (y0, x0, crop) in enumerate(paste_masks_cropped(probs, boxes_orig, self.original_size,
                                                                        self.paste)):
                     masks[n, y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop > t.mask_thresh
