@@ -155,3 +155,15 @@ def test_focus_ranges_zoom_on_a_box_inside_the_image():
     fig = plots.boxes_figure(np.zeros((480, 640, 3), np.uint8), [{"boxes": [[100, 100, 110, 120]], "name": "b"}],
                              focus=[100, 100, 110, 120])
     assert list(fig.layout.xaxis.range) == pytest.approx([75, 135])
+
+
+def test_unvalidated_figures_pass_plotlys_validation(trace):
+    """The slider path's figures skip plotly's validation (ui/plots.py): what they hold must be valid."""
+    import plotly.graph_objects as go
+
+    figures = [plots.overlay_figure(np.zeros((60, 80, 3), np.uint8), dets_of(3), highlight=1, title="t"),
+               plots.image_figure(np.zeros((60, 80, 3), np.uint8), title="picture"),
+               plots.timings_figure(trace.timings_ms, {"re-filter": 1.0, "draw": 2.0})]
+    for fig in figures:
+        checked = go.Figure(fig.to_dict())  # raises ValueError on any invalid property
+        assert len(checked.data) == len(fig.data)

@@ -5,6 +5,11 @@
 
 Images go to the browser as one compressed picture (``go.Image(source=data URI)``), never as a JSON
 array of pixels, so redrawing stays fast for large images.
+
+The figures on Detect's slider path (``image_figure``, ``overlay_figure``, ``timings_figure``) are
+built as plain dicts and wrapped once without plotly's validation (``_figure``): validating a picture
+and a hundred hover regions took ~70 ms per redraw here, and ``st.plotly_chart`` copies a figure once
+more before it serialises it; the dicts hold only what plotly accepts (tests/test_plots.py validates them).
 """
 from __future__ import annotations
 
@@ -38,13 +43,17 @@ def image_data_uri(image: np.ndarray, fmt: str = "auto") -> str:
     return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _image_layout(fig: go.Figure, height: int, width: int, title: str | None, max_height: int) -> go.Figure:
+def _figure(data: list[dict], layout: dict) -> go.Figure:
+    """A figure from plain trace and layout dicts, not validated (see the module docstring)."""
+    return go.Figure({"data": data, "layout": layout}, _validate=False)
+
+
+def _image_layout(height: int, width: int, title: str | None, max_height: int) -> dict:
     shown_h = min(max_height, max(420, height))  # small images are scaled up to a readable size
-    fig.update_layout(height=shown_h, margin=MARGIN, title=title, dragmode="zoom", showlegend=False,
-                      hoverlabel={"align": "left"})
-    fig.update_xaxes(visible=False, range=[-0.5, width - 0.5], constrain="domain")
-    fig.update_yaxes(visible=False, range=[height - 0.5, -0.5], scaleanchor="x", constrain="domain")
-    return fig
+    return {"height": shown_h, "margin": MARGIN, "title": {"text": title} if title else None, "dragmode": "zoom",
+            "showlegend": False, "hoverlabel": {"align": "left"},
+            "xaxis": {"visible": False, "range": [-0.5, width - 0.5], "constrain": "domain"},
+            "yaxis": {"visible": False, "range": [height - 0.5, -0.5], "scaleanchor": "x", "constrain": "domain"}}
 
 
 MAX_DISPLAY_SIDE = 1600  # larger pictures are shrunk for the browser; axes stay in original pixels
@@ -54,6 +63,11 @@ def image_figure(image: np.ndarray, title: str | None = None, max_height: int = 
                  max_side: int = MAX_DISPLAY_SIDE) -> go.Figure:
     """A zoomable picture (no hover on the pixels). Axes are in the image's own pixels even when a
     large picture is sent shrunk (each shown pixel then spans ``factor`` original pixels)."""
+    return _figure([_picture(image, max_side)], _image_layout(*image.shape[:2], title, max_height))
+
+
+def _picture(image: np.ndarray, max_side: int = MAX_DISPLAY_SIDE) -> dict:
+    """The image trace of ``image_figure``."""
     h, w = image.shape[:2]
     factor = int(np.ceil(max(h, w) / max_side)) if max(h, w) > max_side else 1
     shown = image
@@ -63,9 +77,8 @@ def image_figure(image: np.ndarray, title: str | None = None, max_height: int = 
         shown = np.asarray(Image.fromarray(image).resize((max(1, w // factor), max(1, h // factor)),
                                                           Image.Resampling.BILINEAR))
     offset = (factor - 1) / 2  # centre of the first shown pixel, in original pixels
-    fig = go.Figure(go.Image(source=image_data_uri(shown), hoverinfo="skip", dx=factor, dy=factor,
-                             x0=offset, y0=offset))
-    return _image_layout(fig, h, w, title, max_height)
+    return {"type": "image", "source": image_data_uri(shown), "hoverinfo": "skip", "dx": factor, "dy": factor,
+            "x0": offset, "y0": offset}
 
 
 def box_polygon(box: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -113,9 +126,9 @@ def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None 
     """The drawn overlay with one invisible, hoverable region (its mask outline, else its box) per instance.
 
     Regions are added largest first so that a small instance inside a large one gets the hover."""
-    fig = image_figure(overlay, title, max_height)
+    layout = _image_layout(*overlay.shape[:2], title, max_height)
     if len(dets) == 0:
-        return fig
+        return _figure([_picture(overlay)], layout)
     areas = dets.areas
     box_areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
     traces = []
@@ -130,9 +143,7 @@ def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None 
             "line": {"width": 3 if chosen else 0, "color": "#ffffff" if chosen else "rgba(0,0,0,0)"},
             "fillcolor": "rgba(255,255,255,0.01)", "name": f"#{int(i)}",
             "text": instance_hover_text(dets, int(i), int(areas[i])), "hoverinfo": "text"})
-    # plain dicts: go.Scatter validates every argument, ~6x slower for a hundred instances
-    fig.add_traces(traces)
-    return fig
+    return _figure([_picture(overlay), *traces], layout)
 
 
 def focus_ranges(box: Sequence[float], image_size: tuple[int, int], margin: float = 1.0,
@@ -269,16 +280,16 @@ def timings_figure(timings_ms: dict[str, float], extra: dict[str, float] | None 
     """Horizontal bars: milliseconds per stage, in pipeline order (``extra`` drawn in another colour)."""
     names = list(timings_ms)
     values = [float(timings_ms[k]) for k in names]
-    fig = go.Figure(go.Bar(y=names, x=values, orientation="h", name="network run", marker_color="#1f77b4",
-                           text=[f"{v:.1f} ms" for v in values], textposition="auto",
-                           hovertemplate="%{y}: %{x:.1f} ms<extra></extra>"))
+    bars = [{"type": "bar", "y": names, "x": values, "orientation": "h", "name": "network run",
+             "marker": {"color": "#1f77b4"}, "text": [f"{v:.1f} ms" for v in values], "textposition": "auto",
+             "hovertemplate": "%{y}: %{x:.1f} ms<extra></extra>"}]
     if extra:
-        fig.add_trace(go.Bar(y=list(extra), x=[float(v) for v in extra.values()], orientation="h",
-                             name="this re-filter", marker_color="#ff7f0e",
-                             text=[f"{v:.1f} ms" for v in extra.values()], textposition="auto"))
-    fig.update_layout(height=height, margin=MARGIN, xaxis_title="ms", yaxis={"autorange": "reversed"},
-                      legend={"orientation": "h"}, showlegend=bool(extra))
-    return fig
+        bars.append({"type": "bar", "y": list(extra), "x": [float(v) for v in extra.values()], "orientation": "h",
+                     "name": "this re-filter", "marker": {"color": "#ff7f0e"},
+                     "text": [f"{v:.1f} ms" for v in extra.values()], "textposition": "auto"})
+    return _figure(bars, {"height": height, "margin": MARGIN, "xaxis": {"title": {"text": "ms"}},
+                          "yaxis": {"autorange": "reversed"}, "legend": {"orientation": "h"},
+                          "showlegend": bool(extra)})
 
 
 def nms_figure(summary: Sequence[dict], height: int = 280) -> go.Figure:
