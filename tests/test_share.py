@@ -41,9 +41,9 @@ def test_a_link_from_detect_restores_the_view_in_a_fresh_session(env):
     write_tiny(env / "runs" / "other" / "checkpoint.pt", seed=5)
     at = start()
     at.number_input(key="sample_seed").set_value(3).run()
-    for kind, values in SET_ON_DETECT.items():
+    for kind, values in SET_ON_DETECT.items():  # one run for all: each run costs a redraw
         for key, value in values.items():
-            getattr(at, kind)(key=key).set_value(value).run()
+            getattr(at, kind)(key=key).set_value(value)
     at.session_state["class_thresh::shapes"] = {"triangle": 0.3}  # what an edit of the class table stores
     at.session_state["det_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
     at.selectbox(key="compare_with").select(other).run()
@@ -71,10 +71,13 @@ def test_a_link_from_detect_restores_the_view_in_a_fresh_session(env):
 def test_a_link_from_inspect_follows_the_same_detection(env):
     at = start()
     at.slider(key="score_thresh").set_value(0.05).run()
+    n = count(at)
+    assert n > 1  # the last detection, not the one Inspect starts on
+    at.session_state["det_table"] = {"selection": {"rows": [n - 1], "columns": [], "cells": []}}
+    at.run()
     at.switch_page("ui/inspect.py").run()
-    options = at.selectbox(key="insp_det").options
-    at.selectbox(key="insp_det").select_index(len(options) - 1).run()
     chosen = at.session_state["insp_det"]
+    assert chosen == at.session_state["highlight"]  # Inspect follows the row chosen on Detect
     link = shared_link(at)
     assert link.startswith("/inspect?") and f"highlight={chosen}" in link
 
