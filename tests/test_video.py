@@ -313,3 +313,20 @@ def test_app_bad_clip_is_a_message_and_keeps_nothing(app_env):
     assert not at.exception, at.exception
     assert any("broken.mp4" in e.value and "truncated or damaged" in e.value for e in at.error)
     assert "video" not in at.session_state
+
+
+def test_app_takes_an_animated_gif_as_a_clip_and_reprocesses_below_the_floor(app_env):
+    frames = scenes(3, 64)
+    buf = io.BytesIO()
+    Image.fromarray(frames[0]).save(buf, format="GIF", save_all=True,
+                                    append_images=[Image.fromarray(f) for f in frames[1:]], duration=100)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.file_uploader[0].upload("spin.gif", buf.getvalue(), "image/gif").run()
+    assert not at.exception, at.exception
+    clip = at.session_state["video"]
+    assert len(clip.candidates) == 3 and clip.candidates[0].floor == 0.25
+    at.slider(key="score_thresh").set_value(0.1).run()
+    next(b for b in at.button if b.label == "Process the clip again at this threshold").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["video"].candidates[0].floor == pytest.approx(0.1)
+    assert not [b for b in at.button if b.label == "Process the clip again at this threshold"]

@@ -166,7 +166,7 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
     thresholds = state.thresholds()
     n = len(clip.candidates)
     with out:
-        index = st.slider("Frame", 0, max(n - 1, 1), key="video_frame", disabled=n < 2,
+        index = st.slider("Frame", 0, max(n - 1, 1), key="video_frame", disabled=n < 2, persist_state="session",
                           help="Each frame's detections were computed once; moving this only re-filters them")
         index = min(int(index), n - 1)
         start = time.perf_counter()
@@ -179,7 +179,10 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
                    f"the network ran once per frame ({clip.seconds:.0f} s for the clip)")
         if not frame_cands.exact_for(thresholds):
             st.caption(f":orange[The frames keep candidates scoring above {frame_cands.floor:.2f}: lower "
-                       "thresholds show only those. Clear and upload the clip again with a lower threshold set.]")
+                       "thresholds show only those.]")
+            if st.button("Process the clip again at this threshold", key="video_again", icon=":material/replay:"):
+                clip.model_key = None
+                st.rerun()
         st.image(draw_detections(array, dets, **_display()), width="stretch")
         st.caption(f"{clip.name} · {clip.clip.info.width}×{clip.clip.info.height} px · {clip.clip.info.fps:.3g} fps "
                    f"· model `{loaded.name}` · kept per frame: {clip.nbytes / n / 1e3:.0f} KB on average")
