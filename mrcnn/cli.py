@@ -23,11 +23,13 @@ from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.video import is_clip, open_clip
 from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
 from mrcnn.evaluation.compare import ap_difference
-from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
+from mrcnn.evaluation.evaluate import METRIC_KEYS
+from mrcnn.evaluation.fidelity import evaluate_in_precision
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
 from mrcnn.inference.model_export import FORMATS as EXPORT_FORMATS, export_model
+from mrcnn.inference.precision import PRECISIONS
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.inference.video import predict_clip
@@ -43,6 +45,13 @@ def _add_thresholds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nms-thresh", type=float, default=0.5)
     p.add_argument("--mask-thresh", type=float, default=0.5)
     p.add_argument("--max-detections", type=int, default=100)
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="what the network runs in: auto (default: the fastest the device runs natively and the "
+                        "model passed its fidelity check in), float32 (exact), bfloat16 (CPUs with bf16 units), "
+                        "float16 (CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-thresh", default="", metavar="NAME=VALUE,...",
                    help="score thresholds of single classes; the others use --score-thresh")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_precision(p)
     p.add_argument("--out", required=True, metavar="DIR")
 
     p = sub.add_parser("shapes", help="write a synthetic shapes dataset in COCO layout")
@@ -115,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None)
     p.add_argument("--data", required=True, metavar="DIR")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_precision(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--num", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--score-thresh", type=float, default=0.05, help="detections kept for AP (default 0.05)")
@@ -152,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmarks and print the table")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_precision(p)
     return parser
 
 
@@ -229,7 +242,7 @@ def cli_predict(args) -> int:
                              max_detections=args.max_detections, mask_thresh=args.mask_thresh,
                              agnostic_nms=args.agnostic_nms, class_thresh=_class_thresh(args.class_thresh))
     out_dir = _check_folder_writable("--out", args.out)
-    loaded = load_model(args.model, weights=args.weights, device=args.device)
+    loaded = load_model(args.model, weights=args.weights, device=args.device, precision=args.precision)
     try:
         thresholds.check_classes(loaded.categories)
     except ValueError as err:
@@ -365,25 +378,28 @@ def cli_evaluate(args) -> int:
     thresholds = _thresholds(score_thresh=args.score_thresh, max_detections=args.max_detections)
     if args.num is not None and args.num < 1:
         raise MrcnnError(f"--num must be at least 1, got {args.num}")
-    loaded = load_model(args.model, args.weights, device=args.device)
+    loaded = load_model(args.model, args.weights, device=args.device, precision=args.precision)
     dataset = first_items(open_data(args.data), args.num)
-    other = load_model(args.compare, device=args.device) if args.compare else None  # fail before the long part
-    result = evaluate(loaded, dataset, progress=_Progress("evaluating"), score_thresh=thresholds.score_thresh,
-                      max_detections=thresholds.max_detections, keep_predictions=False)
+    other = (load_model(args.compare, device=args.device, precision=args.precision)
+             if args.compare else None)  # fail before the long part
+    result = evaluate_in_precision(loaded, dataset, progress=_Progress("evaluating"),
+                                   score_thresh=thresholds.score_thresh, max_detections=thresholds.max_detections,
+                                   keep_predictions=False)
     compared = None
     if other is not None:
-        compared = evaluate(other, dataset, progress=_Progress(f"evaluating {other.name}"),
-                            score_thresh=thresholds.score_thresh, max_detections=thresholds.max_detections,
-                            keep_predictions=False).to_dict()
+        compared = evaluate_in_precision(other, dataset, progress=_Progress(f"evaluating {other.name}"),
+                                         score_thresh=thresholds.score_thresh,
+                                         max_detections=thresholds.max_detections, keep_predictions=False).to_dict()
     if args.json:
         record = {"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
-                  "num_images": result.num_images, "model": loaded.name, "data": str(args.data)}
+                  "num_images": result.num_images, "model": loaded.name, "precision": loaded.precision,
+                  "data": str(args.data)}
         if compared is not None:
             record["compare"] = {"model": other.name, **{k: compared[k] for k in ("bbox", "segm", "per_class")}}
             record["difference"] = ap_difference(result.to_dict(), compared)
         print(json.dumps(record))
         return 0
-    print(f"{loaded.name} on {args.data} ({result.num_images} images, {result.seconds:.1f} s)")
+    print(f"{loaded.name} on {args.data} ({result.num_images} images, {result.seconds:.1f} s, {loaded.precision})")
     print(f"{'':6}" + "".join(f"{k:>8}" for k in METRIC_KEYS))
     for iou_type, name in (("bbox", "box"), ("segm", "mask")):
         m = getattr(result, iou_type)
@@ -460,7 +476,7 @@ def cli_export(args) -> int:
 
 
 def cli_bench(args) -> int:
-    results = bench.run_benchmarks(quick=args.quick)
+    results = bench.run_benchmarks(quick=args.quick, device=args.device, precision=args.precision)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -7,7 +7,10 @@
 A card says what the model is (classes, architecture, parameters, file size), how it was made (the
 training data, recipe, steps and time stored in the checkpoint's ``meta``, and the run's measured
 throughput when the run folder is given), how good it is (COCO box and mask metrics on held-out data,
-measured here by mrcnn.evaluation.evaluate) and how fast it runs (median forward time on a 512×512 scene).
+measured here by mrcnn.evaluation.evaluate), how close its reduced precisions come to float32
+(``precision_fidelity``: box and mask AP in each reduced precision the device runs natively, on the first
+``fidelity_num`` images, mrcnn.evaluation.fidelity; ``auto`` does not pick a precision that missed its target) and how fast it runs
+(median forward time on a 512×512 scene).
 """
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mrcnn.data.sources import open_data
+from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
 from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.evaluation.fidelity import ap_fidelity, reduced_native_precisions
 from mrcnn.files import atomic_write_bytes
 from mrcnn.model.architectures import count_parameters
 from mrcnn.model.checkpoint import load_checkpoint
+from mrcnn.inference.precision import stage_autocast
 from mrcnn.model.zoo import load_model
 from mrcnn.training.run_files import read_metrics
 
@@ -35,13 +40,14 @@ def card_path(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_suffix(".json")
 
 
-def median_forward_ms(model: torch.nn.Module, image: np.ndarray, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``model([image])`` in eval mode, on the model's device (the first ``warmup``
-    runs are not counted)."""
+def median_forward_ms(model: torch.nn.Module, image: np.ndarray, repeats: int = 7, warmup: int = 2,
+                      precision: str = "float32") -> float:
+    """Median wall time of ``model([image])`` in eval mode, on the model's device, in ``precision`` (a
+    model prepared for it: mrcnn.inference.precision); the first ``warmup`` runs are not counted."""
     device = next(model.parameters()).device
     tensor = torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255.0)
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), stage_autocast(precision, device):
         for i in range(warmup + repeats):
             start = time.perf_counter()
             model([tensor])
@@ -74,8 +80,11 @@ def _run_throughput(run_dir: Path) -> dict:
 
 
 def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = None, device: str = "cpu",
-               progress: Callable[[int, int], None] | None = None, timing_repeats: int = 7) -> dict:
-    """Evaluate ``checkpoint`` on ``data`` (COCO folder, .zip or shapes spec), time it, and write its card."""
+               progress: Callable[[int, int], None] | None = None, timing_repeats: int = 7,
+               fidelity_num: int = 200, fidelity_precisions: list[str] | None = None) -> dict:
+    """Evaluate ``checkpoint`` on ``data`` (COCO folder, .zip or shapes spec), measure its reduced precisions
+    (``fidelity_precisions``, default: those the device runs natively) on the first ``fidelity_num``
+    images of it, time it, and write its card."""
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, mmap=True)
@@ -83,6 +92,9 @@ def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = N
     loaded = load_model(str(path), device=device)
     dataset = open_data(data)
     result = evaluate(loaded, dataset, progress=progress, keep_predictions=False)
+    precisions = reduced_native_precisions(loaded.device) if fidelity_precisions is None else fidelity_precisions
+    fidelity = ap_fidelity(loaded, first_items(dataset, fidelity_num), precisions,
+                           data_name=f"the first {min(fidelity_num, len(dataset))} images of {data}") if precisions else {}
     # a scene of the model's own shapes when it knows some (any scene times the same network)
     scene = generate_scene(2024, size=512, classes=[c for c in loaded.categories[1:] if c in SHAPE_NAMES]
                            or DEFAULT_CLASSES)
@@ -98,6 +110,7 @@ def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = N
         "metrics": {"bbox": result.bbox, "segm": result.segm,
                     "per_class": result.per_class},
         "evaluated_on": {"data": str(data), "images": result.num_images},
+        **({"precision_fidelity": fidelity} if fidelity else {}),
         "inference_ms_512px": {"median": round(forward_ms, 1), "device": str(loaded.device),
                                "threads": torch.get_num_threads()},
         "training": {

@@ -1,0 +1,121 @@
+"""Fidelity of the reduced precisions, measured against float32 on the same weights (issue 17's targets).
+
+    record = ap_fidelity(loaded, dataset, ["bfloat16", "float16"])   # a model card's "precision_fidelity"
+    matched, total = matched_share(float32_detections, bfloat16_detections)   # mrcnn bench, R50
+
+``ap_fidelity``: COCO box and mask AP in float32 and in each reduced precision; a precision is ``ok`` when
+neither AP falls more than AP_TOLERANCE below float32's. ``matched_share``: the share of float32's
+detections that the reduced run also finds (same label, box IoU ≥ 0.95, score within 0.02); ``ok`` at
+MIN_MATCHED_SHARE. A record whose precision is not ok keeps ``auto`` from picking it for that model
+(mrcnn.inference.precision.choose_precision reads it from the model card).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from mrcnn.evaluation.evaluate import EvalResult, evaluate
+from mrcnn.inference.precision import AP_TOLERANCE, MIN_MATCHED_SHARE, native_precisions, prepare_model, stage_autocast
+from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.trace import run_trace
+from mrcnn.model.zoo import LoadedModel
+
+MATCH_IOU = 0.95
+MATCH_SCORE_DIFF = 0.02
+
+
+def reduced_native_precisions(device: torch.device) -> list[str]:
+    """The reduced precisions ``device`` runs natively: those ``auto`` may pick, so those worth checking."""
+    return [p for p in native_precisions(device) if p != "float32"]
+
+
+def in_precision(loaded: LoadedModel, precision: str) -> LoadedModel:
+    """A copy of a float32 model that runs in ``precision`` (the original is untouched: it may be shared)."""
+    if precision == loaded.precision:
+        return loaded
+    model = prepare_model(copy.deepcopy(loaded.model), precision)
+    return dataclasses.replace(loaded, model=model, precision=precision, precision_note="")
+
+
+def evaluate_in_precision(loaded: LoadedModel, dataset, **kwargs) -> EvalResult:
+    """mrcnn.evaluation.evaluate for a model loaded in any precision: its network stages run under autocast."""
+    with stage_autocast(loaded.precision, loaded.device):
+        return evaluate(loaded, dataset, **kwargs)
+
+
+def ap_fidelity(loaded: LoadedModel, dataset, precisions: list[str], data_name: str = "",
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Box and mask AP of float32 ``loaded`` and of each of ``precisions`` on ``dataset``, with ``ok`` per
+    precision. ``progress(done, total)`` counts images over all runs."""
+    runs = ["float32", *precisions]
+    total, done = len(dataset) * len(runs), [0]
+
+    def step(i: int, _n: int) -> None:
+        if progress is not None:
+            progress(done[0] + i, total)
+
+    results = {}
+    for precision in runs:
+        results[precision] = evaluate_in_precision(in_precision(loaded, precision), dataset, progress=step,
+                                                   keep_predictions=False)
+        done[0] += len(dataset)
+    base = results["float32"]
+    record = {"data": data_name, "images": len(dataset), "device": str(loaded.device),
+              "target": f"box and mask AP at most {AP_TOLERANCE} below float32's",
+              "float32": {"box_AP": base.bbox["AP"], "mask_AP": base.segm["AP"]}}
+    for precision in precisions:
+        r = results[precision]
+        ok = (base.bbox["AP"] - r.bbox["AP"] <= AP_TOLERANCE and base.segm["AP"] - r.segm["AP"] <= AP_TOLERANCE)
+        record[precision] = {
+            "box_AP": r.bbox["AP"], "mask_AP": r.segm["AP"], "ok": ok,
+            "summary": f"box AP {r.bbox['AP']:.4f}, mask AP {r.segm['AP']:.4f} against float32's "
+                       f"{base.bbox['AP']:.4f}, {base.segm['AP']:.4f} on {len(dataset)} images"}
+    return record
+
+
+def matched_share(reference: Detections, other: Detections, min_iou: float = MATCH_IOU,
+                  max_score_diff: float = MATCH_SCORE_DIFF) -> tuple[int, int]:
+    """(matched, total): how many of ``reference``'s detections ``other`` has too — same label, box IoU ≥
+    ``min_iou``, score within ``max_score_diff`` — each of ``other``'s matched at most once, best IoU first."""
+    total = len(reference)
+    if total == 0 or len(other) == 0:
+        return 0, total
+    iou = box_iou(torch.from_numpy(reference.boxes), torch.from_numpy(other.boxes)).numpy()
+    ok = ((reference.labels[:, None] == other.labels[None, :]) & (iou >= min_iou)
+          & (np.abs(reference.scores[:, None] - other.scores[None, :]) <= max_score_diff))
+    iou = np.where(ok, iou, -1.0)
+    taken, matched = set(), 0
+    for i in range(total):  # reference is ordered by score: the strongest detections choose first
+        for j in np.argsort(-iou[i]):
+            if iou[i, j] < 0:
+                break
+            if j not in taken:
+                taken.add(int(j))
+                matched += 1
+                break
+    return matched, total
+
+
+def detection_fidelity(loaded: LoadedModel, images: list[np.ndarray], precisions: list[str],
+                       thresholds: Thresholds | None = None) -> dict:
+    """For each of ``precisions``: the share of float32 ``loaded``'s detections on ``images`` that the
+    reduced run matches, with ``ok`` at MIN_MATCHED_SHARE."""
+    thresholds = thresholds or Thresholds()
+    reference = [run_trace(loaded, image, thresholds).detections for image in images]
+    record = {"images": len(images), "device": str(loaded.device),
+              "target": f"at least {MIN_MATCHED_SHARE:.0%} of float32's detections matched (same label, "
+                        f"box IoU >= {MATCH_IOU}, score within {MATCH_SCORE_DIFF})"}
+    for precision in precisions:
+        reduced = in_precision(loaded, precision)
+        counts = [matched_share(ref, run_trace(reduced, image, thresholds).detections)
+                  for ref, image in zip(reference, images)]
+        matched, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        share = matched / total if total else 1.0
+        record[precision] = {"matched": round(share, 4), "detections": total, "ok": share >= MIN_MATCHED_SHARE,
+                             "summary": f"{share:.1%} of float32's {total} detections matched"}
+    return record
