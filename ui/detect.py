@@ -285,7 +285,7 @@ def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
     c1.download_button("Overlay PNG", data=lambda: png_bytes(overlay), file_name=f"{stem}.png", mime="image/png",
                        key="dl_png", on_click="ignore", icon=":material/image:", width="stretch")
     record = lambda: json.dumps(prediction_json(dets, entry.name, loaded.name, loaded.sha256, thresholds,  # noqa: E731
-                                                trace.timings_ms), indent=1)
+                                                trace.timings_ms, loaded.precision), indent=1)
     c2.download_button("Predictions JSON", data=record, file_name=f"{stem}.json", mime="application/json",
                        key="dl_json", on_click="ignore", icon=":material/data_object:", width="stretch")
     c3.download_button("Detections CSV", data=lambda: detections_csv(dets), file_name=f"{stem}.csv",

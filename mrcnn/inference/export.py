@@ -29,12 +29,12 @@ def detection_records(dets: Detections) -> list[dict]:
 
 
 def prediction_json(dets: Detections, image_name: str, model_name: str, model_sha256: str,
-                    thresholds: Thresholds, timings_ms: dict[str, float]) -> dict:
-    """The prediction JSON for one image (docs/prediction-json.md)."""
+                    thresholds: Thresholds, timings_ms: dict[str, float], precision: str = "float32") -> dict:
+    """The prediction JSON for one image (docs/prediction-json.md); ``precision``: what the network ran in."""
     h, w = dets.image_size
     return {
         "image": {"file": image_name, "width": int(w), "height": int(h)},
-        "model": {"name": model_name, "sha256": model_sha256},
+        "model": {"name": model_name, "sha256": model_sha256, "precision": precision},
         "thresholds": thresholds.to_dict(),
         "detections": detection_records(dets),
         "timing_ms": {k: round(float(v), 3) for k, v in timings_ms.items()},
@@ -44,7 +44,7 @@ def prediction_json(dets: Detections, image_name: str, model_name: str, model_sh
 def trace_json(trace, image_name: str) -> dict:
     """prediction_json for a Trace's current detections."""
     return prediction_json(trace.detections, image_name, trace.loaded.name, trace.loaded.sha256,
-                           trace.thresholds, trace.timings_ms)
+                           trace.thresholds, trace.timings_ms, trace.precision)
 
 
 def detections_csv(dets: Detections) -> str:
