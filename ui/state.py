@@ -1,11 +1,12 @@
 """Session state in one place, and the resources every session shares.
 
 Shared by all sessions (``st.cache_resource``): the loaded models, keyed by (name, weights file, its
-mtime/size, device). They are only ever called, never changed. And the trace cache (``trace_cache``):
+mtime/size, device, precision). They are only ever called, never changed. And the trace cache (``trace_cache``):
 one memory budget for every session's traces.
 
 Per session (``st.session_state``), initialised by ``init()``:
-  model_name, device        what the sidebar chose (device: "auto" | "cpu" | "cuda")
+  model_name, device,       what the sidebar chose (device: "auto" | "cpu" | "cuda";
+  precision                 precision: "auto" | "float32" | "bfloat16" | "float16")
   images                    OrderedDict image id -> ImageEntry: uploads and sample scenes, in order
   current_image             the image id Detect and Inspect show
   traces                    this session's live traces, trace key -> Trace: its part of the server-wide
@@ -44,6 +45,7 @@ THUMB_SIZE = 112
 DEFAULTS: dict[str, Any] = {
     "model_name": None,
     "device": "auto",
+    "precision": "auto",
     # Thresholds (defaults of mrcnn.inference.structures.Thresholds)
     "score_thresh": 0.5,
     "nms_thresh": 0.5,
@@ -154,19 +156,19 @@ def _file_stamp(path: str | None) -> tuple:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
-def _load_model(name: str, weights: str | None, device: str, stamp: tuple) -> zoo.LoadedModel:
+def _load_model(name: str, weights: str | None, device: str, stamp: tuple, precision: str) -> zoo.LoadedModel:
     # ``stamp`` is only part of the key: a re-written weights file is loaded again.
-    return zoo.load_model(name, weights=weights, device=device)
+    return zoo.load_model(name, weights=weights, device=device, precision=precision)
 
 
-def get_model(name: str, device: str = "auto") -> zoo.LoadedModel:
+def get_model(name: str, device: str = "auto", precision: str = "float32") -> zoo.LoadedModel:
     """The shared LoadedModel for a model name (or checkpoint path). Raises MrcnnError with the reason."""
     dev = str(zoo.resolve_device(device))
     info = next((i for i in model_infos() if i.name == name), None)
     if info is not None and not info.available:
         raise ModelUnavailable(f"{name}: {info.reason}")
     weights = info.path if info is not None else None
-    return _load_model(name, weights, dev, _file_stamp(weights))
+    return _load_model(name, weights, dev, _file_stamp(weights), precision)
 
 
 def current_model() -> zoo.LoadedModel | None:
@@ -178,7 +180,7 @@ def current_model() -> zoo.LoadedModel | None:
         ss["model_error"] = "no model is available"
         return None
     try:
-        return get_model(name, ss.get("device", "auto"))
+        return get_model(name, ss.get("device", "auto"), ss.get("precision", "auto"))
     except MrcnnError as err:
         ss["model_error"] = str(err)
         return None
@@ -313,7 +315,7 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
 
     ss = st.session_state
     cache = trace_cache()
-    key = (loaded.name, loaded.sha256, str(loaded.device), entry.id)
+    key = (loaded.name, loaded.sha256, str(loaded.device), loaded.precision, entry.id)
     rpn = rpn_settings()
     trace = cache.get(_session_id(), key)
     if trace is None:
