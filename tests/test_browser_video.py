@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 
 from mrcnn.data.video import open_clip
 from mrcnn.inference.structures import Thresholds
