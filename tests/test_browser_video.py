@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 
-
 from mrcnn.data.video import open_clip
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.video import detect_frames
