@@ -2,12 +2,22 @@
 comparing two tiny models (AppTest)."""
 from __future__ import annotations
 
+import json
+from collections import Counter
+
 import numpy as np
 import pytest
 
+from mrcnn.cli import main
+from mrcnn.data import coco
 from mrcnn.evaluation.compare import ap_difference
 from mrcnn.inference.compare import compare_detections, counts_by_class
-from mrcnn.inference.structures import Detections
+from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.trace import Trace
+from mrcnn.model.checkpoint import save_checkpoint
+from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
+from tests.test_app import count, env, start, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
+from tests.test_app_training_pages import count_calls, open_page
 
 CLASSES = ["__background__", "circle", "square", "triangle"]
 
@@ -90,9 +100,6 @@ def test_ap_difference_is_b_minus_a_where_both_have_a_number():
     assert set(d["per_class"]["square"].values()) == {None} == set(d["per_class"]["star"].values())
 
 # ---- Detect: "Compare with" ------------------------------------------------------------------------
-from tests.test_app import count, env, start, tiny_shapes, write_tiny  # noqa: E402,F401  (fixtures)
-
-
 def comparison_counts(at) -> dict:
     table = next(d.value for d in at.dataframe if "only A" in d.value.columns)
     return table.loc["all classes"].to_dict()
@@ -113,9 +120,6 @@ def test_compare_with_a_twin_matches_everything(env):
 
 
 def test_compare_two_models_counts_are_the_matchers_and_sliders_run_no_network(env, monkeypatch):
-    from mrcnn.inference.structures import Thresholds
-    from mrcnn.inference.trace import Trace
-
     runs = []
     original = Trace._run_network
     monkeypatch.setattr(Trace, "_run_network", lambda self: (runs.append(1), original(self))[1])
@@ -138,61 +142,48 @@ def test_compare_two_models_counts_are_the_matchers_and_sliders_run_no_network(e
 
 
 # ---- Evaluate: a second model on the same data -------------------------------------------------------
-def evaluated_with(env, monkeypatch, other_seed: int):
-    """Evaluate shapes on 5 small scenes, then the model of ``other_seed`` as B on the same data."""
-    from collections import Counter
-
-    from mrcnn.data import coco
-    from tests.test_app_training_pages import count_calls, open_page
-
-    other = str(env / "runs" / "b" / "checkpoint.pt")
-    write_tiny(env / "runs" / "b" / "checkpoint.pt", seed=other_seed)
-    at = open_page("ui/evaluate.py")
-    at.number_input(key="ev_num").set_value(5).run()
-    at.select_slider(key="ev_size").set_value(128).run()
-    at.button(key="ev_go").click().run()
-    at.selectbox(key="ev_compare_with").select(other).run()
-    scans = Counter()
-    count_calls(monkeypatch, coco.CocoDataset, "__init__", scans)
-    at.button(key="ev_compare_go").click().run()
-    assert not at.exception, at.exception
-    assert scans["__init__"] == 0, "the dataset was scanned again for model B"
-    return at
-
-
 def difference(at, what: str):
     return next(d.value for d in at.dataframe if d.value.index.name == f"B − A {what}")
 
 
-def test_evaluate_a_twin_differs_by_nothing(env, monkeypatch):
-    at = evaluated_with(env, monkeypatch, other_seed=0)
+def test_evaluate_a_second_model_on_the_same_data_shows_b_minus_a(env, monkeypatch):
+    """A twin (the same weights) differs by nothing; another model by B − A, class by class. Neither scans
+    the dataset again."""
+    twin, other = (str(env / "runs" / name / "checkpoint.pt") for name in ("twin", "other"))
+    write_tiny(env / "runs" / "twin" / "checkpoint.pt", seed=0)
+    write_tiny(env / "runs" / "other" / "checkpoint.pt", seed=5)
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5)
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    scans = Counter()
+    count_calls(monkeypatch, coco.CocoDataset, "__init__", scans)
+
+    at.selectbox(key="ev_compare_with").select(twin).run()
+    at.button(key="ev_compare_go").click().run()
+    assert not at.exception, at.exception
     for what in ("overall", "per class"):
         table = difference(at, what)
         assert len(table) and (table.fillna(0) == 0).all().all(), table
     assert list(difference(at, "per class").columns) == ["box AP", "box AP50", "mask AP", "mask AP50"]
 
-
-def test_evaluate_another_model_shows_b_minus_a_per_class(env, monkeypatch):
-    at = evaluated_with(env, monkeypatch, other_seed=5)
+    at.selectbox(key="ev_compare_with").select(other).run()
+    at.button(key="ev_compare_go").click().run()
+    assert not at.exception, at.exception
     a = at.session_state["ev_evaluation"].result["per_class"]
     b = at.session_state["ev_compare"][1]["per_class"]
     shown = difference(at, "per class")
+    assert list(shown.index) == list(a)
     for name in a:
         for column, key in (("box AP", "bbox_AP"), ("mask AP50", "segm_AP50")):
             if a[name][key] >= 0 and b[name][key] >= 0:
                 assert shown.loc[name, column] == pytest.approx(b[name][key] - a[name][key])
-    assert len(shown) == len(a)
     assert not (shown.fillna(0) == 0).all().all(), "two random models score the same everywhere"
+    assert scans["__init__"] == 0, "the dataset was scanned again for model B"
 
 
 # ---- CLI: evaluate --compare -------------------------------------------------------------------------
 def test_cli_evaluate_compare_prints_b_minus_a(tmp_path, capsys):
-    import json
-
-    from mrcnn.cli import main
-    from mrcnn.model.checkpoint import save_checkpoint
-    from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
-
     a, b = (save_checkpoint(tmp_path / f"{name}.pt", TINY_LIGHT, CATEGORIES, tiny_loaded(seed=seed).model.state_dict())
             for name, seed in (("a", 0), ("b", 5)))
     args = ["evaluate", "--model", str(a), "--data", "shapes:2:0:64", "--device", "cpu", "--compare", str(b)]
