@@ -197,3 +197,16 @@ def test_primitives():
     assert draw_boxes(img, odd, None, labels=list("abcde")).shape == (20, 30, 3)
     with pytest.raises(ValueError, match="colours"):
         draw_boxes(img, boxes, [(1, 2, 3)] * 3)
+
+
+def test_mask_pixels_far_outside_their_box_are_still_drawn():
+    """Masks are searched near their box first (for speed): one reaching far beyond it is drawn whole."""
+    image = np.full((60, 80, 3), 100, np.uint8)
+    masks = np.zeros((1, 60, 80), bool)
+    masks[0, 10:20, 10:20] = True
+    masks[0, 50:55, 70:75] = True  # far from the box below
+    dets = Detections(np.array([[10, 10, 20, 20]], np.float32), np.array([0.9], np.float32), np.array([1]),
+                      masks, np.array([0]), CATS, (60, 80))
+    out = draw_detections(image, dets, show_boxes=False, show_labels=False, show_outlines=False, opacity=1.0)
+    assert (out[52, 72] == color_for(0)).all() and (out[15, 15] == color_for(0)).all()
+    assert (out[30, 40] == 100).all()
