@@ -172,6 +172,13 @@ def test_containers_the_app_takes_decode(kind):
     assert len(decoded) == 4 and decoded[0].array.shape == (64, 64, 3)
 
 
+def test_a_gif_whose_last_frame_lingers_is_whole():
+    frames = [Image.fromarray(f) for f in scenes(4, 32)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=[100, 100, 100, 2000])
+    assert len(list(open_clip(buf.getvalue()).frames())) == 4
+
+
 def test_a_single_frame_gif_is_an_image():
     buf = io.BytesIO()
     Image.fromarray(scenes(1, 32)[0]).save(buf, format="GIF")

@@ -134,7 +134,11 @@ class Clip:
             raise VideoError(f"{self.label}: {self._unreadable(err)}") from None
 
     def _unreadable(self, err: Exception) -> str:
-        head = self.data[:12] if self.data is not None else self.path.open("rb").read(12)
+        if self.data is not None:
+            head = self.data[:12]
+        else:
+            with self.path.open("rb") as f:
+                head = f.read(12)
         if head[4:8] == b"ftyp":  # an MP4/MOV whose index (written last) is missing
             return "file is truncated or damaged (its MP4/MOV index is missing)"
         return f"not a readable video file ({_reason(err)})"
@@ -154,6 +158,7 @@ class Clip:
         duration = _duration_s(container, stream)
         if duration is not None and duration > self.limits.max_seconds:
             raise VideoError(self._too_long(duration))
+        self._frames_stated = int(stream.frames) > 0
         frames = int(stream.frames) or (round(duration * rate) if duration else 0)
         return VideoInfo(name, rate, frames, width, height, duration)
 
@@ -193,12 +198,14 @@ class Clip:
         return round(float((av_frame.pts - first_pts) * av_frame.time_base), 6)
 
     def _check_complete(self, decoded: int, last_time: float) -> None:
-        """A file cut short decodes fine up to the cut: compare with what the header states."""
-        stated = self.info.frames
-        ends_early = (self.info.duration_s is not None
-                      and last_time + 2.0 / self.info.fps < self.info.duration_s)
-        if decoded < stated or ends_early:
-            raise VideoError(f"{self.label}: file is truncated (decoded {decoded} of {stated} frames)")
+        """A file cut short decodes fine up to the cut: compare with the frame count the header states or,
+        where it states none (WebM), with its duration (a last frame may be shown a while, not 2 frames)."""
+        if self._frames_stated:
+            cut = decoded < self.info.frames
+        else:
+            cut = self.info.duration_s is not None and last_time + 2.0 / self.info.fps < self.info.duration_s
+        if cut:
+            raise VideoError(f"{self.label}: file is truncated (decoded {decoded} of {self.info.frames} frames)")
 
     def frame_at(self, index: int, pts: int | None) -> np.ndarray:
         """One frame again (the app's scrubber), found by its timestamp from ``frames()``: seek to the
