@@ -69,7 +69,7 @@ def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thres
     label = sidebar.model_label(infos[name])
     ss = st.session_state
     try:
-        other = state.get_model(name, ss.get("device", "auto"))
+        other = state.get_model(name, ss.get("device", "auto"), ss.get("precision", "auto"))
     except MrcnnError as err:
         st.error(f"Cannot compare with {name}: {err}", icon=":material/error:")
         return

@@ -181,7 +181,7 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
         return
     ss = st.session_state
     try:
-        other = state.get_model(name, ss.get("device", "auto"))
+        other = state.get_model(name, ss.get("device", "auto"), ss.get("precision", "auto"))
     except MrcnnError as err:
         st.error(str(err))
         return
