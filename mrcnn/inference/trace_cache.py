@@ -19,9 +19,12 @@ session that holds a trace's feature maps while they are dropped keeps its own r
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import os
+import sys
 import threading
 from collections import OrderedDict
 from typing import Hashable
@@ -36,6 +39,14 @@ BUDGET_ENV = "MRCNN_TRACE_CACHE_GB"
 DEFAULT_BUDGET_GB = 4.0
 # What a trace refers to but does not own: the shared model and the caller's image.
 _NOT_OWNED = frozenset({"loaded", "model", "image", "device", "categories"})
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks for later allocations (feature maps are tens of MB, under its adaptive mmap
+    threshold once it has risen): give them back to the system, or dropping features barely lowers the RSS."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def budget_bytes() -> float:
@@ -141,7 +152,7 @@ class TraceCache:
         newest = next(reversed(self._sizes))
         for entry in list(self._sizes)[:-1]:
             if total <= self.budget:
-                return
+                break
             trace = self._sessions[entry[0]][entry[1]]
             if trace.has_features:
                 trace.drop_features()
@@ -150,9 +161,10 @@ class TraceCache:
                 self._sizes[entry] = smaller
         for entry in list(self._sizes):
             if total <= self.budget or entry == newest:
-                return
+                break
             total -= self._sizes.pop(entry)
             del self._sessions[entry[0]][entry[1]]
+        _return_freed_memory()
 
 
 __all__ = ["BUDGET_ENV", "DEFAULT_BUDGET_GB", "TraceCache", "budget_bytes", "trace_nbytes"]
