@@ -1,4 +1,5 @@
-"""The sidebar shared by every page: model picker (with availability and downloads), device, model card."""
+"""The sidebar shared by every page: model picker (with availability and downloads), device, precision,
+model card."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 
 from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
+from mrcnn.inference import precision
 from mrcnn.inference.model_export import export_zip
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
 from mrcnn.model import importer, zoo
@@ -200,6 +202,31 @@ def _device() -> None:
     st.caption(f"Device: **{dev}**{note}")
 
 
+def _precision_select() -> None:
+    """auto / float32 / bfloat16 / float16; those this device does not run natively are marked, and choosing
+    one shows why (the model is not loaded in it: see state.current_model)."""
+    try:
+        dev = zoo.resolve_device(st.session_state["device"])
+    except MrcnnError:
+        return
+    missing = {p: precision.unavailable_reason(p, dev) for p in precision.PRECISIONS}
+    state.keep_choice("precision", list(precision.PRECISIONS), "auto")
+    st.selectbox("Precision", precision.PRECISIONS, key="precision", persist_state="session",
+                 format_func=lambda p: p if missing[p] is None else f"{p} (not native here)",
+                 help="What the network runs in. auto: the fastest precision this device runs natively "
+                      "(bfloat16 on a CPU with bf16 units, float16 on CUDA), unless the model missed its fidelity "
+                      "target in it; float32: exact. Feature maps and probabilities are float32 in every precision.")
+
+
+def _precision_caption(loaded: zoo.LoadedModel) -> None:
+    """What runs, and why when auto did not pick the device's fast precision."""
+    requested = st.session_state.get("precision", "auto")
+    text = f"Runs in **{loaded.precision}**" + (" (auto)" if requested == "auto" else "")
+    if loaded.precision_note:
+        text += f" — {loaded.precision_note}"
+    st.caption(text)
+
+
 def render() -> zoo.LoadedModel | None:
     """Draw the sidebar; returns the loaded model (None when it cannot be loaded, with the reason shown)."""
     with st.sidebar:
@@ -219,9 +246,12 @@ def render() -> zoo.LoadedModel | None:
         elif name != zoo.DEFAULT_MODEL and not by_name.get(zoo.DEFAULT_MODEL, info).available:
             st.caption(f"The bundled `{zoo.DEFAULT_MODEL}` model is missing: {by_name[zoo.DEFAULT_MODEL].reason}")
         _device()
+        _precision_select()
         loaded = state.current_model() if info.available else None
         if info.available and loaded is None:
             st.error(st.session_state.get("model_error"))
+        elif loaded is not None:
+            _precision_caption(loaded)
         _card(info, loaded)
         _add_model()
         if st.button("Refresh model list", key="refresh_models", type="tertiary", icon=":material/refresh:"):

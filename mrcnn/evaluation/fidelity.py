@@ -117,5 +117,5 @@ def detection_fidelity(loaded: LoadedModel, images: list[np.ndarray], precisions
         matched, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
         share = matched / total if total else 1.0
         record[precision] = {"matched": round(share, 4), "detections": total, "ok": share >= MIN_MATCHED_SHARE,
-                             "summary": f"{share:.1%} of float32's {total} detections matched"}
+                             "summary": f"{share:.2%} of float32's {total} detections matched"}
     return record

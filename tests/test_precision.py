@@ -1,0 +1,212 @@
+"""Inference precision (mrcnn/inference/precision.py): what each device runs natively, what ``auto`` picks and
+why, refusals on one line, reduced-precision traces that keep float32 stages, and fidelity records that keep
+``auto`` from a precision that missed its target. Tiny random-weight models; CUDA is absent here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+from mrcnn import bench
+from mrcnn.cli import build_parser, main
+from mrcnn.errors import MrcnnError
+from mrcnn.evaluation import fidelity
+from mrcnn.evaluation.fidelity import detection_fidelity, in_precision, matched_share
+from mrcnn.inference import precision
+from mrcnn.inference.export import trace_json
+from mrcnn.inference.precision import choose_precision
+from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.trace import run_trace
+from mrcnn.model.checkpoint import save_checkpoint
+from mrcnn.model.zoo import load_model
+from mrcnn.training.card import write_card
+from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
+from tests.test_app import APP
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+LOW = Thresholds(score_thresh=0.05)  # random weights score about 1/C: a low threshold gives detections
+
+
+def cpu_flags(monkeypatch, *flags: str) -> None:
+    monkeypatch.setattr(precision, "read_cpu_flags", lambda: frozenset(flags))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """The same tiny model in float32 and in bfloat16, and an image."""
+    loaded = tiny_loaded()
+    return loaded, in_precision(loaded, "bfloat16"), scene(96, 128, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    return save_checkpoint(path, TINY_LIGHT, CATEGORIES, tiny_loaded().model.state_dict(), {"data": "test"})
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile\n")
+    monkeypatch.setattr(precision, "CPUINFO", info)
+    assert {"avx2", "amx_bf16"} <= precision.read_cpu_flags()
+    assert precision.cpu_has_native_bf16() and precision.cpu_model_name() == "Test CPU"
+    monkeypatch.setattr(precision, "CPUINFO", tmp_path / "missing")
+    assert precision.read_cpu_flags() == frozenset() and not precision.cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("flags, expected", [(("avx512_bf16",), "bfloat16"), (("amx_bf16",), "bfloat16"),
+                                             (("avx2", "avx512f"), "float32"), ((), "float32")])
+def test_auto_picks_bfloat16_only_on_a_cpu_with_bf16_units(monkeypatch, flags, expected):
+    cpu_flags(monkeypatch, *flags)
+    choice = choose_precision("auto", CPU)
+    assert choice.precision == expected
+    if expected == "float32":  # and it says why
+        assert "avx512_bf16" in choice.note and "amx_bf16" in choice.note
+    else:
+        assert choice.note == ""
+
+
+def test_cuda_runs_float16_natively(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert precision.native_precisions(CUDA) == ["float32", "float16"]
+    assert choose_precision("auto", CUDA).precision == "float16"
+    assert choose_precision("float32", CUDA).precision == "float32"
+
+
+def test_precisions_the_device_lacks_are_refused_in_one_line(monkeypatch):
+    cpu_flags(monkeypatch, "avx2")
+    with pytest.raises(MrcnnError, match="float16 runs natively only on a CUDA device"):
+        choose_precision("float16", CPU)
+    with pytest.raises(MrcnnError, match="bfloat16 is not native on this CPU .*avx512_bf16.*use auto or float32"):
+        choose_precision("bfloat16", CPU)
+    with pytest.raises(MrcnnError, match="unknown precision 'half'"):
+        choose_precision("half", CPU)
+    cpu_flags(monkeypatch, "avx512_bf16")
+    assert choose_precision("bfloat16", CPU).precision == "bfloat16"
+
+
+def test_a_failed_fidelity_check_keeps_auto_from_that_precision(monkeypatch):
+    cpu_flags(monkeypatch, "avx512_bf16")
+    failed = {"bfloat16": {"ok": False, "summary": "box AP 0.80 against float32's 0.88"}}
+    choice = choose_precision("auto", CPU, failed)
+    assert choice.precision == "float32"
+    assert "bfloat16 missed its fidelity target" in choice.note and "0.80" in choice.note
+    assert choose_precision("auto", CPU, {"bfloat16": {"ok": True}}).precision == "bfloat16"
+    # asked for by name, it still runs, with the caveat
+    explicit = choose_precision("bfloat16", CPU, failed)
+    assert explicit.precision == "bfloat16" and "missed" in explicit.note
+
+
+def test_a_bfloat16_trace_keeps_what_the_user_looks_at_in_float32(tiny_pair):
+    loaded, reduced, image = tiny_pair
+    trace = run_trace(reduced, image, LOW)
+    assert trace.precision == "bfloat16" and len(trace.detections) > 0
+    assert all(f.dtype == torch.float32 for f in trace.features.values())
+    assert all(m.dtype == torch.float32 for m in trace.objectness_maps + trace.delta_maps)
+    assert trace.candidates.probs.dtype == torch.float32 and trace.candidates.boxes.dtype == torch.float32
+    assert trace.mask_probs_28(trace.detections.candidate_ids[:3]).dtype == torch.float32
+    assert trace_json(trace, "x.png")["model"]["precision"] == "bfloat16"
+    # the shared float32 model is untouched: no hooks, its own weights' layout
+    assert not loaded.model.backbone._forward_hooks
+    assert loaded.model.backbone.body.conv1.weight.is_contiguous()
+    assert reduced.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_bfloat16_trace_largely_finds_float32s_detections(tiny_pair):
+    loaded, reduced, image = tiny_pair
+    reference = run_trace(loaded, image, LOW).detections
+    matched, total = matched_share(reference, run_trace(reduced, image, LOW).detections)
+    assert total > 20 and matched / total >= 0.9
+    assert trace_json(run_trace(loaded, image, LOW), "x.png")["model"]["precision"] == "float32"
+
+
+def test_matched_share_needs_label_box_and_score():
+    def dets(boxes, labels, scores):
+        return Detections(boxes=np.array(boxes, np.float32).reshape(-1, 4), scores=np.array(scores, np.float32),
+                          labels=np.array(labels, np.int64), masks=None, candidate_ids=np.arange(len(labels)),
+                          categories=CATEGORIES, image_size=(100, 100))
+
+    ref = dets([[0, 0, 50, 50]] * 4, [1, 1, 1, 1], [0.9, 0.8, 0.7, 0.6])
+    other = dets([[0, 0, 50, 50], [0, 0, 50, 50], [0, 0, 50, 40], [0, 0, 50, 50]], [1, 2, 1, 1],
+                 [0.91, 0.8, 0.7, 0.5])
+    # 1st matches; 2nd: other label; 3rd: IoU 0.8; 4th: score off by 0.1 (and the 1st's partner is taken)
+    assert matched_share(ref, other) == (1, 4)
+    assert matched_share(ref, dets([], [], [])) == (0, 4)
+
+
+def test_load_model_reads_the_fidelity_record_of_the_card(tmp_path, monkeypatch, tiny_checkpoint):
+    cpu_flags(monkeypatch, "avx512_bf16")
+    path = tmp_path / "m.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+    assert load_model(str(path), device="cpu", precision="auto").precision == "bfloat16"
+    path.with_suffix(".json").write_text(json.dumps({"precision_fidelity": {
+        "bfloat16": {"ok": False, "summary": "mask AP 0.70 against float32's 0.80"}}}))
+    loaded = load_model(str(path), device="cpu", precision="auto")
+    assert loaded.precision == "float32" and "missed its fidelity target" in loaded.precision_note
+    assert not loaded.model.backbone._forward_hooks  # float32: exactly the model as loaded
+
+
+def test_card_measures_ap_per_precision_and_auto_follows_it(tmp_path, monkeypatch, tiny_checkpoint):
+    cpu_flags(monkeypatch, "avx512_bf16")
+    path = tmp_path / "m.pt"
+    path.write_bytes(tiny_checkpoint.read_bytes())
+    monkeypatch.setattr(fidelity, "AP_TOLERANCE", -1.0)  # no precision can pass: auto must fall back
+    card = write_card(path, "shapes:2:5:64", fidelity_num=2, timing_repeats=1)
+    record = card["precision_fidelity"]
+    assert record["images"] == 2 and set(record["float32"]) == {"box_AP", "mask_AP"}
+    assert record["bfloat16"]["ok"] is False and "box AP" in record["bfloat16"]["summary"]
+    assert load_model(str(path), device="cpu", precision="auto").precision == "float32"
+
+
+def test_r50_fidelity_counts_matched_detections(monkeypatch):
+    # the bench's R50 check on the tiny model (same code): shares per precision, ok at 97%
+    record = detection_fidelity(tiny_loaded(), [scene(96, 128, seed=2)], ["float16"], LOW)
+    assert record["float16"]["detections"] > 0 and 0.9 <= record["float16"]["matched"] <= 1.0
+    assert record["float16"]["ok"] == (record["float16"]["matched"] >= 0.97)
+
+
+def test_precision_flags_parse_and_bad_values_exit_2(capsys, monkeypatch):
+    parser = build_parser()
+    assert parser.parse_args(["predict", "a.png", "--out", "o"]).precision == "auto"
+    assert parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--precision", "float32"]).precision == "float32"
+    args = parser.parse_args(["bench", "--device", "cuda", "--precision", "float16"])
+    assert (args.device, args.precision) == ("cuda", "float16")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["predict", "a.png", "--out", "o", "--precision", "half"])
+    assert exit_.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err
+    cpu_flags(monkeypatch, "avx2")
+    assert main(["predict", "a.png", "--out", "o", "--precision", "float16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float16 runs natively only on a CUDA device" in err[0]
+
+
+def test_bench_refuses_before_it_runs(monkeypatch, capsys):
+    cpu_flags(monkeypatch, "avx2")
+    monkeypatch.setattr(bench, "bench_r50", lambda **kw: pytest.fail("ran"))
+    assert main(["bench", "--precision", "bfloat16"]) == 2
+    assert "bfloat16 is not native on this CPU" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_sidebar_shows_the_precision_and_why(tmp_path, monkeypatch, tiny_checkpoint):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "shapes.pt").symlink_to(tiny_checkpoint)
+    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    cpu_flags(monkeypatch, "avx2")
+    st.cache_data.clear()  # the model list and models of other tests' folders
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    select = at.sidebar.selectbox(key="precision")
+    assert select.options == ["auto", "float32", "bfloat16 (not native here)", "float16 (not native here)"]
+    caption = " ".join(c.value for c in at.sidebar.caption)
+    assert "Runs in **float32** (auto)" in caption and "no native bfloat16" in caption
+    select.set_value("bfloat16").run()
+    assert any("bfloat16 is not native on this CPU" in e.value for e in at.sidebar.error)
