@@ -411,3 +411,11 @@ def test_rpn_defaults_button_resets_the_knobs(env):
     assert not at.exception, at.exception
     assert at.number_input(key="rpn_pre_nms_top_n").value == 1000
     assert at.session_state["rpn_pre_nms_top_n"] == 1000
+
+
+def test_stage_timings_are_drawn_only_while_their_expander_is_open(env):
+    at = start()
+    assert not any("network total" in c.value for c in at.caption)  # closed: nothing re-sent on each press
+    at.session_state["det_timings_open"] = True
+    at.slider(key="score_thresh").set_value(0.3).run()
+    assert any("network total" in c.value for c in at.caption)

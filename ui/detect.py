@@ -273,10 +273,14 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         _downloads(loaded, entry, trace, dets, thresholds, overlay)
         share.copy_link("detect", entry, st.session_state["highlight"])
         compare.section(loaded, entry, dets, thresholds, lambda d: filter_classes(d, opts["class_filter"]))
-        with st.expander("Stage timings", icon=":material/timer:"):
-            st.plotly_chart(plots.timings_figure(trace.timings_ms, {"re-filter": refilter_ms or 0.0, "draw": draw_ms}),
-                            key="timings", width="stretch")
-            st.caption(f"network total {trace.network_ms:.0f} ms on {loaded.device}")
+        # drawn only while open: a closed expander's chart was still re-sent and re-plotted on every press
+        timings = st.expander("Stage timings", icon=":material/timer:", key="det_timings_open", on_change="rerun")
+        if timings.open:
+            with timings:
+                st.plotly_chart(plots.timings_figure(trace.timings_ms, {"re-filter": refilter_ms or 0.0,
+                                                                        "draw": draw_ms}),
+                                key="timings", width="stretch")
+                st.caption(f"network total {trace.network_ms:.0f} ms on {loaded.device}")
 
 
 def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
