@@ -13,9 +13,11 @@ differently sized images would be zero-padded, which changes GroupNorm statistic
 a few worker threads: each worker loads its own images while the others compute, and on a CPU each runs
 one intra-op thread, so the cores never wait on each other's OpenMP barriers (on this shared 2-core
 machine two intra-op threads ran one image 4x slower than one thread whenever other processes were
-busy). Ground truth from items (generated scenes) is taken from the same pass, not loaded twice. Predictions are matched to the dataset's categories by name; classes the
-dataset lacks are left out of the metrics (they stay in ``predictions``). Metrics without any
-ground truth in their range are -1, as COCO reports them.
+busy). Ground truth from items (generated scenes) is taken from the same pass, not loaded twice.
+
+Predictions are matched to the dataset's categories by name; classes the dataset lacks are left out of
+the metrics (they stay in ``predictions``). Metrics without any ground truth in their range are -1, as
+COCO reports them.
 """
 from __future__ import annotations
 
