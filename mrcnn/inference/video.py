@@ -132,7 +132,7 @@ def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, keep_
     """Run the model on every frame, in order; each frame's trace is dropped before the next is decoded.
 
     ``progress(done, total, seconds_left)`` after each frame (total 0 and seconds_left None when the clip
-    does not say how many frames it has); ``should_stop()`` before each frame: True raises ClipCancelled.
+    does not say how many frames it has, or said too few); ``should_stop()`` before each frame: True raises ClipCancelled.
     VideoError when the clip turns out truncated or undecodable.
     """
     total, done, start = clip.info.frames, 0, time.perf_counter()
@@ -145,11 +145,15 @@ def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, keep_
         result = FrameResult(frame.index, frame.time_s, frame.pts, frame.array, trace.detections, candidates)
         del trace  # its feature maps: the bulk of a frame's memory
         done += 1
-        if progress is not None:
-            elapsed = time.perf_counter() - start
-            left = elapsed / done * (total - done) if total >= done else None
-            progress(done, max(total, done) if total else 0, left)
+        _report(progress, done, total, start)
         yield result
+
+
+def _report(progress: Progress | None, done: int, total: int, start: float) -> None:
+    """progress(done, total, seconds left at the pace so far); a clip that said too few frames has said 0."""
+    if progress is not None:
+        left = (time.perf_counter() - start) / done * (total - done) if total >= done else None
+        progress(done, total if total >= done else 0, left)
 
 
 def clip_record(clip: Clip, loaded: LoadedModel, thresholds: Thresholds, frames: list[dict]) -> dict:
@@ -198,10 +202,7 @@ def annotate_clip(clip: Clip, detections_of: Callable[[int], Detections], target
     with ClipWriter(target, clip.info.rate, clip.info.width, clip.info.height) as out:
         for frame in clip.frames():
             out.write(draw_detections(frame.array, detections_of(frame.index), **draw_options))
-            if progress is not None:
-                done = out.frames_written
-                left = (time.perf_counter() - start) / done * (total - done) if total >= done else None
-                progress(done, max(total, done) if total else 0, left)
+            _report(progress, out.frames_written, total, start)
         return out.frames_written
 
 
