@@ -69,7 +69,8 @@ def trace_nbytes(trace: Trace) -> int:
     nor the image it was given."""
     seen: set[int] = set()
     total = 0
-    stack = [value for name, value in vars(trace).items() if name not in _NOT_OWNED]
+    # list(...) copies in one C call, under the GIL: the owner's thread may be adding masks meanwhile
+    stack = [value for name, value in list(vars(trace).items()) if name not in _NOT_OWNED]
     while stack:
         value = stack.pop()
         if isinstance(value, torch.Tensor):
@@ -83,7 +84,7 @@ def trace_nbytes(trace: Trace) -> int:
                 seen.add(id(owner))
                 total += owner.nbytes if isinstance(owner, np.ndarray) else value.nbytes
         elif isinstance(value, dict):
-            stack.extend(value.values())
+            stack.extend(list(value.values()))
         elif isinstance(value, (list, tuple)):
             stack.extend(value)
         elif isinstance(value, ImageList):
