@@ -23,8 +23,7 @@ from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.video import is_clip, open_clip
 from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
 from mrcnn.evaluation.compare import ap_difference
-from mrcnn.evaluation.evaluate import METRIC_KEYS
-from mrcnn.evaluation.fidelity import evaluate_in_precision
+from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
@@ -382,14 +381,13 @@ def cli_evaluate(args) -> int:
     dataset = first_items(open_data(args.data), args.num)
     other = (load_model(args.compare, device=args.device, precision=args.precision)
              if args.compare else None)  # fail before the long part
-    result = evaluate_in_precision(loaded, dataset, progress=_Progress("evaluating"),
-                                   score_thresh=thresholds.score_thresh, max_detections=thresholds.max_detections,
-                                   keep_predictions=False)
+    result = evaluate(loaded, dataset, progress=_Progress("evaluating"), score_thresh=thresholds.score_thresh,
+                      max_detections=thresholds.max_detections, keep_predictions=False)
     compared = None
     if other is not None:
-        compared = evaluate_in_precision(other, dataset, progress=_Progress(f"evaluating {other.name}"),
-                                         score_thresh=thresholds.score_thresh,
-                                         max_detections=thresholds.max_detections, keep_predictions=False).to_dict()
+        compared = evaluate(other, dataset, progress=_Progress(f"evaluating {other.name}"),
+                            score_thresh=thresholds.score_thresh, max_detections=thresholds.max_detections,
+                            keep_predictions=False).to_dict()
     if args.json:
         record = {"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
                   "num_images": result.num_images, "model": loaded.name, "precision": loaded.precision,

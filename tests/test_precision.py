@@ -14,7 +14,9 @@ from streamlit.testing.v1 import AppTest
 from mrcnn import bench
 from mrcnn.cli import build_parser, main
 from mrcnn.errors import MrcnnError
+from mrcnn.data.sources import open_data
 from mrcnn.evaluation import fidelity
+from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.evaluation.fidelity import detection_fidelity, in_precision, matched_share
 from mrcnn.inference import precision
 from mrcnn.inference.export import trace_json
@@ -122,6 +124,18 @@ def test_a_bfloat16_trace_largely_finds_float32s_detections(tiny_pair):
     matched, total = matched_share(reference, run_trace(reduced, image, LOW).detections)
     assert total > 20 and matched / total >= 0.9
     assert trace_json(run_trace(loaded, image, LOW), "x.png")["model"]["precision"] == "float32"
+
+
+def test_evaluate_runs_the_network_in_the_models_precision(tiny_pair):
+    _, reduced, _ = tiny_pair
+    seen = []  # autocast is per thread: evaluate's worker threads must set it themselves
+    hook = reduced.model.backbone.body.conv1.register_forward_hook(
+        lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), o.dtype)))
+    try:
+        evaluate(reduced, open_data("shapes:2:5:64"), workers=2, keep_predictions=False)
+    finally:
+        hook.remove()
+    assert seen and all(s == (True, torch.bfloat16) for s in seen)
 
 
 def test_matched_share_needs_label_box_and_score():

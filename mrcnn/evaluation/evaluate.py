@@ -36,6 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mrcnn.data.masks import encode_rles, rle_area
 from mrcnn.errors import DatasetError
+from mrcnn.inference.precision import stage_autocast
 from mrcnn.inference.structures import Thresholds
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -153,9 +154,11 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
     if int(batch_size) < 1 or (workers is not None and int(workers) < 1):
         raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}")
     t0 = time.time()
+    precision = "float32"
     if hasattr(model, "model") and hasattr(model, "categories"):  # LoadedModel
         module, model_categories = model.model, list(model.categories)
         device = device if device is not None else model.device
+        precision = model.precision  # the network stages run under autocast in a reduced one
     else:
         module = model
         model_categories = list(categories if categories is not None else dataset.categories)
@@ -184,7 +187,7 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
         items = [dataset[i] for i in indices]
         images = [image for image, _ in items]
         outputs = []
-        with torch.inference_mode():
+        with torch.inference_mode(), stage_autocast(precision, device):  # autocast is per thread: set here
             for run in _same_size_runs(images):
                 outputs += net([image.to(device) for image in images[run]])
         records = []

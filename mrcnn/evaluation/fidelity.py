@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from mrcnn.evaluation.evaluate import EvalResult, evaluate
-from mrcnn.inference.precision import AP_TOLERANCE, MIN_MATCHED_SHARE, native_precisions, prepare_model, stage_autocast
+from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.inference.precision import AP_TOLERANCE, MIN_MATCHED_SHARE, native_precisions, prepare_model
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.zoo import LoadedModel
@@ -42,12 +42,6 @@ def in_precision(loaded: LoadedModel, precision: str) -> LoadedModel:
     return dataclasses.replace(loaded, model=model, precision=precision, precision_note="")
 
 
-def evaluate_in_precision(loaded: LoadedModel, dataset, **kwargs) -> EvalResult:
-    """mrcnn.evaluation.evaluate for a model loaded in any precision: its network stages run under autocast."""
-    with stage_autocast(loaded.precision, loaded.device):
-        return evaluate(loaded, dataset, **kwargs)
-
-
 def ap_fidelity(loaded: LoadedModel, dataset, precisions: list[str], data_name: str = "",
                 progress: Callable[[int, int], None] | None = None) -> dict:
     """Box and mask AP of float32 ``loaded`` and of each of ``precisions`` on ``dataset``, with ``ok`` per
@@ -61,8 +55,8 @@ def ap_fidelity(loaded: LoadedModel, dataset, precisions: list[str], data_name: 
 
     results = {}
     for precision in runs:
-        results[precision] = evaluate_in_precision(in_precision(loaded, precision), dataset, progress=step,
-                                                   keep_predictions=False)
+        results[precision] = evaluate(in_precision(loaded, precision), dataset, progress=step,
+                                      keep_predictions=False)
         done[0] += len(dataset)
     base = results["float32"]
     record = {"data": data_name, "images": len(dataset), "device": str(loaded.device),
