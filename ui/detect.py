@@ -288,8 +288,9 @@ def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
     c1, c2, c3 = st.columns(3)
     c1.download_button("Overlay PNG", data=lambda: png_bytes(overlay), file_name=f"{stem}.png", mime="image/png",
                        key="dl_png", on_click="ignore", icon=":material/image:", width="stretch")
+    timings = dict(trace.timings_ms)  # not the trace: a deferred download would keep it alive after the cache let it go
     record = lambda: json.dumps(prediction_json(dets, entry.name, loaded.name, loaded.sha256, thresholds,  # noqa: E731
-                                                trace.timings_ms, loaded.precision), indent=1)
+                                                timings, loaded.precision), indent=1)
     c2.download_button("Predictions JSON", data=record, file_name=f"{stem}.json", mime="application/json",
                        key="dl_json", on_click="ignore", icon=":material/data_object:", width="stretch")
     c3.download_button("Detections CSV", data=lambda: detections_csv(dets), file_name=f"{stem}.csv",
