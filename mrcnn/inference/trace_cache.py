@@ -43,8 +43,9 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" el
 
 
 def _return_freed_memory() -> None:
-    """glibc keeps freed blocks for later allocations (feature maps are tens of MB, under its adaptive mmap
-    threshold once it has risen): give them back to the system, or dropping features barely lowers the RSS."""
+    """glibc keeps freed blocks for later allocations, in one arena per thread (feature maps are tens of MB,
+    under its adaptive mmap threshold once it has risen), and every session runs in its own thread: give
+    them back to the system, or dropped features and a finished run's working memory stay in the RSS."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
@@ -120,11 +121,12 @@ class TraceCache:
             return trace
 
     def put(self, session_id: str, key: Hashable, trace: Trace) -> None:
+        """Keep a new trace (just run: its network's working memory is handed back too)."""
         with self._lock:
             self._sessions.setdefault(session_id, OrderedDict())[key] = trace
             self._sizes[(session_id, key)] = trace_nbytes(trace)
             self._sizes.move_to_end((session_id, key))
-            self._enforce()
+            self._enforce(always_return_memory=True)
 
     def forget(self, session_id: str) -> None:
         """Drop every trace of one session (its images were cleared)."""
@@ -145,10 +147,12 @@ class TraceCache:
         with self._lock:
             return len(self._sizes)
 
-    def _enforce(self) -> None:
+    def _enforce(self, always_return_memory: bool = False) -> None:
         """Feature maps first, then whole traces, least recently used first; the newest is kept whole."""
         total = sum(self._sizes.values())
         if total <= self.budget:
+            if always_return_memory:
+                _return_freed_memory()
             return
         newest = next(reversed(self._sizes))
         for entry in list(self._sizes)[:-1]:
