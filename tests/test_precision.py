@@ -24,7 +24,7 @@ from mrcnn.inference.precision import choose_precision
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.checkpoint import save_checkpoint
-from mrcnn.model.zoo import load_model
+from mrcnn.model.zoo import load_model, read_card, weights_dir
 from mrcnn.training.card import write_card
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
 from tests.test_app import APP
@@ -174,6 +174,17 @@ def test_card_measures_ap_per_precision_and_auto_follows_it(tmp_path, monkeypatc
     assert record["images"] == 2 and set(record["float32"]) == {"box_AP", "mask_AP"}
     assert record["bfloat16"]["ok"] is False and "box AP" in record["bfloat16"]["summary"]
     assert load_model(str(path), device="cpu", precision="auto").precision == "float32"
+
+
+@pytest.mark.skipif(not (weights_dir() / "shapes.pt").is_file(), reason="weights/shapes.pt is missing")
+def test_bundled_card_records_ap_per_precision_within_target():
+    record = read_card(weights_dir() / "shapes.pt")["precision_fidelity"]
+    assert record["images"] == 200 and "shapes:500:12345:256" in record["data"]
+    for name in ("bfloat16", "float16"):
+        entry = record[name]
+        assert entry["ok"] is True
+        assert record["float32"]["box_AP"] - entry["box_AP"] <= 0.005
+        assert record["float32"]["mask_AP"] - entry["mask_AP"] <= 0.005
 
 
 def test_r50_fidelity_counts_matched_detections(monkeypatch):
