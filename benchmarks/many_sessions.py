@@ -51,7 +51,13 @@ def photo(seed: int, h: int = 600, w: int = 800) -> bytes:
 
 
 def rss_mb() -> float:
+    """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_now_mb() -> float:
+    """Resident memory now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def main(argv=None) -> int:
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
         upload_s = time.perf_counter() - start
         assert not at.exception, at.exception
         unshared += sum(trace_nbytes(t) for t in at.session_state["traces"].values())
-        rows.append({"session": k, "upload_s": round(upload_s, 2)})
+        rows.append({"session": k, "upload_s": round(upload_s, 2), "rss_after_upload_mb": round(rss_now_mb())})
     for k, at in enumerate(sessions):  # every session comes back to its image: the LRU order is mixed
         steps = []
         for score in STEPS:
@@ -102,7 +108,7 @@ def main(argv=None) -> int:
     cached = sum(trace_nbytes(t) for at in sessions for t in at.session_state["traces"].values())
     result = {"sessions": args.sessions, "budget_mb": args.budget_gb * 1000, "before_sessions_mb": round(before_mb),
               "after_first_run_mb": round(first_run_mb),
-              "peak_rss_mb": round(peak_mb), "cache_mb_at_end": round(cached / 1e6),
+              "peak_rss_mb": round(peak_mb), "rss_at_end_mb": round(rss_now_mb()), "cache_mb_at_end": round(cached / 1e6),
               "traces_without_shared_budget_mb": round(unshared / 1e6),
               "under_budget_plus_before": peak_mb <= before_mb + args.budget_gb * 1000,
               "median_step_ms": round(statistics.median(r["step_ms"] for r in rows), 1), "per_session": rows}
@@ -110,9 +116,10 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
     else:
         for r in rows:
-            print(f"session {r['session']}: upload {r['upload_s']} s, slider step median {r['step_ms']} ms "
+            print(f"session {r['session']}: upload {r['upload_s']} s (RSS then {r['rss_after_upload_mb']} MB), "
+                  f"slider step median {r['step_ms']} ms "
                   f"{r['steps_ms']}")
-        print(f"peak RSS {result['peak_rss_mb']} MB (before sessions {result['before_sessions_mb']} MB, after the "
+        print(f"peak RSS {result['peak_rss_mb']} MB, at the end {result['rss_at_end_mb']} MB (before sessions {result['before_sessions_mb']} MB, after the "
               f"first run {result['after_first_run_mb']} MB, "
               f"budget {result['budget_mb']:.0f} MB, traces in the cache {result['cache_mb_at_end']} MB; "
               f"without a shared budget the traces alone would be {result['traces_without_shared_budget_mb']} MB)")
