@@ -19,8 +19,9 @@ def loaded():
     return tiny_loaded()
 
 
-def _traces(loaded, n: int):
-    return [run_trace(loaded, scene(80, 96, seed=k), LOW) for k in range(n)]
+def _traces(loaded, n: int, thresholds: Thresholds = Thresholds()):
+    """Traces of n different images (at the default score threshold: no masks to compute, quick)."""
+    return [run_trace(loaded, scene(80, 96, seed=k), thresholds) for k in range(n)]
 
 
 def _feature_bytes(trace) -> int:
@@ -38,9 +39,10 @@ def test_size_counts_features_and_shrinks_when_they_are_dropped(loaded):
 
 
 def test_budget_holds_across_two_sessions_least_recently_used_first(loaded):
-    a1, a2, b1, b2 = _traces(loaded, 4)
-    dropped = trace_nbytes(a1) - _feature_bytes(a1)  # what a trace weighs without its features
-    whole = trace_nbytes(a1)
+    a1, a2, b1, b2, spare = _traces(loaded, 5)  # same image size: same weights in bytes
+    whole = trace_nbytes(spare)
+    spare.drop_features()
+    dropped = trace_nbytes(spare)
     # room for one whole trace and about two without features
     cache = TraceCache(budget=whole + 2.5 * dropped)
     cache.put("alice", "img1", a1)
@@ -65,8 +67,8 @@ def test_features_go_before_any_whole_trace(loaded):
 
 
 def test_an_evicted_trace_still_refilters_and_recomputes_features_when_asked(loaded):
-    reference = _traces(loaded, 1)[0]
-    trace = _traces(loaded, 1)[0]
+    reference = _traces(loaded, 1, LOW)[0]
+    trace = _traces(loaded, 1, LOW)[0]
     seen = trace.refilter(LOW.replace(score_thresh=0.1))  # masks of these are memoised now
     features = {k: v.clone() for k, v in trace.features.items()}
     trace.drop_features()
