@@ -12,6 +12,9 @@ import streamlit as st
 from ui import share, sidebar, state
 
 st.set_page_config(page_title="Mask R-CNN Explorer", page_icon=":material/category:", layout="wide")
+if problem := state.server_settings_problem():
+    st.error(f"The server is misconfigured: {problem}", icon=":material/settings:")
+    st.stop()
 state.init()
 share.restore()  # a shared link's view, before any widget is drawn and before / switches to Detect
 

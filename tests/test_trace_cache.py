@@ -113,3 +113,15 @@ def test_a_bad_budget_names_the_variable(monkeypatch, raw):
     monkeypatch.setenv(BUDGET_ENV, raw)
     with pytest.raises(ValueError, match=BUDGET_ENV):
         budget_bytes()
+
+
+def test_the_app_names_a_bad_budget_instead_of_failing(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    monkeypatch.setenv(BUDGET_ENV, "lots")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"The server is misconfigured: {BUDGET_ENV} must be a number of "
+                                           "gigabytes (0 or more), got 'lots'"]

@@ -293,6 +293,16 @@ def clear_images() -> None:
 
 
 # ---- traces ------------------------------------------------------------------------------------------
+def server_settings_problem() -> str | None:
+    """What is wrong with the server's trace-cache setting ($MRCNN_TRACE_CACHE_GB), as one line; None when
+    it is fine. The app shows it instead of the pages."""
+    try:
+        budget_bytes()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 @st.cache_resource(show_spinner=False)
 def trace_cache() -> TraceCache:
     """Every session's traces under one budget ($MRCNN_TRACE_CACHE_GB, default 4 GB): least recently
