@@ -133,7 +133,7 @@ def test_error_costs_of_an_evaluation_match_its_ap():
     but the first object of each scene loses AP only to misses."""
     ds = ShapesDataset(4, seed=3, size=64)
     oracle = OracleModel(ds, ds.categories)
-    oracle.answers = [{k: v[1:] for k, v in a.items()} for a in oracle.answers]
+    oracle.answers = {image: {k: v[1:] for k, v in a.items()} for image, a in oracle.answers.items()}
     result = evaluate(oracle, ds, categories=ds.categories).to_dict()
     costs = error_costs_of(result, ds)
     for iou_type in ("bbox", "segm"):
