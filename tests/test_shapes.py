@@ -2,21 +2,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mrcnn.cli import main
 from mrcnn.data.coco import load_dataset
 from mrcnn.errors import DatasetError
 from mrcnn.data.shapes import (DEFAULT_CLASSES, SHAPE_NAMES, ShapesDataset, ShapeSpec, _shape_mask, compose,
                           generate_scene, random_shapes, write_dataset)
 from mrcnn.data.sources import open_data, parse_shapes_spec
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def flat(h: int = 96, w: int = 96, colour=(40, 40, 40)) -> np.ndarray:
@@ -195,7 +192,7 @@ def test_zero_probabilities_draw_the_same_scenes_and_nested_shapes_are_labelled(
     assert found >= 20
 
 
-def test_nested_in_data_specs_and_cli(tmp_path):
+def test_nested_in_data_specs_and_cli(tmp_path, capsys):
     assert parse_shapes_spec("shapes:10:1:64:nested=0.25") == {"num": 10, "seed": 1, "size": 64, "nested": 0.25}
     assert parse_shapes_spec("shapes:10:1:64:circle,ring:nested=1:overlap=0.3") == {
         "num": 10, "seed": 1, "size": 64, "classes": ("circle", "ring"), "nested": 1.0, "overlap": 0.3}
@@ -208,15 +205,13 @@ def test_nested_in_data_specs_and_cli(tmp_path):
         with pytest.raises(DatasetError, match=message):
             open_data(spec)
     out = tmp_path / "nested"
-    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--size", "64",
-                        "--nested", "0.5", "--overlap", "0.2"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert main(["shapes", "--out", str(out), "--num", "3", "--size", "64", "--nested", "0.5", "--overlap", "0.2"]) == 0
     info = json.loads((out / "annotations.json").read_text())["info"]
     assert (info["nested"], info["overlap"]) == (0.5, 0.2)
-    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "3", "--nested", "2"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "between 0 and 1" in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert main(["shapes", "--out", str(out), "--num", "3", "--nested", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "between 0 and 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unknown_class_is_named():
@@ -259,20 +254,19 @@ def test_shapes_dataset_items_and_category_order():
         ShapesDataset(2, categories=["__background__", "square", "triangle"])
 
 
-def test_cli_writes_a_loadable_dataset(tmp_path):
+def test_cli_writes_a_loadable_dataset(tmp_path, capsys):
     out = tmp_path / "shapes"
-    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "5", "--size", "64"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "5 images" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    assert main(["shapes", "--out", str(out), "--num", "5", "--size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "5 images" in printed and len(printed.strip().splitlines()) == 1
     ds = load_dataset(out)
     assert len(ds) == 5 and ds.categories == ["__background__", *DEFAULT_CLASSES] and ds.report.ok
     image, target = ds[4]
     assert image.shape == (3, 64, 64) and len(target["boxes"]) == len(target["masks"]) >= 1
 
-    r = subprocess.run([sys.executable, "-m", "mrcnn", "shapes", "--out", str(out), "--num", "2",
-                        "--classes", "circle,blob"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "'blob'" in r.stderr and "Traceback" not in r.stderr
+    assert main(["shapes", "--out", str(out), "--num", "2", "--classes", "circle,blob"]) == 2
+    err = capsys.readouterr().err
+    assert "'blob'" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("kwargs, words", [
