@@ -1,29 +1,29 @@
-"""`python -m mrcnn predict` (docs/cli.md): JSON + overlay per image, bad files named on stderr, exit 2."""
+"""`predict` and `models` (docs/cli.md): JSON + overlay per image, bad files named on stderr, exit 2."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from mrcnn.cli import main
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.data.masks import decode_rle
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene
 
-REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "mrcnn", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in-process (tests/test_cli_bad_input.py runs one real process): exit status, stdout, stderr."""
+    capsys.readouterr()
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
-def test_predict_writes_json_and_png_and_names_bad_files(tmp_path):
+def test_predict_writes_json_and_png_and_names_bad_files(tmp_path, capsys):
     torch.manual_seed(3)
     ckpt = save_checkpoint(tmp_path / "tiny.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
     good = tmp_path / "good.png"
@@ -31,11 +31,10 @@ def test_predict_writes_json_and_png_and_names_bad_files(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    res = run_cli("predict", tmp_path / "broken.jpg", good, tmp_path / "empty.png", "--model", ckpt,
-                  "--score-thresh", "0.05", "--out", out)
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    err_lines = [line for line in res.stderr.splitlines() if line.strip()]
+    status, _, stderr = run_cli(capsys, "predict", tmp_path / "broken.jpg", good, tmp_path / "empty.png",
+                                "--model", ckpt, "--score-thresh", "0.05", "--out", out)
+    assert status == 2, stderr
+    err_lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(err_lines) == 2
     assert "broken.jpg" in err_lines[0] and "empty.png" in err_lines[1]
     record = json.loads((out / "good.json").read_text())
@@ -56,16 +55,15 @@ def test_predict_writes_json_and_png_and_names_bad_files(tmp_path):
     assert not (out / "broken.json").exists()
 
 
-def test_predict_unknown_model_is_one_line(tmp_path):
+def test_predict_unknown_model_is_one_line(tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.fromarray(scene(40, 40)).save(img)
-    res = run_cli("predict", img, "--model", tmp_path / "missing.pt", "--out", tmp_path / "o")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "missing.pt" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    status, _, stderr = run_cli(capsys, "predict", img, "--model", tmp_path / "missing.pt", "--out", tmp_path / "o")
+    assert status == 2 and "missing.pt" in stderr and len(stderr.strip().splitlines()) == 1
 
 
-def test_models_json_lists_all():
-    res = run_cli("models", "--json")
-    assert res.returncode == 0
-    names = [m["name"] for m in json.loads(res.stdout)]
+def test_models_json_lists_all(capsys):
+    status, stdout, _ = run_cli(capsys, "models", "--json")
+    assert status == 0
+    names = [m["name"] for m in json.loads(stdout)]
     assert {"shapes", "coco-r50-fpn", "coco-r50-fpn-v2"} <= set(names)
