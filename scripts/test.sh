@@ -27,4 +27,5 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# one worker per core (pytest-xdist; tests/conftest.py gives each its share of the threads); `-n 0` runs in one process
+exec .venv/bin/python -m pytest -q -n auto --dist worksteal --durations=15 "$@"

@@ -177,8 +177,11 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
         page.goto(f"{url}/finetune", wait_until="domcontentloaded")
         steps = page.get_by_label("Steps")
         steps.wait_for(timeout=60_000)
-        steps.fill("12")
+        steps.fill("4")
         steps.press("Enter")
+        batch = page.get_by_label("Batch size")
+        batch.fill("2")
+        batch.press("Enter")
         validations = page.get_by_role("spinbutton", name="Validations per run")  # once, at the end
         validations.fill("0")
         validations.press("Enter")
