@@ -35,6 +35,7 @@ if not Path(CHROMIUM).exists() and os.environ.get("MRCNN_REQUIRE_BROWSER") == "1
     raise RuntimeError(f"{CHROMIUM} is missing and MRCNN_REQUIRE_BROWSER=1 (apt-get install chromium)")
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.xdist_group("browser"),  # one worker runs them all: one server at a time, one browser
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
 ]
 

@@ -41,13 +41,27 @@ def _assert_same(trace_dets, ref: dict) -> None:
     assert differ == 0, f"{differ} mask pixels differ"
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
-def loaded(request):
-    return tiny_loaded(ARCHS[request.param], seed=3)
+# Every arch on every shape would be 9 cases; the resizing the shapes exercise is one transform for all, so the
+# R50s take one shape each (the slowest tests of the suite otherwise) and the light model all three.
+CASES = [("light", "square"), ("light", "landscape"), ("light", "portrait"), ("r50", "landscape"),
+         ("r50v2", "portrait")]
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_trace_equals_torchvision(loaded, shape):
+@pytest.fixture(scope="module")
+def loaded_by_arch():
+    """One model per architecture, built when a case first asks for it."""
+    models = {}
+
+    def get(arch: str):
+        if arch not in models:
+            models[arch] = tiny_loaded(ARCHS[arch], seed=3)
+        return models[arch]
+    return get
+
+
+@pytest.mark.parametrize("arch, shape", CASES, ids=[f"{a}-{s}" for a, s in CASES])
+def test_trace_equals_torchvision(loaded_by_arch, arch, shape):
+    loaded = loaded_by_arch(arch)
     image = scene(*SHAPES[shape], seed=1)
     thresholds = Thresholds(score_thresh=0.05)  # torchvision's default box_score_thresh
     trace = run_trace(loaded, image, thresholds)
@@ -59,7 +73,9 @@ def test_trace_equals_torchvision(loaded, shape):
     _assert_same(trace.refilter(defaults), _torchvision_output(loaded, image, defaults))
 
 
-def test_no_detections_matches(loaded):
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_no_detections_matches(loaded_by_arch, arch):
+    loaded = loaded_by_arch(arch)
     image = scene(96, 96, seed=2)
     thresholds = Thresholds(score_thresh=0.999)
     trace = run_trace(loaded, image, thresholds)
