@@ -28,4 +28,4 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 # one worker per core (pytest-xdist; tests/conftest.py gives each its share of the threads); `-n 0` runs in one process
-exec .venv/bin/python -m pytest -q -n auto --dist worksteal --durations=15 "$@"
+exec .venv/bin/python -m pytest -q -n auto --dist loadgroup --durations=15 "$@"
