@@ -144,6 +144,7 @@ def test_predict_clip_writes_json_and_an_annotated_clip_of_the_same_length(loade
     assert json.loads((tmp_path / "walk.json").read_text()) == json.loads(json.dumps(record))
     assert record["video"] == {"file": "walk.mp4", "fps": FPS, "frames": FRAMES, "width": SIZE, "height": SIZE}
     assert [f["index"] for f in record["frames"]] == list(range(FRAMES))
+    assert record["model"]["precision"] == "float32"  # what the network ran in, as for an image
     assert [f["detections"] for f in record["frames"]] == [detection_records(r.detections) for r in results[0]]
     assert decoded_frames(tmp_path / "walk.mp4") == (FRAMES, FPS)
 

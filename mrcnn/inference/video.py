@@ -162,7 +162,7 @@ def clip_record(clip: Clip, loaded: LoadedModel, thresholds: Thresholds, frames:
     return {
         "video": {"file": info.name, "fps": round(info.fps, 6), "frames": len(frames), "width": info.width,
                   "height": info.height},
-        "model": {"name": loaded.name, "sha256": loaded.sha256},
+        "model": {"name": loaded.name, "sha256": loaded.sha256, "precision": loaded.precision},
         "thresholds": thresholds.to_dict(),
         "frames": frames,
     }
