@@ -145,10 +145,9 @@ def test_upload_detect_slide_and_inspect(server, browser):
 
         thumb = page.get_by_role("slider", name="Score threshold")
         thumb.focus()
-        for _ in range(45):  # 0.50 -> 0.05 in steps of 0.01
-            thumb.press("ArrowLeft")
+        thumb.press("Home")  # 0.50 -> 0.00 in one key press (45 arrow presses made 45 reruns)
         at_low = wait_count_change(page, at_default)
-        assert at_low != at_default, f"count stayed at {at_default} after moving the score slider to 0.05"
+        assert at_low != at_default, f"count stayed at {at_default} after moving the score slider to 0"
         assert at_low > at_default
         page.get_by_text("network not re-run").first.wait_for(timeout=30_000)
         page.set_viewport_size({"width": 1400, "height": 2200})
