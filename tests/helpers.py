@@ -1,7 +1,11 @@
 """Tiny models and images shared by the tests (random weights, fixed seeds, small sizes)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
+import streamlit as st
 import torch
 
 from mrcnn.model.architectures import build_model, light_arch
@@ -43,3 +47,24 @@ def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
         y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
         img[y0:y0 + rng.integers(6, h // 2), x0:x0 + rng.integers(6, w // 2)] = rng.integers(0, 256, 3)
     return img.astype(np.uint8)
+
+
+@contextmanager
+def app_folders(tmp_path: Path, monkeypatch, shapes_checkpoint: Path):
+    """The app's folders under ``tmp_path`` for an AppTest: weights/shapes.pt is ``shapes_checkpoint``; runs,
+    imported models and the torch hub are empty folders; Streamlit's caches cleared before and after (they
+    hold other tests' model lists and models)."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "shapes.pt").symlink_to(shapes_checkpoint)
+    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    try:
+        yield tmp_path
+    finally:
+        st.cache_data.clear()
+        st.cache_resource.clear()

@@ -20,7 +20,7 @@ from torchvision.ops import box_iou
 
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.errors import ImageError, ModelUnavailable
-from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
+from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, tiny_loaded
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 COUNT = re.compile(r"### (\d+) detections")
@@ -40,18 +40,9 @@ def tiny_shapes(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, tiny_shapes):
-    """A weights folder holding a tiny shapes.pt, empty runs and torch-hub folders; fresh caches."""
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    (weights / "shapes.pt").symlink_to(tiny_shapes)
-    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
-    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield tmp_path
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    """A weights folder holding a tiny shapes.pt, empty runs, models and torch-hub folders; fresh caches."""
+    with app_folders(tmp_path, monkeypatch, tiny_shapes) as folder:
+        yield folder
 
 
 def png(image: np.ndarray) -> bytes:

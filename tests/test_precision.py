@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
@@ -26,7 +25,7 @@ from mrcnn.inference.trace import run_trace
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.model.zoo import load_model, read_card, weights_dir
 from mrcnn.training.card import write_card
-from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
+from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, tiny_loaded
 from tests.test_app import APP
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -220,15 +219,9 @@ def test_bench_refuses_before_it_runs(monkeypatch, capsys):
 
 
 def test_sidebar_shows_the_precision_and_why(tmp_path, monkeypatch, tiny_checkpoint):
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    (weights / "shapes.pt").symlink_to(tiny_checkpoint)
-    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
-    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
     cpu_flags(monkeypatch, "avx2")
-    st.cache_data.clear()  # the model list and models of other tests' folders
-    st.cache_resource.clear()
-    at = AppTest.from_file(APP, default_timeout=60).run()
+    with app_folders(tmp_path, monkeypatch, tiny_checkpoint):
+        at = AppTest.from_file(APP, default_timeout=60).run()
     select = at.sidebar.selectbox(key="precision")
     assert select.options == ["auto", "float32", "bfloat16 (not native here)", "float16 (not native here)"]
     caption = " ".join(c.value for c in at.sidebar.caption)

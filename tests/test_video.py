@@ -11,7 +11,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -25,7 +24,7 @@ from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.inference.video import ClipCancelled, FrameCandidates, detect_frames, predict_clip
 from mrcnn.model.checkpoint import save_checkpoint
-from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
+from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, tiny_loaded
 
 FRAMES, SIZE, FPS = 8, 128, 10
 LOW = Thresholds(score_thresh=0.3, max_detections=20)
@@ -264,18 +263,8 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 @pytest.fixture
 def app_env(tmp_path, monkeypatch, tiny_checkpoint):
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    (weights / "shapes.pt").symlink_to(tiny_checkpoint)
-    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(weights))
-    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield tmp_path
-    st.cache_data.clear()
-    st.cache_resource.clear()
+    with app_folders(tmp_path, monkeypatch, tiny_checkpoint) as folder:
+        yield folder
 
 
 def shown_count(at: AppTest) -> int:
