@@ -192,14 +192,6 @@ def _class_thresholds(classes: list[str]) -> None:
         st.caption("A class left at the global threshold follows the slider.")
 
 
-def filter_classes(dets: Detections, class_filter: list[str]) -> Detections:
-    """Keep only the chosen classes (all when none are chosen)."""
-    if not class_filter:
-        return dets
-    wanted = {dets.categories.index(c) for c in class_filter if c in dets.categories}
-    return dets[np.isin(dets.labels, list(wanted))]
-
-
 def detections_table(dets: Detections) -> pd.DataFrame:
     areas = dets.areas
     return pd.DataFrame({
@@ -229,7 +221,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     thresholds = state.thresholds()
     dets_all, refilter_ms = state.detections_for(trace, thresholds)
     mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
-    dets = filter_classes(dets_all, opts["class_filter"])
+    dets = dets_all.of_classes(opts["class_filter"])
     highlight = share.restored_row(dets, entry, _selected_row(len(dets)))
     st.session_state["highlight"] = None if highlight is None else int(dets.candidate_ids[highlight])
 
@@ -272,7 +264,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
                      width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
         _downloads(loaded, entry, trace, dets, thresholds, overlay)
         share.copy_link("detect", entry, st.session_state["highlight"])
-        compare.section(loaded, entry, dets, thresholds, lambda d: filter_classes(d, opts["class_filter"]))
+        compare.section(loaded, entry, dets, thresholds, lambda d: d.of_classes(opts["class_filter"]))
         # drawn only while open: a closed expander's chart was still re-sent and re-plotted on every press
         timings = st.expander("Stage timings", icon=":material/timer:", key="det_timings_open", on_change="rerun")
         if timings.open:

@@ -24,7 +24,7 @@ import streamlit as st
 from mrcnn.data.video import CLIP_EXTENSIONS, Clip, is_clip, open_clip
 from mrcnn.errors import MrcnnError
 from mrcnn.inference.draw import draw_detections
-from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.video import FrameCandidates, annotate_clip, detect_frames
 from ui import state
 
@@ -138,12 +138,6 @@ def _frame_pixels(clip: ClipState, index: int) -> np.ndarray:
     return array
 
 
-def _keep_classes(dets: Detections, class_filter: list[str]) -> Detections:
-    if not class_filter:
-        return dets
-    return dets[np.isin(dets.labels, [dets.categories.index(c) for c in class_filter if c in dets.categories])]
-
-
 def _display() -> dict:
     ss = st.session_state
     return {"show_masks": ss["show_masks"], "show_boxes": ss["show_boxes"], "show_labels": ss["show_labels"],
@@ -171,7 +165,7 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
         index = min(int(index), n - 1)
         start = time.perf_counter()
         frame_cands: FrameCandidates = clip.candidates[index]
-        dets = _keep_classes(frame_cands.refilter(thresholds), opts.get("class_filter", []))
+        dets = frame_cands.refilter(thresholds).of_classes(opts.get("class_filter", []))
         refilter_ms = (time.perf_counter() - start) * 1000.0
         array = _frame_pixels(clip, index)
         st.markdown(f"### {len(dets)} detections")
@@ -209,7 +203,7 @@ def _download(clip: ClipState, thresholds: Thresholds, class_filter: list[str], 
 
         buf = io.BytesIO()
         try:
-            annotate_clip(clip.clip, lambda i: _keep_classes(clip.candidates[i].refilter(thresholds), class_filter),
+            annotate_clip(clip.clip, lambda i: clip.candidates[i].refilter(thresholds).of_classes(class_filter),
                           buf, progress=progress, **_display())
         except MrcnnError as err:
             st.error(f"Could not make the annotated clip: {err}", icon=":material/error:")

@@ -120,6 +120,12 @@ class Detections:
             image_size=self.image_size,
         )
 
+    def of_classes(self, names: list[str]) -> "Detections":
+        """Only the detections of the classes named (all of them when none are named; unknown names match none)."""
+        if not names:
+            return self
+        return self[np.isin(self.labels, [self.categories.index(c) for c in names if c in self.categories])]
+
     @property
     def label_names(self) -> list[str]:
         return [self.categories[int(i)] for i in self.labels]
