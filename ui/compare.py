@@ -8,8 +8,6 @@ runs neither network again. Drawn inside Detect's results fragment.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -33,10 +31,7 @@ def comparison_table(comparison: Comparison, a: Detections, b: Detections) -> pd
 
 def picture(image: np.ndarray, dets: Detections, only: np.ndarray) -> np.ndarray:
     """The page's overlay of ``dets`` with the detections at ``only`` boxed thick in magenta."""
-    ss = st.session_state
-    out = draw_detections(image, dets, show_masks=ss["show_masks"], show_boxes=ss["show_boxes"],
-                          show_labels=ss["show_labels"], show_outlines=ss["show_outlines"],
-                          color_by=ss["color_by"], opacity=float(ss["opacity"]))
+    out = draw_detections(image, dets, **state.display_settings())
     if len(only):
         width = max(3, round(min(image.shape[:2]) / 150))
         out = draw_boxes(out, dets.boxes[only], ONLY_ONE_COLOR, width=width)
@@ -58,9 +53,9 @@ def _picker(infos: dict) -> str | None:
 
 
 def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thresholds,
-            keep: Callable[[Detections], Detections]) -> None:
+            class_filter: list[str]) -> None:
     """The "Compare with" picker and, when a model is picked, the two pictures and the counts.
-    ``dets``: the sidebar model's detections as the page shows them; ``keep``: the page's class filter."""
+    ``dets``: the sidebar model's detections as the page shows them; ``class_filter``: the page's."""
     st.markdown("**Compare with another model**")
     infos = {i.name: i for i in state.model_infos() if i.available and i.name != loaded.name}
     name = _picker(infos)
@@ -77,7 +72,7 @@ def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thres
     ran_ms = ss.pop("network_ran_ms", None)  # B's run: the page's timing line speaks of A's
     if trace is None:
         return
-    other_dets = keep(state.detections_for(trace, thresholds_for(thresholds, other.categories))[0])
+    other_dets = state.detections_for(trace, thresholds_for(thresholds, other.categories))[0].of_classes(class_filter)
     comparison = compare_detections(dets, other_dets)
     counts = comparison.counts
     left, right = st.columns(2)

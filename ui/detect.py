@@ -230,11 +230,8 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     proposals = scores = None
     if ss["show_proposals"]:
         proposals, scores = trace.proposals_original(int(ss["proposals_k"]))
-    overlay = draw_detections(
-        entry.array, dets, show_masks=ss["show_masks"], show_boxes=ss["show_boxes"], show_labels=ss["show_labels"],
-        show_outlines=ss["show_outlines"], color_by=ss["color_by"], opacity=float(ss["opacity"]),
-        highlight=highlight, proposals=proposals, proposal_scores=scores,
-        max_proposals=int(ss["proposals_k"]))
+    overlay = draw_detections(entry.array, dets, **state.display_settings(), highlight=highlight, proposals=proposals,
+                              proposal_scores=scores, max_proposals=int(ss["proposals_k"]))
     fig = plots.overlay_figure(overlay, dets, highlight=highlight)
     draw_ms = (time.perf_counter() - start) * 1000.0
 
@@ -264,7 +261,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
                      width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
         _downloads(loaded, entry, trace, dets, thresholds, overlay)
         share.copy_link("detect", entry, st.session_state["highlight"])
-        compare.section(loaded, entry, dets, thresholds, lambda d: d.of_classes(opts["class_filter"]))
+        compare.section(loaded, entry, dets, thresholds, opts["class_filter"])
         # drawn only while open: a closed expander's chart was still re-sent and re-plotted on every press
         timings = st.expander("Stage timings", icon=":material/timer:", key="det_timings_open", on_change="rerun")
         if timings.open:

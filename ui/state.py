@@ -134,6 +134,14 @@ def thresholds() -> Thresholds:
                       agnostic_nms=bool(ss["agnostic_nms"]), class_thresh=ss.get(class_thresh_key(), {}))
 
 
+def display_settings() -> dict[str, Any]:
+    """The Display controls, as ``draw_detections`` takes them (Detect, its comparison and clips draw alike)."""
+    ss = st.session_state
+    return {"show_masks": bool(ss["show_masks"]), "show_boxes": bool(ss["show_boxes"]),
+            "show_labels": bool(ss["show_labels"]), "show_outlines": bool(ss["show_outlines"]),
+            "color_by": ss["color_by"], "opacity": float(ss["opacity"])}
+
+
 def rpn_settings() -> RpnSettings:
     ss = st.session_state
     return RpnSettings(pre_nms_top_n=int(ss["rpn_pre_nms_top_n"]), post_nms_top_n=int(ss["rpn_post_nms_top_n"]),

@@ -138,12 +138,6 @@ def _frame_pixels(clip: ClipState, index: int) -> np.ndarray:
     return array
 
 
-def _display() -> dict:
-    ss = st.session_state
-    return {"show_masks": ss["show_masks"], "show_boxes": ss["show_boxes"], "show_labels": ss["show_labels"],
-            "show_outlines": ss["show_outlines"], "color_by": ss["color_by"], "opacity": float(ss["opacity"])}
-
-
 def _open_in_inspect(clip: ClipState, index: int, array: np.ndarray) -> None:
     stem = Path(clip.name).stem or "clip"
     entry = state.add_image(state.make_entry(array, f"{stem}-frame{index}.png", "upload"))
@@ -177,7 +171,7 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
             if st.button("Process the clip again at this threshold", key="video_again", icon=":material/replay:"):
                 clip.model_key = None
                 st.rerun()
-        st.image(draw_detections(array, dets, **_display()), width="stretch")
+        st.image(draw_detections(array, dets, **state.display_settings()), width="stretch")
         st.caption(f"{clip.name} · {clip.clip.info.width}×{clip.clip.info.height} px · {clip.clip.info.fps:.3g} fps "
                    f"· model `{loaded.name}` · kept per frame: {clip.nbytes / n / 1e3:.0f} KB on average")
         c1, c2 = st.columns(2)
@@ -190,7 +184,7 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
 def _download(clip: ClipState, thresholds: Thresholds, class_filter: list[str], where) -> None:
     """The annotated clip at the current thresholds and display settings, made on request."""
     ss = st.session_state
-    settings = (id(clip), thresholds, tuple(class_filter), tuple(sorted(_display().items())))
+    settings = (id(clip), thresholds, tuple(class_filter), tuple(sorted(state.display_settings().items())))
     made = ss.get("video_download")
     if made is None or made[0] != settings:
         if not where.button("Make the annotated clip", key="video_make", icon=":material/movie:", width="stretch",
@@ -204,7 +198,7 @@ def _download(clip: ClipState, thresholds: Thresholds, class_filter: list[str], 
         buf = io.BytesIO()
         try:
             annotate_clip(clip.clip, lambda i: clip.candidates[i].refilter(thresholds).of_classes(class_filter),
-                          buf, progress=progress, **_display())
+                          buf, progress=progress, **state.display_settings())
         except MrcnnError as err:
             st.error(f"Could not make the annotated clip: {err}", icon=":material/error:")
             return
