@@ -7,8 +7,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from streamlit.testing.v1 import AppTest
 
-import ui.detect
-import ui.inspect
+import ui.state
 from tests.test_app import APP, count, env, start, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
 from ui import share
 
@@ -32,8 +31,8 @@ def open_link(link: str, page: str | None = None) -> AppTest:
 
 
 def test_the_pages_choices_are_the_ones_links_accept():
-    assert share.SAMPLE_SIZES == tuple(ui.detect.SAMPLE_SIZES)
-    assert share.FEATURE_MODES == tuple(ui.inspect.FEATURE_MODES)
+    assert share.SAMPLE_SIZES == tuple(ui.state.SAMPLE_SIZES)
+    assert share.FEATURE_MODES == tuple(ui.state.FEATURE_MODES)
 
 
 def test_a_link_from_detect_restores_the_view_in_a_fresh_session(env):

@@ -27,7 +27,6 @@ UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS) + video.UPLOAD_TYPES  # an ani
 # keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
 MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8
-SAMPLE_SIZES = [128, 192, 256, 384, 512]
 
 
 # ---- input --------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _input(categories: list[str]) -> None:
             st.number_input("Seed", min_value=0, max_value=10**9, step=1, key="sample_seed",
                             persist_state="session", on_change=_show_sample, args=(classes,))
         with c2:
-            st.select_slider("Size", SAMPLE_SIZES, key="sample_size", persist_state="session",
+            st.select_slider("Size", state.SAMPLE_SIZES, key="sample_size", persist_state="session",
                              on_change=_show_sample, args=(classes,))
         b1, b2 = st.columns(2)
         b1.button("New sample", key="new_sample", icon=":material/casino:", on_click=_new_sample, args=(classes,),

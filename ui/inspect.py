@@ -20,7 +20,6 @@ from ui import plots, share, state
 
 SECTIONS = ["1 Input and resize", "2 Backbone / FPN", "3 Anchors", "4 RPN", "5 Proposals", "6 RoI pooling",
             "7 Box head", "8 Per-class NMS", "9 Masks", "10 Where the time went"]
-FEATURE_MODES = ["mean over channels", "one channel"]
 RPN_KEYS = ("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_nms_thresh", "rpn_score_thresh")
 
 
@@ -79,7 +78,7 @@ def _backbone(trace) -> None:
     channels = int(next(iter(trace.features.values())).shape[1])
     c1, c2 = st.columns([1, 3])
     with c1:
-        mode = st.radio("Show", FEATURE_MODES, key="insp_feat_mode", persist_state="session")
+        mode = st.radio("Show", state.FEATURE_MODES, key="insp_feat_mode", persist_state="session")
         channel = None
         if mode == "one channel":
             state.clamp("insp_feat_channel", 0, channels - 1)

@@ -27,10 +27,9 @@ import streamlit as st
 
 from mrcnn.inference.structures import Detections
 from ui import sidebar, state
+from ui.state import FEATURE_MODES, SAMPLE_SIZES
 
 PAGE_PATHS = ("detect", "inspect", "finetune", "evaluate", "start")  # app.py's url_paths
-SAMPLE_SIZES = (128, 192, 256, 384, 512)  # Detect's Size choices (tests/test_share.py checks they agree)
-FEATURE_MODES = ("mean over channels", "one channel")  # Inspect's (checked likewise)
 
 
 def _fraction(text: str) -> float:

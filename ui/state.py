@@ -41,6 +41,9 @@ from mrcnn.inference.trace_cache import TraceCache, budget_bytes
 
 MAX_IMAGES = 16  # images a session keeps in its strip
 THUMB_SIZE = 112
+# The choices of controls that shared links (ui/share.py) carry too: Detect's sample size, Inspect's feature view.
+SAMPLE_SIZES = (128, 192, 256, 384, 512)
+FEATURE_MODES = ("mean over channels", "one channel")
 
 DEFAULTS: dict[str, Any] = {
     "model_name": None,
