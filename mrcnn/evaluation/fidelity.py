@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from mrcnn.evaluation.evaluate import evaluate
+from mrcnn.inference.compare import compare_detections
 from mrcnn.inference.precision import AP_TOLERANCE, MIN_MATCHED_SHARE, native_precisions, prepare_model
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
@@ -75,24 +75,9 @@ def ap_fidelity(loaded: LoadedModel, dataset, precisions: list[str], data_name: 
 def matched_share(reference: Detections, other: Detections, min_iou: float = MATCH_IOU,
                   max_score_diff: float = MATCH_SCORE_DIFF) -> tuple[int, int]:
     """(matched, total): how many of ``reference``'s detections ``other`` has too — same label, box IoU ≥
-    ``min_iou``, score within ``max_score_diff`` — each of ``other``'s matched at most once, best IoU first."""
-    total = len(reference)
-    if total == 0 or len(other) == 0:
-        return 0, total
-    iou = box_iou(torch.from_numpy(reference.boxes), torch.from_numpy(other.boxes)).numpy()
-    ok = ((reference.labels[:, None] == other.labels[None, :]) & (iou >= min_iou)
-          & (np.abs(reference.scores[:, None] - other.scores[None, :]) <= max_score_diff))
-    iou = np.where(ok, iou, -1.0)
-    taken, matched = set(), 0
-    for i in range(total):  # reference is ordered by score: the strongest detections choose first
-        for j in np.argsort(-iou[i]):
-            if iou[i, j] < 0:
-                break
-            if j not in taken:
-                taken.add(int(j))
-                matched += 1
-                break
-    return matched, total
+    ``min_iou``, score within ``max_score_diff`` — matched one to one, best IoU first (``compare_detections``)."""
+    pairs = compare_detections(reference, other, min_iou, max_score_diff).pairs
+    return len(pairs), len(reference)
 
 
 def detection_fidelity(loaded: LoadedModel, images: list[np.ndarray], precisions: list[str],

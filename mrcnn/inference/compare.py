@@ -38,14 +38,19 @@ class Comparison:
         return dict(zip(COUNT_COLUMNS, (len(self.pairs), len(self.only_a), len(self.only_b))))
 
 
-def compare_detections(a: Detections, b: Detections, iou_thresh: float = MATCH_IOU) -> Comparison:
-    """Match each detection of ``a`` to at most one of ``b``: same class name, box IoU >= ``iou_thresh``."""
+def compare_detections(a: Detections, b: Detections, iou_thresh: float = MATCH_IOU,
+                       max_score_diff: float | None = None) -> Comparison:
+    """Match each detection of ``a`` to at most one of ``b``: same class name, box IoU >= ``iou_thresh``
+    and, when ``max_score_diff`` is given, scores at most that far apart."""
     if not 0.0 < float(iou_thresh) <= 1.0:  # NaN fails too
         raise ValueError(f"iou_thresh must be in (0, 1], got {iou_thresh!r}")
     iou = box_iou(torch.as_tensor(a.boxes, dtype=torch.float32).reshape(-1, 4),
                   torch.as_tensor(b.boxes, dtype=torch.float32).reshape(-1, 4)).numpy()  # (Na, Nb)
     same_class = np.asarray(a.label_names, object)[:, None] == np.asarray(b.label_names, object)[None, :]
-    ia, ib = np.nonzero(same_class & (iou >= iou_thresh))
+    candidates = same_class & (iou >= iou_thresh)
+    if max_score_diff is not None:
+        candidates &= np.abs(a.scores[:, None].astype(np.float64) - b.scores[None, :]) <= max_score_diff
+    ia, ib = np.nonzero(candidates)
     score_sum = a.scores[ia].astype(np.float64) + b.scores[ib]
     order = np.lexsort((-score_sum, -iou[ia, ib]))  # by IoU, then by score, both descending
     used_a, used_b = np.zeros(len(a), bool), np.zeros(len(b), bool)
