@@ -7,9 +7,17 @@ title, a one-line caption, the sidebar's model, then the page's sections. ``st.n
 a script, which calls ``render()``. To add a page, add an entry to PAGES. Session state is initialised in
 ui/state.py; every page has its own link (/detect, /inspect, …).
 """
+import gc
+
 import streamlit as st
 
 from ui import share, sidebar, state
+
+# Streamlit runs gc.collect(2) after every run (a slider press included). With torch, torchvision and plotly
+# loaded that walks ~400k objects made at import, ~200 ms holding the GIL, so the page's last messages wait.
+# Frozen once, those objects are left out of every collection; what the runs make is still collected.
+if gc.get_freeze_count() == 0:
+    gc.freeze()
 
 st.set_page_config(page_title="Mask R-CNN Explorer", page_icon=":material/category:", layout="wide")
 if problem := state.server_settings_problem():

@@ -5,6 +5,7 @@ so nothing depends on the real bundled model or on the network.
 """
 from __future__ import annotations
 
+import gc
 import io
 import re
 from pathlib import Path
@@ -410,3 +411,14 @@ def test_stage_timings_are_drawn_only_while_their_expander_is_open(env):
     at.session_state["det_timings_open"] = True
     at.slider(key="score_thresh").set_value(0.3).run()
     assert any("network total" in c.value for c in at.caption)
+
+
+def test_the_app_freezes_what_its_imports_made_so_streamlits_collection_after_each_run_skips_it(env):
+    # Streamlit runs gc.collect(2) after every run, slider presses included; without the freeze it walked the
+    # ~400k objects torch, torchvision and plotly make at import, ~200 ms holding the GIL on every press.
+    gc.unfreeze()
+    start()
+    assert gc.get_freeze_count() > 100_000
+    frozen = gc.get_freeze_count()
+    start()  # a second run (another session, a rerun) does not freeze what the sessions made since
+    assert gc.get_freeze_count() <= frozen  # frozen objects can still die by their reference count
