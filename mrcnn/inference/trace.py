@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +91,10 @@ def _sync(device: torch.device) -> None:
 
 class Trace:
     """Everything one image's run produced, plus re-filtering that reuses it. See the module docstring."""
+
+    # Around a backbone re-run of dropped features, given the trace: the trace cache puts its run slot and
+    # memory reservation here (mrcnn.inference.trace_cache); nothing otherwise.
+    backbone_rerun = staticmethod(lambda trace: nullcontext())
 
     def __init__(self, loaded: LoadedModel, image: np.ndarray, thresholds: Thresholds | None = None,
                  rpn: RpnSettings | None = None):
@@ -184,7 +188,7 @@ class Trace:
         backbone runs again (same input, same values) the first time something asks for them."""
         features = self._features
         if features is None:
-            with torch.inference_mode():
+            with self.backbone_rerun(self), torch.inference_mode():
                 features = self._features = self._backbone(self.image_list)
         return features
 
