@@ -1,6 +1,11 @@
 """The server-wide trace cache: one byte budget across sessions, least recently used first, feature maps
-dropped before whole traces, and a trace that lost its features still re-filters and recomputes them."""
+dropped before whole traces, and a trace that lost its features still re-filters and recomputes them.
+Network runs: room made in the budget for their working memory first, at most so many at once."""
 from __future__ import annotations
+
+import contextlib
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -8,7 +13,8 @@ import torch
 
 from mrcnn.inference.structures import RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
-from mrcnn.inference.trace_cache import BUDGET_ENV, TraceCache, budget_bytes, trace_nbytes
+from mrcnn.inference.trace_cache import (BUDGET_ENV, MAX_RUNS_ENV, TraceCache, architecture_bytes_per_pixel,
+                                         budget_bytes, input_pixels, max_concurrent_runs, trace_nbytes)
 from tests.helpers import scene, tiny_loaded
 
 LOW = Thresholds(score_thresh=0.05)  # random weights score every class low
@@ -125,3 +131,154 @@ def test_the_app_names_a_bad_budget_instead_of_failing(monkeypatch):
     assert not at.exception
     assert [e.value for e in at.error] == [f"The server is misconfigured: {BUDGET_ENV} must be a number of "
                                            "gigabytes (0 or more), got 'lots'"]
+
+
+# ---- network runs: their working memory in the budget, a bounded number at once ----------------------------
+SHAPE = (80, 96, 3)  # the scenes of _traces
+WAIT_S = 5  # a bound on waits between the threads below, so a broken bound fails instead of hanging
+
+
+def _estimate(loaded) -> float:
+    """What a first run of ``loaded`` on a SHAPE image reserves: its architecture's guess."""
+    return input_pixels(loaded, SHAPE) * architecture_bytes_per_pixel(loaded)
+
+
+def test_input_pixels_are_those_of_the_resized_padded_network_input(loaded):
+    assert input_pixels(loaded, SHAPE) == np.prod(_traces(loaded, 1)[0].padded_size)
+
+
+def test_a_run_makes_room_for_its_working_memory_before_it_starts(loaded):
+    traces = _traces(loaded, 3)
+    reservation = _estimate(loaded)
+    cache = TraceCache(budget=sum(trace_nbytes(t) for t in traces) + reservation - 1)
+    for k, trace in enumerate(traces):
+        cache.put(f"session{k}", "img", trace)
+    assert all(t.has_features for t in traces)  # they fit while nothing runs
+    with cache.network_run(loaded, SHAPE) as held:
+        assert held.nbytes == cache.reserved_bytes() == pytest.approx(reservation)
+        assert cache.nbytes + cache.reserved_bytes() <= cache.budget
+        assert [t.has_features for t in traces] == [False, True, True]  # the oldest's features went first
+        new = run_trace(loaded, np.zeros(SHAPE, np.uint8))
+        cache.put("session3", "img", new, held)
+        assert cache.reserved_bytes() == 0  # the trace took the reservation's place
+    assert cache.reserved_bytes() == 0 and len(cache) == 4 and cache.nbytes <= cache.budget
+
+
+def test_a_run_that_fails_leaves_no_reservation_and_frees_its_slot(loaded):
+    cache = TraceCache(budget=1e12, max_runs=1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with cache.network_run(loaded, SHAPE):
+            assert cache.reserved_bytes() > 0
+            raise RuntimeError("out of memory")
+    assert cache.reserved_bytes() == 0
+
+    def slot_taken():
+        raise AssertionError("the failed run kept its slot")
+
+    with cache.network_run(loaded, SHAPE, waiting=slot_taken):
+        pass
+    assert cache.reserved_bytes() == 0  # ended without a put: released all the same
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory is measured on Linux")
+def test_a_run_measures_its_peak_and_the_cache_remembers_the_largest(loaded):
+    cache = TraceCache(budget=1e12)
+    pixels = input_pixels(loaded, SHAPE)
+    assert cache.bytes_per_pixel(loaded) is None
+    working = 64_000_000
+    with cache.network_run(loaded, SHAPE) as first:
+        assert first.nbytes == pytest.approx(_estimate(loaded))  # before any measurement: the guess
+        scratch = torch.ones(working // 4)  # pages written: resident
+    del scratch
+    measured = cache.bytes_per_pixel(loaded)
+    assert measured >= 0.9 * working / pixels
+    with cache.network_run(loaded, SHAPE) as second:  # a run that needs less keeps the larger figure
+        assert second.nbytes == pytest.approx(measured * pixels)
+    assert cache.bytes_per_pixel(loaded) == measured
+
+
+def test_one_network_run_at_a_time_by_default(loaded, monkeypatch):
+    monkeypatch.delenv(MAX_RUNS_ENV, raising=False)
+    cache = TraceCache(budget=1e12, max_runs=max_concurrent_runs())
+    first_running, first_may_end, second_waited = threading.Event(), threading.Event(), threading.Event()
+    order = []
+
+    def first():
+        with cache.network_run(loaded, SHAPE):
+            order.append("first starts")
+            first_running.set()
+            first_may_end.wait(WAIT_S)
+            order.append("first ends")
+
+    def waiting():
+        second_waited.set()
+        first_may_end.set()
+        return contextlib.nullcontext()  # the app shows a spinner meanwhile
+
+    def second():
+        first_running.wait(WAIT_S)
+        with cache.network_run(loaded, SHAPE, waiting=waiting):
+            order.append("second starts")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert second_waited.is_set()  # it was told to wait ...
+    assert order == ["first starts", "first ends", "second starts"]  # ... and started once the first ended
+    assert cache.reserved_bytes() == 0
+
+
+def test_more_runs_at_once_when_the_server_allows(loaded, monkeypatch):
+    monkeypatch.setenv(MAX_RUNS_ENV, "2")
+    cache = TraceCache(budget=1e12, max_runs=max_concurrent_runs())
+    both_in = threading.Barrier(2, timeout=WAIT_S)
+
+    def run():
+        with cache.network_run(loaded, SHAPE, waiting=lambda: pytest.fail("waited with a free slot")):
+            both_in.wait()  # breaks (and the test fails) unless both are inside at once
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert not both_in.broken
+
+
+def test_a_backbone_rerun_of_dropped_features_is_a_network_run_too(loaded):
+    trace = _traces(loaded, 1)[0]
+    cache = TraceCache(budget=1e12)
+    cache.put("alice", "img", trace)
+    trace.drop_features()
+    cache.get("alice", "img")  # the cache sees it smaller
+    during = []
+    backbone = trace._backbone
+
+    def watched_backbone(image_list):
+        during.append(cache.reserved_bytes())
+        return backbone(image_list)
+
+    trace._backbone = watched_backbone
+    trace.features  # what Inspect reads
+    assert during and during[0] > 0  # it ran under a reservation ...
+    assert cache.reserved_bytes() == 0 and cache.nbytes == trace_nbytes(trace)  # ... and the maps count at once
+
+
+@pytest.mark.parametrize("raw, expected", [(None, 1), ("", 1), ("3", 3), (" 2 ", 2)])
+def test_max_concurrent_runs_from_the_environment(monkeypatch, raw, expected):
+    if raw is None:
+        monkeypatch.delenv(MAX_RUNS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(MAX_RUNS_ENV, raw)
+    assert max_concurrent_runs() == expected
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5"])
+def test_a_bad_max_concurrent_runs_is_one_message_naming_the_variable(monkeypatch, raw):
+    from ui.state import server_settings_problem
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    monkeypatch.setenv(MAX_RUNS_ENV, raw)
+    assert server_settings_problem() == f"{MAX_RUNS_ENV} must be a whole number of runs (1 or more), got {raw!r}"

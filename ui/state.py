@@ -37,7 +37,7 @@ import streamlit as st
 from mrcnn.model import zoo
 from mrcnn.errors import ModelUnavailable, MrcnnError
 from mrcnn.inference.structures import RpnSettings, Thresholds
-from mrcnn.inference.trace_cache import TraceCache, budget_bytes
+from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
 
 MAX_IMAGES = 16  # images a session keeps in its strip
 THUMB_SIZE = 112
@@ -305,20 +305,23 @@ def clear_images() -> None:
 
 # ---- traces ------------------------------------------------------------------------------------------
 def server_settings_problem() -> str | None:
-    """What is wrong with the server's trace-cache setting ($MRCNN_TRACE_CACHE_GB), as one line; None when
-    it is fine. The app shows it instead of the pages."""
-    try:
-        budget_bytes()
-    except ValueError as err:
-        return str(err)
-    return None
+    """What is wrong with the server's trace-cache settings ($MRCNN_TRACE_CACHE_GB, $MRCNN_MAX_CONCURRENT_RUNS),
+    as one line; None when they are fine. The app shows it instead of the pages."""
+    problems = []
+    for setting in (budget_bytes, max_concurrent_runs):
+        try:
+            setting()
+        except ValueError as err:
+            problems.append(str(err))
+    return "; ".join(problems) or None
 
 
 @st.cache_resource(show_spinner=False)
 def trace_cache() -> TraceCache:
-    """Every session's traces under one budget ($MRCNN_TRACE_CACHE_GB, default 4 GB): least recently
-    used first, feature maps before detections (mrcnn.inference.trace_cache)."""
-    return TraceCache(budget_bytes())
+    """Every session's traces, and the network runs in flight, under one budget ($MRCNN_TRACE_CACHE_GB,
+    default 4 GB), with at most $MRCNN_MAX_CONCURRENT_RUNS runs at once (default 1): least recently used
+    first, feature maps before detections (mrcnn.inference.trace_cache)."""
+    return TraceCache(budget_bytes(), max_concurrent_runs())
 
 
 def _session_id() -> str:
@@ -329,9 +332,10 @@ def _session_id() -> str:
 def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     """The trace of this image under this model: from the trace cache, or run once now.
 
-    A cached trace whose RPN settings differ from the session's is re-filtered from its features
-    (``Trace.set_rpn``); features the cache dropped to stay in budget are recomputed then, by the
-    backbone alone."""
+    A run waits for one of the server's run slots (saying so on the page) and makes room in the budget for its
+    working memory first (``TraceCache.network_run``). A cached trace whose RPN settings differ from the
+    session's is re-filtered from its features (``Trace.set_rpn``); features the cache dropped to stay in
+    budget are recomputed then, by the backbone alone, through the same slots."""
     from mrcnn.inference.trace import run_trace
 
     ss = st.session_state
@@ -340,11 +344,13 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     rpn = rpn_settings()
     trace = cache.get(_session_id(), key)
     if trace is None:
-        with st.spinner(f"Running {loaded.name} on {entry.name}…"):
-            start = time.perf_counter()
-            trace = run_trace(loaded, entry.array, thresholds(), rpn)
-            ss["network_ran_ms"] = (time.perf_counter() - start) * 1000.0
-        cache.put(_session_id(), key, trace)
+        waiting = f"Waiting for another session's model run to finish before running {loaded.name}…"
+        with cache.network_run(loaded, entry.array.shape, waiting=lambda: st.spinner(waiting)) as reservation:
+            with st.spinner(f"Running {loaded.name} on {entry.name}…"):
+                start = time.perf_counter()
+                trace = run_trace(loaded, entry.array, thresholds(), rpn)
+                ss["network_ran_ms"] = (time.perf_counter() - start) * 1000.0
+            cache.put(_session_id(), key, trace, reservation)
     else:
         if trace.rpn_settings != rpn:
             start = time.perf_counter()

@@ -1,9 +1,12 @@
-"""One memory budget for the traces of every session on a server: least recently used first, feature
-maps before detections.
+"""One memory budget for the traces of every session on a server, and for the network runs that make them:
+least recently used first, feature maps before detections.
 
-    cache = TraceCache(budget_bytes())           # $MRCNN_TRACE_CACHE_GB, default 4 GB
+    cache = TraceCache(budget_bytes(), max_concurrent_runs())   # $MRCNN_TRACE_CACHE_GB (default 4 GB),
+                                                                # $MRCNN_MAX_CONCURRENT_RUNS (default 1)
     trace = cache.get(session_id, key)            # None when absent or evicted
-    cache.put(session_id, key, run_trace(...))    # then the budget is enforced
+    with cache.network_run(loaded, image.shape) as reservation:   # waits for a run slot, makes room
+        trace = run_trace(loaded, image)
+        cache.put(session_id, key, trace, reservation)          # the trace takes the reservation's place
     cache.session(session_id)                     # that session's live traces, key -> Trace
 
 A trace is mostly its FPN feature maps (torchvision's R50 at 800×1066: about 75 MB of 100 MB). Over
@@ -12,6 +15,25 @@ to (``Trace.drop_features``: their detections still re-filter at once, and the m
 recomputed by the backbone alone, when a page needs them: new masks, RPN knobs, Inspect's views); only
 then does it forget whole traces, again least recently used first. The trace used last is never
 touched, so a single trace larger than the budget still works.
+
+A network run needs memory too, beyond the trace it leaves: R50 on an 800-px image peaks at about 550 MB
+above what the process held before (the trace included), measured. So before a run (``network_run``; and
+before a backbone re-run of dropped features, which ``put`` routes through the same path by
+``Trace.backbone_rerun``) the cache reserves an estimate of that run's peak and evicts, by the same
+policy, until cached bytes + every reservation in flight ≤ budget; the reservation goes when the trace is
+put (it then counts as itself) or when the run ends otherwise, an error included. The estimate is the
+network input's pixels (the image resized and padded as the model's transform does) times a figure per
+model, device and precision: bytes per input pixel. Its first guess comes from the architecture: every
+tensor the backbone, FPN and RPN head output, as if all were held at once, counted on the meta device (no
+memory, no compute; R50: 2050 bytes per pixel, about 3.5 times what a run measures). Each run then
+measures its peak growth and the figure becomes the largest measured: the CUDA allocator's peak on a GPU;
+elsewhere the resident memory, sampled every few milliseconds (Linux; other systems keep the first guess).
+The sample is of the whole process, so what other sessions allocate meanwhile counts as well: on the safe side.
+
+At most ``max_runs`` network runs are in flight at once (``$MRCNN_MAX_CONCURRENT_RUNS``, default 1: one
+CPU forward already keeps every core busy, as one GPU forward keeps the GPU, so a second one at once only
+shares them and doubles the working memory); a run waits for a slot, ``network_run(waiting=...)`` says
+so meanwhile. Runs are not re-entrant: a thread holding a slot must not ask for another.
 
 Sizes are measured on every ``get`` and ``put`` (masks memoised by re-filtering and recomputed feature
 maps count from then on). Thread-safe: each session of a Streamlit server runs in its own thread; a
@@ -27,19 +49,27 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from typing import Hashable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
+from typing import Callable, Hashable, Iterator
 
 import numpy as np
 import torch
 from torchvision.models.detection.image_list import ImageList
 
 from mrcnn.inference.trace import Trace
+from mrcnn.model.architectures import build_model
+from mrcnn.model.zoo import LoadedModel
 
 BUDGET_ENV = "MRCNN_TRACE_CACHE_GB"
 DEFAULT_BUDGET_GB = 4.0
+MAX_RUNS_ENV = "MRCNN_MAX_CONCURRENT_RUNS"
+DEFAULT_MAX_RUNS = 1
 # What a trace refers to but does not own: the shared model and the caller's image.
 _NOT_OWNED = frozenset({"loaded", "model", "image", "device", "categories"})
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+_STATM = "/proc/self/statm"
+_SAMPLE_SECONDS = 0.004  # resident-memory sampling during a run: a conv layer at 800 px takes longer
 
 
 def _return_freed_memory() -> None:
@@ -63,6 +93,21 @@ def budget_bytes() -> float:
     if not (math.isfinite(gigabytes) and gigabytes >= 0):
         raise ValueError(f"{BUDGET_ENV} must be a number of gigabytes (0 or more), got {raw!r}")
     return gigabytes * 1e9
+
+
+def max_concurrent_runs() -> int:
+    """How many network runs the server lets be in flight at once: ``$MRCNN_MAX_CONCURRENT_RUNS``, else 1.
+    ValueError naming the variable for a value that is not a whole number of 1 or more."""
+    raw = os.environ.get(MAX_RUNS_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_RUNS
+    try:
+        runs = int(raw)
+    except ValueError:
+        runs = 0
+    if runs < 1:
+        raise ValueError(f"{MAX_RUNS_ENV} must be a whole number of runs (1 or more), got {raw!r}")
+    return runs
 
 
 def trace_nbytes(trace: Trace) -> int:
@@ -95,16 +140,121 @@ def trace_nbytes(trace: Trace) -> int:
     return total
 
 
-class TraceCache:
-    """Every session's traces under one byte budget. See the module docstring."""
+# ---- a run's working memory ----------------------------------------------------------------------------
+def input_pixels(loaded: LoadedModel, image_shape: tuple[int, ...]) -> int:
+    """Pixels of the network input for an image of ``image_shape`` (H, W, ...): resized and padded as the
+    model's transform does (torchvision's GeneralizedRCNNTransform at inference)."""
+    transform = loaded.model.transform
+    height, width = int(image_shape[0]), int(image_shape[1])
+    min_size = transform.min_size[-1] if isinstance(transform.min_size, (list, tuple)) else transform.min_size
+    scale = min(float(min_size) / min(height, width), float(transform.max_size) / max(height, width))
+    divisor = int(transform.size_divisible)
 
-    def __init__(self, budget: float):
+    def padded(side: int) -> int:
+        return math.ceil(math.floor(side * scale) / divisor) * divisor
+
+    return padded(height) * padded(width)
+
+
+def architecture_bytes_per_pixel(loaded: LoadedModel) -> float:
+    """A conservative first guess of a run's peak memory per input pixel: every tensor the backbone, its FPN
+    and the RPN head output, as if all were held at once. Counted on a copy built on the meta device (shapes
+    only: no memory, no compute), so the shared model is never touched."""
+    side = 256
+    with torch.device("meta"):
+        model = build_model(loaded.arch, loaded.num_classes).eval()
+        image = torch.zeros(1, 3, side, side)
+    outputs: dict[int, torch.Tensor] = {}  # by id: an in-place module hands back its input
+
+    def keep_outputs(module, inputs, output) -> None:
+        stack = [output]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, torch.Tensor):
+                outputs[id(value)] = value
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+
+    for module in (*model.backbone.modules(), *model.rpn.head.modules()):
+        module.register_forward_hook(keep_outputs)
+    with torch.inference_mode():
+        features = model.backbone(image)
+        model.rpn.head(list(features.values()))
+    return sum(t.numel() * t.element_size() for t in outputs.values()) / side ** 2
+
+
+def _resident_bytes() -> int:
+    with open(_STATM) as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakGrowth:
+    """How far memory rose above where it was, over a ``with`` block: ``nbytes`` after it, None where it
+    cannot be measured. The CUDA allocator's peak on a GPU; elsewhere the process's resident memory,
+    sampled by a thread (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.nbytes: float | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "_PeakGrowth":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists(_STATM):
+            self._start = self._peak = _resident_bytes()
+            self._sampler = threading.Thread(target=self._sample, name="trace-cache-rss", daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(_SAMPLE_SECONDS):
+            self._peak = max(self._peak, _resident_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.nbytes = float(torch.cuda.max_memory_allocated(self.device) - self._start)
+        elif hasattr(self, "_sampler"):
+            self._stop.set()
+            self._sampler.join()
+            self.nbytes = float(max(self._peak, _resident_bytes()) - self._start)
+
+
+def _model_key(loaded: LoadedModel) -> tuple:
+    """What a run's memory per pixel depends on: the network, its weights' dtype and layout, the device."""
+    return loaded.name, loaded.sha256, str(loaded.device), loaded.precision
+
+
+@dataclasses.dataclass
+class Reservation:
+    """Bytes set aside in the budget for one network run in flight (see ``TraceCache.network_run``)."""
+
+    nbytes: float
+    released: bool = False
+
+
+# ---- the cache -----------------------------------------------------------------------------------------
+class TraceCache:
+    """Every session's traces, and the network runs in flight, under one byte budget. See the module docstring."""
+
+    def __init__(self, budget: float, max_runs: int = DEFAULT_MAX_RUNS):
         if not (math.isfinite(float(budget)) and budget >= 0):
             raise ValueError(f"the trace cache budget must be 0 or more bytes, got {budget!r}")
+        if int(max_runs) < 1:
+            raise ValueError(f"at least one network run must be allowed at a time, got {max_runs!r}")
         self.budget = float(budget)
+        self.max_runs = int(max_runs)
         self._lock = threading.Lock()
+        self._run_slots = threading.BoundedSemaphore(self.max_runs)
         self._sessions: dict[str, OrderedDict[Hashable, Trace]] = {}
         self._sizes: OrderedDict[tuple[str, Hashable], int] = OrderedDict()  # least recently used first
+        self._reserved = 0.0  # every reservation in flight
+        # model key -> a run's peak per input pixel: the architecture's guess until a run is measured
+        self._bytes_per_pixel: dict[tuple, float] = {}
+        self._measured: set[tuple] = set()
 
     def session(self, session_id: str) -> OrderedDict[Hashable, Trace]:
         """That session's live traces (the same dict every time; eviction removes from it)."""
@@ -120,9 +270,14 @@ class TraceCache:
                 self._enforce()
             return trace
 
-    def put(self, session_id: str, key: Hashable, trace: Trace) -> None:
-        """Keep a new trace (just run: its network's working memory is handed back too)."""
+    def put(self, session_id: str, key: Hashable, trace: Trace, reservation: Reservation | None = None) -> None:
+        """Keep a new trace (just run: its network's working memory is handed back too), in place of the
+        reservation made for its run. Its feature maps, once dropped, are recomputed through
+        ``network_run`` as well."""
+        trace.backbone_rerun = partial(self._backbone_rerun, session_id, key)  # not the trace: no cycle
         with self._lock:
+            if reservation is not None:
+                self._release(reservation)
             self._sessions.setdefault(session_id, OrderedDict())[key] = trace
             self._sizes[(session_id, key)] = trace_nbytes(trace)
             self._sizes.move_to_end((session_id, key))
@@ -137,6 +292,54 @@ class TraceCache:
             if traces is not None:
                 traces.clear()
 
+    @contextmanager
+    def network_run(self, loaded: LoadedModel, image_shape: tuple[int, ...],
+                    waiting: Callable[[], AbstractContextManager] = nullcontext,
+                    learn: bool = True) -> Iterator[Reservation]:
+        """Around one network run of ``loaded`` on an image of ``image_shape``: wait for a run slot (inside
+        ``waiting()`` when none is free at once), reserve the run's estimated peak and evict until cached
+        bytes + reservations ≤ budget, then run the block. On the way out, every path included, the
+        reservation goes (unless ``put`` took it) and the slot is freed; with ``learn``, the run's measured
+        peak updates the model's figure."""
+        if not self._run_slots.acquire(blocking=False):
+            with waiting():
+                self._run_slots.acquire()
+        try:
+            model_key = _model_key(loaded)
+            pixels = input_pixels(loaded, image_shape)
+            if model_key not in self._bytes_per_pixel:
+                guess = architecture_bytes_per_pixel(loaded)
+                self._bytes_per_pixel.setdefault(model_key, guess)
+            with self._lock:
+                reservation = Reservation(pixels * self._bytes_per_pixel[model_key])
+                self._reserved += reservation.nbytes
+                self._enforce(always_return_memory=True)  # what was freed goes before the run's peak is sampled
+            try:
+                with _PeakGrowth(loaded.device) as growth:
+                    yield reservation
+            finally:
+                with self._lock:
+                    self._release(reservation)
+            if learn and growth.nbytes is not None:
+                measured = growth.nbytes / pixels
+                with self._lock:  # the first measurement replaces the guess; a larger one raises the figure
+                    if model_key in self._measured:
+                        measured = max(measured, self._bytes_per_pixel[model_key])
+                    self._measured.add(model_key)
+                    self._bytes_per_pixel[model_key] = measured
+        finally:
+            self._run_slots.release()
+
+    def reserved_bytes(self) -> float:
+        """Bytes set aside for the runs in flight."""
+        with self._lock:
+            return self._reserved
+
+    def bytes_per_pixel(self, loaded: LoadedModel) -> float | None:
+        """The figure a run of ``loaded`` reserves by, per input pixel (None before its first run)."""
+        with self._lock:
+            return self._bytes_per_pixel.get(_model_key(loaded))
+
     @property
     def nbytes(self) -> int:
         """Bytes of every cached trace, as last measured."""
@@ -147,16 +350,35 @@ class TraceCache:
         with self._lock:
             return len(self._sizes)
 
+    @contextmanager
+    def _backbone_rerun(self, session_id: str, key: Hashable, trace: Trace) -> Iterator[None]:
+        """Around the backbone re-computing a trace's dropped features: a network run like any other;
+        the trace's new size counts as the reservation goes."""
+        with self.network_run(trace.loaded, trace.image.shape, learn=False) as reservation:
+            yield
+            with self._lock:
+                self._release(reservation)
+                if self._sessions.get(session_id, {}).get(key) is trace:
+                    self._sizes[(session_id, key)] = trace_nbytes(trace)
+
+    def _release(self, reservation: Reservation) -> None:
+        """Call with the lock held; a reservation is released once."""
+        if not reservation.released:
+            reservation.released = True
+            self._reserved -= reservation.nbytes
+
     def _enforce(self, always_return_memory: bool = False) -> None:
-        """Feature maps first, then whole traces, least recently used first; the newest is kept whole."""
+        """Feature maps first, then whole traces, least recently used first, until the cached traces and
+        the reservations fit; the newest is kept whole."""
+        room = self.budget - self._reserved
         total = sum(self._sizes.values())
-        if total <= self.budget:
+        if total <= room or not self._sizes:
             if always_return_memory:
                 _return_freed_memory()
             return
         newest = next(reversed(self._sizes))
         for entry in list(self._sizes)[:-1]:
-            if total <= self.budget:
+            if total <= room:
                 break
             trace = self._sessions[entry[0]][entry[1]]
             if trace.has_features:
@@ -165,11 +387,12 @@ class TraceCache:
                 total -= self._sizes[entry] - smaller
                 self._sizes[entry] = smaller
         for entry in list(self._sizes):
-            if total <= self.budget or entry == newest:
+            if total <= room or entry == newest:
                 break
             total -= self._sizes.pop(entry)
             del self._sessions[entry[0]][entry[1]]
         _return_freed_memory()
 
 
-__all__ = ["BUDGET_ENV", "DEFAULT_BUDGET_GB", "TraceCache", "budget_bytes", "trace_nbytes"]
+__all__ = ["BUDGET_ENV", "DEFAULT_BUDGET_GB", "DEFAULT_MAX_RUNS", "MAX_RUNS_ENV", "Reservation", "TraceCache",
+           "architecture_bytes_per_pixel", "budget_bytes", "input_pixels", "max_concurrent_runs", "trace_nbytes"]
