@@ -1,5 +1,5 @@
 """End to end in a real browser: `streamlit run app.py` on 127.0.0.1 driven by Debian's chromium
-through Python Playwright (never a downloaded browser).
+through Python Playwright (never a downloaded browser); the server and browser are tests/browser_app.py's.
 
 Uploads an image, waits for the detections, moves the score slider with the keyboard and sees the
 count change, opens Inspect; compares two models and opens a shared link in a fresh browser. Screenshots
@@ -10,122 +10,22 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from mrcnn.model.checkpoint import save_checkpoint
+from tests.browser_app import (ARTIFACTS, BROWSER_MARKS, CHROMIUM, COMPARE_RUN, ROOT, detection_count, press_keys,
+                               slider_value, wait_count_change)
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
 
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-COUNT = re.compile(r"(\d+) detections")
-COMPARE_RUN = "compare-b"
 # The README's screenshots are rewritten only when asked (MRCNN_DOC_IMAGES=1): a test run changes no tracked file.
 DOC_IMAGES = ROOT / "docs" / "images" if os.environ.get("MRCNN_DOC_IMAGES") == "1" else ARTIFACTS
 
 # CI sets MRCNN_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip.
 if not Path(CHROMIUM).exists() and os.environ.get("MRCNN_REQUIRE_BROWSER") == "1":
     raise RuntimeError(f"{CHROMIUM} is missing and MRCNN_REQUIRE_BROWSER=1 (apt-get install chromium)")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.xdist_group("browser"),  # one worker runs them all: one server at a time, one browser
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"streamlit did not become healthy in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The app on a free port, with a tiny random-weight shapes.pt so it needs neither the real model
-    nor the network."""
-    tmp = tmp_path_factory.mktemp("browser")
-    weights = tmp / "weights"
-    loaded = tiny_loaded(seed=0)
-    save_checkpoint(weights / "shapes.pt", TINY_LIGHT, CATEGORIES, loaded.model.state_dict(),
-                    {"data": "random weights (browser test)"}, half=True)
-    # a second model to compare with, listed as a training run
-    save_checkpoint(tmp / "runs" / COMPARE_RUN / "checkpoint.pt", TINY_LIGHT, CATEGORIES,
-                    tiny_loaded(seed=5).model.state_dict(), {"data": "random weights (browser test)"}, half=True)
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "streamlit.log"
-    port = free_port()
-    env = dict(os.environ, MRCNN_WEIGHTS_DIR=str(weights), MRCNN_RUNS_DIR=str(tmp / "runs"),
-               MRCNN_MODELS_DIR=str(tmp / "models"),
-               TORCH_HOME=str(tmp / "torch"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
-        yield f"http://127.0.0.1:{port}", tmp
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
-            "--disable-gpu"])
-        yield b
-        b.close()
-
-
-def detection_count(page) -> int:
-    heading = page.locator("h3").filter(has_text=COUNT).first
-    heading.wait_for(timeout=60_000)
-    return int(COUNT.search(heading.inner_text()).group(1))
-
-
-def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            new = detection_count(page)
-        except Exception:  # the heading is re-rendered mid-read
-            new = old
-        if new != old:
-            return new
-        page.wait_for_timeout(250)
-    return old
+pytestmark = BROWSER_MARKS
 
 
 def test_upload_detect_slide_and_inspect(server, browser):
@@ -169,7 +69,8 @@ def test_upload_detect_slide_and_inspect(server, browser):
 
 
 def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
-    """Start a short real training run (the train CLI in the background) and watch its loss curve."""
+    """Start a short real training run (the train CLI in the background) and watch its loss curve. The form's
+    smallest settings keep it quick: 2 steps of 1 image at 128 px, validated once (40 scenes) at the end."""
     url, tmp = server
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     errors: list[str] = []
@@ -178,11 +79,12 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
         page.goto(f"{url}/finetune", wait_until="domcontentloaded")
         steps = page.get_by_label("Steps")
         steps.wait_for(timeout=60_000)
-        steps.fill("4")
+        steps.fill("2")
         steps.press("Enter")
         batch = page.get_by_label("Batch size")
-        batch.fill("2")
+        batch.fill("1")
         batch.press("Enter")
+        press_keys(page, "Image size", "Home")  # 256 -> 128 px: the run and its validation scenes
         validations = page.get_by_role("spinbutton", name="Validations per run")  # once, at the end
         validations.fill("0")
         validations.press("Enter")
@@ -194,6 +96,7 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "finetune.png"), full_page=True)
         assert list((tmp / "runs").glob("finetune-*/checkpoint.pt")), "the run wrote no checkpoint"
+        assert '"image_size": 128' in next((tmp / "runs").glob("finetune-*/config.json")).read_text()
         assert not page.get_by_text("Traceback").count()
         assert not errors, errors
     finally:
@@ -201,41 +104,6 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
 
 
 PAGE_TITLES = {"detect": "Detect", "inspect": "Inspect", "finetune": "Fine-tune", "evaluate": "Evaluate"}
-
-
-def test_every_page_answers_at_its_own_link(server, browser):
-    """Once `/detect` answered "Page not found": the default page was served at `/` only."""
-    url, _ = server
-    for path, title in PAGE_TITLES.items():
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        try:
-            page.goto(f"{url}/{path}", wait_until="domcontentloaded")
-            page.locator("h1").filter(has_text=title).first.wait_for(timeout=60_000)
-            page.wait_for_timeout(500)  # the "Page not found" dialog comes with the first run
-            assert not page.get_by_text("Page not found").count(), path
-            assert page.url == f"{url}/{path}"
-        finally:
-            page.close()
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    try:
-        page.goto(url, wait_until="domcontentloaded")
-        detection_count(page)
-        assert page.url == f"{url}/detect"  # the root opens Detect at its own link
-        assert not page.get_by_text("Page not found").count()
-    finally:
-        page.close()
-
-
-def slider_value(page, label: str) -> float:
-    return float(page.get_by_role("slider", name=label).first.input_value())  # an <input type="range">
-
-
-def move_slider(page, label: str, presses: int) -> None:
-    """Arrow keys: one step per press (negative: to the left)."""
-    thumb = page.get_by_role("slider", name=label).first
-    thumb.focus()
-    for _ in range(abs(presses)):
-        thumb.press("ArrowRight" if presses > 0 else "ArrowLeft")
 
 
 def toggle_states(page, labels) -> dict[str, bool]:
@@ -247,14 +115,27 @@ def flip_toggle(page, label: str) -> None:
     page.locator("label").filter(has=page.get_by_role("switch", name=label)).first.click()
 
 
-def open_page(page, name: str, title: str) -> None:
-    page.get_by_role("link", name=name).first.click()
-    page.locator("h1").filter(has_text=title).first.wait_for(timeout=60_000)
+def open_page(page, url: str, path: str) -> None:
+    """Through the page's own navigation link: the page comes, at its own address."""
+    page.get_by_role("link", name=PAGE_TITLES[path]).first.click()
+    page.locator("h1").filter(has_text=PAGE_TITLES[path]).first.wait_for(timeout=60_000)
+    page.wait_for_url(f"{url}/{path}", timeout=30_000)
+
+
+def open_link(page, url: str, path: str) -> None:
+    """Typed into the address bar (a new session): the page answers there, not "Page not found".
+    Once `/detect` answered "Page not found": the default page was served at `/` only."""
+    page.goto(f"{url}/{path}", wait_until="domcontentloaded")
+    page.locator("h1").filter(has_text=PAGE_TITLES[path]).first.wait_for(timeout=60_000)
+    page.wait_for_timeout(500)  # the "Page not found" dialog comes with the first run
+    assert not page.get_by_text("Page not found").count(), path
+    assert page.url == f"{url}/{path}"
 
 
 def test_shared_controls_and_detections_survive_a_walk_through_every_page(server, browser):
     """Detect → Inspect → Fine-tune → Evaluate → Detect: every control shared between pages keeps its value
-    (a change made on Inspect included) and Detect shows the same detections."""
+    (a change made on Inspect included), Detect shows the same detections, and each page is at its own
+    address. Then every page answers at its own link, opened directly, as the root does with Detect."""
     url, _ = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
@@ -262,11 +143,14 @@ def test_shared_controls_and_detections_survive_a_walk_through_every_page(server
     try:
         page.goto(url, wait_until="domcontentloaded")
         at_default = detection_count(page)
-        move_slider(page, "Score threshold", -45)  # 0.50 -> 0.05: detections for Inspect to follow
+        assert page.url == f"{url}/detect"  # the root opens Detect at its own link
+        assert not page.get_by_text("Page not found").count()
+        # 0.50 -> 0.00 -> 0.05: detections for Inspect to follow
+        press_keys(page, "Score threshold", "Home", *["ArrowRight"] * 5)
         count = wait_count_change(page, at_default)
-        move_slider(page, "NMS IoU (per class)", 4)  # 0.50 -> 0.70
-        move_slider(page, "Max detections", -60)  # 100 -> 40
-        move_slider(page, "Mask opacity", 3)  # 0.50 -> 0.65
+        press_keys(page, "NMS IoU (per class)", "PageUp", "PageUp")  # 0.50 -> 0.70 (a page: a tenth of the range)
+        press_keys(page, "Max detections", "PageDown", "PageDown")  # 100 -> 40 (pages of 30)
+        press_keys(page, "Mask opacity", "PageUp", "ArrowRight")  # 0.50 -> 0.65
         for label in ("Labels", "Outlines"):
             flip_toggle(page, label)
         page.wait_for_timeout(1500)
@@ -279,23 +163,27 @@ def test_shared_controls_and_detections_survive_a_walk_through_every_page(server
         assert toggles == {"Masks": True, "Boxes": True, "Labels": False, "Outlines": True,
                            "RPN proposals overlay": False}
 
-        open_page(page, "Inspect", "Inspect")
+        open_page(page, url, "inspect")
         page.get_by_text("9 Masks").first.wait_for(timeout=60_000)
         assert slider_value(page, "Mask threshold") == 0.5
         page.get_by_text(re.compile(r"pixels above 0\.50")).first.wait_for(timeout=30_000)
-        move_slider(page, "Mask threshold", 2)  # 0.50 -> 0.60, to be seen on Detect
+        press_keys(page, "Mask threshold", "PageUp")  # 0.50 -> 0.60, to be seen on Detect
         page.get_by_text(re.compile(r"pixels above 0\.60")).first.wait_for(timeout=30_000)
         expected["Mask threshold"] = 0.6
 
-        open_page(page, "Fine-tune", "Fine-tune")
-        open_page(page, "Evaluate", "Evaluate")
-        open_page(page, "Detect", "Detect")
+        open_page(page, url, "finetune")
+        open_page(page, url, "evaluate")
+        open_page(page, url, "detect")
         assert detection_count(page) == count
         page.wait_for_timeout(1000)
         assert {label: slider_value(page, label) for label in expected} == expected
         assert toggle_states(page, toggles) == toggles
         assert detection_count(page) == count  # not re-drawn from defaults after a late rerun
         assert not page.get_by_text("Traceback").count()
+
+        for path in PAGE_TITLES:
+            open_link(page, url, path)
+            assert not page.get_by_text("Traceback").count(), path
         assert not errors, errors
     finally:
         page.close()
@@ -305,7 +193,7 @@ def test_add_a_model_from_the_sidebar_and_detect_with_it(server, browser):
     """Upload a checkpoint under a hostile name, name its classes, add it: it is picked and detects."""
     url, tmp = server
     upload = tmp / "upload.pt"
-    save_checkpoint(upload, TINY_LIGHT, CATEGORIES, tiny_loaded(seed=3).model.state_dict())
+    save_checkpoint(upload, TINY_LIGHT, CATEGORIES, tiny_loaded(seed=3).model.state_dict(), half=True)  # 10 MB
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
@@ -353,9 +241,10 @@ def test_compare_two_models_and_open_a_shared_link_in_a_fresh_browser(server, br
     try:
         page.goto(f"{url}/detect", wait_until="domcontentloaded")
         at_default = detection_count(page)
-        move_slider(page, "Score threshold", -22)  # 0.50 -> 0.28: a few detections of the random-weight models
+        # 0.50 -> 0.30 -> 0.28: a few detections of the random-weight models
+        press_keys(page, "Score threshold", "PageDown", "PageDown", "ArrowLeft", "ArrowLeft")
         count = wait_count_change(page, at_default)
-        move_slider(page, "Mask opacity", 4)  # 0.50 -> 0.70
+        press_keys(page, "Mask opacity", "PageUp", "PageUp")  # 0.50 -> 0.70
         page.get_by_text("Compare with another model").first.scroll_into_view_if_needed()
         page.get_by_role("combobox", name="Compare with").first.click()
         page.get_by_role("option", name=re.compile(f"run {COMPARE_RUN}")).first.click()

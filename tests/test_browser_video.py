@@ -1,6 +1,7 @@
 """A clip in a real browser: upload a short generated clip on Detect, wait for every frame to be processed,
 scrub to a frame with the keyboard and see that frame's detection count (computed here with the same
-weights and code). Uses tests/test_browser.py's server and browser; a screenshot goes to test-artifacts/.
+weights and code). Uses tests/browser_app.py's server and browser, shared with tests/test_browser.py; a
+screenshot goes to test-artifacts/.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from mrcnn.data.video import open_clip
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.video import detect_frames
 from mrcnn.model.zoo import load_model
-from tests.test_browser import ARTIFACTS, browser, detection_count, pytestmark, server  # noqa: F401 - fixtures
+from tests.browser_app import ARTIFACTS, BROWSER_MARKS, detection_count, press_keys
 from tests.test_video import encode, scenes
 
 FRAMES, TARGET = 4, 3
 SCORE = Thresholds(score_thresh=0.27)  # the random-weight model's class scores sit around 0.25
+pytestmark = BROWSER_MARKS
 
 
 def test_upload_a_clip_scrub_to_a_frame_and_see_its_detections(server, browser):
@@ -30,20 +32,15 @@ def test_upload_a_clip_scrub_to_a_frame_and_see_its_detections(server, browser):
     try:
         page.goto(url, wait_until="domcontentloaded")
         detection_count(page)  # the starting sample scene
-        score = page.get_by_role("slider", name="Score threshold")
-        score.focus()
-        for _ in range(23):  # 0.50 -> 0.27 in steps of 0.01, before the clip is processed
-            score.press("ArrowLeft")
+        # 0.50 -> 0.30 -> 0.27, before the clip is processed
+        press_keys(page, "Score threshold", "PageDown", "PageDown", *["ArrowLeft"] * 3)
         page.get_by_text("0.27").first.wait_for(timeout=30_000)
 
         page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(clip_path))
         page.get_by_text(re.compile(rf"Frame 1 of {FRAMES} ")).first.wait_for(timeout=120_000)
         assert detection_count(page) == expected[0]
 
-        frame = page.get_by_role("slider", name="Frame")
-        frame.focus()
-        for _ in range(TARGET):
-            frame.press("ArrowRight")
+        press_keys(page, "Frame", *["ArrowRight"] * TARGET)
         page.get_by_text(re.compile(rf"Frame {TARGET + 1} of {FRAMES} ")).first.wait_for(timeout=30_000)
         page.wait_for_timeout(500)
         assert detection_count(page) == expected[TARGET], expected

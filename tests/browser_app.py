@@ -1,0 +1,133 @@
+"""What the browser tests share: `streamlit run app.py` on 127.0.0.1 with tiny random-weight models, Debian's
+chromium through Python Playwright (never a downloaded browser), and the page helpers.
+
+``server`` and ``browser`` are session fixtures (tests/conftest.py brings them in): tests/test_browser.py and
+tests/test_browser_video.py run on one pytest-xdist worker (their ``xdist_group``) against one server and one
+browser, started once.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mrcnn.model.checkpoint import save_checkpoint
+from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+COUNT = re.compile(r"(\d+) detections")
+COMPARE_RUN = "compare-b"
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.xdist_group("browser"),  # one worker runs them all: one server at a time, one browser
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"streamlit did not become healthy in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The app on a free port, with a tiny random-weight shapes.pt so it needs neither the real model
+    nor the network. Yields (url, folder holding weights/, runs/ and models/)."""
+    tmp = tmp_path_factory.mktemp("browser")
+    weights = tmp / "weights"
+    loaded = tiny_loaded(seed=0)
+    save_checkpoint(weights / "shapes.pt", TINY_LIGHT, CATEGORIES, loaded.model.state_dict(),
+                    {"data": "random weights (browser test)"}, half=True)
+    # a second model to compare with, listed as a training run
+    save_checkpoint(tmp / "runs" / COMPARE_RUN / "checkpoint.pt", TINY_LIGHT, CATEGORIES,
+                    tiny_loaded(seed=5).model.state_dict(), {"data": "random weights (browser test)"}, half=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "streamlit.log"
+    port = free_port()
+    env = dict(os.environ, MRCNN_WEIGHTS_DIR=str(weights), MRCNN_RUNS_DIR=str(tmp / "runs"),
+               MRCNN_MODELS_DIR=str(tmp / "models"),
+               TORCH_HOME=str(tmp / "torch"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
+             "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc, log)
+        yield f"http://127.0.0.1:{port}", tmp
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-background-networking", "--disable-component-update",
+            "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def detection_count(page) -> int:
+    heading = page.locator("h3").filter(has_text=COUNT).first
+    heading.wait_for(timeout=60_000)
+    return int(COUNT.search(heading.inner_text()).group(1))
+
+
+def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            new = detection_count(page)
+        except Exception:  # the heading is re-rendered mid-read
+            new = old
+        if new != old:
+            return new
+        page.wait_for_timeout(250)
+    return old
+
+
+def slider_value(page, label: str) -> float:
+    return float(page.get_by_role("slider", name=label).first.input_value())  # an <input type="range">
+
+
+def press_keys(page, label: str, *keys: str) -> None:
+    """Move a slider with the keyboard, as a user can: an arrow is one step, PageUp/PageDown a tenth of the
+    range, Home/End the ends. Each press reruns the page, so few presses keep a test quick."""
+    thumb = page.get_by_role("slider", name=label).first
+    thumb.focus()
+    for key in keys:
+        thumb.press(key)
