@@ -6,11 +6,13 @@ weights, made here), then stepping the score slider; the server-wide trace cache
 
 All sessions are AppTest sessions in this one process (as a Streamlit server runs sessions: threads of
 one process sharing ``st.cache_resource``: the model and the trace cache). Reported: the process's peak
-resident memory next to what it held with the model loaded and before any session, and after the first
-session's first run (a run's own working memory comes on top of the cache); the trace cache's budget and
-its bytes at the end; what the same traces would hold with no shared budget; each session's slider-step
-latency (median of its steps; an AppTest step re-runs the whole page, more than a browser's fragment
-re-run). The target: peak RSS under the budget plus the process before sessions.
+resident memory next to what it held with the model loaded (as the sessions load it) and before any session,
+and after the first session's first run; the trace cache's budget and its bytes at the end; what the same
+traces would hold with no shared budget; what a network run reserves in the budget for its working memory
+(bytes per input pixel: the architecture's first guess, and the figure the runs measured; then the
+reservation for one of these images); each session's slider-step latency (median of its steps; an AppTest
+step re-runs the whole page, more than a browser's fragment re-run). The target: peak RSS under the budget
+plus the process before sessions.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
                       TORCH_HOME=str(tmp / "torch"), MRCNN_TRACE_CACHE_GB=str(args.budget_gb))
     from streamlit.testing.v1 import AppTest
 
-    from mrcnn.inference.trace_cache import trace_nbytes
+    from mrcnn.inference.trace_cache import architecture_bytes_per_pixel, input_pixels, trace_nbytes
 
     from ui import state
 
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
         at.session_state["model_name"] = R50_NAME
         return at.run()
 
-    state.get_model(R50_NAME)  # the model every session shares (st.cache_resource works without a session)
+    # the model every session shares, loaded as a session loads it: its default device and precision
+    # (st.cache_resource works without a session)
+    loaded = state.get_model(R50_NAME, "auto", "auto")
     before_mb = rss_mb()
     sessions = [session()]
     first_run_mb = rss_mb()
@@ -106,10 +110,15 @@ def main(argv=None) -> int:
     peak_mb = rss_mb()
     # every session's live traces: together, the server-wide cache's content
     cached = sum(trace_nbytes(t) for at in sessions for t in at.session_state["traces"].values())
+    measured_per_pixel = state.trace_cache().bytes_per_pixel(loaded)
+    image_pixels = input_pixels(loaded, (600, 800))
     result = {"sessions": args.sessions, "budget_mb": args.budget_gb * 1000, "before_sessions_mb": round(before_mb),
               "after_first_run_mb": round(first_run_mb),
               "peak_rss_mb": round(peak_mb), "rss_at_end_mb": round(rss_now_mb()), "cache_mb_at_end": round(cached / 1e6),
               "traces_without_shared_budget_mb": round(unshared / 1e6),
+              "bytes_per_input_pixel": {"architecture_guess": round(architecture_bytes_per_pixel(loaded)),
+                                        "measured": round(measured_per_pixel)},
+              "run_reservation_mb": round(image_pixels * measured_per_pixel / 1e6),
               "under_budget_plus_before": peak_mb <= before_mb + args.budget_gb * 1000,
               "median_step_ms": round(statistics.median(r["step_ms"] for r in rows), 1), "per_session": rows}
     if args.json:
@@ -123,6 +132,11 @@ def main(argv=None) -> int:
               f"first run {result['after_first_run_mb']} MB, "
               f"budget {result['budget_mb']:.0f} MB, traces in the cache {result['cache_mb_at_end']} MB; "
               f"without a shared budget the traces alone would be {result['traces_without_shared_budget_mb']} MB)")
+        per_pixel = result["bytes_per_input_pixel"]
+        print(f"a run reserves {result['run_reservation_mb']} MB of the budget for one of these images "
+              f"({per_pixel['measured']} bytes per input pixel as measured; the architecture's first guess "
+              f"{per_pixel['architecture_guess']}); peak within the budget plus the process before sessions: "
+              f"{result['under_budget_plus_before']}")
     return 0
 
 

@@ -199,6 +199,7 @@ class _PeakGrowth:
         self.device = device
         self.nbytes: float | None = None
         self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
 
     def __enter__(self) -> "_PeakGrowth":
         if self.device.type == "cuda":
@@ -217,7 +218,7 @@ class _PeakGrowth:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             self.nbytes = float(torch.cuda.max_memory_allocated(self.device) - self._start)
-        elif hasattr(self, "_sampler"):
+        elif self._sampler is not None:
             self._stop.set()
             self._sampler.join()
             self.nbytes = float(max(self._peak, _resident_bytes()) - self._start)
