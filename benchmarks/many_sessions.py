@@ -7,10 +7,12 @@ weights, made here), then stepping the score slider; the server-wide trace cache
 All sessions are AppTest sessions in this one process (as a Streamlit server runs sessions: threads of
 one process sharing ``st.cache_resource``: the model and the trace cache). Reported: the process's peak
 resident memory next to what it held with the model loaded (as the sessions load it) and before any session,
-and after the first session's first run; the trace cache's budget and its bytes at the end; what the same
-traces would hold with no shared budget; what a network run reserves in the budget for its working memory
-(bytes per input pixel: the architecture's first guess, and the figure the runs measured; then the
-reservation for one of these images); each session's slider-step latency (median of its steps; an AppTest
+and after the first session's first run; the trace cache's budget and its bytes at the end, and what the
+process holds at the end outside the cache and the model (the sessions' own state and pages, and what the
+allocator keeps; the budget does not cover it); what the same traces would hold with no shared budget;
+what a network run reserves in the budget for its working memory (bytes per input pixel: the
+architecture's first guess, and the figure the runs measured; then the reservation for one of these
+images); each session's slider-step latency (median of its steps; an AppTest
 step re-runs the whole page, more than a browser's fragment re-run). The target: peak RSS under the budget
 plus the process before sessions.
 """
@@ -107,14 +109,15 @@ def main(argv=None) -> int:
             assert not at.exception, at.exception
         rows[k]["step_ms"] = round(statistics.median(steps), 1)
         rows[k]["steps_ms"] = [round(s) for s in steps]
-    peak_mb = rss_mb()
+    peak_mb, end_mb = rss_mb(), rss_now_mb()
     # every session's live traces: together, the server-wide cache's content
     cached = sum(trace_nbytes(t) for at in sessions for t in at.session_state["traces"].values())
     measured_per_pixel = state.trace_cache().bytes_per_pixel(loaded)
     image_pixels = input_pixels(loaded, (600, 800))
     result = {"sessions": args.sessions, "budget_mb": args.budget_gb * 1000, "before_sessions_mb": round(before_mb),
               "after_first_run_mb": round(first_run_mb),
-              "peak_rss_mb": round(peak_mb), "rss_at_end_mb": round(rss_now_mb()), "cache_mb_at_end": round(cached / 1e6),
+              "peak_rss_mb": round(peak_mb), "rss_at_end_mb": round(end_mb), "cache_mb_at_end": round(cached / 1e6),
+              "outside_cache_at_end_mb": round(end_mb - before_mb - cached / 1e6),
               "traces_without_shared_budget_mb": round(unshared / 1e6),
               "bytes_per_input_pixel": {"architecture_guess": round(architecture_bytes_per_pixel(loaded)),
                                         "measured": round(measured_per_pixel)},
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
                   f"{r['steps_ms']}")
         print(f"peak RSS {result['peak_rss_mb']} MB, at the end {result['rss_at_end_mb']} MB (before sessions {result['before_sessions_mb']} MB, after the "
               f"first run {result['after_first_run_mb']} MB, "
-              f"budget {result['budget_mb']:.0f} MB, traces in the cache {result['cache_mb_at_end']} MB; "
+              f"budget {result['budget_mb']:.0f} MB, traces in the cache {result['cache_mb_at_end']} MB, "
+              f"held outside the cache and the model {result['outside_cache_at_end_mb']} MB; "
               f"without a shared budget the traces alone would be {result['traces_without_shared_budget_mb']} MB)")
         per_pixel = result["bytes_per_input_pixel"]
         print(f"a run reserves {result['run_reservation_mb']} MB of the budget for one of these images "

@@ -16,19 +16,21 @@ recomputed by the backbone alone, when a page needs them: new masks, RPN knobs, 
 then does it forget whole traces, again least recently used first. The trace used last is never
 touched, so a single trace larger than the budget still works.
 
-A network run needs memory too, beyond the trace it leaves: R50 on an 800-px image peaks at about 550 MB
-above what the process held before (the trace included), measured. So before a run (``network_run``; and
-before a backbone re-run of dropped features, which ``put`` routes through the same path by
-``Trace.backbone_rerun``) the cache reserves an estimate of that run's peak and evicts, by the same
+A network run needs memory too, beyond the trace it leaves: R50 on an 800-px image peaks 500–700 MB above
+what the process held before, its trace of ~150 MB included (measured on a CPU). So before a run
+(``network_run``; and before a backbone re-run of dropped features, which ``put`` routes through the same
+path by ``Trace.backbone_rerun``) the cache reserves an estimate of that run's peak and evicts, by the same
 policy, until cached bytes + every reservation in flight ≤ budget; the reservation goes when the trace is
 put (it then counts as itself) or when the run ends otherwise, an error included. The estimate is the
 network input's pixels (the image resized and padded as the model's transform does) times a figure per
 model, device and precision: bytes per input pixel. Its first guess comes from the architecture: every
 tensor the backbone, FPN and RPN head output, as if all were held at once, counted on the meta device (no
-memory, no compute; R50: 2050 bytes per pixel, about 3.5 times what a run measures). Each run then
+memory, no compute; R50: 2048 bytes per pixel, 2.5–3.5 times what its runs measure). Each run then
 measures its peak growth and the figure becomes the largest measured: the CUDA allocator's peak on a GPU;
 elsewhere the resident memory, sampled every few milliseconds (Linux; other systems keep the first guess).
 The sample is of the whole process, so what other sessions allocate meanwhile counts as well: on the safe side.
+Not in the budget: the models, and each session's own state and pages (benchmarks/many_sessions.py reports
+what they hold).
 
 At most ``max_runs`` network runs are in flight at once (``$MRCNN_MAX_CONCURRENT_RUNS``, default 1: one
 CPU forward already keeps every core busy, as one GPU forward keeps the GPU, so a second one at once only
