@@ -107,17 +107,25 @@ def detection_count(page) -> int:
     return int(COUNT.search(heading.inner_text()).group(1))
 
 
-def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
+def wait_count(page, accept, timeout: float = 30.0) -> int | None:
+    """The detection count once ``accept(count)`` holds; else, after ``timeout`` s, the last count read."""
     deadline = time.monotonic() + timeout
+    count = None
     while time.monotonic() < deadline:
         try:
-            new = detection_count(page)
+            count = detection_count(page)
         except Exception:  # the heading is re-rendered mid-read
-            new = old
-        if new != old:
-            return new
+            pass
+        else:
+            if accept(count):
+                return count
         page.wait_for_timeout(250)
-    return old
+    return count
+
+
+def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
+    new = wait_count(page, lambda count: count != old, timeout)
+    return old if new is None else new
 
 
 def slider_value(page, label: str) -> float:
