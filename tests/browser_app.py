@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from mrcnn.model.checkpoint import save_checkpoint
 from tests.helpers import CATEGORIES, TINY_LIGHT, tiny_loaded
@@ -69,8 +70,10 @@ def server(tmp_path_factory):
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / "streamlit.log"
     port = free_port()
+    # OMP_NUM_THREADS: the server and the training runs it starts take this worker's share of the cores
+    # (tests/conftest.py), not every core beside the other workers
     env = dict(os.environ, MRCNN_WEIGHTS_DIR=str(weights), MRCNN_RUNS_DIR=str(tmp / "runs"),
-               MRCNN_MODELS_DIR=str(tmp / "models"),
+               MRCNN_MODELS_DIR=str(tmp / "models"), OMP_NUM_THREADS=str(torch.get_num_threads()),
                TORCH_HOME=str(tmp / "torch"), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with open(log, "w") as out:
