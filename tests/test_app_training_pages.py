@@ -17,6 +17,7 @@ from mrcnn.data import coco
 from mrcnn.data.shapes import write_dataset
 from mrcnn.evaluation import evaluate as coco_metrics
 from mrcnn.inference.trace import Trace
+from mrcnn.inference.trace_cache import TraceCache
 from mrcnn.model.importer import import_model
 from mrcnn.training import finetune, jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
@@ -148,6 +149,7 @@ def test_evaluate_reruns_redraw_from_what_was_computed(env, monkeypatch):
     count_calls(monkeypatch, coco.CocoDataset, "__init__", calls)  # the dataset scan
     count_calls(monkeypatch, coco.CocoDataset, "__getitem__", calls)  # an image and its masks decoded
     count_calls(monkeypatch, Trace, "_run_network", calls)
+    count_calls(monkeypatch, TraceCache, "network_run", calls)  # the browser's runs take the server's run slots
     at = open_page("ui/evaluate.py")
     at.number_input(key="ev_num").set_value(5).run()
     at.select_slider(key="ev_size").set_value(128).run()
@@ -165,6 +167,7 @@ def test_evaluate_reruns_redraw_from_what_was_computed(env, monkeypatch):
     at.slider(key="ev_img").set_value(1).run()  # another image: decoded and run once
     assert calls["__getitem__"] == after_evaluation["__getitem__"] + 1
     assert calls["_run_network"] == 2 and calls["evaluate"] == 1 and calls["__init__"] == 1
+    assert calls["network_run"] == 2
     at.button(key="ev_go").click().run()  # the same data again: evaluated, not scanned again
     assert calls["evaluate"] == 2 and calls["__init__"] == 1
 
@@ -213,6 +216,7 @@ def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
     calls = Counter()
     count_calls(monkeypatch, finetune, "compare_before_after", calls)
     count_calls(monkeypatch, Trace, "_run_network", calls)
+    count_calls(monkeypatch, TraceCache, "network_run", calls)  # before/after take the server's run slots
     at = open_page("ui/finetune.py")
     calls.clear()  # the app opened on Detect, which ran the network once
     at.button(key="ft_eval").click().run()
@@ -225,6 +229,7 @@ def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
     at.slider(key="ft_val_idx").set_value(0).run()
     at.run()
     assert calls["compare_before_after"] == 1 and calls["_run_network"] == 4, "a rerun ran a network again"
+    assert calls["network_run"] == 4
 
 
 @pytest.mark.parametrize("registry", [b"\xff\xfe not utf-8", b'{"pid": "12", "run_dir": "x"}', b'{"pid": 0}',

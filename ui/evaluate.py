@@ -316,7 +316,9 @@ def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float
     if kept is None or kept[0] != key:
         image, _ = evaluation.dataset[idx]
         array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        kept = (key, array, run_trace(loaded, array, Thresholds(score_thresh=score_thresh)))
+        with state.network_slot(loaded, array.shape):  # a run like Detect's: in the server's slots and budget
+            trace = run_trace(loaded, array, Thresholds(score_thresh=score_thresh))
+        kept = (key, array, trace)
         st.session_state["ev_browser"] = kept
     return kept[1], kept[2]
 

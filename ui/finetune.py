@@ -318,7 +318,10 @@ def _before_after_images(start_model: str, checkpoint: str, stamp: int, val_dir:
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     drawn = []
     for name in (start_model, checkpoint):
-        trace = run_trace(state.get_model(name, "auto"), array, Thresholds())
+        loaded = state.get_model(name, "auto")
+        # in the server's run slots and budget, as Detect's runs (the spinner above says what runs)
+        with state.trace_cache().network_run(loaded, array.shape):
+            trace = run_trace(loaded, array, Thresholds())
         drawn.append((draw_detections(array, trace.detections), len(trace.detections)))
     return drawn
 

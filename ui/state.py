@@ -329,6 +329,13 @@ def _session_id() -> str:
     return st.session_state.setdefault("trace_session", uuid.uuid4().hex)
 
 
+def network_slot(loaded: zoo.LoadedModel, image_shape: tuple[int, ...]):
+    """Around a network run a page makes: one of the server's run slots (the page says when it waits for
+    one) and room in the trace-cache budget for the run's working memory (``TraceCache.network_run``)."""
+    waiting = f"Waiting for another session's model run to finish before running {loaded.name}…"
+    return trace_cache().network_run(loaded, image_shape, waiting=lambda: st.spinner(waiting))
+
+
 def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     """The trace of this image under this model: from the trace cache, or run once now.
 
@@ -344,8 +351,7 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     rpn = rpn_settings()
     trace = cache.get(_session_id(), key)
     if trace is None:
-        waiting = f"Waiting for another session's model run to finish before running {loaded.name}…"
-        with cache.network_run(loaded, entry.array.shape, waiting=lambda: st.spinner(waiting)) as reservation:
+        with network_slot(loaded, entry.array.shape) as reservation:
             with st.spinner(f"Running {loaded.name} on {entry.name}…"):
                 start = time.perf_counter()
                 trace = run_trace(loaded, entry.array, thresholds(), rpn)
