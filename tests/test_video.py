@@ -327,3 +327,9 @@ def test_app_takes_an_animated_gif_as_a_clip_and_reprocesses_below_the_floor(app
     assert not at.exception, at.exception
     assert at.session_state["video"].candidates[0].floor == pytest.approx(0.1)
     assert not [b for b in at.button if b.label == "Process the clip again at this threshold"]
+
+
+def test_ffmpeg_logging_stays_off_so_decoder_threads_never_wait_for_the_gil():
+    # With any level PyAV hooks a Python log callback; a CI run hung in avcodec_free_context when a clip's
+    # decoder was collected mid-run while its threads waited to log.
+    assert av.logging.get_level() is None

@@ -37,8 +37,10 @@ MAX_MB_ENV = "MRCNN_MAX_VIDEO_MB"
 CLIP_EXTENSIONS = ("mp4", "webm", "mov", "m4v", "mkv", "avi")
 FALLBACK_FPS = Fraction(25)  # a stream that states no rate at all
 
-# FFmpeg's own log lines would land on stderr beside our one-line message.
-av.logging.set_level(av.logging.PANIC)
+# FFmpeg's own log lines are dropped (PyAV's default, said here so nothing turns it on): any level hooks a
+# Python callback that FFmpeg's decoder threads must take the GIL to call, and a threaded decoder freed while
+# this thread holds the GIL (a clip's generator collected mid-run) then waits on them forever.
+av.logging.set_level(None)
 
 ClipSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
