@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.local_models import R50_NAME, make_r50_models_dir  # noqa: E402
+from mrcnn.inference.trace_cache import (architecture_bytes_per_pixel, input_pixels,  # noqa: E402
+                                         resident_bytes, trace_nbytes)
 
 # random R50 weights score every class about 1/91: steps around 0.01 bring detections in and out
 STEPS = (0.01, 0.02, 0.01, 0.03, 0.01)
@@ -54,14 +56,15 @@ def photo(seed: int, h: int = 600, w: int = 800) -> bytes:
     return buf.getvalue()
 
 
+# Every figure in MB of 10^6 bytes, as the budget ($MRCNN_TRACE_CACHE_GB × 10^9 bytes) is counted.
 def rss_mb() -> float:
-    """Peak resident memory of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def rss_now_mb() -> float:
     """Resident memory now (Linux)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    return resident_bytes() / 1e6
 
 
 def main(argv=None) -> int:
@@ -76,7 +79,6 @@ def main(argv=None) -> int:
                       TORCH_HOME=str(tmp / "torch"), MRCNN_TRACE_CACHE_GB=str(args.budget_gb))
     from streamlit.testing.v1 import AppTest
 
-    from mrcnn.inference.trace_cache import architecture_bytes_per_pixel, input_pixels, trace_nbytes
 
     from ui import state
 

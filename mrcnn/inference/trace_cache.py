@@ -187,7 +187,8 @@ def architecture_bytes_per_pixel(loaded: LoadedModel) -> float:
     return sum(t.numel() * t.element_size() for t in outputs.values()) / side ** 2
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm)."""
     with open(_STATM) as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -208,14 +209,14 @@ class _PeakGrowth:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         elif os.path.exists(_STATM):
-            self._start = self._peak = _resident_bytes()
+            self._start = self._peak = resident_bytes()
             self._sampler = threading.Thread(target=self._sample, name="trace-cache-rss", daemon=True)
             self._sampler.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(_SAMPLE_SECONDS):
-            self._peak = max(self._peak, _resident_bytes())
+            self._peak = max(self._peak, resident_bytes())
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
@@ -223,7 +224,7 @@ class _PeakGrowth:
         elif self._sampler is not None:
             self._stop.set()
             self._sampler.join()
-            self.nbytes = float(max(self._peak, _resident_bytes()) - self._start)
+            self.nbytes = float(max(self._peak, resident_bytes()) - self._start)
 
 
 def _model_key(loaded: LoadedModel) -> tuple:
@@ -398,4 +399,5 @@ class TraceCache:
 
 
 __all__ = ["BUDGET_ENV", "DEFAULT_BUDGET_GB", "DEFAULT_MAX_RUNS", "MAX_RUNS_ENV", "Reservation", "TraceCache",
-           "architecture_bytes_per_pixel", "budget_bytes", "input_pixels", "max_concurrent_runs", "trace_nbytes"]
+           "architecture_bytes_per_pixel", "budget_bytes", "input_pixels", "max_concurrent_runs", "resident_bytes",
+           "trace_nbytes"]
