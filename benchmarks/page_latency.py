@@ -9,8 +9,8 @@ a real browser (Debian's /usr/bin/chromium through Python Playwright; nothing is
 weights made here (benchmarks/local_models.py). For each model: a 640×480 upload, the score threshold
 set (by the page's link) where one more key press changes the detections, then Right and Left presses
 in turn, so every press changes the picture. A press is timed inside the page: from the keydown to the
-second animation frame after the overlay's picture changed (the new picture painted). Target (issue 17):
-median ≤ 100 ms for both models. With ``--baseline`` a second server runs another checkout of the app and
+second animation frame after the overlay's picture changed and was decoded (the new picture painted).
+Target (issue 17): median ≤ 100 ms for both models. With ``--baseline`` a second server runs another checkout of the app and
 each press goes to both in turn, so that load from other processes hits both alike.
 """
 from __future__ import annotations
@@ -40,21 +40,30 @@ from mrcnn.inference.trace import run_trace  # noqa: E402
 from mrcnn.model.zoo import load_model  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-OVERLAY = '[data-testid="stMain"] .js-plotly-plot image'
+# Detect's picture: the overlay view's <img> (ui/overlay_view.py); a checkout from before it (--baseline)
+# drew a plotly figure, whose picture is an SVG <image>.
+OVERLAY = ('[data-testid="stMain"] img.mrcnn-ov-picture, '
+           '[data-testid="stMain"] .js-plotly-plot image')
 
-# In the page: the keydown time, then a promise for the moment the overlay shows another picture, painted.
+# In the page: the keydown time, then a promise for the moment the overlay shows another picture, painted:
+# its src (an <img>) or href (an SVG <image>) changed, the picture decoded, then two animation frames.
 ARM = """() => {
-  const href = () => { const el = document.querySelector(%r); return el ? el.getAttribute('href') : null; };
-  const before = href();
+  const picture = () => document.querySelector(%r);
+  const source = (el) => el ? (el.getAttribute('src') || el.getAttribute('href')) : null;
+  const before = source(picture());
   window.__pressed = null;
   document.addEventListener('keydown', () => { window.__pressed = performance.now(); }, {capture: true, once: true});
   window.__shown = new Promise(resolve => {
     const obs = new MutationObserver(() => {
-      if (window.__pressed === null || href() === null || href() === before) return;
+      const el = picture();
+      if (window.__pressed === null || source(el) === null || source(el) === before) return;
       obs.disconnect();
-      requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now() - window.__pressed)));
+      const decoded = el.decode ? el.decode().catch(() => {}) : Promise.resolve();
+      decoded.then(() => requestAnimationFrame(() => requestAnimationFrame(
+        () => resolve(performance.now() - window.__pressed))));
     });
-    obs.observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['href']});
+    obs.observe(document.body, {subtree: true, childList: true, attributes: true,
+                                attributeFilter: ['href', 'src']});
   });
 }""" % OVERLAY
 

@@ -36,21 +36,17 @@ def test_image_goes_as_one_compressed_picture():
     assert plots.image_data_uri(np.zeros((1024, 1024, 3), np.uint8)).startswith("data:image/jpeg")
 
 
-def test_overlay_has_one_hover_region_per_instance_smallest_on_top():
+def test_hover_lines_name_the_instance_and_its_numbers():
     dets = dets_of(3)
-    fig = plots.overlay_figure(np.zeros((60, 80, 3), np.uint8), dets, highlight=1)
-    regions = fig.data[1:]
-    assert len(regions) == 3
-    assert [r.name for r in regions] == ["#2", "#1", "#0"]  # largest box first, so the smallest wins hover
-    text = next(r.text for r in regions if r.name == "#0")
-    assert "circle" in text and "score 0.900" in text and "box [5, 5, 40, 30]" in text
-    assert f"area {int(dets.masks[0].sum())} px" in text
-    assert next(r for r in regions if r.name == "#1").line.width == 3  # the highlighted one is outlined
+    assert plots.instance_hover_lines(dets, 0) == ["#0 circle", "score 0.900", "box [5, 5, 40, 30]",
+                                                   f"area {int(dets.masks[0].sum())} px"]
 
 
-def test_overlay_with_no_detections_is_just_the_image():
-    empty = Detections.empty(CATEGORIES, (60, 80), with_masks=False)
-    assert len(plots.overlay_figure(np.zeros((60, 80, 3), np.uint8), empty).data) == 1
+def test_large_pictures_are_sent_shrunk_by_a_whole_factor():
+    small = np.zeros((60, 80, 3), np.uint8)
+    assert plots.display_picture(small)[0] is small and plots.display_picture(small)[1] == 1
+    shown, factor = plots.display_picture(np.zeros((1000, 3300, 3), np.uint8))
+    assert factor == 3 and shown.shape == (333, 1100, 3)
 
 
 def test_boxes_figure_groups_and_texts():
@@ -161,8 +157,7 @@ def test_unvalidated_figures_pass_plotlys_validation(trace):
     """The slider path's figures skip plotly's validation (ui/plots.py): what they hold must be valid."""
     import plotly.graph_objects as go
 
-    figures = [plots.overlay_figure(np.zeros((60, 80, 3), np.uint8), dets_of(3), highlight=1, title="t"),
-               plots.image_figure(np.zeros((60, 80, 3), np.uint8), title="picture"),
+    figures = [plots.image_figure(np.zeros((60, 80, 3), np.uint8), title="picture"),
                plots.timings_figure(trace.timings_ms, {"re-filter": 1.0, "draw": 2.0})]
     for fig in figures:
         checked = go.Figure(fig.to_dict())  # raises ValueError on any invalid property

@@ -19,7 +19,7 @@ from mrcnn.inference.draw import draw_detections
 from mrcnn.errors import MrcnnError
 from mrcnn.inference.export import detections_csv, png_bytes, prediction_json
 from mrcnn.inference.structures import Detections, RpnSettings
-from ui import compare, plots, share, state, video
+from ui import compare, overlay_view, plots, share, state, video
 from ui.state import sample_classes, sample_entry
 
 UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS) + video.UPLOAD_TYPES  # an animated GIF is a clip
@@ -27,6 +27,10 @@ UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS) + video.UPLOAD_TYPES  # an ani
 # keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
 MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8
+# After a new picture the fragment waits this long before it draws the rest (~40 elements): the browser
+# renders the picture and paints it first. Sent together, the rest's rendering (~100 ms of React work in
+# chromium here) ran before the picture's and held it back (benchmarks/page_latency.py).
+PICTURE_HEAD_START_S = 0.08
 
 
 # ---- input --------------------------------------------------------------------------------------------
@@ -172,13 +176,20 @@ def _store_class_edits(classes: list[str], editor_key: str) -> None:
     ss["class_thresh_gen"] = ss.get("class_thresh_gen", 0) + 1
 
 
+def _keep_class_thresholds(classes: list[str]) -> None:
+    """Drop per-class thresholds of names this model does not have (another model's names mean nothing)."""
+    ss = st.session_state
+    key = state.class_thresh_key()
+    overrides = {c: v for c, v in ss.get(key, {}).items() if c in classes}
+    if overrides != ss.get(key, {}):
+        ss[key] = overrides
+
+
 def _class_thresholds(classes: list[str]) -> None:
     """A table of the model's classes with their score thresholds, each the global one until edited."""
     ss = st.session_state
-    key = state.class_thresh_key()
-    overrides = {c: v for c, v in ss.get(key, {}).items() if c in classes}  # another model's names mean nothing
-    if overrides != ss.get(key, {}):
-        ss[key] = overrides
+    _keep_class_thresholds(classes)
+    overrides = ss.get(state.class_thresh_key(), {})
     own = len(overrides)
     with st.expander("Per-class score thresholds" + (f" ({own} set)" if own else ""), icon=":material/tune:"):
         table = pd.DataFrame({"class": classes,
@@ -211,16 +222,27 @@ def _selected_row(n: int) -> int | None:
     return int(rows[0]) if rows and 0 <= int(rows[0]) < n else None
 
 
+def _class_filter(classes: list[str]) -> list[str]:
+    """The Classes control's value before it is drawn (its key holds it from the last press)."""
+    chosen = st.session_state.get(f"class_filter::{st.session_state.get('model_name') or ''}") or []
+    return [c for c in chosen if c in classes]
+
+
 @st.fragment
 def results(loaded, entry: state.ImageEntry, trace) -> None:
-    """Controls on the left, the overlay, the table and the downloads on the right."""
+    """Controls on the left, the overlay, the table and the downloads on the right.
+
+    The picture is sent first: Streamlit streams each element as the script draws it, and the columns can be
+    filled in any order, so the new picture is on its way while the ~20 controls, the table and the downloads
+    are still being drawn (the controls' values are in session state before the script runs)."""
+    classes = [c for c in dict.fromkeys(loaded.categories[1:]) if c != "N/A"]  # COCO has N/A gaps
     ctrl, out = st.columns([1, 3], gap="medium")
-    with ctrl:
-        opts = _controls([c for c in dict.fromkeys(loaded.categories[1:]) if c != "N/A"])  # COCO has N/A gaps
+    _keep_class_thresholds(classes)
+    class_filter = _class_filter(classes)
     thresholds = state.thresholds()
     dets_all, refilter_ms = state.detections_for(trace, thresholds)
     mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
-    dets = dets_all.of_classes(opts["class_filter"])
+    dets = dets_all.of_classes(class_filter)
     highlight = share.restored_row(dets, entry, _selected_row(len(dets)))
     st.session_state["highlight"] = None if highlight is None else int(dets.candidate_ids[highlight])
 
@@ -231,7 +253,6 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         proposals, scores = trace.proposals_original(int(ss["proposals_k"]))
     overlay = draw_detections(entry.array, dets, **state.display_settings(), highlight=highlight, proposals=proposals,
                               proposal_scores=scores, max_proposals=int(ss["proposals_k"]))
-    fig = plots.overlay_figure(overlay, dets, highlight=highlight)
     draw_ms = (time.perf_counter() - start) * 1000.0
 
     with out:
@@ -251,16 +272,20 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
             r = trace.rpn_settings
             st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {r.pre_nms_top_n}, post-NMS "
                        f"top-N {r.post_nms_top_n}, NMS IoU {r.nms_thresh:.2f}, score ≥ {r.score_thresh:.2f})")
-        st.plotly_chart(fig, key="overlay", config={"scrollZoom": True, "displaylogo": False},
-                        width="stretch")
+        changed = overlay_view.show(overlay, dets, highlight=highlight, image_key=entry.id)
         st.caption(f"{entry.name} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
-                   "hover an instance for its numbers; drag to zoom, double-click to reset")
+                   "hover an instance for its numbers; drag a rectangle or scroll to zoom, double-click to reset")
+    if changed:
+        time.sleep(PICTURE_HEAD_START_S)
+    with ctrl:
+        _controls(classes)
+    with out:
         st.markdown("**Detections** — choose a row to highlight it")
         st.dataframe(detections_table(dets), key="det_table", on_select="rerun", selection_mode="single-row",
                      width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
         _downloads(loaded, entry, trace, dets, thresholds, overlay)
         share.copy_link("detect", entry, st.session_state["highlight"])
-        compare.section(loaded, entry, dets, thresholds, opts["class_filter"])
+        compare.section(loaded, entry, dets, thresholds, class_filter)
         # drawn only while open: a closed expander's chart was still re-sent and re-plotted on every press
         timings = st.expander("Stage timings", icon=":material/timer:", key="det_timings_open", on_change="rerun")
         if timings.open:

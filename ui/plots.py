@@ -1,15 +1,17 @@
 """Plotly figure builders for the app: pure functions of numpy arrays and trace data (no streamlit).
 
-    fig = overlay_figure(overlay_rgb, dets)            # image + an invisible hover region per instance
+    fig = image_figure(entry.array, "original")        # a zoomable picture
     fig = heatmap_figure(trace.objectness_maps[0].max(0).values.sigmoid().numpy(), "objectness P2")
 
 Images go to the browser as one compressed picture (``go.Image(source=data URI)``), never as a JSON
-array of pixels, so redrawing stays fast for large images.
+array of pixels, so redrawing stays fast for large images. Detect's overlay is not a plotly figure
+(ui/overlay_view.py: plotly's redraw alone took longer than the page's target); it shares the picture
+(``display_picture``), the hover outlines (``mask_polygon``) and texts (``instance_hover_lines``) here.
 
-The figures on Detect's slider path (``image_figure``, ``overlay_figure``, ``timings_figure``) are
-built as plain dicts and wrapped once without plotly's validation (``_figure``): validating a picture
-and a hundred hover regions took ~70 ms per redraw here, and ``st.plotly_chart`` copies a figure once
-more before it serialises it; the dicts hold only what plotly accepts (tests/test_plots.py validates them).
+``image_figure`` and ``timings_figure`` are built as plain dicts and wrapped once without plotly's
+validation (``_figure``): validating a picture and a hundred hover regions took ~70 ms per redraw here, and
+``st.plotly_chart`` copies a figure once more before it serialises it; the dicts hold only what plotly
+accepts (tests/test_plots.py validates them).
 """
 from __future__ import annotations
 
@@ -66,16 +68,22 @@ def image_figure(image: np.ndarray, title: str | None = None, max_height: int = 
     return _figure([_picture(image, max_side)], _image_layout(*image.shape[:2], title, max_height))
 
 
-def _picture(image: np.ndarray, max_side: int = MAX_DISPLAY_SIDE) -> dict:
-    """The image trace of ``image_figure``."""
+def display_picture(image: np.ndarray, max_side: int = MAX_DISPLAY_SIDE) -> tuple[np.ndarray, int]:
+    """(picture to send, factor): ``image`` shrunk by a whole ``factor`` until no side exceeds ``max_side``
+    (1: as it is). Each sent pixel then spans ``factor`` original pixels."""
     h, w = image.shape[:2]
     factor = int(np.ceil(max(h, w) / max_side)) if max(h, w) > max_side else 1
-    shown = image
-    if factor > 1:
-        from PIL import Image
+    if factor == 1:
+        return image, 1
+    from PIL import Image
 
-        shown = np.asarray(Image.fromarray(image).resize((max(1, w // factor), max(1, h // factor)),
-                                                          Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((max(1, w // factor), max(1, h // factor)),
+                                                    Image.Resampling.BILINEAR)), factor
+
+
+def _picture(image: np.ndarray, max_side: int = MAX_DISPLAY_SIDE) -> dict:
+    """The image trace of ``image_figure``."""
+    shown, factor = display_picture(image, max_side)
     offset = (factor - 1) / 2  # centre of the first shown pixel, in original pixels
     return {"type": "image", "source": image_data_uri(shown), "hoverinfo": "skip", "dx": factor, "dy": factor,
             "x0": offset, "y0": offset}
@@ -114,36 +122,12 @@ def mask_polygon(mask: np.ndarray, box: Sequence[float], max_rows: int = 48) -> 
     return xs, [*yy, *yy[::-1], yy[0]]
 
 
-def instance_hover_text(dets: Detections, i: int, area: int | None = None) -> str:
+def instance_hover_lines(dets: Detections, i: int, area: int | None = None) -> list[str]:
+    """What hovering instance ``i`` shows: its title (``#i class``), then its score, box and area."""
     x0, y0, x1, y1 = (float(v) for v in dets.boxes[i])
     area = int(dets.areas[i]) if area is None else area
-    return (f"<b>#{i} {dets.categories[int(dets.labels[i])]}</b><br>score {float(dets.scores[i]):.3f}<br>"
-            f"box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]<br>area {area} px")
-
-
-def overlay_figure(overlay: np.ndarray, dets: Detections, highlight: int | None = None,
-                   title: str | None = None, max_height: int = 640) -> go.Figure:
-    """The drawn overlay with one invisible, hoverable region (its mask outline, else its box) per instance.
-
-    Regions are added largest first so that a small instance inside a large one gets the hover."""
-    layout = _image_layout(*overlay.shape[:2], title, max_height)
-    if len(dets) == 0:
-        return _figure([_picture(overlay)], layout)
-    areas = dets.areas
-    box_areas = (dets.boxes[:, 2] - dets.boxes[:, 0]) * (dets.boxes[:, 3] - dets.boxes[:, 1])
-    traces = []
-    for i in np.argsort(-box_areas, kind="stable"):
-        if dets.masks is not None:
-            xs, ys = mask_polygon(dets.masks[i], dets.boxes[i])
-        else:
-            xs, ys = box_polygon(dets.boxes[i])
-        chosen = highlight is not None and int(i) == int(highlight)
-        traces.append({
-            "type": "scatter", "x": xs, "y": ys, "mode": "lines", "fill": "toself", "hoveron": "fills",
-            "line": {"width": 3 if chosen else 0, "color": "#ffffff" if chosen else "rgba(0,0,0,0)"},
-            "fillcolor": "rgba(255,255,255,0.01)", "name": f"#{int(i)}",
-            "text": instance_hover_text(dets, int(i), int(areas[i])), "hoverinfo": "text"})
-    return _figure([_picture(overlay), *traces], layout)
+    return [f"#{i} {dets.categories[int(dets.labels[i])]}", f"score {float(dets.scores[i]):.3f}",
+            f"box [{x0:.0f}, {y0:.0f}, {x1:.0f}, {y1:.0f}]", f"area {area} px"]
 
 
 def focus_ranges(box: Sequence[float], image_size: tuple[int, int], margin: float = 1.0,
