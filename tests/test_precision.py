@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from mrcnn import bench
 from mrcnn.cli import build_parser, main
 from mrcnn.errors import MrcnnError
+from mrcnn.data.shapes import generate_scene
 from mrcnn.data.sources import open_data
 from mrcnn.evaluation import fidelity
 from mrcnn.evaluation.evaluate import evaluate
@@ -117,12 +118,17 @@ def test_a_bfloat16_trace_keeps_what_the_user_looks_at_in_float32(tiny_pair):
     assert reduced.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_bfloat16_trace_largely_finds_float32s_detections(tiny_pair):
-    loaded, reduced, image = tiny_pair
-    reference = run_trace(loaded, image, LOW).detections
-    matched, total = matched_share(reference, run_trace(reduced, image, LOW).detections)
-    assert total > 20 and matched / total >= 0.9
-    assert trace_json(run_trace(loaded, image, LOW), "x.png")["model"]["precision"] == "float32"
+def test_a_bfloat16_trace_largely_finds_float32s_detections():
+    """On a trained model, the bundled one: a random-weight model's detections are near-ties that any
+    rounding reorders (its share swung from 89% to 100% between CPUs with and without bf16 units)."""
+    loaded = load_model("shapes", device="cpu", precision="float32")
+    reduced = in_precision(loaded, "bfloat16")
+    images = [generate_scene(seed, size=256).image for seed in range(8)]
+    counts = [matched_share(run_trace(loaded, image).detections, run_trace(reduced, image).detections)
+              for image in images]
+    matched, total = (sum(c) for c in zip(*counts))
+    assert total > 30 and matched / total >= 0.9
+    assert trace_json(run_trace(loaded, images[0]), "x.png")["model"]["precision"] == "float32"
 
 
 def test_evaluate_runs_the_network_in_the_models_precision(tiny_pair):

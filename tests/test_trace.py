@@ -1,6 +1,7 @@
 """Re-filtering properties and what the trace keeps for the inspector."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from mrcnn.inference.structures import RpnSettings, Thresholds
-from mrcnn.inference.trace import run_trace
+from mrcnn.inference.trace import PARALLEL_ROIS_MIN, pool_rois, run_trace
 from tests.helpers import scene, tiny_loaded
 
 LOW = Thresholds(score_thresh=0.05)
@@ -172,3 +173,30 @@ def test_empty_detections_export(trace):
     assert none.areas.shape == (0,)
     assert trace_json(trace, "x.png")["detections"] == []
     assert detections_csv(none).count("\n") == 1  # header only
+
+
+def test_many_rois_are_pooled_across_the_intra_op_threads_with_the_same_result(trace):
+    """torchvision's CPU RoIAlign runs on one thread: the trace splits the RoIs over the intra-op threads."""
+    pooler = trace.model.roi_heads.box_roi_pool
+    h, w = trace.input_size
+    corners = torch.rand(300, 2, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([w, h])
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values + 1], 1)
+    threads_seen = set()
+
+    def recording_pooler(*args):
+        threads_seen.add(threading.current_thread().name)
+        return pooler(*args)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            split = pool_rois(recording_pooler, trace.features, boxes, trace.input_size)
+            few = pool_rois(recording_pooler, trace.features, boxes[:PARALLEL_ROIS_MIN - 1], trace.input_size)
+    finally:
+        torch.set_num_threads(before)
+    with torch.inference_mode():
+        whole = pooler(trace.features, [boxes], [trace.input_size])
+    assert torch.equal(split, whole) and torch.equal(few, whole[:PARALLEL_ROIS_MIN - 1])
+    assert len([name for name in threads_seen if name.startswith("roi-align")]) == 2
+    assert threading.current_thread().name in threads_seen  # the few were pooled where they were asked for

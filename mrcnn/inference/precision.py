@@ -143,9 +143,11 @@ def stage_autocast(precision: str, device: torch.device):
 
 
 def to_float32(value):
-    """Tensors (in lists, tuples and dicts, as the stages return them) as float32; the rest unchanged."""
+    """Tensors (in lists, tuples and dicts, as the stages return them) as contiguous float32; the rest
+    unchanged. Contiguous in the same copy: torchvision's RoIAlign copied channels_last feature maps once
+    per call otherwise (eight calls per R50 run, ~100 ms here)."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
+        return value.to(torch.float32, memory_format=torch.contiguous_format) if value.is_floating_point() else value
     if isinstance(value, OrderedDict):
         return OrderedDict((k, to_float32(v)) for k, v in value.items())
     if isinstance(value, dict):
