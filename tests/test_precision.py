@@ -234,3 +234,19 @@ def test_sidebar_shows_the_precision_and_why(tmp_path, monkeypatch, tiny_checkpo
     assert "Runs in **float32** (auto)" in caption and "no native bfloat16" in caption
     select.set_value("bfloat16").run()
     assert any("bfloat16 is not native on this CPU" in e.value for e in at.sidebar.error)
+
+
+def test_bench_light_reports_the_bundled_models_matched_detections_in_the_fast_precision():
+    light = bench.bench_light(repeats=3, fast="bfloat16", fidelity_scenes=2, matched_scenes=2)
+    matched = light["shapes_matched"]
+    assert matched["images"] == 2 and matched["bfloat16"]["detections"] > 0
+    # float32 has nothing to be compared with
+    assert "shapes_matched" not in bench.bench_light(repeats=3, fast="float32", fidelity_scenes=2, matched_scenes=2)
+    table = bench.format_table({
+        "torchvision_forward_ms": 100.0, "trace_ms": 101.0, "trace_over_torchvision": 1.01,
+        "fast_precision": "bfloat16", "fast_trace_ms": 40.0, "fast_trace_over_torchvision": 0.4,
+        "r50_fidelity": {"bfloat16": {"summary": "3.00% of float32's 100 detections matched"}},
+        "refilter_ms_r50": 10.0, "refilter_speedup_r50": 10.0, "refilter_cold_ms_r50": 50.0,
+        "peak_rss_mb": 1000.0, **light})
+    assert "3.00% of float32's 100 detections matched" in table
+    assert f"{matched['bfloat16']['summary']} | target ≥ 97%" in table
