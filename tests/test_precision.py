@@ -240,8 +240,7 @@ def test_bench_light_reports_the_bundled_models_matched_detections_in_the_fast_p
     light = bench.bench_light(repeats=3, fast="bfloat16", fidelity_scenes=2, matched_scenes=2)
     matched = light["shapes_matched"]
     assert matched["images"] == 2 and matched["bfloat16"]["detections"] > 0
-    # float32 has nothing to be compared with
-    assert "shapes_matched" not in bench.bench_light(repeats=3, fast="float32", fidelity_scenes=2, matched_scenes=2)
+    assert light["shapes_fast_trace_ms_512"] > 0
     table = bench.format_table({
         "torchvision_forward_ms": 100.0, "trace_ms": 101.0, "trace_over_torchvision": 1.01,
         "fast_precision": "bfloat16", "fast_trace_ms": 40.0, "fast_trace_over_torchvision": 0.4,
