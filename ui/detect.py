@@ -6,6 +6,7 @@ re-run. The page says how long that took.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -27,9 +28,11 @@ UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS) + video.UPLOAD_TYPES  # an ani
 # keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
 MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8
-# After a new picture the fragment waits this long before it draws the rest (~40 elements): the browser
-# renders the picture and paints it first. Sent together, the rest's rendering (~100 ms of React work in
-# chromium here) ran before the picture's and held it back (benchmarks/page_latency.py).
+SCORE_STEP = 0.01  # the score slider's step; the pictures one step either side are sent ahead
+# After a new picture the fragment draws the rest (~40 elements) only this long after it: the browser renders
+# the picture and paints it first. Sent together, the rest's rendering (~100 ms of React work in chromium
+# here) ran before the picture's and held it back (benchmarks/page_latency.py). The pictures sent ahead are
+# drawn in this time.
 PICTURE_HEAD_START_S = 0.08
 
 
@@ -125,7 +128,7 @@ def _input(categories: list[str]) -> None:
 # ---- controls and results (a fragment: a control change re-runs only this) -------------------------------
 def _controls(classes: list[str]) -> dict:
     st.markdown("**Thresholds**")
-    st.slider("Score threshold", 0.0, 1.0, step=0.01, key="score_thresh", persist_state="session")
+    st.slider("Score threshold", 0.0, 1.0, step=SCORE_STEP, key="score_thresh", persist_state="session")
     st.slider("NMS IoU (per class)", 0.0, 1.0, step=0.05, key="nms_thresh", persist_state="session",
               help="Boxes of one class (of any class with class-agnostic NMS) overlapping more than this are "
                    "suppressed; 1 keeps all")
@@ -228,13 +231,48 @@ def _class_filter(classes: list[str]) -> list[str]:
     return [c for c in chosen if c in classes]
 
 
+def _draw(entry: state.ImageEntry, trace, dets: Detections):
+    """(row to highlight, overlay picture) of ``dets`` as the Display controls ask."""
+    ss = st.session_state
+    highlight = share.restored_row(dets, entry, _selected_row(len(dets)))
+    proposals = scores = None
+    if ss["show_proposals"]:
+        proposals, scores = trace.proposals_original(int(ss["proposals_k"]))
+    overlay = draw_detections(entry.array, dets, **state.display_settings(), highlight=highlight, proposals=proposals,
+                              proposal_scores=scores, max_proposals=int(ss["proposals_k"]))
+    return highlight, overlay
+
+
+def _refiltered(trace, thresholds) -> Detections:
+    """Detections at other thresholds, the trace left filtered as the page shows it (its thresholds,
+    detections and timings are what the next press compares with)."""
+    kept = trace.thresholds, trace.detections, trace.last_refilter_ms, trace.last_mask_ms
+    try:
+        return trace.refilter(thresholds)
+    finally:
+        trace.thresholds, trace.detections, trace.last_refilter_ms, trace.last_mask_ms = kept
+
+
+def _next_pictures(entry: state.ImageEntry, trace, thresholds, class_filter: list[str]) -> dict[str, dict]:
+    """The overlay one score-slider step either side, keyed as the slider writes its value ("0.13")."""
+    pictures = {}
+    for score in (thresholds.score_thresh - SCORE_STEP, thresholds.score_thresh + SCORE_STEP):
+        score = round(score, 2)
+        if 0.0 <= score <= 1.0:
+            dets = _refiltered(trace, dataclasses.replace(thresholds, score_thresh=score)).of_classes(class_filter)
+            highlight, overlay = _draw(entry, trace, dets)
+            pictures[f"{score:.2f}"] = overlay_view.view_data(overlay, dets, highlight, entry.id)
+    return pictures
+
+
 @st.fragment
 def results(loaded, entry: state.ImageEntry, trace) -> None:
     """Controls on the left, the overlay, the table and the downloads on the right.
 
     The picture is sent first: Streamlit streams each element as the script draws it, and the columns can be
     filled in any order, so the new picture is on its way while the ~20 controls, the table and the downloads
-    are still being drawn (the controls' values are in session state before the script runs)."""
+    are still being drawn (the controls' values are in session state before the script runs). The pictures
+    one score step either side follow it, so that the next arrow-key press shows its picture at once."""
     classes = [c for c in dict.fromkeys(loaded.categories[1:]) if c != "N/A"]  # COCO has N/A gaps
     ctrl, out = st.columns([1, 3], gap="medium")
     _keep_class_thresholds(classes)
@@ -243,18 +281,12 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     dets_all, refilter_ms = state.detections_for(trace, thresholds)
     mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
     dets = dets_all.of_classes(class_filter)
-    highlight = share.restored_row(dets, entry, _selected_row(len(dets)))
+    start = time.perf_counter()
+    highlight, overlay = _draw(entry, trace, dets)
+    draw_ms = (time.perf_counter() - start) * 1000.0
     st.session_state["highlight"] = None if highlight is None else int(dets.candidate_ids[highlight])
 
     ss = st.session_state
-    start = time.perf_counter()
-    proposals = scores = None
-    if ss["show_proposals"]:
-        proposals, scores = trace.proposals_original(int(ss["proposals_k"]))
-    overlay = draw_detections(entry.array, dets, **state.display_settings(), highlight=highlight, proposals=proposals,
-                              proposal_scores=scores, max_proposals=int(ss["proposals_k"]))
-    draw_ms = (time.perf_counter() - start) * 1000.0
-
     with out:
         ran_ms = ss.pop("network_ran_ms", None)
         hidden = len(dets_all) - len(dets)
@@ -272,11 +304,15 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
             r = trace.rpn_settings
             st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {r.pre_nms_top_n}, post-NMS "
                        f"top-N {r.post_nms_top_n}, NMS IoU {r.nms_thresh:.2f}, score ≥ {r.score_thresh:.2f})")
-        changed = overlay_view.show(overlay, dets, highlight=highlight, image_key=entry.id)
+        shown, changed = overlay_view.show(overlay, dets, highlight=highlight, image_key=entry.id)
         st.caption(f"{entry.name} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
                    "hover an instance for its numbers; drag a rectangle or scroll to zoom, double-click to reset")
+        head_start = time.perf_counter()
+        if changed or ss.get("overlay_next_pictures", (None,))[0] != shown:
+            ss["overlay_next_pictures"] = (shown, _next_pictures(entry, trace, thresholds, class_filter))
+        overlay_view.offer_next(ss["overlay_next_pictures"][1], "Score threshold", shown)
     if changed:
-        time.sleep(PICTURE_HEAD_START_S)
+        time.sleep(max(0.0, PICTURE_HEAD_START_S - (time.perf_counter() - head_start)))
     with ctrl:
         _controls(classes)
     with out:

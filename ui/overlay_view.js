@@ -1,9 +1,15 @@
 // Detect's picture (ui/overlay_view.py): the overlay in an <img>, one SVG polygon per instance over it for
 // the hover, both zoomed together by one CSS transform. Streamlit calls this function again with the same
 // parentElement whenever the data changes: the view is built once and then updated in place.
+//
+// A second, hidden instance brings the pictures for the next values of a slider (data.next). Both
+// instances run this one module, so they share `ahead`: when that slider's value changes to one of those
+// values, the picture is shown from there at once, before the page's round trip brings it.
 const MAX_ZOOM = 64;
 const DRAG_MIN_PX = 5;  // a shorter drag is a click, not a zoom rectangle
 const SVG_NS = "http://www.w3.org/2000/svg";
+const views = new Set();
+let ahead = null;  // {slider, shown, pictures: {value: data}, decoded: {value: true}}
 
 function clamp(v, lo, hi) { return Math.min(Math.max(v, lo), hi); }
 
@@ -116,6 +122,7 @@ function showTip(view, lines, x, y) {
 function hideTip(view) { view.tip.style.display = "none"; }
 
 function show(view, data) {
+  view.signature = data.signature;
   const sameImage = data.image_key === view.key && data.width === view.width && data.height === view.height;
   view.key = data.image_key;
   view.width = data.width;
@@ -139,14 +146,61 @@ function show(view, data) {
   if (!sameImage) setZoom(view, 1, 0, 0);
 }
 
+function decoded(src) {
+  const picture = new Image();
+  picture.src = src;
+  return picture.decode().catch(() => {});
+}
+
+// A slider moved: show the picture sent ahead for its new value, if there is one for what is shown now.
+// (benchmarks/page_latency.py --round-trip sets window.mrcnnOverlayAhead = false to time the round trip alone)
+function sliderMoved(input) {
+  if (!ahead || window.mrcnnOverlayAhead === false || input.getAttribute("aria-label") !== ahead.slider) return;
+  const value = Number(input.value).toFixed(2);
+  const data = ahead.pictures[value];
+  if (!data || !ahead.decoded[value]) return;
+  for (const view of views) {
+    if (!view.box.isConnected) { views.delete(view); continue; }
+    if (view.fromServer !== ahead.shown) continue;
+    view.seq++;  // a picture still decoding for an older value must not replace this one
+    show(view, data);
+  }
+}
+
+function watchSliders() {
+  // the slider's <input type="range"> gets its new value (and aria-valuetext) in the key press's own
+  // React update; "input" covers a browser that changes it natively
+  new MutationObserver((records) => {
+    for (const r of records) if (r.target instanceof HTMLInputElement) sliderMoved(r.target);
+  }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ["aria-valuetext"] });
+  document.addEventListener("input", (e) => {
+    if (e.target instanceof HTMLInputElement && e.target.type === "range") sliderMoved(e.target);
+  }, true);
+}
+
+function offer(next) {
+  const state = { ...next, decoded: {} };
+  ahead = state;
+  for (const [value, data] of Object.entries(next.pictures)) {
+    decoded(data.src).then(() => { state.decoded[value] = true; });
+  }
+}
+
 export default function (component) {
   const { data, parentElement } = component;
-  const view = parentElement.__mrcnnOverlay ||= build(parentElement);
   if (!data) return;
+  if (data.next) {
+    parentElement.classList.add("mrcnn-ov-ahead");  // nothing to see: its element takes no room
+    if (!watchSliders.started) { watchSliders(); watchSliders.started = true; }
+    offer(data.next);
+    return;
+  }
+  const view = parentElement.__mrcnnOverlay ||= build(parentElement);
+  views.add(view);
+  view.fromServer = data.signature;
   const seq = ++view.seq;
+  if (data.signature === view.signature) return;  // shown already, from the pictures sent ahead
   // decoded before it is shown: the old picture stays until the new one can be painted, and the
   // outlines change with it; of pictures that arrive quickly one after another only the last is shown
-  const next = new Image();
-  next.src = data.src;
-  next.decode().catch(() => {}).then(() => { if (seq === view.seq) show(view, data); });
+  decoded(data.src).then(() => { if (seq === view.seq) show(view, data); });
 }

@@ -12,9 +12,14 @@ the same. It replaced a plotly figure whose redraw alone took ~230 ms in the bro
 
 The picture is swapped only once the new one is decoded, with its outlines at the same moment, so what is
 hovered always matches what is seen.
+
+``offer_next`` sends, with each new picture, the pictures one slider step either side (a hidden second
+instance of the component): when that slider moves to one of those values the browser shows it at once, on
+the key press itself, and the page's round trip that follows brings the same picture (nothing changes then).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -55,18 +60,36 @@ def view_data(overlay: np.ndarray, dets: Detections, highlight: int | None = Non
             regions.append({"index": i, "points": _points(xs, ys),
                             "lines": plots.instance_hover_lines(dets, i, int(areas[i])),
                             "chosen": highlight is not None and i == int(highlight)})
-    return {"src": plots.image_data_uri(shown), "width": w, "height": h, "image_key": image_key,
+    data = {"src": plots.image_data_uri(shown), "width": w, "height": h, "image_key": image_key,
             "shown_height": min(SHOWN_HEIGHT[1], max(SHOWN_HEIGHT[0], h)), "regions": regions}
+    data["signature"] = _signature(data)
+    return data
+
+
+def _signature(data: dict) -> str:
+    """Equal for data that show the same thing: the browser skips a picture it already shows."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(data["src"].encode("ascii"))
+    for region in data["regions"]:
+        digest.update(f"|{region['points']}|{region['chosen']}|{region['lines']}".encode())
+    digest.update(f"|{data['image_key']}".encode())
+    return digest.hexdigest()
 
 
 def show(overlay: np.ndarray, dets: Detections, highlight: int | None = None, image_key: str = "",
-         key: str = "overlay") -> bool:
+         key: str = "overlay") -> tuple[str, bool]:
     """The overlay on the page, under a stable ``key``: a new picture updates the element in place (no
-    remount, no flicker, the zoom kept). True when what it shows changed since the last run that drew it."""
+    remount, no flicker, the zoom kept). Returns its signature and whether it changed since the last run."""
     data = view_data(overlay, dets, highlight, image_key)
     _component(key=key, data=data, width="stretch", height="content")
-    signature = hash((data["src"], tuple(r["points"] for r in data["regions"]),
-                      tuple(r["chosen"] for r in data["regions"])))
-    changed = st.session_state.get(f"overlay_shown::{key}") != signature
-    st.session_state[f"overlay_shown::{key}"] = signature
-    return changed
+    changed = st.session_state.get(f"overlay_shown::{key}") != data["signature"]
+    st.session_state[f"overlay_shown::{key}"] = data["signature"]
+    return data["signature"], changed
+
+
+def offer_next(pictures: dict[str, dict], slider: str, shown: str, key: str = "overlay_next") -> None:
+    """Pictures for other values of the slider labelled ``slider`` (``{"0.13": view_data(...)}``, keys as
+    that slider writes its value), valid while the picture with signature ``shown`` is the one on the page.
+    Drawn as a hidden element (no gap) where it is called."""
+    _component(key=key, data={"next": {"slider": slider, "shown": shown, "pictures": pictures}},
+               width="stretch", height="content")
