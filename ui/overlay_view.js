@@ -121,8 +121,9 @@ function showTip(view, lines, x, y) {
 
 function hideTip(view) { view.tip.style.display = "none"; }
 
-function show(view, data) {
+function show(view, data, from) {
   view.signature = data.signature;
+  view.box.dataset.shownFrom = from;  // "server" or "ahead" (tests/test_overlay_view.py reads it)
   const sameImage = data.image_key === view.key && data.width === view.width && data.height === view.height;
   view.key = data.image_key;
   view.width = data.width;
@@ -163,7 +164,7 @@ function sliderMoved(input) {
     if (!view.box.isConnected) { views.delete(view); continue; }
     if (view.fromServer !== ahead.shown) continue;
     view.seq++;  // a picture still decoding for an older value must not replace this one
-    show(view, data);
+    show(view, data, "ahead");
   }
 }
 
@@ -202,5 +203,5 @@ export default function (component) {
   if (data.signature === view.signature) return;  // shown already, from the pictures sent ahead
   // decoded before it is shown: the old picture stays until the new one can be painted, and the
   // outlines change with it; of pictures that arrive quickly one after another only the last is shown
-  decoded(data.src).then(() => { if (seq === view.seq) show(view, data); });
+  decoded(data.src).then(() => { if (seq === view.seq) show(view, data, "server"); });
 }
