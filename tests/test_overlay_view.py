@@ -201,7 +201,7 @@ WATCH_PICTURES = """() => {
 
 @in_browser
 def test_an_arrow_key_shows_the_picture_sent_ahead_and_the_rerun_keeps_it(server, browser):
-    page = open_detect(server, browser, "0.05")
+    page = open_detect(server, browser, "0.29")  # random weights score ~0.27-0.30: each step changes the picture
     try:
         page.locator(".mrcnn-ov-ahead").first.wait_for(state="attached", timeout=30_000)
         changed = 0
@@ -212,13 +212,14 @@ def test_an_arrow_key_shows_the_picture_sent_ahead_and_the_rerun_keeps_it(server
             thumb = page.get_by_role("slider", name="Score threshold")
             thumb.focus()
             thumb.press(key)
-            assert page.locator(VIEW).first.get_attribute("data-shown-from") == "ahead"
             page.wait_for_timeout(2500)  # the rerun for the new score comes back
-            # one new picture at most (none when the step changed nothing): the rerun's is the one sent ahead
+            # one new picture at most (none when the step changed nothing), shown from the pictures sent
+            # ahead, and the rerun's is that same picture (it would be shown from the server otherwise)
             pictures = page.evaluate("window.__pictures")
             assert len(pictures) <= 1, f"{len(pictures)} pictures after one key press"
             assert (pictures or [before])[-1] == page.locator(PICTURE).first.get_attribute("src")
-            assert page.locator(VIEW).first.get_attribute("data-shown-from") == "ahead"
+            if pictures:
+                assert page.locator(VIEW).first.get_attribute("data-shown-from") == "ahead"
             assert page.locator(".mrcnn-ov-regions polygon").count() == detection_count(page)
             changed += len(pictures)
         assert changed, "no key press changed the picture: the test saw nothing sent ahead"

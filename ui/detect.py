@@ -308,9 +308,14 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         st.caption(f"{entry.name} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
                    "hover an instance for its numbers; drag a rectangle or scroll to zoom, double-click to reset")
         head_start = time.perf_counter()
-        if changed or ss.get("overlay_next_pictures", (None,))[0] != shown:
-            ss["overlay_next_pictures"] = (shown, _next_pictures(entry, trace, thresholds, class_filter))
-        overlay_view.offer_next(ss["overlay_next_pictures"][1], "Score threshold", shown)
+        # what the pictures ahead depend on (the picture shown can stay the same while they change)
+        inputs = (shown, id(trace), thresholds, tuple(class_filter), tuple(state.display_settings().items()),
+                  bool(ss["show_proposals"]), int(ss["proposals_k"]), repr(ss.get("det_table")),
+                  repr(ss.get("shared_highlight")))
+        if ss.get("overlay_next_pictures", (None,))[0] != inputs:
+            ss["overlay_next_pictures"] = (inputs, _next_pictures(entry, trace, thresholds, class_filter))
+        overlay_view.offer_next(ss["overlay_next_pictures"][1], "Score threshold", f"{thresholds.score_thresh:.2f}",
+                                shown)
     if changed:
         time.sleep(max(0.0, PICTURE_HEAD_START_S - (time.perf_counter() - head_start)))
     with ctrl:

@@ -9,7 +9,7 @@ const MAX_ZOOM = 64;
 const DRAG_MIN_PX = 5;  // a shorter drag is a click, not a zoom rectangle
 const SVG_NS = "http://www.w3.org/2000/svg";
 const views = new Set();
-let ahead = null;  // {slider, shown, pictures: {value: data}, decoded: {value: true}}
+let ahead = null;  // {slider, value, shown, pictures: {value: data}, decoded: {value: true}}
 
 function clamp(v, lo, hi) { return Math.min(Math.max(v, lo), hi); }
 
@@ -158,13 +158,15 @@ function decoded(src) {
 function sliderMoved(input) {
   if (!ahead || window.mrcnnOverlayAhead === false || input.getAttribute("aria-label") !== ahead.slider) return;
   const value = Number(input.value).toFixed(2);
-  const data = ahead.pictures[value];
-  if (!data || !ahead.decoded[value]) return;
+  const back = value === ahead.value;  // back where the server drew: its picture again (no rerun follows)
+  if (!back && !(ahead.pictures[value] && ahead.decoded[value])) return;
   for (const view of views) {
     if (!view.box.isConnected) { views.delete(view); continue; }
-    if (view.fromServer !== ahead.shown) continue;
+    if (view.fromServer.signature !== ahead.shown) continue;
+    const data = back ? view.fromServer : ahead.pictures[value];
+    if (data.signature === view.signature) continue;
     view.seq++;  // a picture still decoding for an older value must not replace this one
-    show(view, data, "ahead");
+    show(view, data, back ? "server" : "ahead");
   }
 }
 
@@ -198,7 +200,7 @@ export default function (component) {
   }
   const view = parentElement.__mrcnnOverlay ||= build(parentElement);
   views.add(view);
-  view.fromServer = data.signature;
+  view.fromServer = data;
   const seq = ++view.seq;
   if (data.signature === view.signature) return;  // shown already, from the pictures sent ahead
   // decoded before it is shown: the old picture stays until the new one can be painted, and the

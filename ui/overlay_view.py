@@ -87,9 +87,10 @@ def show(overlay: np.ndarray, dets: Detections, highlight: int | None = None, im
     return data["signature"], changed
 
 
-def offer_next(pictures: dict[str, dict], slider: str, shown: str, key: str = "overlay_next") -> None:
-    """Pictures for other values of the slider labelled ``slider`` (``{"0.13": view_data(...)}``, keys as
-    that slider writes its value), valid while the picture with signature ``shown`` is the one on the page.
-    Drawn as a hidden element (no gap) where it is called."""
-    _component(key=key, data={"next": {"slider": slider, "shown": shown, "pictures": pictures}},
+def offer_next(pictures: dict[str, dict], slider: str, value: str, shown: str, key: str = "overlay_next") -> None:
+    """Pictures for other values of the slider labelled ``slider`` (``{"0.13": view_data(...)}``, keyed as
+    that slider writes its value), valid while the picture with signature ``shown``, drawn for the slider at
+    ``value``, is the one on the page (back at ``value``, that picture is shown again). Drawn as a hidden
+    element (no gap) where it is called."""
+    _component(key=key, data={"next": {"slider": slider, "value": value, "shown": shown, "pictures": pictures}},
                width="stretch", height="content")
