@@ -4,6 +4,7 @@ a real browser (Debian's /usr/bin/chromium through Python Playwright; nothing is
     python benchmarks/page_latency.py                 # one line per model: median and every press, ms
     python benchmarks/page_latency.py --json --presses 20
     python benchmarks/page_latency.py --baseline /tmp/old-checkout     # the same presses, alternated, on both
+    python benchmarks/page_latency.py --round-trip    # the picture from the server's rerun (see below)
 
 `streamlit run app.py` on 127.0.0.1 with the bundled model (weights/shapes.pt) and an R50-FPN with random
 weights made here (benchmarks/local_models.py). For each model: a 640×480 upload, the score threshold
@@ -15,8 +16,10 @@ Target (issue 17): median ≤ 100 ms for both models.
 The page sends, with each picture, the pictures one score step either side (ui/overlay_view.py), so an
 arrow-key press shows its picture without waiting for the server. ``--round-trip`` turns that off in the
 page (``window.mrcnnOverlayAhead = false``): the picture then comes from the server's rerun, as it does for a
-slider dragged with the mouse or any other control. With ``--baseline`` a second server runs another checkout of the app and
-each press goes to both in turn, so that load from other processes hits both alike.
+slider dragged with the mouse or any other control.
+
+With ``--baseline`` a second server runs another checkout of the app and each press goes to both in turn, so
+that load from other processes hits both alike.
 """
 from __future__ import annotations
 
@@ -195,6 +198,7 @@ def main(argv=None) -> int:
                 results[name] = {which: {"median_ms": round(statistics.median(t), 1), "presses_ms": [round(x) for x in t]}
                                  for which, t in times.items()}
                 results[name]["threshold"] = thresholds[name]
+                results[name]["round_trip"] = args.round_trip
             browser.close()
     finally:
         for proc, _ in servers.values():

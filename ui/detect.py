@@ -231,7 +231,7 @@ def _class_filter(classes: list[str]) -> list[str]:
     return [c for c in chosen if c in classes]
 
 
-def _draw(entry: state.ImageEntry, trace, dets: Detections):
+def _draw(entry: state.ImageEntry, trace, dets: Detections) -> tuple[int | None, np.ndarray]:
     """(row to highlight, overlay picture) of ``dets`` as the Display controls ask."""
     ss = st.session_state
     highlight = share.restored_row(dets, entry, _selected_row(len(dets)))

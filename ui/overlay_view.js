@@ -10,6 +10,7 @@ const DRAG_MIN_PX = 5;  // a shorter drag is a click, not a zoom rectangle
 const SVG_NS = "http://www.w3.org/2000/svg";
 const views = new Set();
 let ahead = null;  // {slider, value, shown, pictures: {value: data}, decoded: {value: true}}
+let watching = false;
 
 function clamp(v, lo, hi) { return Math.min(Math.max(v, lo), hi); }
 
@@ -171,6 +172,8 @@ function sliderMoved(input) {
 }
 
 function watchSliders() {
+  if (watching) return;
+  watching = true;
   // the slider's <input type="range"> gets its new value (and aria-valuetext) in the key press's own
   // React update; "input" covers a browser that changes it natively
   new MutationObserver((records) => {
@@ -194,7 +197,7 @@ export default function (component) {
   if (!data) return;
   if (data.next) {
     parentElement.classList.add("mrcnn-ov-ahead");  // nothing to see: its element takes no room
-    if (!watchSliders.started) { watchSliders(); watchSliders.started = true; }
+    watchSliders();
     offer(data.next);
     return;
   }
