@@ -109,7 +109,8 @@ def component_data(at: AppTest, key: str) -> dict:
     return json.loads(element.proto.json)
 
 
-def test_detect_sends_ahead_the_pictures_its_next_score_steps_show(env):
+def test_detect_sends_ahead_the_pictures_its_next_score_steps_show(env, monkeypatch):
+    monkeypatch.setattr(overlay_view, "AHEAD_MAX_INSTANCES", 1000)  # random weights: many instances at 0.05
     at = AppTest.from_file(APP, default_timeout=60).run()
     at.slider(key="score_thresh").set_value(0.05).run()
     assert not at.exception, at.exception
@@ -125,6 +126,16 @@ def test_detect_sends_ahead_the_pictures_its_next_score_steps_show(env):
         at.slider(key="score_thresh").set_value(0.05).run()
     assert "network not re-run" in "\n".join(c.value for c in at.caption)
 
+
+
+def test_no_pictures_are_sent_ahead_for_a_picture_of_many_instances(env, monkeypatch):
+    """Two more draws per press are worth it only while a draw is cheap (ui.overlay_view.AHEAD_MAX_INSTANCES)."""
+    monkeypatch.setattr(overlay_view, "AHEAD_MAX_INSTANCES", 2)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    assert not at.exception, at.exception
+    assert len(component_data(at, "overlay")["regions"]) > 2  # the picture itself is drawn as ever
+    assert component_data(at, "overlay_next")["next"]["pictures"] == {}
 
 # ---- in chromium ----------------------------------------------------------------------------------------
 def open_detect(server, browser, score: str = "0.05"):

@@ -272,7 +272,8 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     The picture is sent first: Streamlit streams each element as the script draws it, and the columns can be
     filled in any order, so the new picture is on its way while the ~20 controls, the table and the downloads
     are still being drawn (the controls' values are in session state before the script runs). The pictures
-    one score step either side follow it, so that the next arrow-key press shows its picture at once."""
+    one score step either side follow it (for pictures of at most overlay_view.AHEAD_MAX_INSTANCES instances),
+    so that the next arrow-key press shows its picture at once."""
     classes = [c for c in dict.fromkeys(loaded.categories[1:]) if c != "N/A"]  # COCO has N/A gaps
     ctrl, out = st.columns([1, 3], gap="medium")
     _keep_class_thresholds(classes)
@@ -313,7 +314,9 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
                   bool(ss["show_proposals"]), int(ss["proposals_k"]), repr(ss.get("det_table")),
                   repr(ss.get("shared_highlight")))
         if ss.get("overlay_next_pictures", (None,))[0] != inputs:
-            ss["overlay_next_pictures"] = (inputs, _next_pictures(entry, trace, thresholds, class_filter))
+            cheap = len(dets) <= overlay_view.AHEAD_MAX_INSTANCES
+            ahead = _next_pictures(entry, trace, thresholds, class_filter) if cheap else {}
+            ss["overlay_next_pictures"] = (inputs, ahead)
         overlay_view.offer_next(ss["overlay_next_pictures"][1], "Score threshold", f"{thresholds.score_thresh:.2f}",
                                 shown)
     if changed:

@@ -30,6 +30,10 @@ from ui import plots
 
 HERE = Path(__file__).resolve().parent
 SHOWN_HEIGHT = (420, 640)  # the picture's height on the page: small images scaled up, tall ones down
+# The pictures ahead cost two more draws per press, and a draw's cost grows with its instances: a page sends
+# them only for pictures of at most this many. Ten sessions on an R50 with ~100 instances each
+# (benchmarks/many_sessions.py) took 530-1080 ms per slider step with them always sent (one draw ~200 ms).
+AHEAD_MAX_INSTANCES = 30
 
 # Registered once, at import; isolate_styles=False keeps it in the page's DOM (the benchmark and the
 # browser tests find the picture there); every class name in overlay_view.css starts with ``mrcnn-ov``.
