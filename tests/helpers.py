@@ -8,6 +8,7 @@ import numpy as np
 import streamlit as st
 import torch
 
+from mrcnn.inference.structures import Detections
 from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.zoo import LoadedModel
 
@@ -47,6 +48,16 @@ def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
         y0, x0 = rng.integers(0, h - 8), rng.integers(0, w - 8)
         img[y0:y0 + rng.integers(6, h // 2), x0:x0 + rng.integers(6, w // 2)] = rng.integers(0, 256, 3)
     return img.astype(np.uint8)
+
+
+def nested_detections(n: int, h: int = 60, w: int = 80) -> Detections:
+    """``n`` nested rectangles on an h×w image, the first the smallest, each its own mask."""
+    boxes = np.array([[5 + i, 5 + i, 40 + 3 * i, 30 + 2 * i] for i in range(n)], np.float32).reshape(-1, 4)
+    masks = np.zeros((n, h, w), bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[i, y0:y1, x0:x1] = True
+    return Detections(boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.arange(n) % 3 + 1, masks,
+                      np.arange(n), CATEGORIES, (h, w))
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from mrcnn.inference.structures import Detections
 from mrcnn.model.checkpoint import save_checkpoint
 from tests.browser_app import BROWSER_MARKS, detection_count
-from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, tiny_loaded
+from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, nested_detections, scene, tiny_loaded
 from ui import overlay_view
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -34,16 +34,6 @@ def in_browser(test):
     return test
 
 
-def dets_of(n: int, h: int = 60, w: int = 80) -> Detections:
-    """``n`` nested rectangles, the first the smallest, each its own mask."""
-    boxes = np.array([[5 + i, 5 + i, 40 + 3 * i, 30 + 2 * i] for i in range(n)], np.float32).reshape(-1, 4)
-    masks = np.zeros((n, h, w), bool)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
-        masks[i, y0:y1, x0:x1] = True
-    return Detections(boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.arange(n) % 3 + 1, masks,
-                      np.arange(n), CATEGORIES, (h, w))
-
-
 def points(region: dict) -> np.ndarray:
     return np.array([[float(v) for v in p.split(",")] for p in region["points"].split()])
 
@@ -54,7 +44,7 @@ def picture_size(src: str) -> tuple[int, int]:
 
 # ---- what the browser gets ----------------------------------------------------------------------------------
 def test_one_outline_per_instance_smallest_on_top_with_its_numbers():
-    dets = dets_of(3)
+    dets = nested_detections(3)
     data = overlay_view.view_data(np.zeros((60, 80, 3), np.uint8), dets, highlight=1, image_key="img")
     assert (data["width"], data["height"]) == (80, 60)
     assert [r["index"] for r in data["regions"]] == [2, 1, 0]  # drawn last = on top: the smallest gets the hover
@@ -85,7 +75,7 @@ def test_a_large_picture_is_sent_shrunk_and_its_outlines_stay_in_its_own_pixels(
 
 def test_the_signature_changes_with_what_is_shown():
     image = np.zeros((60, 80, 3), np.uint8)
-    dets = dets_of(3)
+    dets = nested_detections(3)
     same = overlay_view.view_data(image, dets, highlight=1, image_key="a")["signature"]
     assert overlay_view.view_data(image, dets, highlight=1, image_key="a")["signature"] == same
     assert overlay_view.view_data(image, dets, highlight=2, image_key="a")["signature"] != same

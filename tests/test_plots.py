@@ -6,24 +6,15 @@ import base64
 import numpy as np
 import pytest
 
-from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
-from tests.helpers import CATEGORIES, scene, tiny_loaded
+from tests.helpers import CATEGORIES, nested_detections, scene, tiny_loaded
 from ui import plots
 
 
 @pytest.fixture(scope="module")
 def trace():
     return run_trace(tiny_loaded(seed=3), scene(96, 128, seed=1), Thresholds(score_thresh=0.05))
-
-
-def dets_of(n: int, h: int = 60, w: int = 80) -> Detections:
-    boxes = np.array([[5 + i, 5 + i, 40 + 3 * i, 30 + 2 * i] for i in range(n)], np.float32).reshape(-1, 4)
-    masks = np.zeros((n, h, w), bool)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
-        masks[i, y0:y1, x0:x1] = True
-    return Detections(boxes, np.linspace(0.9, 0.5, n).astype(np.float32), np.arange(n) % 3 + 1, masks,
-                      np.arange(n), CATEGORIES, (h, w))
 
 
 def test_image_goes_as_one_compressed_picture():
@@ -37,7 +28,7 @@ def test_image_goes_as_one_compressed_picture():
 
 
 def test_hover_lines_name_the_instance_and_its_numbers():
-    dets = dets_of(3)
+    dets = nested_detections(3)
     assert plots.instance_hover_lines(dets, 0) == ["#0 circle", "score 0.900", "box [5, 5, 40, 30]",
                                                    f"area {int(dets.masks[0].sum())} px"]
 
