@@ -282,3 +282,27 @@ def test_a_bad_max_concurrent_runs_is_one_message_naming_the_variable(monkeypatc
     monkeypatch.delenv(BUDGET_ENV, raising=False)
     monkeypatch.setenv(MAX_RUNS_ENV, raw)
     assert server_settings_problem() == f"{MAX_RUNS_ENV} must be a whole number of runs (1 or more), got {raw!r}"
+
+
+def test_a_deferred_download_keeps_no_detections_alive_and_computes_them_again_once_they_are_gone():
+    """Detect's JSON and CSV downloads are made when clicked: until then they hold the detections weakly."""
+    import gc
+    import weakref
+
+    from ui import state
+
+    loaded = tiny_loaded(seed=3)
+    entry = state.make_entry(scene(96, 128, seed=1), "x.png", "upload")
+    trace = run_trace(loaded, entry.array, LOW)
+    name = trace.detections.label_names[0]
+    later, one_class = (state.detections_later(loaded, entry, trace, names) for names in ([], [name]))
+    assert later() is trace.detections  # while the trace holds them: the very same, nothing run
+    boxes, names = trace.detections.boxes.copy(), trace.detections.label_names
+    assert set(one_class().label_names) == {name} and len(one_class()) == names.count(name) < len(names)
+    original = weakref.ref(trace.detections)
+    del trace  # the cache let the trace go: so do the downloads
+    gc.collect()
+    assert original() is None
+    again = later()
+    assert np.allclose(again.boxes, boxes) and again.label_names == names
+    assert set(one_class().label_names) == {name} and len(one_class()) == names.count(name)

@@ -327,7 +327,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         st.markdown("**Detections** — choose a row to highlight it")
         st.dataframe(detections_table(dets), key="det_table", on_select="rerun", selection_mode="single-row",
                      width="stretch", height=min(38 + 35 * max(len(dets), 1), 320))
-        _downloads(loaded, entry, trace, dets, thresholds, overlay)
+        _downloads(loaded, entry, trace, class_filter, thresholds, overlay)
         share.copy_link("detect", entry, st.session_state["highlight"])
         compare.section(loaded, entry, dets, thresholds, class_filter)
         # drawn only while open: a closed expander's chart was still re-sent and re-plotted on every press
@@ -340,17 +340,19 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
                 st.caption(f"network total {trace.network_ms:.0f} ms on {loaded.device}")
 
 
-def _downloads(loaded, entry, trace, dets, thresholds, overlay) -> None:
+def _downloads(loaded, entry, trace, class_filter: list[str], thresholds, overlay) -> None:
     stem = entry.name.rsplit(".", 1)[0] or "image"
     c1, c2, c3 = st.columns(3)
     c1.download_button("Overlay PNG", data=lambda: png_bytes(overlay), file_name=f"{stem}.png", mime="image/png",
                        key="dl_png", on_click="ignore", icon=":material/image:", width="stretch")
-    timings = dict(trace.timings_ms)  # not the trace: a deferred download would keep it alive after the cache let it go
-    record = lambda: json.dumps(prediction_json(dets, entry.name, loaded.name, loaded.sha256, thresholds,  # noqa: E731
-                                                timings, loaded.precision), indent=1)
+    # neither the trace nor its detections: a deferred download would keep them alive after the cache let them go
+    timings = dict(trace.timings_ms)
+    dets = state.detections_later(loaded, entry, trace, class_filter)
+    record = lambda: json.dumps(prediction_json(dets(), entry.name, loaded.name, loaded.sha256,  # noqa: E731
+                                                thresholds, timings, loaded.precision), indent=1)
     c2.download_button("Predictions JSON", data=record, file_name=f"{stem}.json", mime="application/json",
                        key="dl_json", on_click="ignore", icon=":material/data_object:", width="stretch")
-    c3.download_button("Detections CSV", data=lambda: detections_csv(dets), file_name=f"{stem}.csv",
+    c3.download_button("Detections CSV", data=lambda: detections_csv(dets()), file_name=f"{stem}.csv",
                        mime="text/csv", key="dl_csv", on_click="ignore", icon=":material/table:", width="stretch")
 
 

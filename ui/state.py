@@ -27,16 +27,17 @@ import hashlib
 import os
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import streamlit as st
 
 from mrcnn.model import zoo
 from mrcnn.errors import ModelUnavailable, MrcnnError
-from mrcnn.inference.structures import RpnSettings, Thresholds
+from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
 
 MAX_IMAGES = 16  # images a session keeps in its strip
@@ -372,6 +373,28 @@ def detections_for(trace, thresholds: Thresholds):
         return trace.detections, None
     dets = trace.refilter(thresholds)
     return dets, trace.last_refilter_ms
+
+
+def detections_later(loaded: zoo.LoadedModel, entry: ImageEntry, trace, class_filter: list[str]
+                     ) -> Callable[[], Detections]:
+    """The trace's current detections (of ``class_filter``'s classes) for a deferred download, which Streamlit
+    calls when the button is clicked, without keeping them alive until then: their full-size masks are most
+    of a trace's memory, and the trace cache counts them only while it holds the trace (ten R50 sessions held
+    ~300 MB outside the budget that way: benchmarks/many_sessions.py). Once the cache has let them go, they
+    are computed again: same model, image, RPN settings and thresholds, in a run slot of the budget."""
+    kept = weakref.ref(trace.detections)
+    thresholds, rpn, image = trace.thresholds, trace.rpn_settings, entry.array
+
+    def detections() -> Detections:
+        from mrcnn.inference.trace import run_trace
+
+        found = kept()
+        if found is None:
+            with trace_cache().network_run(loaded, image.shape):
+                found = run_trace(loaded, image, thresholds, rpn).detections
+        return found.of_classes(class_filter)
+
+    return detections
 
 
 def safe_trace(loaded: zoo.LoadedModel, entry: ImageEntry):
