@@ -195,7 +195,8 @@ def main(argv=None) -> int:
             for name in names:
                 times = measure(browser, {which: url for which, (_, url) in servers.items()}, name,
                                 thresholds[name], upload, args.presses, args.round_trip)
-                results[name] = {which: {"median_ms": round(statistics.median(t), 1), "presses_ms": [round(x) for x in t]}
+                results[name] = {which: {"median_ms": round(statistics.median(t), 1),
+                                         "presses_ms": [round(x) for x in t]}
                                  for which, t in times.items()}
                 results[name]["threshold"] = thresholds[name]
                 results[name]["round_trip"] = args.round_trip
