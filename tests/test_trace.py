@@ -200,3 +200,15 @@ def test_many_rois_are_pooled_across_the_intra_op_threads_with_the_same_result(t
     assert torch.equal(split, whole) and torch.equal(few, whole[:PARALLEL_ROIS_MIN - 1])
     assert len([name for name in threads_seen if name.startswith("roi-align")]) == 2
     assert threading.current_thread().name in threads_seen  # the few were pooled where they were asked for
+
+
+def test_detections_at_other_thresholds_leave_the_trace_as_it_was(trace):
+    shown = trace.refilter(LOW)
+    kept = trace.thresholds, trace.detections, trace.last_refilter_ms, trace.last_mask_ms
+    other = LOW.replace(score_thresh=0.06, mask_thresh=0.3)
+    ahead = trace.detections_at(other)
+    assert (trace.thresholds, trace.detections, trace.last_refilter_ms, trace.last_mask_ms) == kept
+    assert trace.detections is shown
+    again = trace.refilter(other)  # what the next control step will show is what was drawn ahead
+    assert np.array_equal(ahead.candidate_ids, again.candidate_ids) and np.array_equal(ahead.masks, again.masks)
+    trace.refilter(LOW)  # as the other tests expect the shared trace

@@ -139,8 +139,7 @@ def _controls(classes: list[str]) -> dict:
               help="One NMS over every class's boxes: overlapping detections of different classes suppress "
                    "each other too")
     _class_thresholds(classes)
-    model = st.session_state.get("model_name") or ""
-    class_filter = st.multiselect("Classes", classes, key=f"class_filter::{model}", persist_state="session",
+    class_filter = st.multiselect("Classes", classes, key=state.class_filter_key(), persist_state="session",
                                   placeholder="all classes")
     st.markdown("**Display**")
     t1, t2 = st.columns(2)
@@ -227,7 +226,7 @@ def _selected_row(n: int) -> int | None:
 
 def _class_filter(classes: list[str]) -> list[str]:
     """The Classes control's value before it is drawn (its key holds it from the last press)."""
-    chosen = st.session_state.get(f"class_filter::{st.session_state.get('model_name') or ''}") or []
+    chosen = st.session_state.get(state.class_filter_key()) or []
     return [c for c in chosen if c in classes]
 
 
@@ -243,23 +242,13 @@ def _draw(entry: state.ImageEntry, trace, dets: Detections) -> tuple[int | None,
     return highlight, overlay
 
 
-def _refiltered(trace, thresholds) -> Detections:
-    """Detections at other thresholds, the trace left filtered as the page shows it (its thresholds,
-    detections and timings are what the next press compares with)."""
-    kept = trace.thresholds, trace.detections, trace.last_refilter_ms, trace.last_mask_ms
-    try:
-        return trace.refilter(thresholds)
-    finally:
-        trace.thresholds, trace.detections, trace.last_refilter_ms, trace.last_mask_ms = kept
-
-
 def _next_pictures(entry: state.ImageEntry, trace, thresholds, class_filter: list[str]) -> dict[str, dict]:
     """The overlay one score-slider step either side, keyed as the slider writes its value ("0.13")."""
     pictures = {}
     for score in (thresholds.score_thresh - SCORE_STEP, thresholds.score_thresh + SCORE_STEP):
         score = round(score, 2)
         if 0.0 <= score <= 1.0:
-            dets = _refiltered(trace, dataclasses.replace(thresholds, score_thresh=score)).of_classes(class_filter)
+            dets = trace.detections_at(dataclasses.replace(thresholds, score_thresh=score)).of_classes(class_filter)
             highlight, overlay = _draw(entry, trace, dets)
             pictures[f"{score:.2f}"] = overlay_view.view_data(overlay, dets, highlight, entry.id)
     return pictures

@@ -99,8 +99,8 @@ def view_params(entry: state.ImageEntry, highlight: int | None) -> dict[str, str
         params["highlight"] = str(int(highlight))
     if ss.get(state.class_thresh_key()):
         params["class_thresh"] = json.dumps(ss[state.class_thresh_key()], separators=(",", ":"))
-    if ss.get(f"class_filter::{model}"):
-        params["classes"] = json.dumps(list(ss[f"class_filter::{model}"]), separators=(",", ":"))
+    if ss.get(state.class_filter_key()):
+        params["classes"] = json.dumps(list(ss[state.class_filter_key()]), separators=(",", ":"))
     if ss.get("compare_with"):
         params["compare"] = ss["compare_with"]
     for key in SETTINGS:

@@ -125,6 +125,11 @@ def keep_choice(key: str, options: list, fallback) -> None:
         ss[key] = fallback
 
 
+def class_filter_key() -> str:
+    """Where the current model's class filter (Detect's "Classes") lives: a list of its class names."""
+    return f"class_filter::{st.session_state.get('model_name') or ''}"
+
+
 def class_thresh_key() -> str:
     """Where the current model's per-class score thresholds live: {class name: threshold}, only the classes
     whose threshold differs from the global one (the others follow the score slider)."""

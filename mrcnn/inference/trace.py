@@ -289,17 +289,32 @@ class Trace:
     def refilter(self, thresholds: Thresholds) -> Detections:
         """Detections for new thresholds from the cached candidates (the mask head runs only for
         candidates not seen before; every other stage is reused)."""
-        thresholds.check_classes(self.categories)
         start = time.perf_counter()
         self.last_mask_ms = 0.0
+        self.detections = self._filtered(thresholds)
         self.thresholds = thresholds
+        self.last_refilter_ms = (time.perf_counter() - start) * 1000.0
+        return self.detections
+
+    @torch.inference_mode()
+    def detections_at(self, thresholds: Thresholds) -> Detections:
+        """Detections for other thresholds, the trace left as it is (its thresholds, detections and timings
+        are those of the last ``refilter``): for a page that draws what the next control step would show."""
+        mask_ms = self.last_mask_ms
+        try:
+            return self._filtered(thresholds)
+        finally:
+            self.last_mask_ms = mask_ms
+
+    def _filtered(self, thresholds: Thresholds) -> Detections:
+        thresholds.check_classes(self.categories)
         keep_ids, scores, boxes = self._select(thresholds)
         labels = keep_ids % self.num_classes
         boxes_orig = resize_boxes(boxes, self.input_size, self.original_size)
         masks = None
         if self.loaded.has_masks:
             masks = self._masks(keep_ids, boxes, boxes_orig, thresholds.mask_thresh)
-        self.detections = Detections(
+        return Detections(
             boxes=boxes_orig.float().cpu().numpy().astype(np.float32).reshape(-1, 4),
             scores=scores.float().cpu().numpy().astype(np.float32),
             labels=labels.cpu().numpy().astype(np.int64),
@@ -308,8 +323,6 @@ class Trace:
             categories=self.categories,
             image_size=self.original_size,
         )
-        self.last_refilter_ms = (time.perf_counter() - start) * 1000.0
-        return self.detections
 
     @property
     def num_classes(self) -> int:
