@@ -212,3 +212,11 @@ def test_detections_at_other_thresholds_leave_the_trace_as_it_was(trace):
     again = trace.refilter(other)  # what the next control step will show is what was drawn ahead
     assert np.array_equal(ahead.candidate_ids, again.candidate_ids) and np.array_equal(ahead.masks, again.masks)
     trace.refilter(LOW)  # as the other tests expect the shared trace
+
+
+def test_importing_mrcnn_turns_off_numpys_huge_page_advice():
+    """numpy's transparent-huge-page advice made each fresh full-size mask array wait 100-300 ms for memory
+    compaction here (mrcnn/__init__.py); the setting returns its previous value."""
+    import mrcnn  # noqa: F401  (imported already; the setting is made at import)
+    from numpy._core import multiarray
+    assert multiarray._set_madvise_hugepage(False) is False
