@@ -49,17 +49,32 @@ def test_gathered_roi_align_equals_torchvisions_to_float_rounding(size, ratio, c
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], size, ratio)
     maps, boxes = _maps(channels_last), _boxes()
     expected = pooler(maps, [boxes], [IMAGE])
-    got = roi_align.multiscale_roi_align(pooler, maps, boxes, IMAGE)
+    rows = roi_align.PixelRows(maps)
+    got = roi_align.multiscale_roi_align(pooler, rows, boxes, IMAGE)
     assert got.shape == expected.shape == (len(boxes), 8, size, size)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
-def test_one_level_and_no_boxes():
-    pooler = MultiScaleRoIAlign(["0"], 7, 2)
-    maps, boxes = _maps(True), _boxes()
-    torch.testing.assert_close(roi_align.multiscale_roi_align(pooler, maps, boxes, IMAGE),
-                               pooler(maps, [boxes], [IMAGE]), atol=2e-6, rtol=1e-5)
-    assert roi_align.multiscale_roi_align(pooler, maps, boxes[:0], IMAGE).shape == (0, 8, 7, 7)
+def test_the_pixel_rows_hold_the_maps_in_float32_and_one_level_pools_alone():
+    maps = _maps(False)
+    rows = roi_align.PixelRows(OrderedDict((k, v.bfloat16()) for k, v in maps.items()))
+    assert list(rows.maps) == list(maps)
+    for name, fmap in maps.items():
+        kept = rows.maps[name]
+        assert kept.dtype == torch.float32 and kept.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(kept, fmap.bfloat16().float(), atol=0, rtol=0)
+    assert rows.table.shape == (sum(m.shape[2] * m.shape[3] for m in maps.values()), 8)
+    pooler, boxes = MultiScaleRoIAlign(["2"], 7, 2), _boxes()
+    torch.testing.assert_close(roi_align.multiscale_roi_align(pooler, rows, boxes, IMAGE),
+                               pooler(rows.maps, [boxes], [IMAGE]), atol=2e-6, rtol=1e-5)
+    assert roi_align.multiscale_roi_align(pooler, rows, boxes[:0], IMAGE).shape == (0, 8, 7, 7)
+
+
+def test_only_maps_of_one_image_and_channel_count_make_a_table():
+    assert roi_align.PixelRows.fits(_maps(True))
+    assert not roi_align.PixelRows.fits(OrderedDict(a=torch.zeros(1, 8, 4, 4), b=torch.zeros(1, 4, 2, 2)))
+    assert not roi_align.PixelRows.fits(OrderedDict(a=torch.zeros(2, 8, 4, 4)))
+    assert not roi_align.PixelRows.fits(OrderedDict())
 
 
 def test_only_a_fixed_sampling_ratio_on_a_cpu_is_gathered():
@@ -85,9 +100,13 @@ def test_a_reduced_precision_trace_gathers_and_finds_what_torchvisions_kernel_fi
     gathered = run_trace(reduced, image, t)
     assert len(calls) == 2  # the box head's proposals and the detections' masks
     assert all(f.dtype == torch.float32 for f in gathered.features.values())
+    probs = gathered.candidates.probs
+    gathered.drop_features()  # the trace cache's eviction: the heads re-run on maps the backbone makes again
+    gathered.set_rpn(gathered.rpn_settings)
+    assert len(calls) == 4 and torch.equal(gathered.candidates.probs, probs)
     monkeypatch.setattr(roi_align, "supports", lambda pooler, device: False)
     kernel = run_trace(reduced, image, t)
-    assert len(calls) == 2
+    assert len(calls) == 4
     torch.testing.assert_close(gathered.candidates.probs, kernel.candidates.probs, atol=2e-2, rtol=0)
     assert len(gathered.detections) > 0
     np.testing.assert_array_equal(gathered.detections.labels, kernel.detections.labels)

@@ -26,50 +26,71 @@ def supports(pooler: torch.nn.Module, device: torch.device) -> bool:
             and int(pooler.sampling_ratio) > 0)
 
 
-def multiscale_roi_align(pooler: MultiScaleRoIAlign, features: OrderedDict[str, torch.Tensor],
-                         boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """``pooler(features, [boxes], [image_size])`` for one image (see the module docstring): (K, C, h, w)
-    float32, channels-last. ``features`` are float32 maps (1, C, Hi, Wi), fastest channels-last."""
-    maps = [features[name] for name in pooler.featmap_names]
+class PixelRows:
+    """FPN maps kept as one float32 table of pixel rows, level after level, each pixel's channels contiguous:
+    what ``multiscale_roi_align`` gathers from, for every level in one call. ``maps`` are the table's
+    (1, C, H, W) channels-last views, in the order given."""
+
+    def __init__(self, maps: OrderedDict[str, torch.Tensor]):
+        first = next(iter(maps.values()))
+        channels = first.shape[1]
+        total = sum(m.shape[2] * m.shape[3] for m in maps.values())
+        self.table = torch.empty((total, channels), dtype=torch.float32, device=first.device)
+        self.maps: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.first_row: dict[str, int] = {}
+        start = 0
+        for name, fmap in maps.items():
+            _, _, height, width = fmap.shape
+            view = self.table[start:start + height * width].view(1, height, width, channels).permute(0, 3, 1, 2)
+            view.copy_(fmap)  # casts, and reorders a map that is not channels-last
+            self.maps[name], self.first_row[name] = view, start
+            start += height * width
+
+    @staticmethod
+    def fits(maps: OrderedDict[str, torch.Tensor]) -> bool:
+        """One table holds maps of one batch image with one channel count (an FPN's)."""
+        shapes = [m.shape for m in maps.values()]
+        return bool(shapes) and all(len(s) == 4 and s[0] == 1 and s[1] == shapes[0][1] for s in shapes)
+
+
+def multiscale_roi_align(pooler: MultiScaleRoIAlign, rows: PixelRows, boxes: torch.Tensor,
+                         image_size: tuple[int, int]) -> torch.Tensor:
+    """``pooler(rows.maps, [boxes], [image_size])`` for one image (see the module docstring): (K, C, h, w)
+    float32, channels-last."""
+    maps = [rows.maps[name] for name in pooler.featmap_names]
     out_h, out_w = pooler.output_size
-    num_channels = maps[0].shape[1]
-    result = boxes.new_zeros((boxes.shape[0], out_h, out_w, num_channels), dtype=torch.float32)
-    if boxes.shape[0] == 0:
-        return result.permute(0, 3, 1, 2)
+    ratio, channels, k = int(pooler.sampling_ratio), rows.table.shape[1], boxes.shape[0]
+    if k == 0:
+        return rows.table.new_zeros((0, out_h, out_w, channels)).permute(0, 3, 1, 2)
     scales, mapper = _setup_scales(maps, [image_size], pooler.canonical_scale, pooler.canonical_level)
-    levels = mapper([boxes]) if len(maps) > 1 else torch.zeros(len(boxes), dtype=torch.int64)
-    for level, (fmap, scale) in enumerate(zip(maps, scales)):
-        rows = torch.where(levels == level)[0]
-        if rows.numel():
-            result[rows] = _roi_align_level(fmap, boxes[rows], scale, (out_h, out_w), int(pooler.sampling_ratio))
-    return result.permute(0, 3, 1, 2)
+    level = mapper([boxes]) if len(maps) > 1 else torch.zeros(k, dtype=torch.int64, device=boxes.device)
+
+    def per_roi(values, dtype):  # each RoI's entry of a per-level list
+        return torch.tensor(values, dtype=dtype, device=boxes.device)[level]
+
+    heights = per_roi([m.shape[2] for m in maps], torch.int64)
+    widths = per_roi([m.shape[3] for m in maps], torch.int64)
+    first_row = per_roi([rows.first_row[name] for name in pooler.featmap_names], torch.int64)
+    x1, y1, x2, y2 = (boxes.float() * per_roi(scales, torch.float32)[:, None]).unbind(1)
+    taps = 2 * ratio  # per bin and axis: ratio samples, two pixels each
+    ys, y_weights = _axis_samples(y1, y2, out_h, ratio, heights)  # (K, h, taps)
+    xs, x_weights = _axis_samples(x1, x2, out_w, ratio, widths)  # (K, w, taps)
+    ys = ys * widths[:, None, None] + first_row[:, None, None]  # the first table row of each pixel's image row
+    # every bin's bag of taps² table rows: (K, h, w, taps, taps), built in two broadcasts
+    index = (ys.view(k, out_h, 1, taps, 1) + xs.view(k, 1, out_w, 1, taps)).view(-1)
+    weight = ((y_weights / (ratio * ratio)).view(k, out_h, 1, taps, 1)
+              * x_weights.view(k, 1, out_w, 1, taps)).view(-1)
+    offsets = torch.arange(0, index.numel(), taps * taps, device=index.device)
+    pooled = F.embedding_bag(index, rows.table, offsets, mode="sum", per_sample_weights=weight)
+    return pooled.view(k, out_h, out_w, channels).permute(0, 3, 1, 2)
 
 
-def _roi_align_level(fmap: torch.Tensor, boxes: torch.Tensor, scale: float, size: tuple[int, int],
-                     ratio: int) -> torch.Tensor:
-    """torchvision's roi_align (aligned=False) of ``boxes`` on one map: (K, h, w, C)."""
-    _, channels, height, width = fmap.shape
-    # (H*W, C) rows: a view when the map is channels-last, a copy otherwise
-    table = fmap[0].permute(1, 2, 0).reshape(height * width, channels).float()
-    x1, y1, x2, y2 = (boxes.float() * scale).unbind(1)
-    out_h, out_w = size
-    ys, wy = _axis_samples(y1, y2, out_h, ratio, height)  # (K, h, ratio, 2): rows and weights
-    xs, wx = _axis_samples(x1, x2, out_w, ratio, width)  # (K, w, ratio, 2): columns and weights
-    k = boxes.shape[0]
-    # every bin's bag: (K, h, w, ratio_y, ratio_x, corner_y, corner_x)
-    index = (ys.view(k, out_h, 1, ratio, 1, 2, 1) * width + xs.view(k, 1, out_w, 1, ratio, 1, 2)).reshape(-1)
-    weight = (wy.view(k, out_h, 1, ratio, 1, 2, 1) * wx.view(k, 1, out_w, 1, ratio, 1, 2)
-              / (ratio * ratio)).reshape(-1)
-    bag = 4 * ratio * ratio
-    offsets = torch.arange(0, index.numel(), bag, device=index.device)
-    pooled = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
-    return pooled.view(k, out_h, out_w, channels)
-
-
-def _axis_samples(start: torch.Tensor, end: torch.Tensor, bins: int, ratio: int, size: int):
-    """Along one axis, as torchvision's CPU kernel places them: for each RoI, bin and sample, the two
-    neighbouring pixel indices and their bilinear weights, each (K, bins, ratio, 2). A sample more than a
-    pixel outside the map weighs nothing; one at or past the last pixel takes that pixel."""
+def _axis_samples(start: torch.Tensor, end: torch.Tensor, bins: int, ratio: int, size: torch.Tensor):
+    """Along one axis, as torchvision's CPU kernel places them: for each RoI and bin, each sample's two
+    neighbouring pixel indices and their bilinear weights, each (K, bins, 2 * ratio). A sample more than a
+    pixel outside the map (``size`` pixels long, per RoI) weighs nothing; one at or past the last pixel takes
+    that pixel."""
+    size = size[:, None, None]
     length = (end - start).clamp_min(1.0)  # aligned=False: a RoI is at least one pixel
     bin_size = (length / bins)[:, None, None]
     b = torch.arange(bins, dtype=torch.float32, device=start.device)[None, :, None]
@@ -79,8 +100,8 @@ def _axis_samples(start: torch.Tensor, end: torch.Tensor, bins: int, ratio: int,
     pos = pos.clamp_min(0.0)
     low = pos.floor().long()
     edge = low >= size - 1
-    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    low = torch.where(edge, size - 1, low)
     high = torch.where(edge, low, low + 1)
     frac = torch.where(edge, torch.zeros_like(pos), pos - low)
     weights = torch.stack([1.0 - frac, frac], -1).masked_fill(outside[..., None], 0.0)
-    return torch.stack([low, high], -1), weights
+    return torch.stack([low, high], -1).flatten(2), weights.flatten(2)

@@ -170,7 +170,7 @@ class Trace:
 
         with self._timed("backbone"):
             network_maps = self._network_features(image_list)
-            self._features: OrderedDict[str, torch.Tensor] | None = self._kept(network_maps)
+            self._keep_features(network_maps)
         feature_list = list(self._features.values())
 
         with self._timed("rpn_head"):
@@ -205,13 +205,17 @@ class Trace:
                 return self.model.backbone(image_list.tensors)
             return self.model.backbone.forward(image_list.tensors)
 
-    def _kept(self, network_maps: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-        """The maps the trace keeps and shows: float32, and channels-last as the network made them, which
-        is also the layout mrcnn.inference.roi_align gathers from."""
-        return to_float32(network_maps, memory_format=torch.preserve_format)
-
-    def _backbone(self, image_list) -> OrderedDict[str, torch.Tensor]:
-        return self._kept(self._network_features(image_list))
+    def _keep_features(self, network_maps: OrderedDict[str, torch.Tensor]) -> None:
+        """Keep the maps the trace shows and pools from, in float32. A reduced precision on a CPU keeps them
+        in one table of pixel rows (mrcnn.inference.roi_align.PixelRows), which its RoIAlign gathers from."""
+        self._pixel_rows = None
+        if self.precision == "float32":
+            self._features = network_maps
+        elif self.device.type == "cpu" and roi_align.PixelRows.fits(network_maps):
+            self._pixel_rows = roi_align.PixelRows(network_maps)
+            self._features = self._pixel_rows.maps
+        else:
+            self._features = to_float32(network_maps, memory_format=torch.preserve_format)
 
     def _network(self):
         """Around the modules that compute: autocast in a reduced precision (their outputs come back
@@ -222,9 +226,10 @@ class Trace:
         """RoIAlign of ``boxes`` on the kept maps. float32 runs torchvision's kernel, which the equivalence
         tests pin bit for bit; a reduced precision, already rounded, the ~10x faster gathers of
         mrcnn.inference.roi_align (the same values to float rounding)."""
-        if self.precision != "float32" and roi_align.supports(pooler, self.device):
-            return roi_align.multiscale_roi_align(pooler, self.features, boxes, self.input_size)
-        return pool_rois(pooler, self.features, boxes, self.input_size)
+        features = self.features  # runs the backbone again if the maps were dropped
+        if self._pixel_rows is not None and roi_align.supports(pooler, self.device):
+            return roi_align.multiscale_roi_align(pooler, self._pixel_rows, boxes, self.input_size)
+        return pool_rois(pooler, features, boxes, self.input_size)
 
     # ---- memory: the feature maps can be dropped and come back on demand ---------------------------
     @property
@@ -243,7 +248,8 @@ class Trace:
         features = self._features
         if features is None:
             with self.backbone_rerun(self), torch.inference_mode():
-                features = self._features = self._backbone(self.image_list)
+                self._keep_features(self._network_features(self.image_list))
+            features = self._features
         return features
 
     @property
@@ -253,7 +259,7 @@ class Trace:
     def drop_features(self) -> None:
         """Free the feature maps and the network input, most of a trace's memory (mrcnn.inference.trace_cache).
         Re-filtering whose masks were seen before needs neither."""
-        self._features = None
+        self._features = self._pixel_rows = None
         self._image_list = None
 
     def _run_heads(self) -> None:
