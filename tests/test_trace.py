@@ -182,9 +182,14 @@ def test_many_rois_are_pooled_across_the_intra_op_threads_with_the_same_result(t
     corners = torch.rand(300, 2, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([w, h])
     boxes = torch.cat([corners.min(1).values, corners.max(1).values + 1], 1)
     threads_seen = set()
+    # Each chunk waits for the other, so they must run at once; without it, one pool thread may take both.
+    both_running = threading.Barrier(2, timeout=60)
 
     def recording_pooler(*args):
-        threads_seen.add(threading.current_thread().name)
+        name = threading.current_thread().name
+        threads_seen.add(name)
+        if name.startswith("roi-align"):
+            both_running.wait()
         return pooler(*args)
 
     before = torch.get_num_threads()

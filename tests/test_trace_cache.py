@@ -254,13 +254,13 @@ def test_a_backbone_rerun_of_dropped_features_is_a_network_run_too(loaded):
     trace.drop_features()
     cache.get("alice", "img")  # the cache sees it smaller
     during = []
-    backbone = trace._backbone
+    backbone = trace._network_features
 
     def watched_backbone(image_list):
         during.append(cache.reserved_bytes())
         return backbone(image_list)
 
-    trace._backbone = watched_backbone
+    trace._network_features = watched_backbone
     trace.features  # what Inspect reads
     assert during and during[0] > 0  # it ran under a reservation ...
     assert cache.reserved_bytes() == 0 and cache.nbytes == trace_nbytes(trace)  # ... and the maps count at once
