@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mrcnn.inference.structures import RpnSettings, Thresholds
-from mrcnn.inference.trace import PARALLEL_ROIS_MIN, pool_rois, run_trace
+from torchvision.ops import boxes as box_ops
+
+from mrcnn.inference.trace import PARALLEL_ROIS_MIN, VANILLA_NMS_MIN_BOXES, batched_nms, pool_rois, run_trace
 from tests.helpers import scene, tiny_loaded
 
 LOW = Thresholds(score_thresh=0.05)
@@ -188,7 +190,7 @@ def test_many_rois_are_pooled_across_the_intra_op_threads_with_the_same_result(t
     def recording_pooler(*args):
         name = threading.current_thread().name
         threads_seen.add(name)
-        if name.startswith("roi-align"):
+        if name.startswith("trace-worker"):
             both_running.wait()
         return pooler(*args)
 
@@ -203,7 +205,7 @@ def test_many_rois_are_pooled_across_the_intra_op_threads_with_the_same_result(t
     with torch.inference_mode():
         whole = pooler(trace.features, [boxes], [trace.input_size])
     assert torch.equal(split, whole) and torch.equal(few, whole[:PARALLEL_ROIS_MIN - 1])
-    assert len([name for name in threads_seen if name.startswith("roi-align")]) == 2
+    assert len([name for name in threads_seen if name.startswith("trace-worker")]) == 2
     assert threading.current_thread().name in threads_seen  # the few were pooled where they were asked for
 
 
@@ -225,3 +227,33 @@ def test_importing_mrcnn_turns_off_numpys_huge_page_advice():
     import mrcnn  # noqa: F401  (imported already; the setting is made at import)
     from numpy._core import multiarray
     assert multiarray._set_madvise_hugepage(False) is False
+
+
+@pytest.mark.parametrize("n", [VANILLA_NMS_MIN_BOXES + 500, VANILLA_NMS_MIN_BOXES // 2])
+def test_batched_nms_over_threads_keeps_what_torchvision_keeps_in_its_order(monkeypatch, n):
+    """Above 1000 boxes the groups' NMS runs go to the worker threads; kept indices and order are torchvision's."""
+    gen = torch.Generator().manual_seed(0)
+    corners = torch.rand(n, 2, generator=gen) * 300
+    boxes = torch.cat([corners, corners + torch.rand(n, 2, generator=gen) * 60 + 2], 1)
+    scores = torch.rand(n, generator=gen)
+    scores[::7] = scores[1::7][: len(scores[::7])]  # ties: the merge must order them as torchvision does
+    groups = torch.randint(0, 5, (n,), generator=gen)
+    threads_seen = set()
+    nms = box_ops.nms
+
+    def recording_nms(*args):
+        threads_seen.add(threading.current_thread().name)
+        return nms(*args)
+
+    monkeypatch.setattr(box_ops, "nms", recording_nms)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = batched_nms(boxes, scores, groups, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(box_ops, "nms", nms)
+    assert torch.equal(got, box_ops.batched_nms(boxes, scores, groups, 0.5))
+    on_workers = any(name.startswith("trace-worker") for name in threads_seen)
+    assert on_workers == (n > VANILLA_NMS_MIN_BOXES)
