@@ -16,7 +16,8 @@
 - evaluation_images_per_s: `evaluate` of the bundled model on generated 256-px scenes, images/s.
 - shapes_forward_ms_512 / shapes_fast_ms_512: the bundled model's forward on a 512×512 scene in float32 /
   in the fast precision; shapes_fast_trace_ms_512: the traced run there in the fast precision (what Detect
-  and Inspect run: its RoIs are pooled on every intra-op thread, torchvision's forward pools on one).
+  and Inspect run: its RoIs are pooled by mrcnn.inference.roi_align's gathers, torchvision's forward pools
+  on one thread).
 - shapes_fidelity: the bundled model's box and mask AP per precision on 200 held-out scenes (its card's
   record when it has one, else measured here in the reduced precisions the device runs natively);
   shapes_matched: the share of its float32 detections the fast precision matches, on generated scenes.

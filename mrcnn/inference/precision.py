@@ -13,10 +13,11 @@ R50 25x, so it is refused with the reason instead of being run.
 
 Only the network stages (convolutions and linear layers) run in the reduced precision; every stage hands
 back float32 (``prepare_model``'s output casts), so what the user looks at (feature maps, probabilities)
-and everything computed from it (box decoding, NMS, mask pasting) stays float32. A reduced-precision model
-also gets channels_last weights: NHWC convolutions are oneDNN's and cuDNN's fast path for bfloat16/float16
-(the issue's R50 on an AVX512-BF16 CPU: 0.45x float32's time with autocast, 0.41x with channels_last too).
-float32 leaves the model exactly as it was loaded.
+and everything computed from it (box decoding, NMS, mask pasting) stays float32. The trace takes the
+backbone's maps before that cast, hands them to the RPN head as they are and keeps its own float32 copy
+(docs/trace.md, "Precision"). A reduced-precision model also gets channels_last weights: NHWC convolutions
+are oneDNN's and cuDNN's fast path for bfloat16/float16 (the issue's R50 on an AVX512-BF16 CPU: 0.45x
+float32's time with autocast, 0.41x with channels_last too). float32 leaves the model exactly as it was loaded.
 """
 from __future__ import annotations
 
