@@ -111,3 +111,13 @@ def test_a_reduced_precision_trace_gathers_and_finds_what_torchvisions_kernel_fi
     assert len(gathered.detections) > 0
     np.testing.assert_array_equal(gathered.detections.labels, kernel.detections.labels)
     np.testing.assert_allclose(gathered.detections.boxes, kernel.detections.boxes, atol=0.5)
+
+
+def test_maps_no_table_fits_are_kept_contiguous_and_pooled_by_torchvision(monkeypatch):
+    reduced = in_precision(tiny_loaded(seed=3), "bfloat16")
+    image = scene(96, 128, seed=1)
+    monkeypatch.setattr(roi_align.PixelRows, "fits", staticmethod(lambda maps: False))
+    monkeypatch.setattr(roi_align, "multiscale_roi_align", lambda *a: pytest.fail("gathered without a table"))
+    trace = run_trace(reduced, image, Thresholds(score_thresh=0.05))
+    assert all(f.dtype == torch.float32 and f.is_contiguous() for f in trace.features.values())
+    assert len(trace.detections) > 0

@@ -143,18 +143,18 @@ def stage_autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def to_float32(value, memory_format: torch.memory_format = torch.contiguous_format):
-    """Tensors (in lists, tuples and dicts, as the stages return them) as float32, contiguous unless told
-    otherwise; the rest unchanged. Contiguous in the same copy: torchvision's RoIAlign copied channels_last
-    feature maps once per call otherwise (eight calls per R50 run, ~100 ms here)."""
+def to_float32(value):
+    """Tensors (in lists, tuples and dicts, as the stages return them) as contiguous float32; the rest
+    unchanged. Contiguous in the same copy: torchvision's RoIAlign copied channels_last feature maps once
+    per call otherwise (eight calls per R50 run, ~100 ms here)."""
     if isinstance(value, torch.Tensor):
-        return value.to(torch.float32, memory_format=memory_format) if value.is_floating_point() else value
+        return value.to(torch.float32, memory_format=torch.contiguous_format) if value.is_floating_point() else value
     if isinstance(value, OrderedDict):
-        return OrderedDict((k, to_float32(v, memory_format)) for k, v in value.items())
+        return OrderedDict((k, to_float32(v)) for k, v in value.items())
     if isinstance(value, dict):
-        return {k: to_float32(v, memory_format) for k, v in value.items()}
+        return {k: to_float32(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_float32(v, memory_format) for v in value)
+        return type(value)(to_float32(v) for v in value)
     return value
 
 

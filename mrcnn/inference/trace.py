@@ -230,7 +230,8 @@ class Trace:
 
     def _keep_features(self, network_maps: OrderedDict[str, torch.Tensor]) -> None:
         """Keep the maps the trace shows and pools from, in float32. A reduced precision on a CPU keeps them
-        in one table of pixel rows (mrcnn.inference.roi_align.PixelRows), which its RoIAlign gathers from."""
+        in one table of pixel rows (mrcnn.inference.roi_align.PixelRows), which its RoIAlign gathers from;
+        elsewhere they are contiguous, as torchvision's RoIAlign reads them."""
         self._pixel_rows = None
         if self.precision == "float32":
             self._features = network_maps
@@ -238,7 +239,7 @@ class Trace:
             self._pixel_rows = roi_align.PixelRows(network_maps)
             self._features = self._pixel_rows.maps
         else:
-            self._features = to_float32(network_maps, memory_format=torch.preserve_format)
+            self._features = to_float32(network_maps)
 
     def _network(self):
         """Around the modules that compute: autocast in a reduced precision (their outputs come back
