@@ -121,3 +121,15 @@ def test_maps_no_table_fits_are_kept_contiguous_and_pooled_by_torchvision(monkey
     trace = run_trace(reduced, image, Thresholds(score_thresh=0.05))
     assert all(f.dtype == torch.float32 and f.is_contiguous() for f in trace.features.values())
     assert len(trace.detections) > 0
+
+
+def test_casting_the_pooled_rois_before_the_box_head_changes_no_value(monkeypatch):
+    """The reduced-precision trace casts the pooled RoIs itself, before the box head flattens them (half the
+    bytes to copy); autocast would have cast the same values at the head's first layer."""
+    from mrcnn.inference import trace as trace_module
+    reduced = in_precision(tiny_loaded(seed=3), "bfloat16")
+    trace = run_trace(reduced, scene(96, 128, seed=1), Thresholds(score_thresh=0.05))
+    early = trace._box_head(trace.proposals.boxes)
+    monkeypatch.setattr(trace_module, "REDUCED_DTYPES", {"bfloat16": torch.float32})  # leaves it to autocast
+    late = trace._box_head(trace.proposals.boxes)
+    assert torch.equal(early.probs, late.probs) and torch.equal(early.boxes, late.boxes)

@@ -31,7 +31,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _setup_scales
 
 from mrcnn.inference import roi_align
-from mrcnn.inference.precision import stage_autocast, to_float32
+from mrcnn.inference.precision import REDUCED_DTYPES, stage_autocast, to_float32
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.model.paste import paste_masks_cropped, paste_mode
 from mrcnn.model.zoo import LoadedModel
@@ -321,6 +321,10 @@ class Trace:
     def _box_head(self, proposals: torch.Tensor) -> Candidates:
         heads = self.model.roi_heads
         feats = self._pool(heads.box_roi_pool, proposals)
+        if self._pixel_rows is not None:
+            # Cast as autocast would at the head's first layer, but before the head flattens the channels-last
+            # pool: that copy then moves half the bytes (R50's 1000 RoIs: ~26 -> ~11 ms). Same values.
+            feats = feats.to(REDUCED_DTYPES[self.precision])
         with self._network():
             class_logits, box_regression = heads.box_predictor(heads.box_head(feats))
         boxes = heads.box_coder.decode(box_regression, [proposals])  # (P, C, 4)
