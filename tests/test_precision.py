@@ -20,7 +20,7 @@ from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.evaluation.fidelity import detection_fidelity, in_precision, matched_share
 from mrcnn.inference import precision
 from mrcnn.inference.export import trace_json
-from mrcnn.inference.precision import choose_precision
+from mrcnn.inference.precision import choose_precision, stage_autocast
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.checkpoint import save_checkpoint
@@ -116,6 +116,22 @@ def test_a_bfloat16_trace_keeps_what_the_user_looks_at_in_float32(tiny_pair):
     assert not loaded.model.backbone._forward_hooks
     assert loaded.model.backbone.body.conv1.weight.is_contiguous()
     assert reduced.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_bfloat16_traces_mask_probabilities_are_its_mask_heads_own(tiny_pair):
+    """The trace casts only each candidate's own class map to float32, skipping the hook that casts every
+    class's map for torchvision's forward: the probabilities are the same as through the hook."""
+    _, reduced, image = tiny_pair
+    trace = run_trace(reduced, image, LOW)
+    ids = [int(i) for i in trace.detections.candidate_ids]
+    heads = reduced.model.roi_heads
+    with torch.inference_mode():
+        pooled = trace._pool(heads.mask_roi_pool, trace.candidate_boxes(ids))
+        with stage_autocast("bfloat16", torch.device("cpu")):
+            logits = heads.mask_predictor(heads.mask_head(pooled))  # through the float32 hook
+    assert logits.dtype == torch.float32
+    hooked = logits[torch.arange(len(ids)), torch.tensor([i % trace.num_classes for i in ids])].sigmoid()
+    assert torch.equal(trace.mask_probs_28(ids), hooked)
 
 
 def test_a_bfloat16_trace_largely_finds_float32s_detections():
