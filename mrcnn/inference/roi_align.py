@@ -1,6 +1,7 @@
 """Multi-scale RoIAlign on a CPU as weighted row gathers over channels-last feature maps.
 
-    pooled = multiscale_roi_align(heads.box_roi_pool, features, boxes, image_size)  # (K, C, 7, 7)
+    rows = PixelRows(fpn_maps)                  # float32 copies of the maps, in one table
+    pooled = multiscale_roi_align(heads.box_roi_pool, rows, boxes, image_size)  # (K, C, 7, 7)
 
 The same sampling as torchvision's MultiScaleRoIAlign (aligned=False, a fixed sampling ratio): each output
 bin averages ``ratio``² bilinear samples, each a weighted sum of four feature-map pixels. With the maps
