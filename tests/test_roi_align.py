@@ -133,3 +133,16 @@ def test_casting_the_pooled_rois_before_the_box_head_changes_no_value(monkeypatc
     monkeypatch.setattr(trace_module, "REDUCED_DTYPES", {"bfloat16": torch.float32})  # leaves it to autocast
     late = trace._box_head(trace.proposals.boxes)
     assert torch.equal(early.probs, late.probs) and torch.equal(early.boxes, late.boxes)
+
+
+def test_inspects_roi_crops_are_what_the_reduced_precision_heads_pooled():
+    reduced = in_precision(tiny_loaded(seed=3), "bfloat16")
+    trace = run_trace(reduced, scene(96, 128, seed=1), Thresholds(score_thresh=0.05))
+    cid = int(trace.detections.candidate_ids[0])
+    crops = trace.roi_crops(cid)
+    heads = trace.model.roi_heads
+    proposal = trace.proposal_of(cid)[0][None]
+    with torch.inference_mode():
+        pooled = roi_align.multiscale_roi_align(heads.box_roi_pool, trace._pixel_rows, proposal, trace.input_size)[0]
+    assert crops["box"]["crop"].is_contiguous() and torch.equal(crops["box"]["crop"], pooled)
+    assert crops["mask"]["crop"].shape[-2:] == heads.mask_roi_pool.output_size

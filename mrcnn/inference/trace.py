@@ -507,8 +507,9 @@ class Trace:
             feats = [self.features[k] for k in pooler.featmap_names]
             _, mapper = _setup_scales(feats, [self.input_size], pooler.canonical_scale, pooler.canonical_level)
             level = int(mapper([box])[0])
-            crop = pooler(self.features, [box], [self.input_size])[0]  # (channels, S, S)
-            out[key] = {"level": level, "level_name": pooler.featmap_names[level], "crop": crop.float().cpu(),
+            crop = self._pool(pooler, box)[0]  # (channels, S, S), pooled as the head's input was
+            out[key] = {"level": level, "level_name": pooler.featmap_names[level],
+                        "crop": crop.float().contiguous().cpu(),
                         "box": box[0].float().cpu()}
         return out
 
