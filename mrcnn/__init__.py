@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 # trace's 85 MB of full-size masks for 100 detections took 100-300 ms instead of ~15 ms. And a huge page counts
 # whole in the resident memory however little of it a mask touches. The cost of ordinary pages, one fault
 # per mask row touched, is in docs/trace.md ("Precision").
-_set_huge_pages = getattr(getattr(_np, "_core", None), "multiarray", None)
-if hasattr(_set_huge_pages, "_set_madvise_hugepage"):
-    _set_huge_pages._set_madvise_hugepage(False)
+_multiarray = getattr(getattr(_np, "_core", None), "multiarray", None)
+if hasattr(_multiarray, "_set_madvise_hugepage"):
+    _multiarray._set_madvise_hugepage(False)

@@ -38,6 +38,7 @@ import streamlit as st
 from mrcnn.model import zoo
 from mrcnn.errors import ModelUnavailable, MrcnnError
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
+from mrcnn.inference.trace import run_trace
 from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
 
 MAX_IMAGES = 16  # images a session keeps in its strip
@@ -349,8 +350,6 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     working memory first (``TraceCache.network_run``). A cached trace whose RPN settings differ from the
     session's is re-filtered from its features (``Trace.set_rpn``); features the cache dropped to stay in
     budget are recomputed then, by the backbone alone, through the same slots."""
-    from mrcnn.inference.trace import run_trace
-
     ss = st.session_state
     cache = trace_cache()
     key = (loaded.name, loaded.sha256, str(loaded.device), loaded.precision, entry.id)
@@ -391,8 +390,6 @@ def detections_later(loaded: zoo.LoadedModel, entry: ImageEntry, trace, class_fi
     thresholds, rpn, image = trace.thresholds, trace.rpn_settings, entry.array
 
     def detections() -> Detections:
-        from mrcnn.inference.trace import run_trace
-
         found = kept()
         if found is None:
             with trace_cache().network_run(loaded, image.shape):
