@@ -126,8 +126,7 @@ def _input(categories: list[str]) -> None:
 
 
 # ---- controls and results (a fragment: a control change re-runs only this) -------------------------------
-def _controls(classes: list[str]) -> None:
-    """The controls; their values are read from session state (``results`` reads them before drawing these)."""
+def _controls(classes: list[str]) -> dict:
     st.markdown("**Thresholds**")
     st.slider("Score threshold", 0.0, 1.0, step=SCORE_STEP, key="score_thresh", persist_state="session")
     st.slider("NMS IoU (per class)", 0.0, 1.0, step=0.05, key="nms_thresh", persist_state="session",
@@ -140,8 +139,8 @@ def _controls(classes: list[str]) -> None:
               help="One NMS over every class's boxes: overlapping detections of different classes suppress "
                    "each other too")
     _class_thresholds(classes)
-    st.multiselect("Classes", classes, key=state.class_filter_key(), persist_state="session",
-                   placeholder="all classes")
+    class_filter = st.multiselect("Classes", classes, key=state.class_filter_key(), persist_state="session",
+                                  placeholder="all classes")
     st.markdown("**Display**")
     t1, t2 = st.columns(2)
     with t1:
@@ -154,6 +153,7 @@ def _controls(classes: list[str]) -> None:
     st.slider("Mask opacity", 0.0, 1.0, step=0.05, key="opacity", persist_state="session")
     if st.toggle("RPN proposals overlay", key="show_proposals", persist_state="session"):
         st.slider("Top-K proposals", 1, 500, step=1, key="proposals_k", persist_state="session")
+    return {"class_filter": class_filter}
 
 
 def _class_thresh_editor_key() -> str:
@@ -188,9 +188,9 @@ def _keep_class_thresholds(classes: list[str]) -> None:
 
 
 def _class_thresholds(classes: list[str]) -> None:
-    """A table of the model's classes with their score thresholds, each the global one until edited
-    (another model's names were dropped by ``_keep_class_thresholds`` before the thresholds were read)."""
+    """A table of the model's classes with their score thresholds, each the global one until edited."""
     ss = st.session_state
+    _keep_class_thresholds(classes)
     overrides = ss.get(state.class_thresh_key(), {})
     own = len(overrides)
     with st.expander("Per-class score thresholds" + (f" ({own} set)" if own else ""), icon=":material/tune:"):
