@@ -1,4 +1,5 @@
-"""Command line: `python -m mrcnn {models,predict,shapes,train,evaluate,card,bench} ...` (docs/cli.md).
+"""Command line: `python -m mrcnn {models,predict,shapes,train,evaluate,card,import,check-precision,export,bench}
+...` (docs/cli.md).
 
 Every command's argument handling lives here; the modules it calls return data and never print. User-facing
 errors (MrcnnError) become one line on stderr and exit status 2 — never a traceback.
@@ -24,6 +25,7 @@ from mrcnn.data.video import is_clip, open_clip
 from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
 from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
+from mrcnn.evaluation.fidelity import check_precisions
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
@@ -149,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the name to list it under (default: the file's stem)")
     p.add_argument("--min-size", type=int, default=None, help="input transform's shorter side (default 800)")
     p.add_argument("--max-size", type=int, default=None, help="input transform's longer-side cap (default 1333)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check-precision", help="match a model's reduced-precision detections against float32's on "
+                                               "images and record it: auto then avoids a precision that missed")
+    p.add_argument("model", metavar="MODEL", help="model name or checkpoint path")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="images to check on (default: generated shapes scenes); the model's own kind of images "
+                        "make the check meaningful")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="write a model as a torchvision state dict or ONNX (checked with onnxruntime)")
@@ -448,6 +460,23 @@ def cli_import(args) -> int:
     return 0
 
 
+def cli_check_precision(args) -> int:
+    """`python -m mrcnn check-precision MODEL [IMAGE ...]`: every image is read before anything runs."""
+    images = [load_image(Path(name)).array for name in args.images]
+    loaded = load_model(args.model, args.weights, device=args.device, precision="float32")
+    data = f"{len(images)} images given to check-precision" if images else ""
+    record = check_precisions(loaded, images, data, progress=_Progress("checking"))
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    for precision, entry in record.items():
+        if isinstance(entry, dict) and "summary" in entry:
+            verdict = {True: "meets its target", False: "MISSED its target: auto runs float32",
+                       None: "no verdict"}[entry["ok"]]
+            print(f"{loaded.name} in {precision}: {entry['summary']} on {record['data']}; {verdict}")
+    return 0
+
+
 def _export_size(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -497,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"models": cli_models, "predict": cli_predict, "shapes": cli_shapes, "train": cli_train,
                 "evaluate": cli_evaluate, "card": cli_card, "import": cli_import, "export": cli_export,
+                "check-precision": cli_check_precision,
                 "bench": cli_bench}
     logger, handler = logging.getLogger("mrcnn"), _WarningLines()
     logger.addHandler(handler)

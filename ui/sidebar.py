@@ -12,6 +12,7 @@ import torch
 
 from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
+from mrcnn.evaluation.fidelity import check_precisions
 from mrcnn.inference import precision
 from mrcnn.inference.model_export import export_zip
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
@@ -23,6 +24,7 @@ KIND_LABELS = {"bundled": "bundled", "torchvision": "COCO, torchvision", "checkp
                "imported": "imported"}
 # Largest model file "Add a model" takes, in MB (torchvision's R50 files are 170-180 MB).
 MAX_MODEL_UPLOAD_MB = int(os.environ.get("MRCNN_MAX_MODEL_UPLOAD_MB", "1024"))
+MAX_CHECK_IMAGES = 4  # a precision check of R50 takes ~6 s per image on a 2-core CPU
 
 
 def model_label(info: zoo.ModelInfo) -> str:
@@ -227,6 +229,53 @@ def _precision_caption(loaded: zoo.LoadedModel) -> None:
     st.caption(text)
 
 
+def _precision_check(loaded: zoo.LoadedModel) -> None:
+    """What is known of the device's fast precision on this model (a precision check's record, else its
+    card's AP record), and a button that checks it now against float32 on this session's latest images (or
+    generated scenes) and records it for the model's weights: ``auto`` follows the record from then on."""
+    fast = precision.fast_precision(loaded.device)
+    if fast == "float32":
+        return
+    check = zoo.read_precision_check(loaded.sha256) or {}
+    card = loaded.meta.get("precision_fidelity") if isinstance(loaded.meta.get("precision_fidelity"), dict) else {}
+    if isinstance(check.get(fast), dict):
+        st.caption(f"{fast} checked {check.get('checked', '')}: {check[fast].get('summary')} "
+                   f"on {check.get('data', 'images')}")
+    elif isinstance(card.get(fast), dict):
+        st.caption(f"{fast} on the card's held-out data: {card[fast].get('summary')}")
+    else:
+        st.caption(f"{fast} has not been checked against float32 on this model yet.")
+    images = list((st.session_state.get("images") or {}).values())[-MAX_CHECK_IMAGES:]
+    where = f"the session's last {len(images)} images" if images else "generated scenes"
+    if st.button(f"Check {fast} against float32", key="precision_check", type="tertiary", icon=":material/rule:",
+                 help=f"Runs the model in float32 and in {fast} on {where} and matches the detections (same "
+                      f"label, box IoU ≥ 0.95, score within 0.02; target: 97%). auto runs float32 on a model "
+                      f"where {fast} missed."):
+        _run_precision_check(loaded, [e.array for e in images])
+
+
+def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
+    ss = st.session_state
+    try:
+        reference = state.get_model(ss["model_name"], ss.get("device", "auto"), "float32")
+    except MrcnnError as err:
+        st.error(str(err))
+        return
+    bar = st.progress(0.0, text=f"Checking {loaded.name}…")
+    largest = max((a.shape for a in images), key=lambda s: s[0] * s[1], default=(512, 512, 3))
+    try:
+        with state.network_slot(reference, largest, learn=False):  # several runs: no single run's peak
+            check_precisions(reference, images, f"{len(images)} images of a session" if images else "",
+                             progress=lambda done, total: bar.progress(done / total, text=f"run {done} of {total}"))
+    except MrcnnError as err:
+        st.error(str(err))
+        return
+    finally:
+        bar.empty()
+    state.forget_loaded_model(ss["model_name"], ss.get("device", "auto"))
+    st.rerun()
+
+
 def render() -> zoo.LoadedModel | None:
     """Draw the sidebar; returns the loaded model (None when it cannot be loaded, with the reason shown)."""
     with st.sidebar:
@@ -252,6 +301,7 @@ def render() -> zoo.LoadedModel | None:
             st.error(st.session_state.get("model_error"))
         elif loaded is not None:
             _precision_caption(loaded)
+            _precision_check(loaded)
         _card(info, loaded)
         _add_model()
         if st.button("Refresh model list", key="refresh_models", type="tertiary", icon=":material/refresh:"):

@@ -37,6 +37,7 @@ import streamlit as st
 
 from mrcnn.model import zoo
 from mrcnn.errors import ModelUnavailable, MrcnnError
+from mrcnn.inference.precision import PRECISIONS
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
@@ -189,6 +190,16 @@ def get_model(name: str, device: str = "auto", precision: str = "float32") -> zo
     return _load_model(name, weights, dev, _file_stamp(weights), precision)
 
 
+def forget_loaded_model(name: str, device: str = "auto") -> None:
+    """Drop every precision's shared copy of a model, so that the next page loads it again: its precision
+    check changed what ``auto`` picks (and every session sees it from its next rerun)."""
+    dev = str(zoo.resolve_device(device))
+    info = next((i for i in model_infos() if i.name == name), None)
+    weights = info.path if info is not None else None
+    for precision in PRECISIONS:
+        _load_model.clear(name, weights, dev, _file_stamp(weights), precision)
+
+
 def current_model() -> zoo.LoadedModel | None:
     """The model the sidebar chose, or None (the reason is in session_state["model_error"])."""
     ss = st.session_state
@@ -336,11 +347,12 @@ def _session_id() -> str:
     return st.session_state.setdefault("trace_session", uuid.uuid4().hex)
 
 
-def network_slot(loaded: zoo.LoadedModel, image_shape: tuple[int, ...]):
+def network_slot(loaded: zoo.LoadedModel, image_shape: tuple[int, ...], learn: bool = True):
     """Around a network run a page makes: one of the server's run slots (the page says when it waits for
-    one) and room in the trace-cache budget for the run's working memory (``TraceCache.network_run``)."""
+    one) and room in the trace-cache budget for the run's working memory (``TraceCache.network_run``;
+    ``learn=False`` for a block that is more than one run, whose peak is no run's)."""
     waiting = f"Waiting for another session's model run to finish before running {loaded.name}…"
-    return trace_cache().network_run(loaded, image_shape, waiting=lambda: st.spinner(waiting))
+    return trace_cache().network_run(loaded, image_shape, waiting=lambda: st.spinner(waiting), learn=learn)
 
 
 def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):

@@ -101,6 +101,18 @@ def fidelity_failure(fidelity: dict | None, precision: str) -> str | None:
     return None
 
 
+def combine_fidelity(*records: dict | None) -> dict:
+    """One fidelity record from several (a model card's AP per precision, a precision check's matched
+    detections): per precision, an entry that missed its target wins, so ``auto`` avoids a precision that
+    any measurement failed."""
+    combined: dict = {}
+    for record in records:
+        for name, entry in (record.items() if isinstance(record, dict) else ()):
+            if isinstance(entry, dict) and (name not in combined or entry.get("ok") is False):
+                combined[name] = entry
+    return combined
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     precision: str  # float32 | bfloat16 | float16: what runs

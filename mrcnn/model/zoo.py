@@ -22,8 +22,8 @@ import torch
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
 
 from mrcnn.errors import CheckpointError, MrcnnError, ModelUnavailable
-from mrcnn.files import NEW_FILE_MODE, file_sha256
-from mrcnn.inference.precision import choose_precision, prepare_model
+from mrcnn.files import NEW_FILE_MODE, atomic_write_bytes, file_sha256
+from mrcnn.inference.precision import choose_precision, combine_fidelity, prepare_model
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file
 
@@ -49,6 +49,12 @@ def imported_models() -> dict[str, Path]:
         if isinstance(name, str) and name and name not in found:
             found[name] = path
     return found
+
+
+def precision_checks_dir() -> Path:
+    """Precision checks of models that have no card recording AP per precision (the user's own: imported,
+    torchvision's files), one ``<sha256>.json`` per weights file (mrcnn.evaluation.fidelity.check_precisions)."""
+    return models_dir() / "precision-checks"
 
 
 def runs_dir() -> Path:
@@ -127,6 +133,30 @@ def read_card(checkpoint_path: Path) -> dict:
             return {}
         return card if isinstance(card, dict) else {}
     return {}
+
+
+def _precision_check_path(sha256: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # the file's name is the server's hash, nothing else
+        raise ValueError(f"not a sha256: {sha256!r}")
+    return precision_checks_dir() / f"{sha256}.json"
+
+
+def read_precision_check(sha256: str) -> dict | None:
+    """The recorded precision check of the weights with this sha256; None when never checked (or unreadable).
+    Keyed by content: a re-written file is a new model; names that point at the same file share the record."""
+    path = _precision_check_path(sha256)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_precision_check(sha256: str, record: dict) -> Path:
+    path = _precision_check_path(sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+    return path
 
 
 def _checkpoint_info(name: str, path: Path, kind: str) -> ModelInfo:
@@ -246,7 +276,8 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
     dev = resolve_device(device)
     choose_precision(precision, dev)  # a precision the device lacks is refused before the weights are read
     loaded = _load_float32(name, weights, dev)
-    choice = choose_precision(precision, dev, loaded.meta.get("precision_fidelity"))
+    fidelity = combine_fidelity(loaded.meta.get("precision_fidelity"), read_precision_check(loaded.sha256))
+    choice = choose_precision(precision, dev, fidelity)
     prepare_model(loaded.model, choice.precision)
     loaded.precision, loaded.precision_note = choice.precision, choice.note
     return loaded
