@@ -11,7 +11,8 @@ from mrcnn.model.architectures import build_model
 from mrcnn.files import file_sha256
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.cli import main
-from mrcnn.model.zoo import list_models, read_card, weights_dir
+from mrcnn.model.importer import import_model
+from mrcnn.model.zoo import imported_models, list_models, read_card, weights_dir
 from tests.helpers import CATEGORIES as CATS, TINY_LIGHT as TINY
 
 
@@ -42,6 +43,16 @@ def test_card_cli_writes_metrics_timing_and_training_facts(tmp_path, capsys, mon
     monkeypatch.setenv("MRCNN_RUNS_DIR", str(runs))
     info = next(i for i in list_models() if i.path == str(ckpt))
     assert info.card["metrics"] == card["metrics"]
+
+
+def test_a_card_of_an_imported_model_keeps_the_name_it_is_listed_under(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
+    source = save_checkpoint(tmp_path / "elsewhere.pt", TINY, CATS, build_model(TINY, 4).state_dict(), {})
+    imported = import_model(source, name="pets")
+    assert main(["card", str(imported.checkpoint), "--data", "shapes:2:5:64"]) == 0
+    card = json.loads(imported.checkpoint.with_suffix(".json").read_text())
+    assert card["name"] == "pets" and card["source"] == imported.card["source"] and "metrics" in card
+    assert imported_models() == {"pets": imported.checkpoint}  # still listed, under the user's name
 
 
 def test_card_of_a_missing_or_broken_file_is_one_line(tmp_path, capsys):

@@ -31,7 +31,9 @@ from mrcnn.files import atomic_write_bytes
 from mrcnn.model.architectures import count_parameters
 from mrcnn.model.checkpoint import load_checkpoint
 from mrcnn.inference.precision import stage_autocast
-from mrcnn.model.zoo import load_model
+from mrcnn.model.zoo import load_model, read_card
+
+KEPT_FROM_IMPORT = ("source", "imported")  # mrcnn.model.importer's card keys that a new card keeps
 from mrcnn.training.run_files import read_metrics
 
 
@@ -100,8 +102,10 @@ def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = N
                            or DEFAULT_CLASSES)
     forward_ms = median_forward_ms(loaded.model, scene.image, repeats=timing_repeats)
 
+    previous = read_card(path)  # an imported model's card: its display name and source stay
     card = {
-        "name": path.stem,
+        "name": previous.get("name") if isinstance(previous.get("name"), str) else path.stem,
+        **{k: previous[k] for k in KEPT_FROM_IMPORT if k in previous},
         "classes": list(loaded.categories[1:]),
         "architecture": dict(ckpt["arch"]),
         "parameters": count_parameters(loaded.model),
