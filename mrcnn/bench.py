@@ -4,11 +4,11 @@
   same random weights, runs interleaved so that machine load hits both alike (both float32).
 - fast_trace_over_torchvision: the traced run in ``fast_precision`` (the fastest precision the device runs
   natively, or the one ``--precision`` names; mrcnn.inference.precision) ÷ the same float32 forward.
-- r50_fidelity: the share of float32's R50 detections the fast precision matches (random weights with a
-  raised class bias, so that there are detections; generated scenes); mrcnn.evaluation.fidelity. Random
-  weights make near-ties of the scores and boxes (nothing was learnt to separate them), which any rounding
-  reorders, so this share is low whatever the precision's quality; shapes_matched applies the same rule to
-  the trained bundled model.
+- r50_fidelity: the share of float32's R50 detections the fast precision matches, on generated scenes
+  (mrcnn.evaluation.fidelity), with torchvision's COCO weights when they are here, else random weights with a
+  raised class bias, so that there are detections (``weights`` says which). Random weights make near-ties
+  of the scores and boxes (nothing was learnt to separate them), which any rounding reorders, so their share
+  is low whatever the precision's quality; shapes_matched applies the same rule to the trained bundled model.
 - refilter_speedup_r50: torchvision forward ÷ re-filter after a threshold change (warm: the masks of
   the new detections were seen before; cold re-filters that run the mask head are reported apart).
 - refilter_ms_light: median re-filter time on a 640×480 image with the light architecture (the
@@ -41,7 +41,7 @@ from mrcnn.inference.precision import CPU_BF16_FLAGS, choose_precision, cpu_mode
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.architectures import build_model, light_arch
-from mrcnn.model.zoo import LoadedModel, load_model, resolve_device, weights_dir
+from mrcnn.model.zoo import LoadedModel, find_torchvision_weights, load_model, resolve_device, weights_dir
 from mrcnn.training.card import median_forward_ms
 
 SHAPES_HELD_OUT = "shapes:500:12345:256"  # the bundled model's card's evaluation data
@@ -82,13 +82,18 @@ def _sync(device: torch.device) -> None:
 
 
 def r50_fidelity(device: torch.device, precision: str, scenes: int) -> dict:
-    """detection_fidelity of R50 in ``precision`` on ``scenes`` generated 800-px images; random weights whose
-    foreground classes get a raised bias, so that the boxes compared are detections, not empty lists."""
-    loaded = _loaded({"name": "maskrcnn_resnet50_fpn"}, 91, "maskrcnn_resnet50_fpn", device)
-    with torch.no_grad():
-        loaded.model.roi_heads.box_predictor.cls_score.bias[1:] += 8.0
+    """detection_fidelity of R50 in ``precision`` on ``scenes`` generated 800-px images, with torchvision's
+    COCO weights when they are here (what the measure is for), else random weights whose foreground classes
+    get a raised bias, so that the boxes compared are detections, not empty lists."""
+    if find_torchvision_weights("coco-r50-fpn") is not None:
+        loaded, weights = load_model("coco-r50-fpn", device=device), "torchvision's COCO weights"
+    else:
+        loaded = _loaded({"name": "maskrcnn_resnet50_fpn"}, 91, "maskrcnn_resnet50_fpn", device)
+        with torch.no_grad():
+            loaded.model.roi_heads.box_predictor.cls_score.bias[1:] += 8.0
+        weights = "random weights (torchvision's COCO weights are not here)"
     images = [_scene(800, 1066, seed=100 + i) for i in range(scenes)]
-    return detection_fidelity(loaded, images, [precision])
+    return {**detection_fidelity(loaded, images, [precision]), "weights": weights}
 
 
 def bench_r50(repeats: int = 5, device: torch.device = torch.device("cpu"), fast: str = "float32") -> dict:
@@ -233,8 +238,8 @@ def format_table(r: dict) -> str:
          f"ratio {r['trace_over_torchvision']:.3f} (target ≤ 1.02)"),
         (f"traced run in {r['fast_precision']} (the fast precision here)", f"{r['fast_trace_ms']:.0f} ms",
          f"ratio {r['fast_trace_over_torchvision']:.3f} to the float32 forward (target ≤ 0.42)"),
-        *([(f"R50 detections matched in {r['fast_precision']}", r["r50_fidelity"][r["fast_precision"]]["summary"],
-            "target ≥ 97%")] if r.get("r50_fidelity") else []),
+        *([(f"R50 detections matched in {r['fast_precision']} ({r['r50_fidelity'].get('weights', 'random weights')})",
+            r["r50_fidelity"][r["fast_precision"]]["summary"], "target ≥ 97%")] if r.get("r50_fidelity") else []),
         ("re-filter after a threshold change, R50", f"{r['refilter_ms_r50']:.1f} ms",
          f"{r['refilter_speedup_r50']:.0f}× faster than a forward (target ≥ 20×)"),
         ("re-filter that runs the mask head for new detections, R50", f"{r['refilter_cold_ms_r50']:.0f} ms", ""),

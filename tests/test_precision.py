@@ -24,9 +24,10 @@ from mrcnn.inference.precision import choose_precision, stage_autocast
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.model.checkpoint import save_checkpoint
+from mrcnn.model import zoo
 from mrcnn.model.zoo import load_model, read_card, weights_dir
 from mrcnn.training.card import write_card
-from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, tiny_loaded
+from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, shaped_state_dict, tiny_loaded
 from tests.test_app import APP
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -213,6 +214,23 @@ def test_r50_fidelity_counts_matched_detections(monkeypatch):
     record = detection_fidelity(tiny_loaded(), [scene(96, 128, seed=2)], ["float16"], LOW)
     assert record["float16"]["detections"] > 0 and 0.9 <= record["float16"]["matched"] <= 1.0
     assert record["float16"]["ok"] == (record["float16"]["matched"] >= 0.97)
+
+
+def test_bench_measures_r50s_fidelity_on_torchvisions_coco_weights_when_they_are_here(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(bench, "detection_fidelity",
+                        lambda loaded, images, precisions: measured.append(loaded) or {"images": len(images)})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MRCNN_WEIGHTS_DIR", str(tmp_path / "weights"))
+    assert "random weights" in bench.r50_fidelity(CPU, "bfloat16", scenes=1)["weights"]
+    assert measured.pop().source == "<random weights>"
+    # a locally made state dict of the architecture, under torchvision's file name, stands in for the COCO file
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    coco = folder / zoo.TORCHVISION_MODELS["coco-r50-fpn"].filename
+    torch.save(shaped_state_dict("maskrcnn_resnet50_fpn", 91), coco)
+    assert bench.r50_fidelity(CPU, "bfloat16", scenes=1) == {"images": 1, "weights": "torchvision's COCO weights"}
+    assert measured.pop().source == str(coco)
 
 
 def test_precision_flags_parse_and_bad_values_exit_2(capsys, monkeypatch):
