@@ -32,9 +32,9 @@ from mrcnn.model.architectures import count_parameters
 from mrcnn.model.checkpoint import load_checkpoint
 from mrcnn.inference.precision import stage_autocast
 from mrcnn.model.zoo import load_model, read_card
+from mrcnn.training.run_files import read_metrics
 
 KEPT_FROM_IMPORT = ("source", "imported")  # mrcnn.model.importer's card keys that a new card keeps
-from mrcnn.training.run_files import read_metrics
 
 
 def card_path(checkpoint: str | Path) -> Path:
