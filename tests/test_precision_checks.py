@@ -84,6 +84,20 @@ def test_no_detections_to_compare_gives_no_verdict_and_auto_keeps_the_fast_preci
     assert combine_fidelity(record)["bfloat16"]["ok"] is None  # no verdict: not a failure
 
 
+def test_a_check_stopped_half_way_leaves_no_record(models):
+    loaded = load_model(str(models), device="cpu")
+
+    def stop_at_the_third_run(done, total):  # as a page's rerun stops its script at its next element update
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        check_precisions(loaded, [scene(96, 128, seed=s) for s in range(2)], progress=stop_at_the_third_run)
+    assert read_precision_check(loaded.sha256) is None and not precision_checks_dir().exists()
+    with pytest.raises(ValueError, match="compares against float32"):
+        check_precisions(load_model(str(models), device="cpu", precision="bfloat16"))
+
+
 def test_bad_input_is_one_line_and_leaves_no_record(models, capsys):
     bad = models.parent / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
