@@ -91,7 +91,7 @@ def r50_fidelity(device: torch.device, precision: str, scenes: int) -> dict:
         loaded = _loaded({"name": "maskrcnn_resnet50_fpn"}, 91, "maskrcnn_resnet50_fpn", device)
         with torch.no_grad():
             loaded.model.roi_heads.box_predictor.cls_score.bias[1:] += 8.0
-        weights = "random weights (torchvision's COCO weights are not here)"
+        weights = "random weights"  # torchvision's COCO file is not here
     images = [_scene(800, 1066, seed=100 + i) for i in range(scenes)]
     return {**detection_fidelity(loaded, images, [precision]), "weights": weights}
 
