@@ -25,7 +25,7 @@ from mrcnn.data.video import is_clip, open_clip
 from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
 from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
-from mrcnn.evaluation.fidelity import check_precisions
+from mrcnn.evaluation.fidelity import check_precisions, precisions_to_check
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
@@ -36,7 +36,7 @@ from mrcnn.inference.trace import run_trace
 from mrcnn.inference.video import predict_clip
 from mrcnn.model.architectures import ARCHITECTURES, check_arch
 from mrcnn.model.importer import import_model
-from mrcnn.model.zoo import list_models, load_model
+from mrcnn.model.zoo import list_models, load_model, resolve_device
 from mrcnn.training.card import card_path, write_card
 from mrcnn.training.engine import TrainConfig, train
 
@@ -462,6 +462,7 @@ def cli_import(args) -> int:
 
 def cli_check_precision(args) -> int:
     """`python -m mrcnn check-precision MODEL [IMAGE ...]`: every image is read before anything runs."""
+    precisions_to_check(resolve_device(args.device))  # before the weights are read
     images = [load_image(Path(name)).array for name in args.images]
     loaded = load_model(args.model, args.weights, device=args.device, precision="float32")
     data = f"{len(images)} images given to check-precision" if images else ""

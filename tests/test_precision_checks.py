@@ -10,6 +10,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from mrcnn import cli
 from mrcnn.cli import main
 from mrcnn.evaluation import fidelity
 from mrcnn.evaluation.fidelity import check_precisions
@@ -98,7 +99,7 @@ def test_a_check_stopped_half_way_leaves_no_record(models):
         check_precisions(load_model(str(models), device="cpu", precision="bfloat16"))
 
 
-def test_bad_input_is_one_line_and_leaves_no_record(models, capsys):
+def test_bad_input_is_one_line_and_leaves_no_record(models, capsys, monkeypatch):
     bad = models.parent / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     assert main(["check-precision", str(models), str(bad)]) == 2
@@ -107,6 +108,11 @@ def test_bad_input_is_one_line_and_leaves_no_record(models, capsys):
     assert main(["check-precision", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert not precision_checks_dir().exists()
+    cpu_flags(monkeypatch, "avx2")  # no bf16 units: nothing to check, said before the model is read
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["check-precision", str(models), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cpu runs no reduced precision natively" in err[0]
     with pytest.raises(ValueError, match="not a sha256"):
         read_precision_check("../../etc/passwd")
 

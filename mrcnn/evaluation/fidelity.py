@@ -123,6 +123,15 @@ def detection_fidelity(loaded: LoadedModel, images: list[np.ndarray], precisions
     return record
 
 
+def precisions_to_check(device: torch.device) -> list[str]:
+    """The reduced precisions ``device`` runs natively (MrcnnError when none: there is nothing to check)."""
+    precisions = reduced_native_precisions(device)
+    if not precisions:
+        raise MrcnnError(f"{device} runs no reduced precision natively (auto runs float32 there): "
+                         "there is nothing to check")
+    return precisions
+
+
 def check_precisions(loaded: LoadedModel, images: list[np.ndarray] | None = None, data_name: str = "",
                      progress: Callable[[int, int], None] | None = None) -> dict:
     """``detection_fidelity`` of float32 ``loaded`` in every reduced precision its device runs natively, on
@@ -131,9 +140,7 @@ def check_precisions(loaded: LoadedModel, images: list[np.ndarray] | None = None
     a check stopped half-way leaves no record."""
     if loaded.precision != "float32":
         raise ValueError(f"check_precisions compares against float32; {loaded.name} was loaded in {loaded.precision}")
-    precisions = reduced_native_precisions(loaded.device)
-    if not precisions:
-        raise MrcnnError(f"{loaded.device} runs no reduced precision natively: there is nothing to check")
+    precisions = precisions_to_check(loaded.device)
     if not images:
         images = [generate_scene(seed, size=CHECK_SCENE_SIZE).image for seed in range(CHECK_SCENES)]
         data_name = f"{CHECK_SCENES} generated {CHECK_SCENE_SIZE}-px shapes scenes"
