@@ -465,7 +465,7 @@ def cli_check_precision(args) -> int:
     precisions_to_check(resolve_device(args.device))  # before the weights are read
     images = [load_image(Path(name)).array for name in args.images]
     loaded = load_model(args.model, args.weights, device=args.device, precision="float32")
-    data = f"{len(images)} images given to check-precision" if images else ""
+    data = f"{len(images)} image{'s' if len(images) > 1 else ''} given to check-precision" if images else ""
     record = check_precisions(loaded, images, data, progress=_Progress("checking"))
     if args.json:
         print(json.dumps(record))

@@ -61,7 +61,7 @@ def test_a_check_is_recorded_for_the_weights_and_auto_follows_it(models, monkeyp
     image.write_bytes(png(scene(96, 128, seed=3)))
     assert main(["check-precision", str(models), str(image), "--device", "cpu", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["bfloat16"]["ok"] is True and printed["data"] == "1 images given to check-precision"
+    assert printed["bfloat16"]["ok"] is True and printed["data"] == "1 image given to check-precision"
     assert load_model(str(models), device="cpu", precision="auto").precision == "bfloat16"
 
 
@@ -129,7 +129,7 @@ def test_the_sidebar_checks_the_model_and_every_session_runs_what_the_check_allo
         assert not at.exception and not at.sidebar.error
         caption = " ".join(c.value for c in at.sidebar.caption)
         assert "Runs in **float32** (auto)" in caption and "bfloat16 missed its fidelity target" in caption
-        assert "of float32's" in caption and "on 1 images of a session" in caption  # the sample scene it showed
+        assert "of float32's" in caption and "on an image of a session" in caption  # the sample scene it showed
         assert count(at) >= 0  # Detect drew its page again, from a float32 run
         # another session, and this one on another page and back, get the model as the check left it
         other = AppTest.from_file(APP, default_timeout=120).run()

@@ -246,12 +246,17 @@ def _precision_check(loaded: zoo.LoadedModel) -> None:
     else:
         st.caption(f"{fast} has not been checked against float32 on this model yet.")
     images = list((st.session_state.get("images") or {}).values())[-MAX_CHECK_IMAGES:]
-    where = f"the session's last {len(images)} images" if images else "generated scenes"
+    where = (f"the session's last {len(images)} images" if len(images) > 1 else "the session's image" if images
+             else "generated scenes")
     if st.button(f"Check {fast} against float32", key="precision_check", type="tertiary", icon=":material/rule:",
                  help=f"Runs the model in float32 and in {fast} on {where} and matches the detections (same "
                       f"label, box IoU ≥ 0.95, score within 0.02; target: 97%). auto runs float32 on a model "
                       f"where {fast} missed."):
         _run_precision_check(loaded, [e.array for e in images])
+
+
+def _images_of_a_session(n: int) -> str:  # a record is seen by every session: no file names in it
+    return f"{n} images of a session" if n > 1 else "an image of a session"
 
 
 def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
@@ -265,7 +270,7 @@ def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
     largest = max((a.shape for a in images), key=lambda s: s[0] * s[1], default=(512, 512, 3))
     try:
         with state.network_slot(reference, largest, learn=False):  # several runs: no single run's peak
-            check_precisions(reference, images, f"{len(images)} images of a session" if images else "",
+            check_precisions(reference, images, _images_of_a_session(len(images)) if images else "",
                              progress=lambda done, total: bar.progress(done / total, text=f"run {done} of {total}"))
     except MrcnnError as err:
         st.error(str(err))
