@@ -2,6 +2,7 @@
 
     python benchmarks/finetune_default.py            # prints one table row
     python benchmarks/finetune_default.py --json
+    python benchmarks/finetune_default.py --device cuda   # on a GPU (float16 AMP); the default is the page's, auto
 
 Prepares the built-in "teach it a new shape" data (mrcnn.training.finetune.prepare_builtin with the page's
 default settings), runs the train CLI as a background job (mrcnn.training.jobs, as the page does), waits for
@@ -20,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mrcnn.errors import MrcnnError  # noqa: E402
+from mrcnn.model.zoo import resolve_device  # noqa: E402
 from mrcnn.training import finetune, jobs  # noqa: E402
 
 
@@ -40,7 +43,7 @@ def run(settings: finetune.FinetuneSettings) -> dict:
                                                device=settings.device)
         total_s = time.perf_counter() - t0
     new = finetune.NEW_SHAPE
-    row = {"steps": settings.steps, "batch_size": settings.batch_size, "image_size": settings.image_size,
+    row = {"device": str(resolve_device(settings.device)), "steps": settings.steps, "batch_size": settings.batch_size, "image_size": settings.image_size,
            "train_s": round(train_s, 1), "total_s": round(total_s, 1)}
     for key in ("before", "after"):
         r = result[key]
@@ -55,8 +58,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
     p.add_argument("--steps", type=int, default=None, help="default: the page's default")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (the page's default): CUDA when there is a GPU, else the CPU")
     args = p.parse_args()
-    settings = finetune.FinetuneSettings(device="cpu")
+    try:
+        resolve_device(args.device)  # no CUDA here: one line before anything runs
+    except MrcnnError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = finetune.FinetuneSettings(device=args.device)
     if args.steps:
         settings.steps = args.steps
     row = run(settings)
@@ -64,7 +74,7 @@ def main() -> int:
         print(json.dumps(row))
     else:
         new = finetune.NEW_SHAPE
-        print(f"| {row['steps']} steps × {row['batch_size']} | train {row['train_s']} s | total {row['total_s']} s "
+        print(f"| {row['device']} | {row['steps']} steps × {row['batch_size']} | train {row['train_s']} s | total {row['total_s']} s "
               f"| {new} mask AP {row[f'{new}_segm_AP_before']:.3f} → {row[f'{new}_segm_AP_after']:.3f} "
               f"| {new} box AP {row[f'{new}_bbox_AP_before']:.3f} → {row[f'{new}_bbox_AP_after']:.3f} "
               f"| all mask AP {row['segm_AP_before']:.3f} → {row['segm_AP_after']:.3f} |")
