@@ -180,24 +180,33 @@ def _load_model(name: str, weights: str | None, device: str, stamp: tuple, preci
     return zoo.load_model(name, weights=weights, device=device, precision=precision)
 
 
-def get_model(name: str, device: str = "auto", precision: str = "float32") -> zoo.LoadedModel:
-    """The shared LoadedModel for a model name (or checkpoint path). Raises MrcnnError with the reason."""
+def _cache_key(name: str, device: str) -> tuple[str, str | None, str, tuple]:
+    """(name, weights, device, stamp): what a loaded model is cached under, but its precision."""
     dev = str(zoo.resolve_device(device))
     info = next((i for i in model_infos() if i.name == name), None)
     if info is not None and not info.available:
         raise ModelUnavailable(f"{name}: {info.reason}")
     weights = info.path if info is not None else None
-    return _load_model(name, weights, dev, _file_stamp(weights), precision)
+    return name, weights, dev, _file_stamp(weights)
+
+
+def get_model(name: str, device: str = "auto", precision: str = "float32") -> zoo.LoadedModel:
+    """The shared LoadedModel for a model name (or checkpoint path). Raises MrcnnError with the reason."""
+    return _load_model(*_cache_key(name, device), precision)
+
+
+def load_model_uncached(name: str, device: str = "auto", precision: str = "float32") -> zoo.LoadedModel:
+    """A model loaded for one task and freed after it (not kept among the shared models)."""
+    name, weights, dev, _ = _cache_key(name, device)
+    return zoo.load_model(name, weights=weights, device=dev, precision=precision)
 
 
 def forget_loaded_model(name: str, device: str = "auto") -> None:
     """Drop every precision's shared copy of a model, so that the next page loads it again: its precision
     check changed what ``auto`` picks (and every session sees it from its next rerun)."""
-    dev = str(zoo.resolve_device(device))
-    info = next((i for i in model_infos() if i.name == name), None)
-    weights = info.path if info is not None else None
+    key = _cache_key(name, device)
     for precision in PRECISIONS:
-        _load_model.clear(name, weights, dev, _file_stamp(weights), precision)
+        _load_model.clear(*key, precision)
 
 
 def current_model() -> zoo.LoadedModel | None:
