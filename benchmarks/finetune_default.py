@@ -43,7 +43,8 @@ def run(settings: finetune.FinetuneSettings) -> dict:
                                                device=settings.device)
         total_s = time.perf_counter() - t0
     new = finetune.NEW_SHAPE
-    row = {"device": str(resolve_device(settings.device)), "steps": settings.steps, "batch_size": settings.batch_size, "image_size": settings.image_size,
+    row = {"device": str(resolve_device(settings.device)), "steps": settings.steps,
+           "batch_size": settings.batch_size, "image_size": settings.image_size,
            "train_s": round(train_s, 1), "total_s": round(total_s, 1)}
     for key in ("before", "after"):
         r = result[key]
@@ -74,7 +75,8 @@ def main() -> int:
         print(json.dumps(row))
     else:
         new = finetune.NEW_SHAPE
-        print(f"| {row['device']} | {row['steps']} steps × {row['batch_size']} | train {row['train_s']} s | total {row['total_s']} s "
+        print(f"| {row['device']} | {row['steps']} steps × {row['batch_size']} | train {row['train_s']} s "
+              f"| total {row['total_s']} s "
               f"| {new} mask AP {row[f'{new}_segm_AP_before']:.3f} → {row[f'{new}_segm_AP_after']:.3f} "
               f"| {new} box AP {row[f'{new}_bbox_AP_before']:.3f} → {row[f'{new}_bbox_AP_after']:.3f} "
               f"| all mask AP {row['segm_AP_before']:.3f} → {row['segm_AP_after']:.3f} |")

@@ -12,7 +12,7 @@ import torch
 
 from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
-from mrcnn.evaluation.fidelity import check_precisions
+from mrcnn.evaluation import fidelity
 from mrcnn.inference import precision
 from mrcnn.inference.model_export import export_zip
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
@@ -250,8 +250,8 @@ def _precision_check(loaded: zoo.LoadedModel) -> None:
              else "generated scenes")
     if st.button(f"Check {fast} against float32", key="precision_check", type="tertiary", icon=":material/rule:",
                  help=f"Runs the model in float32 and in {fast} on {where} and matches the detections (same "
-                      f"label, box IoU ≥ 0.95, score within 0.02; target: 97%). auto runs float32 on a model "
-                      f"where {fast} missed."):
+                      f"label, box IoU ≥ {fidelity.MATCH_IOU}, score within {fidelity.MATCH_SCORE_DIFF}; target: "
+                      f"{fidelity.MIN_MATCHED_SHARE:.0%}). auto runs float32 on a model where {fast} missed."):
         _run_precision_check(loaded, [e.array for e in images])
 
 
@@ -271,7 +271,7 @@ def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
     largest = max((a.shape for a in images), key=lambda s: s[0] * s[1], default=(512, 512, 3))
     try:
         with state.network_slot(reference, largest, learn=False):  # several runs: no single run's peak
-            check_precisions(reference, images, _images_of_a_session(len(images)) if images else "",
+            fidelity.check_precisions(reference, images, _images_of_a_session(len(images)) if images else "",
                              progress=lambda done, total: bar.progress(done / total, text=f"run {done} of {total}"))
     except MrcnnError as err:
         st.error(str(err))
