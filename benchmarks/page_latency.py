@@ -24,7 +24,6 @@ that load from other processes hits both alike.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics

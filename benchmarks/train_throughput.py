@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mrcnn.data.sources import parse_shapes_spec  # noqa: E402
-from mrcnn.training.engine import TrainConfig, train  # noqa: E402
+from mrcnn.training.config import TrainConfig  # noqa: E402
+from mrcnn.training.engine import train  # noqa: E402
 from mrcnn.model.zoo import read_card, resolve_device, weights_dir  # noqa: E402
 
 

@@ -38,7 +38,8 @@ from mrcnn.model.architectures import ARCHITECTURES, check_arch
 from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import list_models, load_model, resolve_device
 from mrcnn.training.card import card_path, write_card
-from mrcnn.training.engine import TrainConfig, train
+from mrcnn.training.config import TrainConfig
+from mrcnn.training.engine import train
 
 
 def _add_thresholds(p: argparse.ArgumentParser) -> None:
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--config", default=None, help="JSON file with further TrainConfig fields")
-    # further TrainConfig fields (mrcnn.training.engine); unset ones keep the config file's or the default value
+    # further TrainConfig fields (mrcnn.training.config); unset ones keep the config file's or the default value
     p.add_argument("--arch", default=None, help='architecture overrides for a fresh model, JSON (e.g. \'{"fpn_channels": 32}\')')
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--val-num", type=int, default=None, help="validate on at most N images")

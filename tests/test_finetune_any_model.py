@@ -11,7 +11,8 @@ from mrcnn.inference.model_export import export_model
 from mrcnn.model.checkpoint import load_checkpoint
 from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import load_model
-from mrcnn.training.engine import TrainConfig, train
+from mrcnn.training.config import TrainConfig
+from mrcnn.training.engine import train
 from tests.helpers import scene
 
 FROZEN_STAGES = ("backbone.body.conv1.", "backbone.body.layer1.")  # 3 trainable stages: layer4, layer3, layer2

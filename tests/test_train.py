@@ -15,11 +15,13 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from mrcnn.data.shapes import ShapesDataset
-from mrcnn.training import engine as train_mod
+from mrcnn.training import config as train_config, devices, engine, starting_model, validation
 from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.errors import TrainingError
-from mrcnn.training.engine import TrainConfig, lr_factor, remap_class_weights, train
+from mrcnn.training.config import TrainConfig, lr_factor
+from mrcnn.training.engine import train
+from mrcnn.training.starting_model import remap_class_weights
 from tests.helpers import TINY_TRAIN_ARCH
 
 TINY = TINY_TRAIN_ARCH
@@ -76,7 +78,7 @@ def test_metrics_rows_and_checkpoint_format(tmp_path):
     result = train(tiny_config(run, steps=2, val="shapes:2:5:64"), progress=seen.append, verbose=False)
     rows = metrics(run)
     assert len(rows) == 2 and seen == rows == result.metrics
-    for key in ("step", "loss", "lr", "images_per_s", "elapsed", *train_mod.LOSS_TERMS):
+    for key in ("step", "loss", "lr", "images_per_s", "elapsed", *train_config.LOSS_TERMS):
         assert key in rows[0]
     assert set(rows[-1]["val"]) >= {"bbox_AP", "segm_AP"}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -88,26 +90,26 @@ def test_metrics_rows_and_checkpoint_format(tmp_path):
 
 
 def test_mixed_precision_is_the_devices_native_one(monkeypatch):
-    assert train_mod.amp_dtype("cuda") == torch.float16
-    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: True)
-    assert train_mod.amp_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: False)  # emulated bf16 is slower than float32
-    assert train_mod.amp_dtype("cpu") is None
+    assert devices.amp_dtype("cuda") == torch.float16
+    monkeypatch.setattr(devices, "_cpu_has_bf16", lambda: True)
+    assert devices.amp_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(devices, "_cpu_has_bf16", lambda: False)  # emulated bf16 is slower than float32
+    assert devices.amp_dtype("cpu") is None
 
 
 @pytest.mark.parametrize("amp, has_bf16, expected", [(True, True, torch.bfloat16), (False, True, torch.float32),
                                                      (True, False, torch.float32)])
 def test_cpu_training_convolves_in_bfloat16_when_the_cpu_has_it(tmp_path, monkeypatch, amp, has_bf16, expected):
-    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(devices, "_cpu_has_bf16", lambda: has_bf16)
     seen = []
-    real_build = train_mod.build_model
+    real_build = starting_model.build_model
 
     def build_and_watch(arch, num_classes):
         model = real_build(arch, num_classes)
         model.backbone.body.conv1.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
         return model
 
-    monkeypatch.setattr(train_mod, "build_model", build_and_watch)
+    monkeypatch.setattr(starting_model, "build_model", build_and_watch)
     run = tmp_path / "run"
     result = train(tiny_config(run, steps=2, amp=amp), verbose=False)
     assert result.state == "finished"
@@ -116,7 +118,7 @@ def test_cpu_training_convolves_in_bfloat16_when_the_cpu_has_it(tmp_path, monkey
     # the weights and the optimizer stay in float32: only the arithmetic is mixed
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())
-    assert all(all(math.isfinite(r[k]) for k in train_mod.LOSS_TERMS) for r in metrics(run))
+    assert all(all(math.isfinite(r[k]) for k in train_config.LOSS_TERMS) for r in metrics(run))
 
 
 def test_stop_file_cancels_and_saves(tmp_path):
@@ -173,14 +175,14 @@ def sigterm_caught_by_the_test():
 
 
 def test_sigterm_while_a_batch_loads_cancels_within_the_step(tmp_path, monkeypatch, sigterm_caught_by_the_test):
-    real_open = train_mod.open_data
+    real_open = engine.open_data
     opened = []
 
     def open_slow_data(*args, **kwargs):  # a 16-image batch whose 3rd image brings the SIGTERM
         opened.append(_CallsOnItem(real_open(*args, **kwargs), 3, lambda: os.kill(os.getpid(), signal.SIGTERM)))
         return opened[-1]
 
-    monkeypatch.setattr(train_mod, "open_data", open_slow_data)
+    monkeypatch.setattr(engine, "open_data", open_slow_data)
     run = tmp_path / "run"
     result = train(tiny_config(run, batch_size=16), verbose=False)
     assert result.state == "cancelled" and result.step == 0 and "SIGTERM" in result.message
@@ -191,8 +193,8 @@ def test_sigterm_while_a_batch_loads_cancels_within_the_step(tmp_path, monkeypat
 
 def test_run_folder_deleted_while_training_fails_with_one_line(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_open = train_mod.open_data
-    monkeypatch.setattr(train_mod, "open_data",
+    real_open = engine.open_data
+    monkeypatch.setattr(engine, "open_data",
                         lambda *a, **k: _CallsOnItem(real_open(*a, **k), 3, lambda: shutil.rmtree(run)))
     with pytest.raises(TrainingError, match="the run folder .* was deleted during step 2"):
         train(tiny_config(run, checkpoint_every=1), verbose=False)
@@ -209,7 +211,7 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_open = train_mod.open_data
+    real_open = engine.open_data
 
     class PoisonAfter(torch.utils.data.Dataset):
         """Items turn to NaN images after the first two steps' worth (4 items)."""
@@ -225,7 +227,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             image, target = self.ds[i]
             return (image * float("nan") if self.calls > 4 else image), target
 
-    monkeypatch.setattr(train_mod, "open_data", lambda *a, **k: PoisonAfter(real_open(*a, **k)))
+    monkeypatch.setattr(engine, "open_data", lambda *a, **k: PoisonAfter(real_open(*a, **k)))
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="not finite") as err:
         train(tiny_config(run, checkpoint_every=1), verbose=False)
@@ -235,8 +237,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_a_loss_that_overflows_mixed_precision_is_redone_in_float32(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "_cpu_has_bf16", lambda: True)
-    real_build = train_mod.build_model
+    monkeypatch.setattr(devices, "_cpu_has_bf16", lambda: True)
+    real_build = starting_model.build_model
     calls = []
 
     def build_overflowing_once(arch, num_classes):
@@ -250,7 +252,7 @@ def test_a_loss_that_overflows_mixed_precision_is_redone_in_float32(tmp_path, mo
         model.register_forward_hook(overflow)
         return model
 
-    monkeypatch.setattr(train_mod, "build_model", build_overflowing_once)
+    monkeypatch.setattr(starting_model, "build_model", build_overflowing_once)
     run = tmp_path / "run"
     result = train(tiny_config(run, steps=3), verbose=False)
     assert result.state == "finished" and result.step == 3
@@ -349,11 +351,11 @@ def test_train_checks_a_config_changed_after_it_was_built(tmp_path):
 
 def test_every_numeric_setting_has_a_range():
     numeric = {f.name for f in fields(TrainConfig) if f.type.split(" ")[0] in ("int", "float")}
-    assert numeric == set(train_mod.INTEGER_SETTINGS) | set(train_mod.FLOAT_SETTINGS)
+    assert numeric == set(train_config.INTEGER_SETTINGS) | set(train_config.FLOAT_SETTINGS)
 
 
 def test_a_batch_that_cannot_fit_is_refused_before_any_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "_available_memory", lambda device: 100 * 2**20)
+    monkeypatch.setattr(devices, "_available_memory", lambda device: 100 * 2**20)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="batch size 16 at 256 px needs at least 0.4 GiB .* 0.1 GiB"):
         train(tiny_config(run, batch_size=16, image_size=256), should_stop=lambda: True, verbose=False)
@@ -399,12 +401,12 @@ def test_trainable_backbone_layers_counted_as_torchvision_does():
     for layers in (0, 3, 5):
         with torch.device("meta"):
             model = build_model({"name": "maskrcnn_resnet50_fpn"}, 3)
-        train_mod.freeze_backbone(model, layers, freeze_norms=True)
+        starting_model.freeze_backbone(model, layers, freeze_norms=True)
         trainable = {n.split(".")[2] for n, p in model.named_parameters() if n.startswith("backbone.body.")
                      and p.requires_grad}
         assert trainable == {0: set(), 3: {"layer2", "layer3", "layer4"}, 5: {"conv1", "layer1", "layer2", "layer3",
                                                                               "layer4"}}[layers]
-        counts.append(train_mod.count_trainable(model))
+        counts.append(starting_model.count_trainable(model))
     assert counts[0][0] < counts[1][0] < counts[2][0] and len({sum(c) for c in counts}) == 1
 
 
@@ -416,9 +418,9 @@ def test_validation_rows_hold_the_loss_per_term(tmp_path):
     assert [r["step"] for r in val_rows] == [2, 4]
     for row in val_rows:
         val = row["val"]
-        assert {"bbox_AP", "segm_AP", "loss", *train_mod.LOSS_TERMS} <= set(val)
-        assert all(math.isfinite(val[k]) and val[k] >= 0 for k in ("loss", *train_mod.LOSS_TERMS))
-        assert val["loss"] == pytest.approx(sum(val[k] for k in train_mod.LOSS_TERMS), abs=1e-5)
+        assert {"bbox_AP", "segm_AP", "loss", *train_config.LOSS_TERMS} <= set(val)
+        assert all(math.isfinite(val[k]) and val[k] >= 0 for k in ("loss", *train_config.LOSS_TERMS))
+        assert val["loss"] == pytest.approx(sum(val[k] for k in train_config.LOSS_TERMS), abs=1e-5)
 
 
 def test_validation_changes_nothing_in_the_run(tmp_path):
@@ -438,8 +440,8 @@ def test_validation_losses_leave_batchnorm_statistics_modes_and_random_stream_al
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     modes = {name: m.training for name, m in model.named_modules()}
     rng = torch.get_rng_state()
-    losses = train_mod.validation_losses(model, ShapesDataset(3, seed=5, size=64), torch.device("cpu"), 2)
-    assert set(losses) == {"loss", *train_mod.LOSS_TERMS} and math.isfinite(losses["loss"])
+    losses = validation.validation_losses(model, ShapesDataset(3, seed=5, size=64), torch.device("cpu"), 2)
+    assert set(losses) == {"loss", *train_config.LOSS_TERMS} and math.isfinite(losses["loss"])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # running stats included
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert torch.equal(torch.get_rng_state(), rng)

@@ -22,405 +22,41 @@ model's own randomness (RPN / RoI sampling) on the RNG state stored in the check
 on the step, so a resumed run ends with the same weights as an uninterrupted one.
 
 Mixed precision (``amp``, on by default) is float16 on CUDA and bfloat16 on a CPU with bf16 instructions
-(amp_dtype); weights and optimizer stay float32. A step whose loss is not finite in mixed precision is
-redone in float32; a loss that is not finite there stops the run, keeping the last good checkpoint.
+(mrcnn.training.devices.amp_dtype); weights and optimizer stay float32. A step whose loss is not finite in
+mixed precision is redone in float32; a loss that is not finite there stops the run, keeping the last good
+checkpoint.
+
+Its parts, in the order a run uses them: config (TrainConfig), devices (processes, precision, memory),
+batches (StepBatches), starting_model (weights and what trains), validation; this module runs the steps.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
 from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.transforms import train_transforms
 from mrcnn.errors import CheckpointError, DatasetError, MrcnnError, TrainingError
-from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import remove_stale_temp_files
-from mrcnn.model.architectures import ARCHITECTURES, TORCHVISION_ARCHITECTURES, build_model, light_arch
+from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
-from mrcnn.model.zoo import load_model, resolve_device
+from mrcnn.model.zoo import resolve_device
+from mrcnn.training.batches import BatchInterrupted, StepBatches, step_loader
+from mrcnn.training.config import BACKBONE_STAGES, LOSS_TERMS, TrainConfig, TrainResult, lr_factor
+from mrcnn.training.devices import (DistInfo, amp_dtype, any_rank, check_batch_fits, init_distributed, rng_state,
+                                    set_rng_state)
 from mrcnn.training.run_files import truncate_metrics, write_json, write_status
+from mrcnn.training.starting_model import count_trainable, prepare_for_training, starting_model
+from mrcnn.training.validation import validation_losses, validation_metrics
 
-LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-SCHEDULES = ("cosine", "linear", "constant")
-DEFAULT_LR = 0.02
-MAX_STEPS = 10_000_000
-MAX_BATCH_SIZE = 256  # images per step per process (Mask R-CNN recipes use 2-16)
-MAX_IMAGE_SIZE = 4096
-# numpy's seeds end at 2**32; torch's at 2**64, which StepBatches' per-step seed (about seed * 6.4e7) would pass first
-MAX_SEED = 2**32 - 1
-# The backbone's stages in torchvision's order for ``trainable_backbone_layers``: the first N of these train.
-BACKBONE_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
-FINETUNE_TRAINABLE_LAYERS = 3  # torchvision's default for its R50 models started from trained weights
-
-
-class Interval(NamedTuple):
-    """The allowed values of a numeric setting; ``low_open`` / ``high_open`` exclude an end."""
-
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        low, high = (str(int(end)) if float(end).is_integer() else f"{end:g}" for end in (self.low, self.high))
-        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-
-
-# Every numeric setting's range. Those in OPTIONAL_SETTINGS may also be None (the default).
-INTEGER_SETTINGS = {
-    "steps": Interval(1, MAX_STEPS), "batch_size": Interval(1, MAX_BATCH_SIZE),
-    "warmup_steps": Interval(0, MAX_STEPS), "log_every": Interval(1, MAX_STEPS),
-    "val_every": Interval(0, MAX_STEPS), "checkpoint_every": Interval(0, MAX_STEPS),
-    "seed": Interval(0, MAX_SEED), "num_workers": Interval(0, 64), "threads": Interval(1, 1024),
-    "image_size": Interval(32, MAX_IMAGE_SIZE), "val_num": Interval(1, 10**9),
-    "trainable_backbone_layers": Interval(0, len(BACKBONE_STAGES)),
-}
-FLOAT_SETTINGS = {
-    "lr": Interval(0, 10, low_open=True, high_open=True), "momentum": Interval(0, 1, high_open=True),
-    "weight_decay": Interval(0, 1, high_open=True), "warmup_factor": Interval(0, 1),
-    "min_lr_ratio": Interval(0, 1), "clip_grad_norm": Interval(0, math.inf, high_open=True),  # 0: no clipping
-}
-OPTIONAL_SETTINGS = {"weights", "arch", "val", "val_num", "lr", "clip_grad_norm", "image_size", "threads", "export",
-                     "trainable_backbone_layers"}
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; stored as RUN_DIR/config.json and in the checkpoint."""
-
-    model: str = "light"            # zoo name, checkpoint path, or an architecture name (fresh weights)
-    data: str = ""                  # COCO folder, .zip, or shapes:N[:seed[:size[:classes]]]
-    out: str = "runs/train"
-    weights: str | None = None      # weights file for a zoo model (as in `predict --weights`)
-    arch: dict | None = None        # architecture overrides for a fresh model (e.g. {"fpn_channels": 32})
-    val: str | None = None          # validation data (same forms as ``data``)
-    val_num: int | None = None      # use at most this many validation images
-    steps: int = 100
-    batch_size: int = 4             # images per step per process
-    lr: float | None = None         # peak learning rate (None: DEFAULT_LR scaled by batch_size / 8)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    warmup_factor: float = 0.001    # lr at step 0 = lr * warmup_factor, linear up to lr
-    schedule: str = "cosine"        # after warm-up: cosine | linear | constant
-    min_lr_ratio: float = 0.0       # cosine / linear end at lr * min_lr_ratio
-    clip_grad_norm: float | None = 10.0
-    image_size: int | None = None   # model input size (shorter side); None: the model's own
-    trainable_backbone_layers: int | None = None  # backbone stages that train, 0..5 as torchvision counts them
-                                    # (BACKBONE_STAGES); None: 3 for a trained R50 model, else all 5
-    augment: bool = False           # flip + scale jitter + colour jitter (mrcnn.data.transforms)
-    device: str = "auto"
-    amp: bool = True                # mixed precision where it is native: float16 on CUDA, bfloat16 on
-                                    # a CPU with bf16 units (AVX512-BF16 / AMX); else float32 (amp_dtype)
-    channels_last: bool = True      # NHWC convolutions: faster on CUDA, and 1.12x on the CPU (oneDNN)
-    log_every: int = 10
-    val_every: int = 0              # 0: validate only at the end (when ``val`` is given)
-    checkpoint_every: int = 200
-    seed: int = 0
-    resume: bool = False
-    num_workers: int = 0
-    threads: int | None = None      # torch CPU threads (None: torch's default)
-    export: str | None = None       # also write the final weights (no train state) here
-    export_half: bool = True        # ... in fp16 storage
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise TrainingError naming the first setting of the wrong type or out of its range."""
-        for setting in fields(self):
-            value = getattr(self, setting.name)
-            if not (value is None and setting.name in OPTIONAL_SETTINGS):
-                _check_setting(setting.name, setting.type, value)
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR * self.batch_size / 8
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise TrainingError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-
-def _check_setting(name: str, kind: str, value: Any) -> None:
-    """One TrainConfig field: ``kind`` is its annotation (``"str | None"``), ``value`` not None."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if name in INTEGER_SETTINGS:
-        if not (is_number and isinstance(value, int) and value in INTEGER_SETTINGS[name]):
-            raise TrainingError(f"{name} must be an integer in {INTEGER_SETTINGS[name]}, got {value!r}")
-    elif name in FLOAT_SETTINGS:
-        if not (is_number and math.isfinite(value) and value in FLOAT_SETTINGS[name]):
-            raise TrainingError(f"{name} must be a finite number in {FLOAT_SETTINGS[name]}, got {value!r}")
-    elif name == "schedule":
-        if value not in SCHEDULES:
-            raise TrainingError(f"unknown schedule {value!r}; use one of {', '.join(SCHEDULES)}")
-    elif name == "device":
-        if not (isinstance(value, str) and DEVICE_PATTERN.fullmatch(value)):
-            raise TrainingError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
-    elif kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise TrainingError(f"{name} must be true or false, got {value!r}")
-    elif kind.startswith("dict"):
-        if not isinstance(value, dict):
-            raise TrainingError(f"{name} must be a JSON object, got {value!r}")
-    elif not isinstance(value, str):
-        raise TrainingError(f"{name} must be a string, got {value!r}")
-    elif name == "data" and not value:
-        raise TrainingError("no training data given (--data)")
-    elif not value and name not in OPTIONAL_SETTINGS:
-        raise TrainingError(f"{name} must not be empty")
-
-
-@dataclass
-class TrainResult:
-    state: str                      # finished | cancelled | failed
-    message: str
-    step: int
-    checkpoint: str | None
-    metrics: list[dict] = field(default_factory=list)  # the rows logged by this call
-    val: dict | None = None         # last validation metrics
-    elapsed_s: float = 0.0
-
-
-# ------------------------------------------------------------------------------------------ schedule
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then decay."""
-    if step < cfg.warmup_steps:
-        alpha = step / max(cfg.warmup_steps, 1)
-        return cfg.warmup_factor * (1 - alpha) + alpha
-    if cfg.schedule == "constant":
-        return 1.0
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    t = min((step - cfg.warmup_steps) / span, 1.0)
-    lo = cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t))
-    return lo + (1 - lo) * (1 - t)
-
-
-# ------------------------------------------------------------------------------------------ data
-
-class BatchInterrupted(Exception):
-    """StepBatches stopped loading a batch because ``interrupted()`` said so."""
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item ``s`` = this process's batch for optimizer step ``s``, a pure function of (seed, s, rank).
-
-    Indices come from torch's DistributedSampler (one shuffled permutation per epoch, split between
-    ranks); augmentation runs under a RNG seeded from (seed, s, rank). So batches don't depend on
-    worker processes or on where a run was resumed. ``interrupted``, asked before each image, ends the
-    loading of a batch with BatchInterrupted (a cancel need not wait for a large batch).
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 interrupted: Callable[[], bool] | None = None):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.rank, self.world_size, self.interrupted = rank, world_size, interrupted
-        self._epoch_indices: dict[int, list[int]] = {}
-
-    def _indices(self, epoch: int) -> list[int]:
-        if epoch not in self._epoch_indices:
-            sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
-                                                          shuffle=True, seed=self.seed, drop_last=False)
-            sampler.set_epoch(epoch)
-            self._epoch_indices = {epoch: list(sampler)}  # keep one epoch: the sequence only moves forward
-        return self._epoch_indices[epoch]
-
-    def batch_indices(self, step: int) -> list[int]:
-        per_epoch = len(self._indices(0))
-        out = []
-        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(self._indices(k // per_epoch)[k % per_epoch])
-        return out
-
-    def __len__(self) -> int:
-        return 1 << 40
-
-    def __getitem__(self, step: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + step) * 64 + self.rank)
-            items = []
-            for i in self.batch_indices(step):
-                if self.interrupted is not None and self.interrupted():
-                    raise BatchInterrupted(f"the loading of step {step + 1}'s batch was interrupted")
-                items.append(self.dataset[i])
-        images, targets = zip(*items)
-        return list(images), list(targets)
-
-
-def _loader(batches: StepBatches, start: int, stop: int, num_workers: int):
-    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop),
-                                       num_workers=num_workers, generator=torch.Generator(),  # not the global RNG
-                                       prefetch_factor=2 if num_workers else None)
-
-
-# ------------------------------------------------------------------------------------------ model
-
-def remap_class_weights(state_dict: dict, old_categories: list[str], new_categories: list[str],
-                        fresh: dict) -> tuple[dict, list[str]]:
-    """Class-specific head weights re-indexed by class name: classes both lists have keep their rows,
-    the others keep ``fresh``'s (new initialisation). Returns (state dict, names of the new classes)."""
-    old_index = {name: i for i, name in enumerate(old_categories)}
-    out = dict(state_dict)
-    for key, new in fresh.items():
-        old = state_dict.get(key)
-        if old is None or tuple(old.shape) == tuple(new.shape) and old_categories == new_categories:
-            continue
-        per_class = _rows_per_class(key)
-        if per_class is None:
-            continue
-        merged = new.clone()
-        for j, name in enumerate(new_categories):
-            i = old_index.get(name)
-            if i is not None:
-                merged[j * per_class:(j + 1) * per_class] = old[i * per_class:(i + 1) * per_class].to(new.dtype)
-        out[key] = merged
-    new_classes = [c for c in new_categories if c not in old_index]
-    return out, new_classes
-
-
-def _rows_per_class(key: str) -> int | None:
-    if key.startswith("roi_heads.box_predictor.cls_score."):
-        return 1
-    if key.startswith("roi_heads.box_predictor.bbox_pred."):
-        return 4
-    if key.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
-        return 1
-    return None
-
-
-def _starting_model(cfg: TrainConfig, categories: list[str], log: Callable[[str], None]):
-    """(model, arch) for the data's categories, from a zoo model / checkpoint or fresh."""
-    if cfg.model in ARCHITECTURES:
-        arch = light_arch(**(cfg.arch or {})) if cfg.model == "light" else {"name": cfg.model, **(cfg.arch or {})}
-        if cfg.image_size:
-            arch.update(min_size=int(cfg.image_size), max_size=max(int(cfg.image_size), int(arch.get("max_size", 0))))
-        try:
-            return build_model(arch, len(categories)), arch
-        except ValueError as err:
-            raise TrainingError(f"cannot build architecture {cfg.model!r}: {err}") from None
-    loaded = load_model(cfg.model, cfg.weights, device="cpu")
-    arch = dict(loaded.arch)
-    if cfg.arch:
-        raise TrainingError("--arch only applies to a fresh architecture, not to a trained model")
-    if cfg.image_size:
-        arch.update(min_size=int(cfg.image_size), max_size=max(int(cfg.image_size), int(arch.get("max_size", 1333))))
-    model = build_model(arch, len(categories))
-    state, new_classes = remap_class_weights(loaded.model.state_dict(), loaded.categories, categories,
-                                             model.state_dict())
-    load_state_dict_checked(model, state, loaded.source)
-    kept = [c for c in categories[1:] if c in loaded.categories]
-    if loaded.categories != categories:
-        log(f"classes: kept {len(kept)} from {cfg.model} ({', '.join(kept) or 'none'}); "
-            f"new: {', '.join(new_classes) or 'none'}")
-    return model, arch
-
-
-def default_trainable_layers(arch_name: str, from_trained_weights: bool) -> int:
-    """torchvision's default: 3 backbone stages train when an R50 starts from trained weights; all 5 for a
-    fresh model and for the light architecture (small, GroupNorm: cheap to train whole)."""
-    if from_trained_weights and arch_name in TORCHVISION_ARCHITECTURES:
-        return FINETUNE_TRAINABLE_LAYERS
-    return len(BACKBONE_STAGES)
-
-
-class FrozenStatsBatchNorm2d(torch.nn.BatchNorm2d):
-    """A BatchNorm2d that always normalises with its stored statistics, in training too: torchvision's
-    FrozenBatchNorm2d's behaviour with BatchNorm2d's state dict (so checkpoints and exports load as before)."""
-
-    def train(self, mode: bool = True) -> FrozenStatsBatchNorm2d:
-        return super().train(False)
-
-
-def freeze_backbone(model: torch.nn.Module, trainable_layers: int, freeze_norms: bool) -> None:
-    """torchvision's rule (backbone_utils._resnet_fpn_extractor): only the first ``trainable_layers`` of
-    BACKBONE_STAGES train, the stem's norm only with all 5. ``freeze_norms``: the backbone's BatchNorm layers
-    keep their statistics and affine weights, as FrozenBatchNorm2d does in torchvision's trained R50 (a batch
-    of a few images cannot estimate them)."""
-    body = model.backbone.body
-    stages = BACKBONE_STAGES[:trainable_layers] + (("bn1",) if trainable_layers == len(BACKBONE_STAGES) else ())
-    for name, parameter in body.named_parameters():
-        if not name.startswith(stages):
-            parameter.requires_grad_(False)
-    if freeze_norms:
-        for module in body.modules():
-            if type(module) is torch.nn.BatchNorm2d:
-                module.__class__ = FrozenStatsBatchNorm2d
-                module.requires_grad_(False)
-
-
-def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters()) - trainable
-
-
-def prepare_for_training(model: torch.nn.Module, arch: dict, cfg: TrainConfig) -> int:
-    """Freeze what ``cfg`` keeps fixed (before the optimizer is built); returns the trainable stages."""
-    from_trained_weights = cfg.model not in ARCHITECTURES
-    layers = cfg.trainable_backbone_layers
-    if layers is None:
-        layers = default_trainable_layers(arch["name"], from_trained_weights)
-    freeze_backbone(model, layers, freeze_norms=from_trained_weights)
-    return layers
-
-
-# ------------------------------------------------------------------------------------------ DDP
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> DistInfo:
-    """torchrun's environment -> a process group (gloo on the CPU, nccl on CUDA); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    import torch.distributed as dist
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return info
-
-
-# ------------------------------------------------------------------------------------------ the run
 
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> TrainResult:
@@ -476,7 +112,7 @@ def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: tor
     else:
         train_ds = open_data(cfg.data, None, transforms)
         categories = list(train_ds.categories)
-        model, arch = _starting_model(cfg, categories, log)
+        model, arch = starting_model(cfg, categories, log)
     if len(train_ds) == 0:
         raise DatasetError(f"training data {cfg.data} has no images")
     val_ds = first_items(open_data(cfg.val, categories), cfg.val_num) if cfg.val and dist.is_main else None
@@ -587,15 +223,6 @@ def _forward(run: _Run, images: list, targets: list, mixed: bool) -> _StepLosses
     return _StepLosses(terms, total, finite=not not_finite)
 
 
-def any_rank(dist: DistInfo, device: torch.device, *flags: bool) -> tuple[bool, ...]:
-    """Each flag, true when it is true on any rank: the decisions every rank must take together."""
-    if not dist.enabled:
-        return flags
-    votes = torch.tensor([float(flag) for flag in flags], device=device)
-    torch.distributed.all_reduce(votes)
-    return tuple(bool(vote > 0) for vote in votes)
-
-
 def optimizer_step(run: _Run) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -608,7 +235,7 @@ def log_step(run: _Run, metric_logger: _MetricLogger, lr: float, validate_now: b
     row = metric_logger.row(lr)
     if validate_now and run.val_ds is not None:  # only rank 0 holds validation data
         losses = validation_losses(run.model, run.val_ds, run.device, run.cfg.batch_size)
-        run.last_val = row["val"] = {**_val_metrics(run.model, run.val_ds, run.device), **losses}
+        run.last_val = row["val"] = {**validation_metrics(run.model, run.val_ds, run.device), **losses}
     metric_logger.write(row)
 
 
@@ -685,7 +312,7 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = self.start_step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.last_val = ckpt["meta"].get("metrics") or None
@@ -703,7 +330,7 @@ class _Run:
         if not self.dist.is_main:
             return
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}, "rng": _rng_state(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}, "rng": rng_state(),
                  "elapsed_s": self.elapsed(), "config": self.cfg.to_dict()}
         save_checkpoint(self.ckpt_path, self.arch, self.categories, self.model.state_dict(), self.meta(),
                         extra={"train_state": state})
@@ -741,7 +368,7 @@ def _step_batches(run: _Run, stopper: _Stopper):
     batches = StepBatches(run.train_ds, cfg.batch_size, cfg.seed, run.dist.rank, run.dist.world_size,
                           interrupted=between_images)
     try:
-        for images, targets in _loader(batches, run.step, cfg.steps, cfg.num_workers):
+        for images, targets in step_loader(batches, run.step, cfg.steps, cfg.num_workers):
             yield ([image.to(run.device, non_blocking=True) for image in images],
                    [{k: v.to(run.device, non_blocking=True) for k, v in target.items()} for target in targets])
     except BatchInterrupted:
@@ -891,105 +518,4 @@ class _Bar:
             sys.stderr.write("\n")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def amp_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The mixed-precision dtype ``device`` runs natively: float16 on CUDA; bfloat16 on a CPU with bf16
-    instructions (AVX512-BF16 or AMX: oneDNN's bf16 convolutions then train the bundled recipe at 1.4-1.5x
-    float32's images/s, benchmarks/train_throughput.py); None elsewhere, where bf16 is emulated and slower."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and _cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
-def _cpu_has_bf16() -> bool:
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
-# A training step keeps at least this many bytes per input pixel for the backward pass (measured peak memory
-# growth per image at 256 px: 570 for the tests' smallest architecture, 950 for the light one; 630 at 512 px).
-TRAIN_BYTES_PER_PIXEL = 384
-
-
-def check_batch_fits(batch_size: int, arch: dict, device: torch.device) -> None:
-    """Refuse a batch whose training step cannot fit in the memory available now (a lower estimate:
-    batch_size images of the model's smallest input size), before any work is done."""
-    sizes = arch.get("min_size", 800)
-    side = min(sizes) if isinstance(sizes, (list, tuple)) else int(sizes)
-    need = batch_size * side * side * TRAIN_BYTES_PER_PIXEL
-    if device.type == "cpu":
-        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes share this memory
-    available = _available_memory(device)
-    if available is not None and need > available:
-        raise TrainingError(f"batch size {batch_size} at {side} px needs at least {need / 2**30:.1f} GiB for a "
-                            f"training step, but {available / 2**30:.1f} GiB of {device.type} memory is available; "
-                            "lower --batch-size or --image-size")
-
-
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes the process can still allocate on ``device`` (None when it cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def validation_losses(model: torch.nn.Module, val_ds, device: torch.device, batch_size: int) -> dict[str, float]:
-    """{"loss", and each of LOSS_TERMS}: the mean per image over ``val_ds``. torchvision returns losses only in
-    training mode, so the pass runs in it, but changes nothing: no gradients; norm layers that keep running
-    statistics normalise with them and do not update them; the random stream that the RPN and RoI sampling
-    draw from is put back, so the training run goes on as it would have without validation."""
-    modes = {module: module.training for module in model.modules()}
-    rng = _rng_state()
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    try:
-        model.train()
-        for module in model.modules():
-            if getattr(module, "track_running_stats", False):  # BatchNorm (R50); GroupNorm keeps no statistics
-                module.eval()
-        with torch.no_grad():
-            for start in range(0, len(val_ds), batch_size):
-                items = [val_ds[i] for i in range(start, min(start + batch_size, len(val_ds)))]
-                images = [image.to(device) for image, _ in items]
-                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()}
-                           for _, target in items]
-                for term, value in model(images, targets).items():
-                    sums[term] += float(value) * len(items)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        _set_rng_state(rng)
-    means = {term: round(total / len(val_ds), 6) for term, total in sums.items()}
-    return {"loss": round(sum(means.values()), 6), **means}
-
-
-def _val_metrics(model, val_ds, device) -> dict:
-    result = evaluate(model, val_ds, device=device, categories=val_ds.categories)
-    return {"bbox_AP": result.bbox["AP"], "segm_AP": result.segm["AP"],
-            "bbox_AP50": result.bbox["AP50"], "segm_AP50": result.segm["AP50"]}
-
-
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_factor", "remap_class_weights", "StepBatches", "LOSS_TERMS",
-           "validation_losses", "count_trainable", "freeze_backbone", "default_trainable_layers",
-           "prepare_for_training"]
+__all__ = ["train", "setup_run", "train_steps", "forward_backward", "finish_run"]

@@ -25,7 +25,8 @@ from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES, build_model
 from mrcnn.model.zoo import load_model, resolve_device, runs_dir
-from mrcnn.training.engine import BACKBONE_STAGES, count_trainable, default_trainable_layers, freeze_backbone
+from mrcnn.training.config import BACKBONE_STAGES
+from mrcnn.training.starting_model import count_trainable, default_trainable_layers, freeze_backbone
 from mrcnn.training.run_files import read_metrics
 
 # The built-in "teach it a new shape" set: the bundled model's classes plus one it has never seen.
