@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mrcnn.data.coco import CocoDataset, load_dataset, safe_extract_zip, validate_coco
+from mrcnn.data.coco import CocoDataset, load_dataset
+from mrcnn.data.coco_checks import validate_coco
+from mrcnn.data.zips import safe_extract_zip
 from mrcnn.errors import DatasetError
 
 W, H = 20, 16

@@ -1,16 +1,10 @@
-"""COCO-format datasets (docs/datasets.md: ``DIR/annotations.json`` + ``DIR/images/``): checks, reading, zips.
+"""COCO-format datasets (docs/datasets.md: ``DIR/annotations.json`` + ``DIR/images/``) as training items.
 
-    report = validate_coco("data/pets", categories=model.categories)   # every problem, named
-    print(report.summary())
     ds = load_dataset("upload.zip", categories=model.categories)        # DatasetError if any error
     image, target = ds[0]
 
-Problems are sorted in two levels. *Errors* make the data wrong (missing or unreadable image, malformed
-JSON or missing keys, unknown category, box outside the image, malformed segmentation): the offending
-image or annotation is left out, and ``load_dataset`` refuses a dataset that has any. *Warnings* name an
-annotation that is skipped but leaves the data usable (zero-width box, empty mask): ``report.warnings``
-lists them, one ValidationIssue each, and ``open_data`` logs them (the CLI prints them as
-``warning: ...`` lines). Targets never hold an instance that torchvision would reject. Crowd annotations
+The checks are mrcnn.data.coco_checks' (``ds.report``: a ValidationReport); a zip is unpacked by
+mrcnn.data.zips. Targets never hold an instance that torchvision would reject. Crowd annotations
 (``iscrowd: 1``) are left out of training targets by default but kept in ``.coco`` so that evaluation
 honours them.
 
@@ -20,19 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
 import os
-import re
 import shutil
-import stat
 import tempfile
 import warnings
 import weakref
 import zipfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,445 +29,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from mrcnn.data.coco_checks import BACKGROUND, Annotation, ValidationReport, scan_dataset
+from mrcnn.data.zips import safe_extract_zip
 from mrcnn.errors import DatasetError
-
-BACKGROUND = "__background__"
-MAX_ZIP_BYTES = 2 * 1024 ** 3   # total uncompressed size a dataset zip may unpack to
-MAX_ZIP_FILES = 200_000
-MIN_BOX_SIDE = 1.0              # px; narrower boxes are degenerate (as for v2.SanitizeBoundingBoxes)
-BOX_TOLERANCE = 1.0             # px a box may stick out of the image (rounding) before it is an error
-_REQUIRED_TOP = ("images", "annotations", "categories")
-_REQUIRED_IMAGE = ("id", "file_name", "width", "height")
-_REQUIRED_ANNOTATION = ("id", "image_id", "category_id", "segmentation")
-
-
-# ---------------------------------------------------------------------------------------- report
-
-@dataclass
-class ValidationIssue:
-    level: str    # "error" | "warning"
-    where: str    # "annotations.json", "category 3 ('dog')", "image 17 (img_017.png)", "annotation 45 (image 17)"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.level}: {self.where}: {self.message}"
-
-
-@dataclass
-class ValidationReport:
-    """Everything found wrong with a dataset, each issue naming the image or annotation concerned."""
-
-    issues: list[ValidationIssue] = field(default_factory=list)
-    num_images: int = 0          # image entries in annotations.json
-    num_annotations: int = 0     # annotation entries in annotations.json
-    categories: list[str] = field(default_factory=list)  # dataset category names, by category id
-    num_crowd: int = 0           # valid crowd annotations (kept for evaluation, not trained on)
-    num_unannotated: int = 0     # valid images without any valid annotation
-    root: str = ""
-
-    def error(self, where: str, message: str) -> None:
-        self.issues.append(ValidationIssue("error", where, message))
-
-    def warning(self, where: str, message: str) -> None:
-        self.issues.append(ValidationIssue("warning", where, message))
-
-    @property
-    def errors(self) -> list[ValidationIssue]:
-        return [i for i in self.issues if i.level == "error"]
-
-    @property
-    def warnings(self) -> list[ValidationIssue]:
-        return [i for i in self.issues if i.level == "warning"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def summary(self, max_issues: int = 20) -> str:
-        n_err, n_warn = len(self.errors), len(self.warnings)
-        cats = f" ({', '.join(self.categories)})" if self.categories else ""
-        head = (f"{self.root + ': ' if self.root else ''}{self.num_images} images, {self.num_annotations} "
-                f"annotations, {len(self.categories)} categories{cats}; "
-                f"{n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)}")
-        # Errors first: they are what stops the dataset from loading.
-        shown = (self.errors + self.warnings)[:max_issues]
-        lines = [head] + [f"  {issue}" for issue in shown]
-        if len(self.issues) > len(shown):
-            lines.append(f"  ... and {len(self.issues) - len(shown)} more")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(ok=self.ok, num_errors=len(self.errors), num_warnings=len(self.warnings))
-        return d
-
-
-# ---------------------------------------------------------------------------------------- zip
-
-def safe_extract_zip(zip_path: str | Path, dest_dir: str | Path, max_bytes: int = MAX_ZIP_BYTES,
-                     max_files: int = MAX_ZIP_FILES) -> Path:
-    """Unpack a dataset zip into ``dest_dir``; return the folder holding annotations.json.
-
-    That folder is ``dest_dir`` itself or the zip's single top-level folder. Every member is checked
-    before anything is written: absolute paths, ``..``, drive letters, symlinks, more than ``max_files``
-    files or more than ``max_bytes`` uncompressed are refused with a DatasetError. ``__MACOSX/`` and
-    ``.DS_Store`` entries are skipped.
-    """
-    zip_path = Path(zip_path)
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DatasetError(f"{zip_path.name} is not a readable zip file: {err}") from err
-    with zf:
-        members: list[tuple[zipfile.ZipInfo, list[str]]] = []
-        total = 0
-        for info in zf.infolist():
-            name = info.filename.replace("\\", "/")
-            parts = [p for p in name.split("/") if p not in ("", ".")]
-            if name.startswith("/") or ".." in parts or (parts and re.match(r"^[A-Za-z]:", parts[0])):
-                raise DatasetError(f"{zip_path.name}: refusing unsafe path {info.filename!r} "
-                                   "(absolute or leaving the extraction folder); nothing extracted")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise DatasetError(f"{zip_path.name}: refusing symbolic link {info.filename!r}; nothing extracted")
-            if not parts or info.is_dir() or parts[0] == "__MACOSX" or parts[-1] == ".DS_Store":
-                continue
-            total += info.file_size
-            if total > max_bytes:
-                raise DatasetError(f"{zip_path.name} unpacks to more than {max_bytes / 1e9:.1f} GB; nothing extracted")
-            members.append((info, parts))
-        if len(members) > max_files:
-            raise DatasetError(f"{zip_path.name} holds {len(members)} files, more than {max_files}; nothing extracted")
-
-        dest = Path(dest_dir)
-        dest.mkdir(parents=True, exist_ok=True)
-        dest_real = dest.resolve()
-        written = 0
-        for info, parts in members:
-            target = dest.joinpath(*parts)
-            if not target.resolve().is_relative_to(dest_real):  # e.g. through a symlink already in dest
-                raise DatasetError(f"{zip_path.name}: {info.filename!r} would be written outside {dest}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:  # the sizes in the directory can lie
-                            raise DatasetError(f"{zip_path.name} unpacks to more than {max_bytes / 1e9:.1f} GB")
-                        dst.write(chunk)
-            except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as err:
-                raise DatasetError(f"{zip_path.name}: cannot extract {info.filename!r}: {err}") from err
-
-    if (dest / "annotations.json").is_file():
-        return dest
-    tops = {parts[0] for _, parts in members}
-    if len(tops) == 1 and (dest / next(iter(tops)) / "annotations.json").is_file():
-        return dest / next(iter(tops))
-    raise DatasetError(f"{zip_path.name}: no annotations.json at the top of the zip or in its single "
-                       "top-level folder (expected annotations.json + images/)")
-
-
-# ---------------------------------------------------------------------------------------- scanning
-
-@dataclass
-class _Annotation:
-    id: int
-    image_id: int
-    category_id: int
-    rle: dict           # compressed RLE, counts bytes
-    bbox: list[float]   # xywh, clipped to the image
-    area: float
-    iscrowd: int
-
-
-@dataclass
-class _Index:
-    categories: dict[int, str]                 # id -> name, valid ones only
-    images: list[tuple[int, str, Path, int, int]]   # (id, file_name, file, width, height), valid ones only
-    annotations: dict[int, list[_Annotation]]  # image id -> valid annotations
-    raw_images: dict[int, dict]                # id -> the JSON entry (for .coco)
-
-
-class _Bad(Exception):
-    """A malformed value (an error in the report)."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def _rle_string_counts(s: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (pycocotools' rleFrString, with bounds checks)."""
-    counts: list[int] = []
-    p, n = 0, len(s)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
-                raise _Bad("compressed RLE counts string is truncated")
-            c = ord(s[p]) - 48
-            if not 0 <= c < 64:
-                raise _Bad(f"compressed RLE counts has an invalid character {s[p]!r}")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def _to_rle(seg: Any, h: int, w: int) -> dict:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE (bytes counts).
-
-    Raises _Bad for a malformed one. Polygons with fewer than 3 points are left out (pycocotools would
-    read a 4-number polygon as a box); if none is left the mask is empty.
-    """
-    if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
-            raise _Bad(f"RLE 'size' must be [height, width], got {size!r}")
-        if size != [h, w]:
-            raise _Bad(f"RLE size {size} does not match the image's [height, width] [{h}, {w}]")
-        if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts):
-                raise _Bad("uncompressed RLE counts must be non-negative integers")
-            runs = counts
-        elif isinstance(counts, str):
-            runs = _rle_string_counts(counts)
-            if any(c < 0 for c in runs):
-                raise _Bad("compressed RLE counts decode to negative run lengths")
-        else:
-            raise _Bad(f"RLE 'counts' must be a list or a string, got {type(counts).__name__}")
-        if sum(runs) != h * w:  # pycocotools would read or write past the mask otherwise
-            raise _Bad(f"RLE run lengths add up to {sum(runs)}, not height*width = {h * w}")
-        if isinstance(counts, str):
-            return {"size": [h, w], "counts": counts.encode("ascii")}
-        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    if isinstance(seg, list):
-        if seg and all(_is_number(v) for v in seg):  # one flat polygon, as some exporters write it
-            seg = [seg]
-        polys = []
-        for poly in seg:
-            if not (isinstance(poly, list) and all(_is_number(v) for v in poly)):
-                raise _Bad("polygon segmentation must be a list of lists of numbers")
-            if len(poly) % 2:
-                raise _Bad(f"polygon has an odd number of coordinates ({len(poly)})")
-            if len(poly) >= 6:
-                polys.append([float(v) for v in poly])
-        if not polys:
-            return mask_utils.encode(np.zeros((h, w), np.uint8, order="F"))
-        return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-    raise _Bad(f"segmentation must be polygons (list) or RLE (dict), got {type(seg).__name__}")
-
-
-def _image_where(entry: Any, j: int) -> str:
-    if isinstance(entry, dict) and "id" in entry:
-        return f"image {entry['id']} ({entry.get('file_name', '?')})"
-    return f"image #{j} in the list"
-
-
-def _check_image_file(file: Path, width: int, height: int) -> str | None:
-    """None if the file is an image of the stated size, else what is wrong."""
-    try:
-        with Image.open(file) as img:
-            size = img.size
-            img.verify()  # checksums / structure without decoding all pixels
-    except FileNotFoundError:
-        return "image file not found"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"unreadable image: {err}"
-    if size != (width, height):
-        return f"image is {size[0]}x{size[1]} pixels but annotations.json says {width}x{height}"
-    return None
-
-
-def _scan(root: Path, report: ValidationReport, check_files: bool = True) -> _Index | None:
-    """Check a dataset folder, filling ``report``; return the valid part, or None when nothing is usable."""
-    report.root = str(root)
-    ann_file = root / "annotations.json"
-    if not root.is_dir():
-        report.error(str(root), "dataset folder not found")
-        return None
-    if not ann_file.is_file():
-        report.error("annotations.json", f"not found in {root}")
-        return None
-    try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        report.error("annotations.json", f"malformed JSON: {err.msg} (line {err.lineno}, column {err.colno})")
-        return None
-    except RecursionError:  # the decoder recurses once per [ or {: a hostile file exhausts the stack
-        report.error("annotations.json", "nested too deeply")
-        return None
-    except (UnicodeDecodeError, OSError) as err:
-        report.error("annotations.json", f"cannot read: {err}")
-        return None
-    if not isinstance(data, dict):
-        report.error("annotations.json", f"top level must be an object, got {type(data).__name__}")
-        return None
-    for key in _REQUIRED_TOP:
-        if key not in data:
-            report.error("annotations.json", f"missing key '{key}'")
-        elif not isinstance(data[key], list):
-            report.error("annotations.json", f"'{key}' must be a list, got {type(data[key]).__name__}")
-    if not report.ok:
-        return None
-    report.num_images, report.num_annotations = len(data["images"]), len(data["annotations"])
-
-    # Categories: ids may be any distinct integers; names must be distinct (matching is by name).
-    categories: dict[int, str] = {}
-    for j, c in enumerate(data["categories"]):
-        where = f"category {c.get('id')} ({c.get('name')!r})" if isinstance(c, dict) else f"category #{j}"
-        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str) \
-                or not c["name"].strip():
-            report.error(where, "a category needs an integer 'id' and a non-empty 'name'")
-        elif c["id"] in categories:
-            report.error(where, f"duplicate category id {c['id']}")
-        elif c["name"] in categories.values():
-            report.error(where, f"duplicate category name {c['name']!r}")
-        elif c["name"] == BACKGROUND:
-            report.error(where, f"{BACKGROUND!r} is reserved for the model's background class")
-        else:
-            categories[c["id"]] = c["name"]
-    report.categories = [categories[k] for k in sorted(categories)]
-
-    images_dir = root / "images"
-    images: list[tuple[int, str, Path, int, int]] = []
-    raw_images: dict[int, dict] = {}
-    seen_ids: set = set()
-    for j, e in enumerate(data["images"]):
-        where = _image_where(e, j)
-        if not isinstance(e, dict):
-            report.error(where, "an image entry must be an object")
-            continue
-        missing = [k for k in _REQUIRED_IMAGE if k not in e]
-        if missing:
-            report.error(where, f"missing key(s) {', '.join(map(repr, missing))}")
-            continue
-        if not _is_int(e["id"]):
-            report.error(where, f"image id must be an integer, got {e['id']!r}")
-            continue
-        if e["id"] in seen_ids:
-            report.error(where, f"duplicate image id {e['id']}")
-            continue
-        seen_ids.add(e["id"])
-        w, h, name = e["width"], e["height"], e["file_name"]
-        if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
-            report.error(where, f"width and height must be positive integers, got {w!r} x {h!r}")
-            continue
-        if not isinstance(name, str) or not name:
-            report.error(where, "file_name must be a non-empty string")
-            continue
-        rel = Path(name.replace("\\", "/"))
-        if rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", name):
-            report.error(where, "file_name must be relative to images/ and stay inside it")
-            continue
-        file = images_dir / rel
-        if not file.is_file() and (root / rel).is_file():
-            file = root / rel  # some exports give paths relative to the dataset folder
-        if check_files:
-            problem = _check_image_file(file, w, h)
-            if problem:
-                report.error(where, f"{problem}: {file.relative_to(root) if file.is_relative_to(root) else file}")
-                continue
-        images.append((e["id"], name, file, w, h))
-        raw_images[e["id"]] = e
-    sizes = {i: (h, w) for i, _, _, w, h in images}
-
-    annotations: dict[int, list[_Annotation]] = {i: [] for i, *_ in images}
-    named_image_ids = {e["id"] for e in data["images"] if isinstance(e, dict) and _is_int(e.get("id"))}
-    seen_ids = set()
-    for j, a in enumerate(data["annotations"]):
-        if not isinstance(a, dict):
-            report.error(f"annotation #{j} in the list", "an annotation must be an object")
-            continue
-        where = f"annotation {a.get('id', '#' + str(j))} (image {a.get('image_id', '?')})"
-        missing = [k for k in _REQUIRED_ANNOTATION if k not in a]
-        if missing:
-            report.error(where, f"missing key(s) {', '.join(map(repr, missing))}")
-            continue
-        bad = [k for k in ("id", "image_id", "category_id") if not _is_int(a[k])]
-        if bad:
-            report.error(where, f"{', '.join(map(repr, bad))} must be integer(s)")
-            continue
-        if a["id"] in seen_ids:
-            report.error(where, f"duplicate annotation id {a['id']}")
-            continue
-        seen_ids.add(a["id"])
-        if a["image_id"] not in named_image_ids:
-            report.error(where, f"refers to image id {a['image_id']!r}, which is not in 'images'")
-            continue
-        if a["image_id"] not in sizes:
-            continue  # its image has an error of its own already
-        if a["category_id"] not in categories:
-            report.error(where, f"unknown category id {a['category_id']!r} (not in 'categories')")
-            continue
-        iscrowd = a.get("iscrowd", 0)
-        if iscrowd not in (0, 1):
-            report.error(where, f"iscrowd must be 0 or 1, got {iscrowd!r}")
-            continue
-        h, w = sizes[a["image_id"]]
-        try:
-            rle = _to_rle(a["segmentation"], h, w)
-        except _Bad as err:
-            report.error(where, f"malformed segmentation: {err}")
-            continue
-        mask_area = int(mask_utils.area(rle))
-        bbox = a.get("bbox")
-        if bbox is None:
-            if mask_area == 0:  # its box would be [0, 0, 0, 0]: name the cause, not the symptom
-                report.warning(where, f"{_empty_mask_reason(a['segmentation'])}, skipped")
-                continue
-            bbox = [float(v) for v in mask_utils.toBbox(rle)]
-        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            report.error(where, f"bbox must be [x, y, width, height], got {bbox!r}")
-            continue
-        x, y, bw, bh = (float(v) for v in bbox)
-        if bw < MIN_BOX_SIDE or bh < MIN_BOX_SIDE:
-            report.warning(where, f"{_thin_side(bw, bh)} box {_fmt(bbox)}, skipped")
-            continue
-        if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE or y + bh > h + BOX_TOLERANCE:
-            report.error(where, f"box {_fmt(bbox)} (x, y, width, height) is outside the {w}x{h} image")
-            continue
-        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
-        if x1 - x0 < MIN_BOX_SIDE or y1 - y0 < MIN_BOX_SIDE:
-            report.warning(where, f"{_thin_side(x1 - x0, y1 - y0)} box {_fmt(bbox)} once clipped to the image, skipped")
-            continue
-        if mask_area == 0:
-            report.warning(where, f"{_empty_mask_reason(a['segmentation'])}, skipped")
-            continue
-        area = float(a["area"]) if _is_number(a.get("area")) else float(mask_area)
-        report.num_crowd += int(iscrowd)
-        annotations[a["image_id"]].append(_Annotation(
-            a["id"], a["image_id"], a["category_id"], rle, [x0, y0, x1 - x0, y1 - y0], area, int(iscrowd)))
-    report.num_unannotated = sum(1 for anns in annotations.values() if not anns)
-    return _Index(categories, images, annotations, raw_images)
-
-
-def _fmt(bbox: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{float(v):g}" for v in bbox) + "]"
-
-
-def _thin_side(width: float, height: float) -> str:
-    """Which side of a box is under MIN_BOX_SIDE: "zero-width", "zero-height" or "zero-size"."""
-    if width < MIN_BOX_SIDE and height < MIN_BOX_SIDE:
-        return "zero-size"
-    return "zero-width" if width < MIN_BOX_SIDE else "zero-height"
-
-
-def _empty_mask_reason(segmentation: Any) -> str:
-    """Why a well-formed segmentation covers no pixel of its image."""
-    if isinstance(segmentation, list):
-        return "empty mask: its polygon encloses no pixel (points that coincide or lie on one line, " \
-               "fewer than 3 points, or outside the image)"
-    return "empty mask: its RLE sets no pixel"
 
 
 def _model_categories(categories: Sequence[str] | None, dataset_names: list[str]) -> list[str]:
@@ -489,30 +42,6 @@ def _model_categories(categories: Sequence[str] | None, dataset_names: list[str]
         raise DatasetError(f"the model's class list must start with {BACKGROUND!r}, got {categories[:3]}...")
     return categories
 
-
-def validate_coco(root: str | Path, categories: Sequence[str] | None = None, unknown: str = "error",
-                  check_files: bool = True) -> ValidationReport:
-    """Check a dataset folder; never raises for a problem with the data, it is in the report.
-
-    ``categories``: the model's class list ("__background__" first); dataset categories whose name is
-    not in it are errors (warnings with ``unknown="drop"``). ``check_files=False`` skips opening images.
-    """
-    report = ValidationReport()
-    index = _scan(Path(root), report, check_files)
-    if index is not None and categories is not None:
-        model = list(categories)
-        for cid in sorted(index.categories):
-            name = index.categories[cid]
-            if name not in model:
-                msg = f"not among the model's classes ({', '.join(model[1:])})"
-                if unknown == "drop":
-                    report.warning(f"category {cid} ({name!r})", msg + "; its annotations are ignored")
-                else:
-                    report.error(f"category {cid} ({name!r})", msg)
-    return report
-
-
-# ---------------------------------------------------------------------------------------- dataset
 
 def decode_masks(rles: list[dict], h: int, w: int) -> np.ndarray:
     """Compressed RLEs -> (N, H, W) uint8."""
@@ -562,7 +91,7 @@ class CocoDataset(torch.utils.data.Dataset):
             raise ValueError(f"unknown must be 'error' or 'drop', got {unknown!r}")
         self.root = Path(root)
         self.report = report if report is not None else ValidationReport()
-        index = _scan(self.root, self.report, check_files)
+        index = scan_dataset(self.root, self.report, check_files)
         if index is None:
             problems = "; ".join(f"{i.where}: {i.message}" for i in self.report.errors)
             raise DatasetError(f"cannot use dataset {self.root}: {problems}")
@@ -593,7 +122,7 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._images)
 
-    def annotations(self, i: int) -> list[_Annotation]:
+    def annotations(self, i: int) -> list[Annotation]:
         """The valid annotations that go into item ``i``'s target."""
         anns = self._all_annotations[self._images[i][0]]
         return anns if self.include_crowd else [a for a in anns if not a.iscrowd]
@@ -684,3 +213,6 @@ def _remove_folder(folder: Path, owner_pid: int) -> None:
     # Only the process that made it: a forked DataLoader worker holds a copy of the dataset too.
     if os.getpid() == owner_pid:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+__all__ = ["CocoDataset", "load_dataset", "decode_masks", "load_image", "BACKGROUND"]

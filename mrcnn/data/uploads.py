@@ -23,7 +23,7 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
-from mrcnn.data.coco import safe_extract_zip
+from mrcnn.data.zips import safe_extract_zip
 from mrcnn.errors import MrcnnError
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrcnn.data.coco import load_dataset, safe_extract_zip, validate_coco
+from mrcnn.data.coco import load_dataset
+from mrcnn.data.coco_checks import validate_coco
 from mrcnn.data.shapes import generate_scene, write_dataset
 from mrcnn.data.uploads import naming_upload
+from mrcnn.data.zips import safe_extract_zip
 from mrcnn.errors import DatasetError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
