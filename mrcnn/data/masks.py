@@ -41,6 +41,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     ``masks_to_boxes`` gives the last pixel's coordinate, one less than the extent on the right and bottom)."""
     if masks.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    boxes = _tv_masks_to_boxes(masks.bool())
-    filled = masks.flatten(1).any(1, keepdim=True)
+    binary = masks.bool()  # any() of uint8 masks is uint8, which torch.where refuses (deprecated) as a condition
+    boxes = _tv_masks_to_boxes(binary)
+    filled = binary.flatten(1).any(1, keepdim=True)
     return torch.where(filled, boxes + boxes.new_tensor([0, 0, 1, 1]), torch.zeros_like(boxes))
