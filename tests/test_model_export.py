@@ -52,7 +52,7 @@ def test_torchvision_format_refuses_the_light_architecture(tmp_path):
 
 @pytest.mark.parametrize("which", ["light", "r50"])
 def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path, which):
-    loaded = detecting(tiny_loaded()) if which == "light" else r50_loaded()
+    loaded = detecting(tiny_loaded()) if which == "light" else r50_loaded(160)
     report = export_model(loaded, tmp_path / "out", "onnx")
     check = report.check
     assert check.passed and check.images == 3 and check.detections > 0
