@@ -1,5 +1,5 @@
 """A training run's settings (TrainConfig, checked on creation: one line naming the first bad setting), what a
-run returns (TrainResult), and the learning rate per step they give (lr_factor). docs/training.md lists them;
+run returns (TrainResult), and the learning rate per step they give (lr_factor). docs/cli.md lists them;
 RUN_DIR/config.json and every checkpoint store them.
 """
 from __future__ import annotations
