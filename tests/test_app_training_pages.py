@@ -164,12 +164,74 @@ def test_evaluate_reruns_redraw_from_what_was_computed(env, monkeypatch):
         assert not at.exception, at.exception
     at.run()
     assert dict(calls) == after_evaluation, "a threshold move or a rerun recomputed"
-    at.slider(key="ev_img").set_value(1).run()  # another image: decoded and run once
+    at.select_slider(key="ev_img").set_value(1).run()  # another image: decoded and run once
     assert calls["__getitem__"] == after_evaluation["__getitem__"] + 1
     assert calls["_run_network"] == 2 and calls["evaluate"] == 1 and calls["__init__"] == 1
     assert calls["network_run"] == 2
     at.button(key="ev_go").click().run()  # the same data again: evaluated, not scanned again
     assert calls["evaluate"] == 2 and calls["__init__"] == 1
+
+
+def image_captions(at: AppTest) -> list[str]:
+    return [caption for image in at.image for caption in image.captions]
+
+
+def test_browser_steps_through_the_images_with_a_miss_or_a_false_positive(env):
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(6).run()
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    at.slider(key="ev_score").set_value(0.05).run()  # the random-weight model's scores sit low
+    assert at.select_slider(key="ev_img").options == [str(i) for i in range(6)]
+    seen = {}
+    for show, counted in (("with a miss", r"(\d+) missed"), ("with a false positive", r"(\d+) false positives?")):
+        at.radio(key="ev_show").set_value(show).run()
+        assert not at.exception, at.exception
+        shown = [int(o) for o in at.select_slider(key="ev_img").options] if at.select_slider else None
+        assert shown, f"no image {show} at 0.05: the test needs one"
+        for idx in shown:  # each image the filter keeps shows what it was kept for
+            at.select_slider(key="ev_img").set_value(idx).run()
+            caption = next(c for c in image_captions(at) if "correct" in c)
+            assert int(re.search(counted, caption).group(1)) >= 1, (show, idx, caption)
+        seen[show] = shown
+    assert seen["with a miss"] != seen["with a false positive"] or len(seen["with a miss"]) == 6
+    # the filter keeps the image when it can, else moves to the next image it keeps
+    at.radio(key="ev_show").set_value("every image").run()
+    at.select_slider(key="ev_img").set_value(seen["with a false positive"][0]).run()
+    at.radio(key="ev_show").set_value("with a false positive").run()
+    assert int(at.select_slider(key="ev_img").value) == seen["with a false positive"][0]
+    at.slider(key="ev_score").set_value(0.95).run()  # nothing scores this high: no false positive anywhere
+    assert not at.exception, at.exception
+    assert "No image with a false positive at score threshold 0.95." in texts(at)
+    at.radio(key="ev_show").set_value("every image").run()
+    assert at.select_slider(key="ev_img").options == [str(i) for i in range(6)]
+
+
+def test_evaluate_and_finetune_settings_survive_a_walk_through_the_other_pages(env):
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5).run()
+    at.number_input(key="ev_seed").set_value(3).run()
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    at.slider(key="ev_score").set_value(0.3).run()
+    at.radio(key="ev_show").set_value("with a miss").run()
+    image = int(at.select_slider(key="ev_img").options[-1])
+    at.select_slider(key="ev_img").set_value(image).run()
+    at.switch_page("ui/finetune.py").run()
+    finetune_values = {"ft_steps": 33, "ft_batch": 2, "ft_lr": 0.02, "ft_validations": 2}
+    for key, value in finetune_values.items():
+        at.number_input(key=key).set_value(value).run()
+    at.select_slider(key="ft_size_light").set_value(192).run()
+    for page in ("ui/detect.py", "ui/inspect.py", "ui/evaluate.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+    assert [at.number_input(key=k).value for k in ("ev_num", "ev_seed")] == [5, 3]
+    assert at.select_slider(key="ev_size").value == 128
+    assert at.slider(key="ev_score").value == 0.3 and at.radio(key="ev_show").value == "with a miss"
+    assert at.select_slider(key="ev_img").value == image
+    at.switch_page("ui/finetune.py").run()
+    assert {key: at.number_input(key=key).value for key in finetune_values} == finetune_values
+    assert at.select_slider(key="ft_size_light").value == 192
 
 
 def test_metric_headers_follow_one_scheme(env):

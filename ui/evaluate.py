@@ -1,6 +1,7 @@
 """Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, a second model's AP side by side
-(B − A, per class too), what each error type costs (TIDE), confusion matrix, and a per-image browser that
-says, for every missed object, which stage of the network lost it.
+(B − A, per class too), what each error type costs (TIDE), confusion matrix, and a per-image browser (every
+image, or only those with a miss or a false positive) that says, for every missed object, which stage of the
+network lost it.
 
 UI only: the metrics come from mrcnn.evaluation.evaluate, the error costs from mrcnn.evaluation.error_costs,
 the reasons from mrcnn.evaluation.diagnose.
@@ -32,6 +33,9 @@ from mrcnn.inference.trace import run_trace
 from ui import sidebar, state, tables
 
 TP_COLOR, FP_COLOR, MISS_COLOR = (40, 200, 60), (230, 40, 40), (250, 200, 0)
+# Which images the per-image browser steps through, judged by the evaluation's own detections at the score
+# threshold: what a person looks for after the error costs (the misses, the false positives).
+SHOWN_IMAGES = ("every image", "with a miss", "with a false positive")
 
 
 # ---- what the page keeps --------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     infos = {i.name: i for i in state.model_infos() if i.available and i.name != loaded.name}
     options = [None, *infos]
     state.keep_choice("ev_compare_with", options, None)
-    name = st.selectbox("Model B, on the same data", options, key="ev_compare_with",
+    name = st.selectbox("Model B, on the same data", options, key="ev_compare_with", persist_state="session",
                         format_func=lambda n: "none" if n is None else sidebar.model_label(infos[n]),
                         help="Typical: the model before and after a fine-tune, or the bundled one against an "
                              "imported one")
@@ -221,12 +225,13 @@ def _dataset_picker(loaded) -> DatasetChoice | None:
     """The generated validation set (shapes models) or an uploaded COCO .zip."""
     known_shapes = [c for c in loaded.categories[1:] if c in shapes.SHAPE_NAMES]
     options = (["Generated shapes scenes"] if known_shapes else []) + ["Upload a COCO .zip"]
-    source = st.radio("Dataset", options, horizontal=True, key="ev_source")
+    state.keep_choice("ev_source", options, options[0])  # the model decides whether scenes are an option
+    source = st.radio("Dataset", options, horizontal=True, key="ev_source", persist_state="session")
     if source.startswith("Generated"):
         c1, c2, c3 = st.columns(3)
-        num = c1.number_input("Scenes", 5, 1000, 50, key="ev_num")
-        seed = c2.number_input("Seed", 0, 10**6, 12345, key="ev_seed")
-        size = c3.select_slider("Size", [128, 192, 256, 384, 512], 256, key="ev_size")
+        num = c1.number_input("Scenes", 5, 1000, 50, key="ev_num", persist_state="session")
+        seed = c2.number_input("Seed", 0, 10**6, 12345, key="ev_seed", persist_state="session")
+        size = c3.select_slider("Size", [128, 192, 256, 384, 512], 256, key="ev_size", persist_state="session")
         return DatasetChoice(f"{int(num)} generated scenes", shapes=(int(num), int(seed), int(size),
                                                                      tuple(known_shapes)))
     upload = st.file_uploader("COCO dataset (.zip with annotations.json and images/)", type=["zip"], key="ev_upload")
@@ -297,15 +302,34 @@ def _run(loaded, choice: DatasetChoice) -> None:
 
 
 # ---- views that follow the score threshold --------------------------------------------------------------
+def _detections_above(im: ImageBoxes, categories: list[str], score_thresh: float) -> Detections:
+    keep = im.pred_scores > score_thresh
+    return Detections(im.pred_boxes[keep], im.pred_scores[keep], im.pred_labels[keep], None,
+                      np.full(int(keep.sum()), -1, np.int64), categories, (0, 0))
+
+
 def confusion_at(images: list[ImageBoxes], categories: list[str], score_thresh: float) -> np.ndarray:
     """The confusion matrix of the detections scoring above ``score_thresh``."""
-    per_image = []
-    for im in images:
-        keep = im.pred_scores > score_thresh
-        dets = Detections(im.pred_boxes[keep], im.pred_scores[keep], im.pred_labels[keep], None,
-                          np.full(int(keep.sum()), -1, np.int64), categories, (0, 0))
-        per_image.append((dets, im.gt_boxes, im.gt_labels))
-    return confusion_matrix(per_image, len(categories))
+    return confusion_matrix([(_detections_above(im, categories, score_thresh), im.gt_boxes, im.gt_labels)
+                             for im in images], len(categories))
+
+
+def images_shown(images: list[ImageBoxes], categories: list[str], score_thresh: float, show: str) -> list[int]:
+    """The indices of the images that ``show`` (one of SHOWN_IMAGES) picks, by the evaluation's detections
+    scoring above ``score_thresh`` matched to the ground truth as the browser matches them."""
+    if show == SHOWN_IMAGES[0]:
+        return list(range(len(images)))
+    picked = []
+    for i, im in enumerate(images):
+        match = match_detections(_detections_above(im, categories, score_thresh), im.gt_boxes, im.gt_labels)
+        errors = len(match.missed) if show == "with a miss" else int((~match.det_tp).sum())
+        if errors:
+            picked.append(i)
+    return picked
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float):
@@ -327,8 +351,21 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
     st.subheader("Per-image browser", anchor="per-image-browser")  # "missed" in the error costs links here
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
                "taken from the trace.")
-    n = len(evaluation.dataset)
-    idx = st.slider("Image", 0, max(n - 1, 0), 0, key="ev_img") if n > 1 else 0
+    show = st.radio("Show", SHOWN_IMAGES, horizontal=True, key="ev_show", persist_state="session",
+                    help="judged by the evaluation's detections above the score threshold")
+    indices = images_shown(evaluation.images, loaded.categories, score_thresh, show)
+    if not indices:
+        st.info(f"No image {show} at score threshold {score_thresh:.2f}.")
+        return
+    if len(indices) > 1:
+        ss = st.session_state
+        if ss.get("ev_img") not in indices:  # the next image the filter keeps, else its first
+            ss["ev_img"] = next((i for i in indices if i >= (ss.get("ev_img") or 0)), indices[0])
+        idx = st.select_slider("Image", indices, key="ev_img", persist_state="session",
+                               help=f"{len(indices)} of the {len(evaluation.images)} images")
+    else:
+        idx = indices[0]
+        st.caption(f"The one image {show}: image {idx}")
     array, trace = _browser_image(loaded, evaluation, idx, score_thresh)
     truth = evaluation.images[idx]
     dets = trace.refilter(trace.thresholds.replace(score_thresh=score_thresh))
@@ -344,8 +381,8 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
         canvas = draw_boxes(canvas, missed_boxes, [MISS_COLOR] * len(missed_boxes), width=3,
                             labels=[f"missed {r.label}" for r in reasons])
     c1, c2 = st.columns([3, 2])
-    c1.image(canvas, caption=f"{int(match.det_tp.sum())} correct, {int((~match.det_tp).sum())} false positives, "
-                             f"{len(match.missed)} missed")
+    c1.image(canvas, caption=f"{int(match.det_tp.sum())} correct, "
+                             f"{_plural(int((~match.det_tp).sum()), 'false positive')}, {len(match.missed)} missed")
     with c2:
         if reasons:
             st.dataframe(pd.DataFrame([{"object": r.label, "why it was missed": r.message} for r in reasons]),
@@ -361,7 +398,7 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
 def _threshold_views(loaded, evaluation: Evaluation) -> None:
     """Moving the threshold or the image redraws only this, from what the evaluation kept."""
     score = st.slider("Score threshold for the confusion matrix and the browser", 0.05, 0.95, 0.5, 0.05,
-                      key="ev_score")
+                      key="ev_score", persist_state="session")
     st.subheader("Confusion matrix")
     if evaluation.images:
         st.plotly_chart(confusion_figure(confusion_at(evaluation.images, loaded.categories, score),

@@ -81,7 +81,7 @@ def _settings_form() -> None:
         return
     st.subheader("Data")
     source = st.radio("Training data", ["Teach it a new shape (built-in)", "Upload a COCO .zip"], key="ft_source",
-                      horizontal=True)
+                      horizontal=True, persist_state="session")
     upload = None
     if source.startswith("Upload"):
         upload = st.file_uploader("COCO dataset (.zip with annotations.json and images/)", type=["zip"],
@@ -95,18 +95,20 @@ def _settings_form() -> None:
     arch_name = loaded.arch["name"]
     kind = "light" if arch_name == "light" else "r50"  # each kind keeps its own image size
     c1, c2, c3 = st.columns(3)
-    steps = c1.number_input("Steps", 1, 5000, 100, key="ft_steps")
-    batch = c2.number_input("Batch size", 1, 64, 4, key="ft_batch")
+    steps = c1.number_input("Steps", 1, 5000, 100, key="ft_steps", persist_state="session")
+    batch = c2.number_input("Batch size", 1, 64, 4, key="ft_batch", persist_state="session")
     size = c3.select_slider("Image size", IMAGE_SIZES, finetune.default_image_size(arch_name), key=f"ft_size_{kind}",
+                            persist_state="session",
                             help="the shorter image side the model trains at; the default fits a CPU")
     c4, c5, c6 = st.columns(3)
-    lr = c4.number_input("Learning rate", 0.0001, 0.5, 0.01, format="%.4f", key="ft_lr")
+    lr = c4.number_input("Learning rate", 0.0001, 0.5, 0.01, format="%.4f", key="ft_lr", persist_state="session")
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
-    device = c5.selectbox("Device", devices, key="ft_device",
+    state.keep_choice("ft_device", devices, "auto")
+    device = c5.selectbox("Device", devices, key="ft_device", persist_state="session",
                           help="auto: CUDA (float16 mixed precision) when a GPU is present, else the CPU "
                                "(bfloat16 mixed precision where the CPU has bf16 instructions)")
     gpus = _gpu_choice(c6, device)
-    validations = st.number_input("Validations per run", 0, 100, 5, key="ft_validations",
+    validations = st.number_input("Validations per run", 0, 100, 5, key="ft_validations", persist_state="session",
                                   help="how many times the run measures the validation loss and AP while it "
                                        "trains (0: once, at the end)")
     layers = _backbone_layers(loaded)
@@ -131,7 +133,9 @@ def _gpu_choice(column, device: str) -> int:
     count = torch.cuda.device_count()
     if count < 2 or device == "cpu":
         return 1
-    choice = column.radio("GPUs", ["1 GPU", f"all {count} GPUs"], key="ft_gpus", horizontal=True,
+    options = ["1 GPU", f"all {count} GPUs"]
+    state.keep_choice("ft_gpus", options, options[0])
+    choice = column.radio("GPUs", options, key="ft_gpus", horizontal=True, persist_state="session",
                           help="all: one training process per GPU through torchrun (DistributedDataParallel); "
                                "the batch size is per GPU")
     return count if choice.startswith("all") else 1
@@ -147,7 +151,7 @@ def _backbone_layers(loaded: LoadedModel) -> int | None:
     trainable and frozen parameter counts they give."""
     if finetune.has_backbone_choice(loaded.arch["name"]):
         layers = int(st.number_input(
-            "Trainable backbone layers", 0, 5, 3, key="ft_trainable_layers",
+            "Trainable backbone layers", 0, 5, 3, key="ft_trainable_layers", persist_state="session",
             help="as torchvision counts them: the last N of layer4, layer3, layer2, layer1, conv1 train "
                  "(5 = all), the rest stays as it is; the backbone's BatchNorm statistics stay fixed"))
     else:
@@ -329,7 +333,11 @@ def _before_after_images(start_model: str, checkpoint: str, stamp: int, val_dir:
 def _side_by_side(plan: dict, ckpt: Path, stamp: int) -> None:
     try:
         n = len(_validation_set(plan["val_dir"]))
-        idx = st.slider("Validation image", 0, max(n - 1, 0), 0, key="ft_val_idx") if n > 1 else 0
+        if n > 1:
+            state.clamp("ft_val_idx", 0, n - 1, initial=0)  # another run's validation set may be smaller
+            idx = st.slider("Validation image", 0, n - 1, key="ft_val_idx", persist_state="session")
+        else:
+            idx = 0
         drawn = _before_after_images(plan["start_model"], str(ckpt), stamp, plan["val_dir"], idx)
     except MrcnnError as err:
         st.error(str(err))
