@@ -1,6 +1,7 @@
 """AppTest for the Fine-tune and Evaluate pages with tiny models and a stand-in trainer."""
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
@@ -9,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -176,7 +178,7 @@ def image_captions(at: AppTest) -> list[str]:
     return [caption for image in at.image for caption in image.captions]
 
 
-def test_browser_steps_through_the_images_with_a_miss_or_a_false_positive(env):
+def test_browser_steps_through_the_images_with_a_miss_a_false_positive_or_a_confusion(env):
     at = open_page("ui/evaluate.py")
     at.number_input(key="ev_num").set_value(6).run()
     at.select_slider(key="ev_size").set_value(128).run()
@@ -185,25 +187,42 @@ def test_browser_steps_through_the_images_with_a_miss_or_a_false_positive(env):
     assert at.select_slider(key="ev_img").options == [str(i) for i in range(6)]
     seen = {}
     for show, counted in (("with a miss", r"(\d+) missed"), ("with a false positive", r"(\d+) false positives?")):
-        at.radio(key="ev_show").set_value(show).run()
+        at.selectbox(key="ev_show").set_value(show).run()
         assert not at.exception, at.exception
-        shown = [int(o) for o in at.select_slider(key="ev_img").options] if at.select_slider else None
-        assert shown, f"no image {show} at 0.05: the test needs one"
+        shown = [int(o) for o in at.select_slider(key="ev_img").options]
         for idx in shown[-2:]:  # an image the filter keeps shows what it was kept for (two: each is a run)
             at.select_slider(key="ev_img").set_value(idx).run()
             caption = next(c for c in image_captions(at) if "correct" in c)
             assert int(re.search(counted, caption).group(1)) >= 1, (show, idx, caption)
         seen[show] = shown
-    assert seen["with a miss"] != seen["with a false positive"] or len(seen["with a miss"]) == 6
+    # a class confusion: its images hold as many confusions as the matrix's cell counts
+    confusions = [o for o in at.selectbox(key="ev_show").options if o.startswith("true ")]
+    assert confusions, "the random-weight model confuses no class at 0.05: the test needs one"
+    true, predicted = re.match(r"true (\w+), predicted (\w+) \((\d+) images?\)", confusions[0]).groups()[:2]
+    heatmap = next(t for c in at.get("plotly_chart") for t in json.loads(c.proto.spec)["data"] if "z" in t)
+    z = heatmap["z"]  # plotly sends a numpy array as base64 bytes
+    if "bdata" in z:
+        z = np.frombuffer(base64.b64decode(z["bdata"]), z["dtype"]).reshape([int(n) for n in z["shape"].split(",")])
+    cell = z[heatmap["y"].index(true)][heatmap["x"].index(predicted)]
+    at.selectbox(key="ev_show").set_value(f"true {true}, predicted {predicted}").run()
+    count = int(re.search(r"\((\d+) images?\)", confusions[0]).group(1))
+    assert 1 <= count <= cell  # a cell counts objects; an image may hold several
+    if count > 1:
+        assert len(at.select_slider(key="ev_img").options) == count
+    else:
+        assert f"The one image to show (true {true}, predicted {predicted})" in texts(at)
+    at.slider(key="ev_score").set_value(0.1).run()  # a threshold move keeps the choice
+    assert at.selectbox(key="ev_show").value == f"true {true}, predicted {predicted}"
     # the filter keeps the image when it can, else moves to the next image it keeps
-    at.radio(key="ev_show").set_value("every image").run()
+    at.selectbox(key="ev_show").set_value("every image").run()
+    at.slider(key="ev_score").set_value(0.05).run()
     at.select_slider(key="ev_img").set_value(seen["with a false positive"][0]).run()
-    at.radio(key="ev_show").set_value("with a false positive").run()
+    at.selectbox(key="ev_show").set_value("with a false positive").run()
     assert int(at.select_slider(key="ev_img").value) == seen["with a false positive"][0]
     at.slider(key="ev_score").set_value(0.95).run()  # nothing scores this high: no false positive anywhere
     assert not at.exception, at.exception
-    assert "No image with a false positive at score threshold 0.95." in texts(at)
-    at.radio(key="ev_show").set_value("every image").run()
+    assert "No image to show (with a false positive) at score threshold 0.95." in texts(at)
+    at.selectbox(key="ev_show").set_value("every image").run()
     assert at.select_slider(key="ev_img").options == [str(i) for i in range(6)]
 
 
@@ -214,7 +233,7 @@ def test_evaluate_and_finetune_settings_survive_a_walk_through_the_other_pages(e
     at.select_slider(key="ev_size").set_value(128).run()
     at.button(key="ev_go").click().run()
     at.slider(key="ev_score").set_value(0.3).run()
-    at.radio(key="ev_show").set_value("with a miss").run()
+    at.selectbox(key="ev_show").set_value("with a miss").run()
     image = int(at.select_slider(key="ev_img").options[-1])
     at.select_slider(key="ev_img").set_value(image).run()
     at.switch_page("ui/finetune.py").run()
@@ -227,7 +246,7 @@ def test_evaluate_and_finetune_settings_survive_a_walk_through_the_other_pages(e
         assert not at.exception, (page, at.exception)
     assert [at.number_input(key=k).value for k in ("ev_num", "ev_seed")] == [5, 3]
     assert at.select_slider(key="ev_size").value == 128
-    assert at.slider(key="ev_score").value == 0.3 and at.radio(key="ev_show").value == "with a miss"
+    assert at.slider(key="ev_score").value == 0.3 and at.selectbox(key="ev_show").value == "with a miss"
     assert at.select_slider(key="ev_img").value == image
     at.switch_page("ui/finetune.py").run()
     assert {key: at.number_input(key=key).value for key in finetune_values} == finetune_values

@@ -1,6 +1,6 @@
 """Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, a second model's AP side by side
 (B − A, per class too), what each error type costs (TIDE), confusion matrix, and a per-image browser (every
-image, or only those with a miss or a false positive) that says, for every missed object, which stage of the
+image, or only those with a miss, a false positive or one class taken for another) that says, for every missed object, which stage of the
 network lost it.
 
 UI only: the metrics come from mrcnn.evaluation.evaluate, the error costs from mrcnn.evaluation.error_costs,
@@ -34,7 +34,8 @@ from ui import sidebar, state, tables
 
 TP_COLOR, FP_COLOR, MISS_COLOR = (40, 200, 60), (230, 40, 40), (250, 200, 0)
 # Which images the per-image browser steps through, judged by the evaluation's own detections at the score
-# threshold: what a person looks for after the error costs (the misses, the false positives).
+# threshold: what a person looks for after the error costs (the misses, the false positives); then one choice
+# per class confusion the matrix shows ("true circle, predicted square").
 SHOWN_IMAGES = ("every image", "with a miss", "with a false positive")
 
 
@@ -314,18 +315,32 @@ def confusion_at(images: list[ImageBoxes], categories: list[str], score_thresh: 
                              for im in images], len(categories))
 
 
-def images_shown(images: list[ImageBoxes], categories: list[str], score_thresh: float, show: str) -> list[int]:
-    """The indices of the images that ``show`` (one of SHOWN_IMAGES) picks, by the evaluation's detections
-    scoring above ``score_thresh`` matched to the ground truth as the browser matches them."""
-    if show == SHOWN_IMAGES[0]:
-        return list(range(len(images)))
-    picked = []
+def confusion_name(categories: list[str], true: int, predicted: int) -> str:
+    return f"true {categories[true]}, predicted {categories[predicted]}"
+
+
+def browser_choices(images: list[ImageBoxes], categories: list[str], score_thresh: float) -> dict[str, list[int]]:
+    """What the per-image browser can step through at ``score_thresh``, each with its image indices:
+    SHOWN_IMAGES (misses and false positives as the browser matches detections: same class, IoU ≥ 0.5), then
+    each class confusion of the confusion matrix with the images that hold one. From the evaluation's own
+    detections: no image is decoded, no network runs."""
+    choices: dict[str, list[int]] = {name: [] for name in SHOWN_IMAGES}
+    confusions: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
-        match = match_detections(_detections_above(im, categories, score_thresh), im.gt_boxes, im.gt_labels)
-        errors = len(match.missed) if show == "with a miss" else int((~match.det_tp).sum())
-        if errors:
-            picked.append(i)
-    return picked
+        dets = _detections_above(im, categories, score_thresh)
+        match = match_detections(dets, im.gt_boxes, im.gt_labels)
+        choices["every image"].append(i)
+        if len(match.missed):
+            choices["with a miss"].append(i)
+        if not match.det_tp.all():
+            choices["with a false positive"].append(i)
+        cm = confusion_matrix([(dets, im.gt_boxes, im.gt_labels)], len(categories))
+        for true, predicted in zip(*np.nonzero(cm)):
+            if true and predicted and true != predicted:  # row and column 0 are misses and false positives
+                confusions.setdefault((int(true), int(predicted)), []).append(i)
+    for (true, predicted), indices in sorted(confusions.items()):
+        choices[confusion_name(categories, true, predicted)] = indices
+    return choices
 
 
 def _plural(count: int, noun: str) -> str:
@@ -351,11 +366,16 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
     st.subheader("Per-image browser", anchor="per-image-browser")  # "missed" in the error costs links here
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
                "taken from the trace.")
-    show = st.radio("Show", SHOWN_IMAGES, horizontal=True, key="ev_show", persist_state="session",
-                    help="judged by the evaluation's detections above the score threshold")
-    indices = images_shown(evaluation.images, loaded.categories, score_thresh, show)
+    choices = browser_choices(evaluation.images, loaded.categories, score_thresh)
+    if st.session_state.get("ev_show") not in choices:  # a confusion this threshold does not have: kept, empty
+        choices.setdefault(st.session_state.get("ev_show") or SHOWN_IMAGES[0], [])
+    show = st.selectbox("Show", list(choices), key="ev_show", persist_state="session",
+                        format_func=lambda name: f"{name} ({_plural(len(choices[name]), 'image')})",
+                        help="judged by the evaluation's detections above the score threshold; a class "
+                             "confusion is a cell of the confusion matrix off its diagonal")
+    indices = choices[show]
     if not indices:
-        st.info(f"No image {show} at score threshold {score_thresh:.2f}.")
+        st.info(f"No image to show ({show}) at score threshold {score_thresh:.2f}.")
         return
     if len(indices) > 1:
         ss = st.session_state
@@ -365,7 +385,7 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
                                help=f"{len(indices)} of the {len(evaluation.images)} images")
     else:
         idx = indices[0]
-        st.caption(f"The one image {show}: image {idx}")
+        st.caption(f"The one image to show ({show}): image {idx}")
     array, trace = _browser_image(loaded, evaluation, idx, score_thresh)
     truth = evaluation.images[idx]
     dets = trace.refilter(trace.thresholds.replace(score_thresh=score_thresh))
