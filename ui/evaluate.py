@@ -1,7 +1,7 @@
 """Evaluate page: COCO AP of the sidebar's model on a dataset, PR curves, a second model's AP side by side
 (B − A, per class too), what each error type costs (TIDE), confusion matrix, and a per-image browser (every
-image, or only those with a miss, a false positive or one class taken for another) that says, for every missed object, which stage of the
-network lost it.
+image, or only those with a miss, a false positive or one class taken for another) that says, for every
+missed object, which stage of the network lost it.
 
 UI only: the metrics come from mrcnn.evaluation.evaluate, the error costs from mrcnn.evaluation.error_costs,
 the reasons from mrcnn.evaluation.diagnose.
