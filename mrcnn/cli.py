@@ -21,7 +21,7 @@ from mrcnn import bench
 from mrcnn.data.images import load_image
 from mrcnn.data.shapes import check_classes, write_dataset
 from mrcnn.data.sources import first_items, open_data
-from mrcnn.data.video import is_clip, open_clip
+from mrcnn.data.video import VideoLimits, is_clip, open_clip
 from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
 from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
@@ -253,6 +253,7 @@ def cli_predict(args) -> int:
     thresholds = _thresholds(score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
                              max_detections=args.max_detections, mask_thresh=args.mask_thresh,
                              agnostic_nms=args.agnostic_nms, class_thresh=_class_thresh(args.class_thresh))
+    VideoLimits.from_env()  # every limit predict applies (pixels, a clip's length and size): checked before any work
     out_dir = _check_folder_writable("--out", args.out)
     loaded = load_model(args.model, weights=args.weights, device=args.device, precision=args.precision)
     try:

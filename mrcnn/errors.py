@@ -34,3 +34,7 @@ class ExportError(MrcnnError):
 
 class VideoError(MrcnnError):
     """A video clip that cannot be used (not decodable, no video stream, truncated, over the limits)."""
+
+
+class SettingError(MrcnnError):
+    """A server limit set in an environment variable (MRCNN_MAX_PIXELS, ...) whose value cannot be used."""

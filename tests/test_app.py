@@ -192,7 +192,7 @@ def test_bad_uploads_show_a_message_and_the_app_keeps_working(env):
 def test_too_many_pixels_is_refused(monkeypatch):
     import ui.detect
 
-    monkeypatch.setattr(ui.detect, "MAX_PIXELS", 50 * 50)
+    monkeypatch.setenv("MRCNN_MAX_PIXELS", str(50 * 50))
     with pytest.raises(ImageError):
         ui.detect.ingest_upload("big.png", png(scene(100, 100)))
     assert ui.detect.ingest_upload("small.png", png(scene(40, 40))).array.shape == (40, 40, 3)

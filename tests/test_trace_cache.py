@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mrcnn.errors import SettingError
 from mrcnn.inference.structures import RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
 from mrcnn.inference.trace_cache import (BUDGET_ENV, MAX_RUNS_ENV, TraceCache, architecture_bytes_per_pixel,
@@ -117,7 +118,7 @@ def test_budget_from_the_environment(monkeypatch, raw, expected):
 @pytest.mark.parametrize("raw", ["lots", "-1", "nan"])
 def test_a_bad_budget_names_the_variable(monkeypatch, raw):
     monkeypatch.setenv(BUDGET_ENV, raw)
-    with pytest.raises(ValueError, match=BUDGET_ENV):
+    with pytest.raises(SettingError, match=BUDGET_ENV):
         budget_bytes()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import numpy as np
@@ -24,9 +23,6 @@ from ui import compare, overlay_view, plots, share, state, video
 from ui.state import sample_classes, sample_entry
 
 UPLOAD_TYPES = list(mimages.SUPPORTED_EXTENSIONS) + video.UPLOAD_TYPES  # an animated GIF is a clip
-# Larger uploads are refused with a message. Lower than mrcnn.data.images' 40 MP default because the page
-# keeps full-size masks per detection; $MRCNN_MAX_PIXELS overrides both.
-MAX_PIXELS = int(os.environ.get(mimages.MAX_PIXELS_ENV, 16_000_000))
 STRIP_COLUMNS = 8
 SCORE_STEP = 0.01  # the score slider's step; the pictures one step either side are sent ahead
 # After a new picture the fragment draws the rest (~40 elements) only this long after it: the browser renders
@@ -39,7 +35,7 @@ PICTURE_HEAD_START_S = 0.08
 # ---- input --------------------------------------------------------------------------------------------
 def ingest_upload(name: str, data: bytes) -> state.ImageEntry:
     """Decode one uploaded file into an image entry. Raises ImageError (a MrcnnError) with the reason."""
-    loaded = mimages.load_image(data, name=name, max_pixels=MAX_PIXELS)
+    loaded = mimages.load_image(data, name=name, max_pixels=state.detect_max_pixels())  # larger: one message
     return state.make_entry(loaded.array, name, "upload")
 
 
@@ -62,7 +58,7 @@ def _uploads() -> None:
     # a new key empties the uploader (after "Clear")
     files = st.file_uploader("Upload images or clips", type=UPLOAD_TYPES, accept_multiple_files=True,
                              key=f"uploads_{st.session_state.get('uploader_gen', 0)}",
-                             help=f"{', '.join(UPLOAD_TYPES)}; up to {MAX_PIXELS / 1e6:.0f} megapixels; "
+                             help=f"{', '.join(UPLOAD_TYPES)}; up to {state.detect_max_pixels() / 1e6:.0f} megapixels; "
                                   "several at once make a strip to pick from")
     seen: dict = st.session_state["ingested_uploads"]
     newest = None

@@ -3,7 +3,6 @@ model card."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -22,8 +21,6 @@ from ui import state
 DEVICES = ["auto", "cpu", "cuda"]
 KIND_LABELS = {"bundled": "bundled", "torchvision": "COCO, torchvision", "checkpoint": "training run",
                "imported": "imported"}
-# Largest model file "Add a model" takes, in MB (torchvision's R50 files are 170-180 MB).
-MAX_MODEL_UPLOAD_MB = int(os.environ.get("MRCNN_MAX_MODEL_UPLOAD_MB", "1024"))
 MAX_CHECK_IMAGES = 4  # a precision check of R50 takes ~6 s per image on a 2-core CPU
 
 
@@ -173,7 +170,7 @@ def _add_model_now() -> None:
 def _add_model() -> None:
     with st.expander("Add a model", icon=":material/upload_file:"):
         st.file_uploader("Mask R-CNN weights (.pt, .pth)", type=["pt", "pth"], key="add_model_file",
-                         max_upload_size=MAX_MODEL_UPLOAD_MB,
+                         max_upload_size=state.model_upload_mb(),
                          help="torchvision maskrcnn_resnet50_fpn / _v2 state dicts (any classes), torchvision "
                               "references checkpoints, DataParallel/DDP state dicts, or this app's checkpoints")
         st.text_input("Name", key="add_model_name", max_chars=importer.MAX_NAME_CHARS,

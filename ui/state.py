@@ -40,6 +40,9 @@ from mrcnn.errors import ModelUnavailable, MrcnnError
 from mrcnn.inference.precision import PRECISIONS
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
+from mrcnn.data.images import max_pixels_from_env
+from mrcnn.data.video import VideoLimits
+from mrcnn.env_settings import env_number
 from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
 
 MAX_IMAGES = 16  # images a session keeps in its strip
@@ -330,17 +333,35 @@ def clear_images() -> None:
     st.session_state["ingested_uploads"] = {}
 
 
-# ---- traces ------------------------------------------------------------------------------------------
+# ---- the server's limits, from its environment ----------------------------------------------------------
+# Detect's pixel limit: lower than mrcnn.data.images' 40 MP default because the page keeps full-size masks per
+# detection; $MRCNN_MAX_PIXELS overrides both.
+DETECT_MAX_PIXELS = 16_000_000
+MODEL_UPLOAD_MB_ENV = "MRCNN_MAX_MODEL_UPLOAD_MB"
+DEFAULT_MODEL_UPLOAD_MB = 1024  # the largest model file "Add a model" takes (torchvision's R50 files: 170-180 MB)
+
+
+def detect_max_pixels() -> int:
+    return max_pixels_from_env(DETECT_MAX_PIXELS)
+
+
+def model_upload_mb() -> int:
+    return env_number(MODEL_UPLOAD_MB_ENV, DEFAULT_MODEL_UPLOAD_MB, "megabytes", whole=True)
+
+
 def server_settings_problem() -> str | None:
-    """What is wrong with the server's trace-cache settings ($MRCNN_TRACE_CACHE_GB, $MRCNN_MAX_CONCURRENT_RUNS),
-    as one line; None when they are fine. The app shows it instead of the pages."""
+    """What is wrong with the server's limits in its environment (the trace cache's budget and runs, the pixel,
+    clip and model-file limits), as one line; None when they are fine. The app shows it instead of the pages."""
     problems = []
-    for setting in (budget_bytes, max_concurrent_runs):
+    for setting in (budget_bytes, max_concurrent_runs, detect_max_pixels, VideoLimits.from_env, model_upload_mb):
         try:
             setting()
-        except ValueError as err:
+        except MrcnnError as err:
             problems.append(str(err))
-    return "; ".join(problems) or None
+    return "; ".join(dict.fromkeys(problems)) or None  # $MRCNN_MAX_PIXELS is read twice: said once
+
+
+# ---- traces ------------------------------------------------------------------------------------------
 
 
 @st.cache_resource(show_spinner=False)

@@ -24,7 +24,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mrcnn.errors import ImageError, MrcnnError
+from mrcnn.env_settings import env_number
+from mrcnn.errors import ImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 MAX_PIXELS_ENV = "MRCNN_MAX_PIXELS"
@@ -57,18 +58,9 @@ class LoadedImage:
         return self.height, self.width
 
 
-def max_pixels_from_env() -> int:
-    """The pixel limit: $MRCNN_MAX_PIXELS when set, DEFAULT_MAX_PIXELS otherwise."""
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
-    if not raw:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise MrcnnError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {raw!r}")
-    return value
+def max_pixels_from_env(default: int = DEFAULT_MAX_PIXELS) -> int:
+    """The pixel limit: $MRCNN_MAX_PIXELS when set, ``default`` otherwise (SettingError for a bad value)."""
+    return env_number(MAX_PIXELS_ENV, default, "pixels", whole=True)
 
 
 def load_image(source: ImageSource, name: str | None = None, max_pixels: int | None = None) -> LoadedImage:

@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from mrcnn.data.images import MAX_PIXELS_ENV, max_pixels_from_env
-from mrcnn.errors import MrcnnError, VideoError
+from mrcnn.env_settings import env_number
+from mrcnn.errors import VideoError
 from mrcnn.files import atomic_writer
 
 DEFAULT_MAX_SECONDS = 60.0
@@ -54,8 +55,8 @@ class VideoLimits:
     @classmethod
     def from_env(cls) -> "VideoLimits":
         """$MRCNN_MAX_VIDEO_SECONDS, $MRCNN_MAX_VIDEO_MB and $MRCNN_MAX_PIXELS where set, else the defaults."""
-        return cls(_positive_env(MAX_SECONDS_ENV, DEFAULT_MAX_SECONDS, "seconds"),
-                   _positive_env(MAX_MB_ENV, DEFAULT_MAX_MB, "megabytes"), max_pixels_from_env())
+        return cls(env_number(MAX_SECONDS_ENV, DEFAULT_MAX_SECONDS, "seconds"),
+                   env_number(MAX_MB_ENV, DEFAULT_MAX_MB, "megabytes"), max_pixels_from_env())
 
 
 @dataclass(frozen=True)
@@ -295,19 +296,6 @@ def _duration_s(container, stream) -> float | None:
     if container.duration is not None and len(container.streams) == 1:
         return container.duration / av.time_base
     return None
-
-
-def _positive_env(name: str, default: float, unit: str) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise MrcnnError(f"{name} must be a positive number of {unit}, got {raw!r}")
-    return value
 
 
 def _reason(err: BaseException) -> str:

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torchvision.models.detection.image_list import ImageList
 
+from mrcnn.env_settings import env_number
 from mrcnn.inference.trace import Trace
 from mrcnn.model.architectures import build_model
 from mrcnn.model.zoo import LoadedModel
@@ -83,33 +84,15 @@ def _return_freed_memory() -> None:
 
 
 def budget_bytes() -> float:
-    """The server-wide budget: ``$MRCNN_TRACE_CACHE_GB`` gigabytes, else 4 GB. ValueError naming the
-    variable for a value that is not a non-negative number."""
-    raw = os.environ.get(BUDGET_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_BUDGET_GB * 1e9
-    try:
-        gigabytes = float(raw)
-    except ValueError:
-        gigabytes = math.nan
-    if not (math.isfinite(gigabytes) and gigabytes >= 0):
-        raise ValueError(f"{BUDGET_ENV} must be a number of gigabytes (0 or more), got {raw!r}")
-    return gigabytes * 1e9
+    """The server-wide budget: ``$MRCNN_TRACE_CACHE_GB`` gigabytes, else 4 GB. SettingError naming the
+    variable for a value that is not a number of 0 or more."""
+    return env_number(BUDGET_ENV, DEFAULT_BUDGET_GB, "gigabytes", zero=True) * 1e9
 
 
 def max_concurrent_runs() -> int:
     """How many network runs the server lets be in flight at once: ``$MRCNN_MAX_CONCURRENT_RUNS``, else 1.
-    ValueError naming the variable for a value that is not a whole number of 1 or more."""
-    raw = os.environ.get(MAX_RUNS_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_MAX_RUNS
-    try:
-        runs = int(raw)
-    except ValueError:
-        runs = 0
-    if runs < 1:
-        raise ValueError(f"{MAX_RUNS_ENV} must be a whole number of runs (1 or more), got {raw!r}")
-    return runs
+    SettingError naming the variable for a value that is not a whole number of 1 or more."""
+    return env_number(MAX_RUNS_ENV, DEFAULT_MAX_RUNS, "runs", whole=True)
 
 
 def trace_nbytes(trace: Trace) -> int:
