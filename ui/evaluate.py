@@ -367,8 +367,7 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
                "taken from the trace.")
     choices = browser_choices(evaluation.images, loaded.categories, score_thresh)
-    if st.session_state.get("ev_show") not in choices:  # a confusion this threshold does not have: kept, empty
-        choices.setdefault(st.session_state.get("ev_show") or SHOWN_IMAGES[0], [])
+    choices.setdefault(st.session_state.get("ev_show") or SHOWN_IMAGES[0], [])  # a confusion gone at this threshold
     show = st.selectbox("Show", list(choices), key="ev_show", persist_state="session",
                         format_func=lambda name: f"{name} ({_plural(len(choices[name]), 'image')})",
                         help="judged by the evaluation's detections above the score threshold; a class "
