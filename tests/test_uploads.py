@@ -173,7 +173,7 @@ def test_finetune_uploads_are_checked_named_and_cleaned_up(env, tmpdir, tmp_path
     at = open_page("ui/finetune.py")
     at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
     at.number_input(key="ft_steps").set_value(2).run()
-    baseline = len(list(tmpdir.iterdir()))
+    before = {p.name for p in tmpdir.iterdir()}
     runs = lambda: sorted((env / "runs").glob("finetune-*"))  # noqa: E731
     for name in hostile_names(target):
         runs_before = runs()
@@ -192,7 +192,38 @@ def test_finetune_uploads_are_checked_named_and_cleaned_up(env, tmpdir, tmp_path
         at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
         at.number_input(key="ft_steps").set_value(2).run()
     assert not list(target.iterdir()) and not list(tmp_path.glob("*.zip"))
-    assert len(list(tmpdir.iterdir())) == baseline
+    # what is left in the temp folder: at most the zip each session keeps, in a folder the server named
+    left = [p for p in tmpdir.iterdir() if p.name not in before]
+    assert all(p.name.startswith("mrcnn-finetune-") and [f.name for f in p.iterdir()] == ["upload.zip"] for p in left)
+    assert len(left) <= len(hostile_names(target))
+
+
+def test_a_finetune_upload_is_kept_across_pages_until_replaced_or_forgotten(env, tmpdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "start_job", functools.partial(jobs.start_job, trainer=FAKE))
+    kept = lambda: sorted(tmpdir.glob("mrcnn-finetune-*/upload.zip"))  # noqa: E731
+    at = open_page("ui/finetune.py")
+    at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
+    at.number_input(key="ft_steps").set_value(2).run()
+    at.file_uploader(key="ft_upload").upload("first.zip", dataset_zip(tmp_path, 4), "application/zip").run()
+    first = kept()
+    assert len(first) == 1
+    at.file_uploader(key="ft_upload").upload("pets.zip", dataset_zip(tmp_path, 5), "application/zip").run()
+    assert len(kept()) == 1 and kept() != first  # replaced, not piled up
+    at.switch_page("ui/detect.py").run()
+    at.switch_page("ui/finetune.py").run()  # Streamlit's uploader is empty again; the zip is not lost
+    assert not at.exception, at.exception
+    assert any("Using **pets.zip**" in c.value for c in at.caption)
+    at.button(key="ft_start").click().run()
+    assert not at.exception, at.exception
+    job = wait_state(env / "runs", "finished")
+    assert Path(job.run_dir, "upload", "annotations.json").is_file()
+    assert len(list(Path(job.run_dir, "upload", "images").iterdir())) == 5  # pets.zip's images, not first.zip's
+    at.run()  # the run is over: the form is back, with the zip still kept for another run
+    assert any("Using **pets.zip**" in c.value for c in at.caption) and len(kept()) == 1
+    at.button(key="ft_forget_upload").click().run()
+    assert kept() == [] and not any("Using **" in c.value for c in at.caption)
+    at.button(key="ft_start").click().run()
+    assert "Choose a .zip file first." in [e.value for e in at.error]
 
 
 def test_detect_uploads_are_read_in_memory(env, tmpdir, tmp_path):

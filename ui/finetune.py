@@ -2,7 +2,8 @@
 compare before/after.
 
 UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune /
-mrcnn.training.jobs. What the page computed is kept: the before/after metrics per run (session), the
+mrcnn.training.jobs. An uploaded zip is kept for the session in a server-named file (KeptUpload), so that a
+page switch does not lose it. What the page computed is kept: the before/after metrics per run (session), the
 validation set's scan and both models' detections per validation image (shared caches keyed by the run's
 checkpoint and its mtime), so moving a slider redraws and never runs a network again.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,45 @@ from ui import state, tables
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 VAL_AP_KEYS = {"bbox_AP": "val box AP", "segm_AP": "val mask AP"}
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320, 384, 512, 640, 800]
+
+
+@dataclass
+class KeptUpload:
+    """The session's last dataset zip, in a file the server names: Streamlit's uploader forgets its file when
+    the page is left, this keeps it for the session. The folder goes when another zip replaces it, when the
+    user forgets it, or with the session."""
+
+    name: str  # as the user named it: labels messages, never part of a path
+    upload_id: str  # Streamlit's id of the upload it came from
+    size: int  # bytes
+    folder: uploads.TemporaryFolder
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path / "upload.zip"
+
+
+def _kept_upload(upload) -> KeptUpload | None:
+    """The zip a run would use: ``upload`` (written to a server-named file once per upload), else the one kept."""
+    ss = st.session_state
+    kept = ss.get("ft_kept_upload")
+    if upload is not None and (kept is None or kept.upload_id != upload.file_id):
+        folder = uploads.TemporaryFolder("mrcnn-finetune-")
+        try:
+            atomic_write_bytes(folder.path / "upload.zip", upload.getvalue())
+        except BaseException:
+            folder.close()
+            raise
+        if kept is not None:
+            kept.folder.close()
+        kept = ss["ft_kept_upload"] = KeptUpload(upload.name, upload.file_id, upload.size, folder)
+    return kept
+
+
+def _forget_upload() -> None:
+    kept = st.session_state.pop("ft_kept_upload", None)
+    if kept is not None:
+        kept.folder.close()
 
 
 def loss_figure(metrics: list[dict]) -> go.Figure:
@@ -82,10 +123,16 @@ def _settings_form() -> None:
     st.subheader("Data")
     source = st.radio("Training data", ["Teach it a new shape (built-in)", "Upload a COCO .zip"], key="ft_source",
                       horizontal=True, persist_state="session")
-    upload = None
+    kept = None
     if source.startswith("Upload"):
         upload = st.file_uploader("COCO dataset (.zip with annotations.json and images/)", type=["zip"],
                                   key="ft_upload")
+        kept = _kept_upload(upload)
+        if upload is None and kept is not None:
+            c1, c2 = st.columns([4, 1], vertical_alignment="center")
+            c1.caption(f"Using **{kept.name}** ({kept.size / 1e6:.1f} MB), uploaded earlier in this session; "
+                       "upload another file to replace it.")
+            c2.button("Forget it", key="ft_forget_upload", on_click=_forget_upload)
     else:
         st.caption(f"Generated scenes with circles, squares, triangles and **{finetune.NEW_SHAPE}s** — a shape "
                    "the bundled model has never seen. Validation scenes are generated apart (another seed).")
@@ -122,10 +169,10 @@ def _settings_form() -> None:
         return
     _estimate(loaded, settings)
     if st.button("Start fine-tuning", type="primary", key="ft_start"):
-        if upload is None and source.startswith("Upload"):
+        if kept is None and source.startswith("Upload"):
             st.error("Choose a .zip file first.")
             return
-        _start(settings, upload)
+        _start(settings, kept)
 
 
 def _gpu_choice(column, device: str) -> int:
@@ -185,14 +232,12 @@ def _estimate(loaded: LoadedModel, settings: finetune.FinetuneSettings) -> None:
             "plus a minute for evaluation before and after.")
 
 
-def _start(settings: finetune.FinetuneSettings, upload) -> None:
+def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> None:
     run_dir = finetune.new_run_dir()
     try:
         with st.status("Preparing data…", expanded=True) as status:
-            if upload is not None:
-                # the bytes go to a server-named temporary file; the user's name only labels messages
-                with uploads.saved_upload(upload.getvalue()) as zip_path:
-                    plan = finetune.prepare_upload(zip_path, settings, run_dir, display_name=upload.name)
+            if upload is not None:  # a server-named file; the user's name only labels messages
+                plan = finetune.prepare_upload(upload.path, settings, run_dir, display_name=upload.name)
                 skipped = [f"{i['where']}: {i['message']}" for i in plan.report.get("issues", [])
                            if i.get("level") == "warning"]
                 st.session_state["ft_dataset_report"] = (str(run_dir), skipped)  # shown beside the run
