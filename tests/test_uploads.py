@@ -166,6 +166,22 @@ def test_evaluate_uploads_do_not_accumulate(env, tmpdir, tmp_path):
     assert "mrcnn-" not in errors and str(tmpdir) not in errors
 
 
+def test_an_evaluated_upload_is_evaluated_again_after_a_page_switch_without_uploading_it_again(env, tmp_path):
+    at = open_page("ui/evaluate.py")
+    at.radio(key="ev_source").set_value("Upload a COCO .zip").run()
+    at.file_uploader(key="ev_upload").upload("pets.zip", dataset_zip(tmp_path, 5), "application/zip").run()
+    at.button(key="ev_go").click().run()
+    first = at.session_state["ev_evaluation"]
+    at.switch_page("ui/detect.py").run()
+    at.switch_page("ui/evaluate.py").run()  # the uploader is empty again
+    assert any("Using **pets.zip** (5 images)" in c.value for c in at.caption)
+    at.button(key="ev_go").click().run()
+    assert not at.exception, at.exception
+    again = at.session_state["ev_evaluation"]
+    assert again is not first and again.dataset is first.dataset  # evaluated again on the data already unpacked
+    assert again.dataset_name == "pets.zip" and first.folder.path.is_dir()
+
+
 def test_finetune_uploads_are_checked_named_and_cleaned_up(env, tmpdir, tmp_path, monkeypatch):
     monkeypatch.setattr(jobs, "start_job", functools.partial(jobs.start_job, trainer=FAKE))
     target = tmp_path / "target"

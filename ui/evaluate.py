@@ -47,10 +47,13 @@ class DatasetChoice:
     name: str  # what messages call it; for an upload, the file's name as the user gave it (never a path)
     shapes: tuple | None = None
     zip_bytes: bytes | None = None
+    kept_key: str | None = None  # an upload this session's last evaluation unpacked (its key)
 
     @property
     def key(self) -> str:
         """Made by the server (the settings, or the upload's sha256): equal keys are the same data."""
+        if self.kept_key is not None:
+            return self.kept_key
         if self.zip_bytes is None:
             return f"shapes:{self.shapes}"
         return "zip:" + hashlib.sha256(self.zip_bytes).hexdigest()
@@ -236,9 +239,15 @@ def _dataset_picker(loaded) -> DatasetChoice | None:
         return DatasetChoice(f"{int(num)} generated scenes", shapes=(int(num), int(seed), int(size),
                                                                      tuple(known_shapes)))
     upload = st.file_uploader("COCO dataset (.zip with annotations.json and images/)", type=["zip"], key="ev_upload")
-    if upload is None:
+    if upload is not None:
+        return DatasetChoice(upload.name, zip_bytes=upload.getvalue())
+    # Streamlit's uploader forgets its file on a page switch; the zip the last evaluation unpacked is still here
+    previous = st.session_state.get("ev_evaluation")
+    if previous is None or not previous.dataset_key.startswith("zip:"):
         return None
-    return DatasetChoice(upload.name, zip_bytes=upload.getvalue())
+    st.caption(f"Using **{previous.dataset_name}** ({len(previous.dataset)} images), evaluated earlier in this "
+               "session; upload another file to replace it.")
+    return DatasetChoice(previous.dataset_name, kept_key=previous.dataset_key)
 
 
 def _open_dataset(choice: DatasetChoice, folder: uploads.TemporaryFolder) -> coco.CocoDataset:
