@@ -166,6 +166,26 @@ def test_evaluate_uploads_do_not_accumulate(env, tmpdir, tmp_path):
     assert "mrcnn-" not in errors and str(tmpdir) not in errors
 
 
+def test_a_finetune_upload_the_server_cannot_store_is_one_message_and_leaves_nothing(env, tmpdir, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    import mrcnn.files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mrcnn.files, "atomic_write_bytes", disk_full)
+    at = open_page("ui/finetune.py")
+    at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
+    at.file_uploader(key="ft_upload").upload("pets.zip", dataset_zip(tmp_path), "application/zip").run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == ["pets.zip cannot be stored on the server: No space left on device"]
+    assert not list(tmpdir.glob("mrcnn-finetune-*"))
+    at.button(key="ft_start").click().run()
+    assert "Choose a .zip file first." in [e.value for e in at.error]
+
+
 def test_an_evaluated_upload_is_evaluated_again_after_a_page_switch_without_uploading_it_again(env, tmp_path):
     at = open_page("ui/evaluate.py")
     at.radio(key="ev_source").set_value("Upload a COCO .zip").run()

@@ -60,9 +60,12 @@ def _kept_upload(upload) -> KeptUpload | None:
         folder = uploads.TemporaryFolder("mrcnn-finetune-")
         try:
             atomic_write_bytes(folder.path / "upload.zip", upload.getvalue())
-        except BaseException:
+        except BaseException as err:
             folder.close()
-            raise
+            if not isinstance(err, OSError):
+                raise
+            st.error(f"{upload.name} cannot be stored on the server: {err.strerror or err}")
+            return None  # not the zip kept before: the user chose another
         if kept is not None:
             kept.folder.close()
         kept = ss["ft_kept_upload"] = KeptUpload(upload.name, upload.file_id, upload.size, folder)
