@@ -17,7 +17,8 @@
 - shapes_forward_ms_512 / shapes_fast_ms_512: the bundled model's forward on a 512×512 scene in float32 /
   in the fast precision; shapes_fast_trace_ms_512: the traced run there in the fast precision (what Detect
   and Inspect run: its RoIs are pooled by mrcnn.inference.roi_align's gathers, torchvision's forward pools
-  on one thread).
+  on one thread); shapes_fast_trace_over_forward_512: that traced run ÷ the float32 forward, in one process
+  (the issue's 60 ms target is 0.56× its machine's 107 ms float32 forward: a ratio other machines can meet).
 - shapes_fidelity: the bundled model's box and mask AP per precision on 200 held-out scenes (its card's
   record when it has one, else measured here in the reduced precisions the device runs natively);
   shapes_matched: the share of its float32 detections the fast precision matches, on generated scenes.
@@ -171,6 +172,7 @@ def bench_light(repeats: int = 30, device: torch.device = torch.device("cpu"), f
             fast_loaded.model, scene_512, repeats=max(5, repeats // 3), precision=fast))
         run_trace(fast_loaded, scene_512)  # warm-up
         out["shapes_fast_trace_ms_512"] = _median_ms(lambda: run_trace(fast_loaded, scene_512), max(5, repeats // 3))[0]
+        out["shapes_fast_trace_over_forward_512"] = out["shapes_fast_trace_ms_512"] / out["shapes_forward_ms_512"]
         out["shapes_fidelity"] = shapes_fidelity(loaded, fidelity_scenes)
         if fast != "float32":  # r50_fidelity's matching rule on a trained model (R50's weights here are random)
             scenes = [generate_scene(100 + i, size=256).image for i in range(matched_scenes)]
@@ -249,7 +251,8 @@ def format_table(r: dict) -> str:
            (f"same in {r['fast_precision']} (the fast precision here)", f"{r['shapes_fast_ms_512']:.0f} ms",
             "target ≤ 60 ms"),
            (f"traced run there in {r['fast_precision']} (what Detect runs)", f"{r['shapes_fast_trace_ms_512']:.0f} ms",
-            "target ≤ 60 ms")]
+            f"target ≤ 60 ms; {r['shapes_fast_trace_over_forward_512']:.2f}× the float32 forward (60 ms is 0.56× "
+            "the issue's 107)")]
           if "shapes_forward_ms_512" in r else []),
         *([(f"bundled shapes model's detections matched in {r['fast_precision']}, "
             f"{r['shapes_matched']['images']} scenes", r["shapes_matched"][r["fast_precision"]]["summary"],

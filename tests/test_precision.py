@@ -275,6 +275,8 @@ def test_bench_light_reports_the_bundled_models_matched_detections_in_the_fast_p
     matched = light["shapes_matched"]
     assert matched["images"] == 2 and matched["bfloat16"]["detections"] > 0
     assert light["shapes_fast_trace_ms_512"] > 0
+    assert light["shapes_fast_trace_over_forward_512"] == pytest.approx(
+        light["shapes_fast_trace_ms_512"] / light["shapes_forward_ms_512"])
     table = bench.format_table({
         "torchvision_forward_ms": 100.0, "trace_ms": 101.0, "trace_over_torchvision": 1.01,
         "fast_precision": "bfloat16", "fast_trace_ms": 40.0, "fast_trace_over_torchvision": 0.4,
@@ -283,3 +285,4 @@ def test_bench_light_reports_the_bundled_models_matched_detections_in_the_fast_p
         "peak_rss_mb": 1000.0, **light})
     assert "3.00% of float32's 100 detections matched" in table
     assert f"{matched['bfloat16']['summary']} | target ≥ 97%" in table
+    assert f"{light['shapes_fast_trace_over_forward_512']:.2f}× the float32 forward" in table
