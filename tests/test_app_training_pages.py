@@ -194,6 +194,7 @@ def test_browser_steps_through_the_images_with_a_miss_a_false_positive_or_a_conf
             at.select_slider(key="ev_img").set_value(idx).run()
             caption = next(c for c in image_captions(at) if "correct" in c)
             assert int(re.search(counted, caption).group(1)) >= 1, (show, idx, caption)
+            assert caption.startswith(f"{idx:06d}.png: ")  # the image's file, as annotations.json names it
         seen[show] = shown
     # a class confusion: its images hold as many confusions as the matrix's cell counts
     confusions = [o for o in at.selectbox(key="ev_show").options if o.startswith("true ")]

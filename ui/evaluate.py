@@ -409,7 +409,7 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
         canvas = draw_boxes(canvas, missed_boxes, [MISS_COLOR] * len(missed_boxes), width=3,
                             labels=[f"missed {r.label}" for r in reasons])
     c1, c2 = st.columns([3, 2])
-    c1.image(canvas, caption=f"{int(match.det_tp.sum())} correct, "
+    c1.image(canvas, caption=f"{evaluation.dataset.file_name(idx)}: {int(match.det_tp.sum())} correct, "
                              f"{_plural(int((~match.det_tp).sum()), 'false positive')}, {len(match.missed)} missed")
     with c2:
         if reasons:

@@ -122,6 +122,11 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._images)
 
+    def file_name(self, i: int) -> str:
+        """Item ``i``'s ``file_name`` as annotations.json gives it (to show; the file itself is read from the
+        checked path)."""
+        return self._images[i][1]
+
     def annotations(self, i: int) -> list[Annotation]:
         """The valid annotations that go into item ``i``'s target."""
         anns = self._all_annotations[self._images[i][0]]
