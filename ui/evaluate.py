@@ -318,21 +318,17 @@ def _detections_above(im: ImageBoxes, categories: list[str], score_thresh: float
                       np.full(int(keep.sum()), -1, np.int64), categories, (0, 0))
 
 
-def confusion_at(images: list[ImageBoxes], categories: list[str], score_thresh: float) -> np.ndarray:
-    """The confusion matrix of the detections scoring above ``score_thresh``."""
-    return confusion_matrix([(_detections_above(im, categories, score_thresh), im.gt_boxes, im.gt_labels)
-                             for im in images], len(categories))
-
-
 def confusion_name(categories: list[str], true: int, predicted: int) -> str:
     return f"true {categories[true]}, predicted {categories[predicted]}"
 
 
-def browser_choices(images: list[ImageBoxes], categories: list[str], score_thresh: float) -> dict[str, list[int]]:
-    """What the per-image browser can step through at ``score_thresh``, each with its image indices:
-    SHOWN_IMAGES (misses and false positives as the browser matches detections: same class, IoU ≥ 0.5), then
-    each class confusion of the confusion matrix with the images that hold one. From the evaluation's own
-    detections: no image is decoded, no network runs."""
+def at_threshold(images: list[ImageBoxes], categories: list[str],
+                 score_thresh: float) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """From the evaluation's own detections scoring above ``score_thresh`` (no image decoded, no network run),
+    in one pass over the images: the confusion matrix, and what the per-image browser can step through, each
+    with its image indices: SHOWN_IMAGES (misses and false positives as the browser matches detections: same
+    class, IoU ≥ 0.5), then each class confusion of the matrix with the images that hold one."""
+    total = np.zeros((len(categories), len(categories)), np.int64)
     choices: dict[str, list[int]] = {name: [] for name in SHOWN_IMAGES}
     confusions: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
@@ -343,13 +339,14 @@ def browser_choices(images: list[ImageBoxes], categories: list[str], score_thres
             choices["with a miss"].append(i)
         if not match.det_tp.all():
             choices["with a false positive"].append(i)
-        cm = confusion_matrix([(dets, im.gt_boxes, im.gt_labels)], len(categories))
+        cm = confusion_matrix([(dets, im.gt_boxes, im.gt_labels)], len(categories))  # images count apart
+        total += cm
         for true, predicted in zip(*np.nonzero(cm)):
             if true and predicted and true != predicted:  # row and column 0 are misses and false positives
                 confusions.setdefault((int(true), int(predicted)), []).append(i)
     for (true, predicted), indices in sorted(confusions.items()):
         choices[confusion_name(categories, true, predicted)] = indices
-    return choices
+    return total, choices
 
 
 def _plural(count: int, noun: str) -> str:
@@ -371,11 +368,10 @@ def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float
     return kept[1], kept[2]
 
 
-def _browser(loaded, evaluation: Evaluation, score_thresh: float) -> None:
+def _browser(loaded, evaluation: Evaluation, score_thresh: float, choices: dict[str, list[int]]) -> None:
     st.subheader("Per-image browser", anchor="per-image-browser")  # "missed" in the error costs links here
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
                "taken from the trace.")
-    choices = browser_choices(evaluation.images, loaded.categories, score_thresh)
     choices.setdefault(st.session_state.get("ev_show") or SHOWN_IMAGES[0], [])  # a confusion gone at this threshold
     show = st.selectbox("Show", list(choices), key="ev_show", persist_state="session",
                         format_func=lambda name: f"{name} ({_plural(len(choices[name]), 'image')})",
@@ -427,11 +423,11 @@ def _threshold_views(loaded, evaluation: Evaluation) -> None:
     """Moving the threshold or the image redraws only this, from what the evaluation kept."""
     score = st.slider("Score threshold for the confusion matrix and the browser", 0.05, 0.95, 0.5, 0.05,
                       key="ev_score", persist_state="session")
+    confusion, choices = at_threshold(evaluation.images, loaded.categories, score)
     st.subheader("Confusion matrix")
     if evaluation.images:
-        st.plotly_chart(confusion_figure(confusion_at(evaluation.images, loaded.categories, score),
-                                         loaded.categories), key="ev_cm")
-    _browser(loaded, evaluation, score)
+        st.plotly_chart(confusion_figure(confusion, loaded.categories), key="ev_cm")
+    _browser(loaded, evaluation, score, choices)
 
 
 def render() -> None:

@@ -269,7 +269,8 @@ def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
     try:
         with state.network_slot(reference, largest, learn=False):  # several runs: no single run's peak
             fidelity.check_precisions(reference, images, _images_of_a_session(len(images)) if images else "",
-                             progress=lambda done, total: bar.progress(done / total, text=f"run {done} of {total}"))
+                                      progress=lambda done, total: bar.progress(done / total,
+                                                                                text=f"run {done} of {total}"))
     except MrcnnError as err:
         st.error(str(err))
         return

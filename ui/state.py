@@ -35,15 +35,15 @@ from typing import Any, Callable
 import numpy as np
 import streamlit as st
 
-from mrcnn.model import zoo
+from mrcnn.data.images import max_pixels_from_env
+from mrcnn.data.video import VideoLimits
+from mrcnn.env_settings import env_number
 from mrcnn.errors import ModelUnavailable, MrcnnError
 from mrcnn.inference.precision import PRECISIONS
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
-from mrcnn.data.images import max_pixels_from_env
-from mrcnn.data.video import VideoLimits
-from mrcnn.env_settings import env_number
 from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
+from mrcnn.model import zoo
 
 MAX_IMAGES = 16  # images a session keeps in its strip
 THUMB_SIZE = 112
