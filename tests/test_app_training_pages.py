@@ -23,7 +23,7 @@ from mrcnn.inference.trace_cache import TraceCache
 from mrcnn.model.importer import import_model
 from mrcnn.training import finetune, jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
-from tests.helpers import shaped_state_dict
+from tests.helpers import nested_detections, shaped_state_dict
 from ui import tables
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]
@@ -225,6 +225,21 @@ def test_browser_steps_through_the_images_with_a_miss_a_false_positive_or_a_conf
     assert "No image to show (with a false positive) at score threshold 0.95." in texts(at)
     at.selectbox(key="ev_show").set_value("every image").run()
     assert at.select_slider(key="ev_img").options == [str(i) for i in range(6)]
+
+
+def test_the_browsers_picture_enlarges_a_small_image_with_its_boxes_and_keeps_a_large_one():
+    from ui.evaluate import FP_COLOR, MISS_COLOR, TP_COLOR, browser_picture
+    dets = nested_detections(2)  # xyxy boxes (5, 5, 40, 30) and (6, 6, 43, 32) on 60x80
+    missed = np.array([[50, 40, 70, 55]], np.float32)
+    image = np.full((60, 80, 3), 128, np.uint8)
+    picture = browser_picture(image, dets, np.array([True, False]), missed, ["missed circle"])
+    assert picture.shape == (60 * 7, 80 * 7, 3)  # 7: the least whole factor that makes 80 px at least 512
+    # each box's bottom edge, on the last pixel row the box covers once enlarged 7 times
+    assert tuple(picture[30 * 7 - 1, 20 * 7]) == TP_COLOR and tuple(picture[32 * 7 - 1, 20 * 7]) == FP_COLOR
+    assert tuple(picture[55 * 7 - 1, 60 * 7]) == MISS_COLOR
+    assert (picture[7 * 12:7 * 25, 7 * 10:7 * 35] == 128).all()  # inside the boxes: the image's own pixels
+    large = np.full((600, 800, 3), 128, np.uint8)
+    assert browser_picture(large, dets, np.array([True, False]), missed, ["missed circle"]).shape == large.shape
 
 
 def test_evaluate_and_finetune_settings_survive_a_walk_through_the_other_pages(env):

@@ -37,6 +37,9 @@ TP_COLOR, FP_COLOR, MISS_COLOR = (40, 200, 60), (230, 40, 40), (250, 200, 0)
 # threshold: what a person looks for after the error costs (the misses, the false positives); then one choice
 # per class confusion the matrix shows ("true circle, predicted square").
 SHOWN_IMAGES = ("every image", "with a miss", "with a false positive")
+# The browser's picture is at least this wide where whole-number enlarging allows: a 256-px scene drawn at its
+# own size had 10-px labels on top of each other; enlarged by repeating pixels it stays sharp.
+BROWSER_PICTURE_PX = 512
 
 
 # ---- what the page keeps --------------------------------------------------------------------------------
@@ -368,6 +371,21 @@ def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float
     return kept[1], kept[2]
 
 
+def browser_picture(image: np.ndarray, dets: Detections, det_tp: np.ndarray, missed_boxes: np.ndarray,
+                    missed_labels: list[str]) -> np.ndarray:
+    """The image with its detections boxed green (correct) or red (false positive) and its missed objects
+    yellow; a small image enlarged by a whole factor first (BROWSER_PICTURE_PX), so the labels stay legible."""
+    scale = max(1, -(-BROWSER_PICTURE_PX // max(image.shape[:2])))
+    canvas = image.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else image
+    if len(dets):
+        canvas = draw_boxes(canvas, dets.boxes * scale, [TP_COLOR if tp else FP_COLOR for tp in det_tp], width=2,
+                            labels=[f"{n} {s:.2f}" for n, s in zip(dets.label_names, dets.scores)])
+    if len(missed_boxes):
+        canvas = draw_boxes(canvas, missed_boxes * scale, [MISS_COLOR] * len(missed_boxes), width=3,
+                            labels=missed_labels)
+    return canvas
+
+
 def _browser(loaded, evaluation: Evaluation, score_thresh: float, choices: dict[str, list[int]]) -> None:
     st.subheader("Per-image browser", anchor="per-image-browser")  # "missed" in the error costs links here
     st.caption("Green: correct detections · red: false positives · yellow: missed objects, with the reason "
@@ -395,15 +413,8 @@ def _browser(loaded, evaluation: Evaluation, score_thresh: float, choices: dict[
     dets = trace.refilter(trace.thresholds.replace(score_thresh=score_thresh))
     match = match_detections(dets, truth.gt_boxes, truth.gt_labels)
     reasons = explain_trace_misses(trace, truth.gt_boxes, truth.gt_labels)
-    canvas = array
-    if len(dets):
-        colors = [TP_COLOR if tp else FP_COLOR for tp in match.det_tp]
-        canvas = draw_boxes(canvas, dets.boxes, colors, width=2,
-                            labels=[f"{n} {s:.2f}" for n, s in zip(dets.label_names, dets.scores)])
-    missed_boxes = truth.gt_boxes[match.missed]
-    if len(missed_boxes):
-        canvas = draw_boxes(canvas, missed_boxes, [MISS_COLOR] * len(missed_boxes), width=3,
-                            labels=[f"missed {r.label}" for r in reasons])
+    canvas = browser_picture(array, dets, match.det_tp, truth.gt_boxes[match.missed],
+                             [f"missed {r.label}" for r in reasons])
     c1, c2 = st.columns([3, 2])
     c1.image(canvas, caption=f"{evaluation.dataset.file_name(idx)}: {int(match.det_tp.sum())} correct, "
                              f"{_plural(int((~match.det_tp).sum()), 'false positive')}, {len(match.missed)} missed")
