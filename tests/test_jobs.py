@@ -104,7 +104,7 @@ def _write_registry(root: Path, data: bytes) -> None:
     (json.dumps({"run_dir": "r", "pid": 123}).encode(), "expected exactly the fields"),
     *[(json.dumps({"run_dir": "r", "pid": pid, "command": ["x"], "started": 0, "steps": 1}).encode(), "pid")
       for pid in (0, -1, 1, True)],
-])
+], ids=lambda value: repr(value[:30]))  # short ids: the test's id reaches its job's environment (PYTEST_CURRENT_TEST)
 def test_unreadable_registry_is_no_job_and_says_why(tmp_path, monkeypatch, record, problem):
     signals = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: signals.append((pid, sig)))
