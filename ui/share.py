@@ -156,7 +156,7 @@ def _read_view(params: dict[str, str], problems: list[str]) -> dict[str, Any]:
         if name in params:
             try:
                 values[key] = parse(params[name])
-            except (ValueError, TypeError, AttributeError):
+            except (ValueError, TypeError, AttributeError, RecursionError):  # JSON nested past Python's stack
                 problems.append(f"{name}={params[name][:40]!r} is not valid")
 
     def class_names(text: str) -> list[str]:
