@@ -12,6 +12,7 @@ from mrcnn.files import file_sha256
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.cli import main
 from mrcnn.model.importer import import_model
+from mrcnn.training import card
 from mrcnn.model.zoo import imported_models, list_models, read_card, weights_dir
 from tests.helpers import CATEGORIES as CATS, TINY_LIGHT as TINY
 
@@ -64,6 +65,32 @@ def test_card_of_a_missing_or_broken_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.pt" in err and "Traceback" not in err
 
+
+
+@pytest.mark.parametrize("file, content, words", [
+    ("config.json", b"[]", "config.json: must be a JSON object {...}, got list"),
+    ("config.json", b"\xff", "config.json: not UTF-8 text (byte 0xff at offset 0)"),
+    ("config.json", b'{"device": "cpu", "world_size": "two"}', "world_size must be a whole number"),
+    ("metrics.jsonl", b'{"step": 1, "images_per_s": "fast"}\n', "metrics.jsonl line 1: images_per_s must be a number"),
+    ("metrics.jsonl", b'{"step": 1, "elapsed": NaN}\n', "metrics.jsonl line 1: elapsed must be a number"),
+])
+def test_a_bad_run_file_is_one_line_before_the_evaluation(tmp_path, capsys, monkeypatch, file, content, words):
+    ckpt = save_checkpoint(tmp_path / "model.pt", TINY, CATS, build_model(TINY, 4).state_dict(), {})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / file).write_bytes(content)
+    (run / "metrics.jsonl").open("ab").write(b'{"step": 2, "images_per_s": 3.0}\n{"step": 3, "ima')  # half a line: fine
+    monkeypatch.setattr(card, "evaluate", lambda *a, **k: pytest.fail("evaluated before the run files were checked"))
+    assert main(["card", str(ckpt), "--data", "shapes:1:0:64", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err and str(run / file) in err
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_a_missing_run_folder_is_named(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "model.pt", TINY, CATS, build_model(TINY, 4).state_dict(), {})
+    assert main(["card", str(ckpt), "--data", "shapes:1:0:64", "--run", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: run folder {tmp_path / 'nope'}: no such folder\n"
 
 BUNDLED = weights_dir() / "shapes.pt"
 

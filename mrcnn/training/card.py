@@ -25,6 +25,7 @@ import torch
 
 from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
+from mrcnn.errors import TrainingError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.evaluation.fidelity import ap_fidelity, reduced_native_precisions
 from mrcnn.files import atomic_write_bytes
@@ -32,7 +33,7 @@ from mrcnn.model.architectures import count_parameters
 from mrcnn.model.checkpoint import load_checkpoint
 from mrcnn.inference.precision import stage_autocast
 from mrcnn.model.zoo import load_model, read_card
-from mrcnn.training.run_files import read_metrics
+from mrcnn.training.run_files import is_number, numbered_metrics, read_json_object
 
 KEPT_FROM_IMPORT = ("source", "imported")  # mrcnn.model.importer's card keys that a new card keeps
 
@@ -60,24 +61,34 @@ def median_forward_ms(model: torch.nn.Module, image: np.ndarray, repeats: int = 
     return statistics.median(times)
 
 
-def _run_throughput(run_dir: Path) -> dict:
-    """Median images/s and wall time of a training run, from its metrics.jsonl and config.json."""
-
+def run_throughput(run_dir: str | Path) -> dict:
+    """Median images/s and wall time of a training run, from its metrics.jsonl and config.json; a run
+    folder or file the card cannot use raises TrainingError naming it (checked before any evaluation)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TrainingError(f"run folder {run_dir}: no such folder")
     out: dict = {}
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
+    config = run_dir / "config.json"
+    if config.is_file():
+        cfg = read_json_object(config)
+        device, world_size = cfg.get("device"), cfg.get("world_size")
+        if device is not None and not isinstance(device, str):
+            raise TrainingError(f"{config}: device must be a string, got {device!r}")
+        if world_size is not None and not (isinstance(world_size, int) and not isinstance(world_size, bool)
+                                           and world_size >= 1):
+            raise TrainingError(f"{config}: world_size must be a whole number of processes, got {world_size!r}")
+        out["train_device"], out["train_processes"] = device, world_size
+    metrics = run_dir / "metrics.jsonl"
+    rows = numbered_metrics(metrics)
+    for number, row in rows:
+        for key in ("images_per_s", "elapsed"):
+            if key in row and not (is_number(row[key]) and row[key] >= 0):
+                raise TrainingError(f"{metrics} line {number}: {key} must be a number >= 0, got {row[key]!r}")
+    speeds = [row["images_per_s"] for _, row in rows if row.get("images_per_s")]
     if speeds:
         out["train_images_per_s_median"] = round(statistics.median(speeds), 2)
     if rows:
-        out["train_wall_s"] = rows[-1].get("elapsed")
-    config = run_dir / "config.json"
-    if config.is_file():
-        try:
-            cfg = json.loads(config.read_text())
-            out["train_device"] = cfg.get("device")
-            out["train_processes"] = cfg.get("world_size")
-        except json.JSONDecodeError:
-            pass
+        out["train_wall_s"] = rows[-1][1].get("elapsed")
     return out
 
 
@@ -90,6 +101,7 @@ def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = N
 
     path = Path(checkpoint)
     ckpt = load_checkpoint(path, mmap=True)
+    run_facts = run_throughput(run_dir) if run_dir else {}  # a bad run file is refused before the evaluation
     meta = dict(ckpt.get("meta") or {})
     loaded = load_model(str(path), device=device)
     dataset = open_data(data)
@@ -122,7 +134,7 @@ def write_card(checkpoint: str | Path, data: str, run_dir: str | Path | None = N
             "time_s": meta.get("training_time_s"),
             "validation_metrics": meta.get("metrics"), "recipe": meta.get("recipe"),
             "processes": meta.get("world_size"), "created": meta.get("created"),
-            **(_run_throughput(Path(run_dir)) if run_dir else {}),
+            **run_facts,
         },
     }
     atomic_write_bytes(card_path(path), (json.dumps(card, indent=2) + "\n").encode())
