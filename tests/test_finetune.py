@@ -75,6 +75,18 @@ def test_estimate_uses_measured_throughput(runs):
         == pytest.approx(5.0)
 
 
+
+@pytest.mark.parametrize("config, row", [(b"[]", b'{"images_per_s": 20.0}'), (b"\xff", b'{"images_per_s": 20.0}'),
+                                         (b'{"device": "cpu", "image_size": "big"}', b'{"images_per_s": 20.0}'),
+                                         (b'{"device": "cpu"}', b'{"images_per_s": "fast"}')])
+def test_estimate_skips_run_files_it_cannot_use(runs, config, row):
+    run = runs / "odd"
+    run.mkdir(parents=True)
+    (run / "config.json").write_bytes(config)
+    (run / "metrics.jsonl").write_bytes(row + b"\n")
+    s = finetune.FinetuneSettings(steps=100, batch_size=4, image_size=256)
+    assert finetune.estimate_seconds(s, "cpu") > 0
+
 def test_settings_validated():
     with pytest.raises(ValueError, match="steps"):
         finetune.FinetuneSettings(steps=0)

@@ -22,14 +22,14 @@ from mrcnn.data.coco_checks import validate_coco
 from mrcnn.data.shapes import generate_scene, write_dataset
 from mrcnn.data.uploads import naming_upload
 from mrcnn.data.zips import safe_extract_zip
-from mrcnn.errors import DatasetError
+from mrcnn.errors import DatasetError, TrainingError
 from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES, build_model
 from mrcnn.model.zoo import load_model, resolve_device, runs_dir
 from mrcnn.training.config import BACKBONE_STAGES
 from mrcnn.training.starting_model import count_trainable, default_trainable_layers, freeze_backbone
-from mrcnn.training.run_files import read_metrics
+from mrcnn.training.run_files import is_number, read_json_object, read_metrics
 
 # The built-in "teach it a new shape" set: the bundled model's classes plus one it has never seen.
 NEW_SHAPE = "star"
@@ -186,13 +186,15 @@ def measured_images_per_s(device: str) -> float:
     best = None
     for metrics in sorted(runs_dir().glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            config = json.loads((metrics.parent / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            config = read_json_object(metrics.parent / "config.json")
+        except TrainingError:  # a run folder this estimate cannot use: the next one may do
             continue
         if str(config.get("device", "cpu")).split(":")[0] != device:
             continue
-        scale = (config.get("image_size") or 256) ** 2 / 256 ** 2
-        rates = [float(row["images_per_s"]) * scale for row in read_metrics(metrics) if row.get("images_per_s")]
+        image_size = config.get("image_size")
+        scale = (image_size if is_number(image_size) and image_size > 0 else 256) ** 2 / 256 ** 2
+        rates = [row["images_per_s"] * scale for row in read_metrics(metrics)
+                 if is_number(row.get("images_per_s")) and row["images_per_s"] > 0]
         if rates:
             best = float(np.median(rates))
             break
