@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mrcnn.cli import main
 from mrcnn.data.coco import load_dataset
@@ -267,6 +270,49 @@ def test_cli_writes_a_loadable_dataset(tmp_path, capsys):
     assert main(["shapes", "--out", str(out), "--num", "2", "--classes", "circle,blob"]) == 2
     err = capsys.readouterr().err
     assert "'blob'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_shapes_refuses_an_out_folder_that_holds_files(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["shapes", "--out", str(out), "--num", "3", "--size", "32"]) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["shapes", "--out", str(out), "--num", "2", "--size", "32", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already holds files (annotations.json, images); write the dataset to a new or " \
+                  "empty folder\n"
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not mixed with another
+    (tmp_path / "file").write_text("mine")
+    assert main(["shapes", "--out", str(tmp_path / "file"), "--num", "2", "--size", "32"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+    empty = tmp_path / "empty"  # e.g. a server-made temporary folder: used, and keeps its permissions
+    empty.mkdir(mode=0o700)
+    assert write_dataset(empty, 2, size=32) == empty and len(load_dataset(empty)) == 2
+    assert empty.stat().st_mode & 0o777 == 0o700 and sorted(os.listdir(tmp_path)) == ["empty", "file", "shapes"]
+
+
+def test_a_dataset_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "shapes"
+    saved = []
+    real_save = Image.Image.save
+
+    def fail_on_the_second_image(image, path, *args, **kwargs):
+        saved.append(Path(path))
+        if len(saved) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fail_on_the_second_image)
+    with pytest.raises(DatasetError, match=f"cannot write {out}: No space left on device"):
+        write_dataset(out, 3, size=32)
+    assert os.listdir(tmp_path) == []  # no half dataset, no temporary folder, no parent folder it made
+    assert saved[0].parent.parent != out  # the images went to a temporary folder, not straight to their name
+    monkeypatch.undo()
+    progress = []
+    write_dataset(out, 3, size=32, progress=lambda done, num: progress.append(os.listdir(tmp_path / "new")))
+    assert all(names == [] or names[0].startswith(".shapes.") for names in progress)  # not in place until done
+    assert sorted(os.listdir(tmp_path / "new")) == ["shapes"] and len(load_dataset(out)) == 3
+    (tmp_path / "made_by_mkdir").mkdir()
+    assert out.stat().st_mode == (tmp_path / "made_by_mkdir").stat().st_mode  # not a temporary folder's 0700
 
 
 @pytest.mark.parametrize("kwargs, words", [

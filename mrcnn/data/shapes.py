@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import shutil
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +30,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mrcnn.data.masks import encode_rle, masks_to_boxes
 from mrcnn.errors import DatasetError
-from mrcnn.files import atomic_write_bytes
 
 SHAPE_NAMES = ("circle", "square", "triangle", "star", "hexagon", "ring")
 DEFAULT_CLASSES = ("circle", "square", "triangle")
@@ -324,18 +327,97 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
 
     COCO instances: image ids 1..num, annotation ids from 1, category ids 1..K in the order of
     ``classes``, segmentation as compressed RLE (str counts), bbox xywh, iscrowd 0.
-    annotations.json is written last and atomically, so a dataset with one is complete.
+    ``out_dir`` must be new or an empty folder (DatasetError otherwise: two datasets are never mixed). The
+    dataset is written in a temporary sibling folder and moved into place when complete, so ``out_dir``
+    holds the whole dataset or nothing, also when the writing fails or is interrupted.
     ``progress(done, num)`` is called after each image. ``nested``, ``overlap``: see ``random_shapes``.
     """
     classes = check_classes(classes)
     nested, overlap = check_probability("nested", nested), check_probability("overlap", overlap)
     num, seed, size = _check_dataset(num, seed, size)
     out_dir = Path(out_dir)
-    images_dir = out_dir / "images"
+    _check_new_or_empty(out_dir)
+    created = _make_parents(out_dir.parent)
     try:
-        images_dir.mkdir(parents=True, exist_ok=True)
+        building = _new_sibling(out_dir)
     except OSError as err:
-        raise DatasetError(f"cannot create {images_dir}: {err.strerror or err}") from err
+        _remove_empty(created)
+        raise DatasetError(f"cannot write {out_dir}: {err.strerror or err}") from None
+    try:
+        _write_scenes(building, num, seed, size, classes, progress, nested, overlap)
+        if out_dir.is_dir():  # an empty folder that was there (a server-made temporary one) keeps its permissions
+            os.chmod(building, stat.S_IMODE(out_dir.stat().st_mode))
+        os.rename(building, out_dir)  # replaces an empty folder; refused if files appeared in it meanwhile
+    except BaseException as err:
+        shutil.rmtree(building, ignore_errors=True)
+        _remove_empty(created)
+        if isinstance(err, OSError):
+            held = " (it is no longer empty)" if _holds_files(out_dir) else ""
+            raise DatasetError(f"cannot write {out_dir}{held}: {err.strerror or err}") from None
+        raise
+    return out_dir
+
+
+def _new_sibling(out_dir: Path) -> Path:
+    """A new hidden folder beside ``out_dir`` (mkdir's permissions, as ``out_dir`` would get them)."""
+    for _ in range(100):
+        folder = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {out_dir}")
+
+
+def _check_new_or_empty(out_dir: Path) -> None:
+    try:
+        if not (out_dir.exists() or out_dir.is_symlink()):
+            return
+        if not out_dir.is_dir() or out_dir.is_symlink():
+            raise DatasetError(f"{out_dir} exists and is not a folder; write the dataset to a new or empty folder")
+        held = sorted(p.name for p in out_dir.iterdir())
+    except OSError as err:
+        raise DatasetError(f"cannot read {out_dir}: {err.strerror or err}") from None
+    if held:
+        raise DatasetError(f"{out_dir} already holds files ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}); "
+                           "write the dataset to a new or empty folder")
+
+
+def _holds_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError:
+        return False
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; those created, deepest first (to remove them on failure)."""
+    created = []
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        for path in reversed(created):
+            path.mkdir()
+    except OSError as err:
+        _remove_empty(created)
+        raise DatasetError(f"cannot create {created[0]}: {err.strerror or err}") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _write_scenes(root: Path, num: int, seed: int, size: int, classes: list[str],
+                  progress: Callable[[int, int], None] | None, nested: float, overlap: float) -> None:
+    images_dir = root / "images"
+    images_dir.mkdir()
     cat_ids = {name: k + 1 for k, name in enumerate(classes)}
     images, annotations = [], []
     for i in range(num):
@@ -359,8 +441,7 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
         "images": images, "annotations": annotations,
         "categories": [{"id": cat_ids[c], "name": c, "supercategory": "shape"} for c in classes],
     }
-    atomic_write_bytes(out_dir / "annotations.json", json.dumps(data).encode("utf-8"))
-    return out_dir
+    (root / "annotations.json").write_bytes(json.dumps(data).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------- dataset
