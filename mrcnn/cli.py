@@ -243,9 +243,12 @@ def _class_thresh(value: str) -> dict[str, float]:
         try:
             if not (sep and name):
                 raise ValueError
-            pairs[name] = float(number)
+            threshold = float(number)
         except ValueError:
             raise MrcnnError(f"--class-thresh {value}: expected NAME=VALUE,NAME=VALUE, got {item!r}") from None
+        if name in pairs:  # which one was meant is anyone's guess
+            raise MrcnnError(f"--class-thresh {value}: {name!r} is given twice")
+        pairs[name] = threshold
     return pairs
 
 

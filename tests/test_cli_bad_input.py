@@ -90,6 +90,8 @@ CASES = {
                                          ["annotations.json", "nested too deeply"]),
     "predict --mask-thresh inf": (["predict", "$image", "--out", "$tmp/o", "--mask-thresh", "inf"],
                                   ["mask_thresh"]),
+    "predict --class-thresh a class twice": (["predict", "$image", "--out", "$tmp/o", "--class-thresh",
+                                              "circle=0.5,circle=0.7"], ["--class-thresh", "'circle'", "twice"]),
     "checkpoint fpn_channels 2,000,000": (["predict", "$image", "--model", "$huge_fpn", "--out", "$tmp/o"],
                                           ["huge_fpn.pt", "fpn_channels", "2000000"]),
     "checkpoint fpn_channels -4": (["predict", "$image", "--model", "$negative_fpn", "--out", "$tmp/o"],
