@@ -18,7 +18,7 @@ from mrcnn.data.shapes import ShapesDataset
 from mrcnn.training import config as train_config, devices, engine, starting_model, validation
 from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
-from mrcnn.errors import TrainingError
+from mrcnn.errors import MrcnnError, TrainingError
 from mrcnn.training.config import TrainConfig, lr_factor
 from mrcnn.training.engine import train
 from mrcnn.training.starting_model import remap_class_weights
@@ -359,7 +359,83 @@ def test_a_batch_that_cannot_fit_is_refused_before_any_step(tmp_path, monkeypatc
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="batch size 16 at 256 px needs at least 0.4 GiB .* 0.1 GiB"):
         train(tiny_config(run, batch_size=16, image_size=256), should_stop=lambda: True, verbose=False)
+    assert not run.exists()  # refused before its first step: no folder left behind
+    run.mkdir()  # a folder that was there (the app's run folder) records why in status.json
+    with pytest.raises(TrainingError, match="batch size 16"):
+        train(tiny_config(run, batch_size=16, image_size=256), should_stop=lambda: True, verbose=False)
     assert not (run / "metrics.jsonl").exists() and status(run)["state"] == "failed"
+    train(tiny_config(run, steps=1), verbose=False)  # that status does not stop the next try
+    assert status(run)["state"] == "finished"
+
+
+def _coco_without_categories(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "annotations.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    return root
+
+
+@pytest.mark.parametrize("problem, words", [
+    ("no categories", "has no categories"), ("missing data", "nope"), ("bad model", "bad.pt")])
+def test_a_run_refused_before_its_first_step_leaves_no_folder_it_created(tmp_path, problem, words):
+    out = tmp_path / "new" / "deeper" / "run"
+    kw = {"no categories": dict(data=str(_coco_without_categories(tmp_path / "nocats"))),
+          "missing data": dict(data=str(tmp_path / "nope")),
+          "bad model": dict(model=str(tmp_path / "bad.pt"), arch=None)}[problem]
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MrcnnError, match=words):
+        train(tiny_config(out, **kw), verbose=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_refuses_a_checkpoint_whose_training_state_is_broken(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, steps=1), verbose=False)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    for broken, words in (({}, "has no optimizer, scheduler, rng, step"), ({**ckpt["train_state"], "step": "2"},
+                                                                           "'step' must be a int, got str")):
+        torch.save({**ckpt, "train_state": broken}, run / "checkpoint.pt")
+        with pytest.raises(TrainingError, match=f"--resume: .*checkpoint.pt: the training state {words}"):
+            train(tiny_config(run, resume=True), verbose=False)
+        assert status(run)["state"] == "finished"  # the run's own files are left as they were
+
+
+def test_resume_drops_metrics_lines_that_are_not_rows(tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny_config(run), should_stop=lambda: True, verbose=False).step == 1
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b"5\n\xff\xfe\n{\"step\": \"x\"}\n{\"step\": 3, \"lo")  # a line of another kind, bytes, a half row
+    assert train(tiny_config(run, resume=True), verbose=False).state == "finished"
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+
+
+def test_a_new_run_does_not_overwrite_files_that_are_not_a_run(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "metrics.jsonl").write_text("my numbers\n")
+    with pytest.raises(TrainingError, match="already holds config.json, metrics.jsonl, which a new run would"):
+        train(tiny_config(mine, steps=1), verbose=False)
+    assert (mine / "config.json").read_text() == '{"my": "settings"}' and sorted(os.listdir(mine)) == [
+        "config.json", "metrics.jsonl"]
+    # the app's run folder holds its data and log before the run starts
+    app_run = tmp_path / "app_run"
+    (app_run / "val").mkdir(parents=True)
+    (app_run / "train.log").write_text("starting\n")
+    assert train(tiny_config(app_run, steps=1), verbose=False).state == "finished"
+
+
+def test_export_onto_the_runs_own_files_is_refused(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="is the run's own checkpoint.pt"):
+        train(tiny_config(run, steps=1, export=str(run / "checkpoint.pt")), verbose=False)
+    assert not run.exists()
+    assert train(tiny_config(run, steps=2), should_stop=lambda: True, verbose=False).state == "cancelled"
+    (tmp_path / "link.pt").symlink_to(run / "checkpoint.pt")
+    for export in (run / "checkpoint.pt", run / "metrics.jsonl", tmp_path / "link.pt"):
+        with pytest.raises(TrainingError, match="--export .* is the run's own"):
+            train(tiny_config(run, steps=2, resume=True, export=str(export)), verbose=False)
+    assert "train_state" in load_checkpoint(run / "checkpoint.pt")  # still resumable
+    assert train(tiny_config(run, steps=2, resume=True, export=str(run / "model.pt")), verbose=False).state == "finished"
 
 
 def test_cli_train_with_config_file(tmp_path, capsys):

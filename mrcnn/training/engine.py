@@ -32,6 +32,7 @@ batches (StepBatches), starting_model (weights and what trains), validation; thi
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -53,7 +54,8 @@ from mrcnn.training.batches import BatchInterrupted, StepBatches, step_loader
 from mrcnn.training.config import BACKBONE_STAGES, LOSS_TERMS, TrainConfig, TrainResult, lr_factor
 from mrcnn.training.devices import (DistInfo, amp_dtype, any_rank, check_batch_fits, init_distributed, rng_state,
                                     set_rng_state)
-from mrcnn.training.run_files import truncate_metrics, write_json, write_status
+from mrcnn.training.run_files import (RUN_FILES, is_number, is_run_status, truncate_metrics, write_json,
+                                      write_status)
 from mrcnn.training.starting_model import count_trainable, prepare_for_training, starting_model
 from mrcnn.training.validation import validation_losses, validation_metrics
 
@@ -61,26 +63,40 @@ from mrcnn.training.validation import validation_losses, validation_metrics
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> TrainResult:
     """Run (or resume) training as ``config`` says. Returns a TrainResult; a failure that stops the
-    run (non-finite loss, bad data) raises TrainingError / DatasetError after writing status.json."""
+    run (non-finite loss, bad data) raises TrainingError / DatasetError after writing status.json. A run
+    refused before its first step removes the folders it created instead (a folder that was there gets
+    the status: the app's page reads it)."""
     config.validate()  # again: a dataclass can be changed after it was built
     out = Path(config.out)
+    # refused before anything is written: the folder may hold another run, or the user's own files
+    _check_run_folder(config, out)
+    resume_ckpt = _checkpoint_to_resume(config, out / "checkpoint.pt")
+    created = _folders_to_create(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    dist_info = init_distributed(device.type)
+    stepping = False
+    try:
+        device = resolve_device(config.device)
+        dist_info = init_distributed(device.type)
+    except BaseException:
+        _remove_refused_run(out, created)
+        raise
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
-    resume_ckpt = _checkpoint_to_resume(config, out / "checkpoint.pt")  # refused before a status is written:
-    try:                                                                 # the folder may hold another run
+    try:
         # caught from the start: a cancel during the setup stops the run at its first step
         with _Stopper(out / "STOP", should_stop) as stopper:
             run = setup_run(config, resume_ckpt, out, device, dist_info, _stderr_log(verbose and dist_info.is_main))
+            stepping = True
             with _MetricLogger(run, progress, verbose) as metric_logger:
                 state, message = train_steps(run, stopper, metric_logger)
             return finish_run(run, state, message, metric_logger.rows)
     except BaseException as err:
         folder_deleted = not out.is_dir()  # then the status would recreate a folder the user deleted
-        if dist_info.is_main and not folder_deleted:
+        if dist_info.is_main and not stepping and created:
+            # refused before its first step (bad data, settings that do not fit): nothing to keep or resume
+            _remove_refused_run(out, created)
+        elif dist_info.is_main and not folder_deleted:
             write_status(out, "failed", str(err) if isinstance(err, MrcnnError) else f"{type(err).__name__}: {err}")
         if folder_deleted and not isinstance(err, MrcnnError):
             raise TrainingError(f"the run folder {out} was deleted while training "
@@ -112,6 +128,8 @@ def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: tor
     else:
         train_ds = open_data(cfg.data, None, transforms)
         categories = list(train_ds.categories)
+        if len(categories) < 2:  # the background alone: nothing to learn (build_model would raise ValueError)
+            raise DatasetError(f"training data {cfg.data} has no categories: a model needs at least one class to learn")
         model, arch = starting_model(cfg, categories, log)
     if len(train_ds) == 0:
         raise DatasetError(f"training data {cfg.data} has no images")
@@ -307,12 +325,16 @@ class _Run:
 
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint's train state: optimizer, schedule, loss scale, RNG, step, clock."""
-        state = ckpt["train_state"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        state = ckpt["train_state"]  # its keys and their types: _checkpoint_to_resume
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # e.g. other trainable layers than the run's
+            raise TrainingError(f"--resume: the training state in {self.ckpt_path} does not fit this model and "
+                                f"these settings ({type(err).__name__}: {err}); resume with the run's own settings") from None
         self.step = self.start_step = int(state["step"])
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.last_val = ckpt["meta"].get("metrics") or None
@@ -348,7 +370,76 @@ def _checkpoint_to_resume(cfg: TrainConfig, ckpt_path: Path) -> dict | None:
     ckpt = load_checkpoint(ckpt_path)
     if "train_state" not in ckpt:
         raise TrainingError(f"--resume: {ckpt_path} has no training state (an exported model?)")
+    problem = _train_state_problem(ckpt["train_state"], ckpt["meta"])
+    if problem:
+        raise TrainingError(f"--resume: {ckpt_path}: the training state {problem}")
     return ckpt
+
+
+def _train_state_problem(state: Any, meta: dict) -> str | None:
+    """What is wrong with a checkpoint's ``train_state`` (as _Run.save writes it), or None."""
+    if not isinstance(state, dict):
+        return f"must be a dict, got {type(state).__name__}"
+    kinds = {"optimizer": dict, "scheduler": dict, "rng": dict, "step": int}
+    missing = [key for key in kinds if key not in state]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    for key, kind in (*kinds.items(), ("scaler", dict)):
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            return f"'{key}' must be a {kind.__name__}, got {type(state[key]).__name__}"
+    if state["step"] < 0:
+        return f"'step' must be >= 0, got {state['step']}"
+    if not isinstance(state["rng"].get("torch"), torch.Tensor):
+        return "'rng' has no torch generator state"
+    if not is_number(state.get("elapsed_s", 0.0)):
+        return f"'elapsed_s' must be a number, got {state['elapsed_s']!r}"
+    if not isinstance(meta.get("metrics") or {}, dict):
+        return f"comes with meta 'metrics' that is not a dict ({type(meta['metrics']).__name__})"
+    return None
+
+
+def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
+    """Refuse an --export onto one of the run's own files (it would replace the checkpoint --resume needs),
+    and a new run in a folder holding files it would overwrite that are not a run's (a run is refused by
+    _checkpoint_to_resume: --resume continues it)."""
+    if cfg.export:
+        export = Path(os.path.realpath(cfg.export))
+        own = {Path(os.path.realpath(out / name)): name for name in RUN_FILES}
+        if export in own:
+            raise TrainingError(f"--export {cfg.export} is the run's own {own[export]}; name a file outside the "
+                                f"run's files, e.g. {out / 'model.pt'}")
+    if cfg.resume or not out.is_dir() or (out / "checkpoint.pt").exists():  # a run: _checkpoint_to_resume
+        return
+    theirs = [name for name in ("config.json", "metrics.jsonl", "status.json")
+              if (out / name).exists() and not (name == "status.json" and is_run_status(out / name))]
+    if theirs:
+        raise TrainingError(f"--out {out} already holds {', '.join(theirs)}, which a new run would overwrite; "
+                            "choose another --out")
+
+
+def _folders_to_create(out: Path) -> list[Path]:
+    """``out`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not out.exists() and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
+
+
+def _remove_refused_run(out: Path, created: list[Path]) -> None:
+    """Remove what a run refused before its first step wrote and the folders it created (only when empty:
+    someone else's file keeps its folder)."""
+    if not created:
+        return
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if out.is_dir():
+        remove_stale_temp_files(out)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.SGD:
