@@ -22,13 +22,14 @@ from mrcnn.data.images import load_image
 from mrcnn.data.shapes import check_classes, write_dataset
 from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.video import VideoLimits, is_clip, open_clip
-from mrcnn.errors import ImageError, MrcnnError, TrainingError, VideoError
+from mrcnn.errors import ImageError, MrcnnError, TrainingError
 from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.evaluation.fidelity import check_precisions, precisions_to_check
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
+from mrcnn.inference.input_size import check_input_size
 from mrcnn.inference.model_export import FORMATS as EXPORT_FORMATS, export_model
 from mrcnn.inference.precision import PRECISIONS
 from mrcnn.inference.structures import Thresholds
@@ -279,7 +280,12 @@ def cli_predict(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
-        trace = run_trace(loaded, image.array, thresholds)
+        try:
+            trace = run_trace(loaded, image.array, thresholds)
+        except ImageError as err:  # e.g. too thin for the model: the trace does not know the file's name
+            print(f"error: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
         stem = _unique_stem(path, used)
         record = trace_json(trace, path.name)
         atomic_write_bytes(out_dir / f"{stem}.json", json.dumps(record, indent=1).encode())
@@ -296,7 +302,7 @@ def _predict_clip(loaded, path: Path, thresholds: Thresholds, out_dir: Path, use
         stem = _unique_stem(path, used)
         record = predict_clip(loaded, clip, thresholds, out_dir / f"{stem}.json", out_dir / f"{stem}.mp4",
                               progress=lambda done, total, _seconds_left: bar(done, total))
-    except VideoError as err:
+    except MrcnnError as err:  # VideoError, or an ImageError: frames too thin for the model
         print(f"error: {err}", file=sys.stderr)
         return 1
     found = sum(len(frame["detections"]) for frame in record["frames"])
@@ -470,6 +476,8 @@ def cli_check_precision(args) -> int:
     precisions_to_check(resolve_device(args.device))  # before the weights are read
     images = [load_image(Path(name)).array for name in args.images]
     loaded = load_model(args.model, args.weights, device=args.device, precision="float32")
+    for name, image in zip(args.images, images):  # all of them before anything runs, as a bad file is
+        check_input_size(loaded.model, image.shape[0], image.shape[1], name)
     data = f"{len(images)} image{'s' if len(images) > 1 else ''} given to check-precision" if images else ""
     record = check_precisions(loaded, images, data, progress=_Progress("checking"))
     if args.json:

@@ -178,3 +178,32 @@ def test_a_zip_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch, capsys):
         assert main(["evaluate", "--model", str(ckpt), "--data", str(z), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["num_images"] == 1
         assert list(temp.iterdir()) == [], "the extracted zip is removed"
+
+def thin_image(path: Path) -> Path:
+    """1000x1 px: a model's transform scales its shorter side to 0 px (torch's resize then fails)."""
+    Image.new("RGB", (1000, 1)).save(path)
+    return path
+
+
+def test_an_image_too_thin_for_the_model_is_one_line_in_check_precision(tmp_path, monkeypatch, capsys):
+    import mrcnn.cli
+
+    monkeypatch.setattr(mrcnn.cli, "precisions_to_check", lambda device: ["bfloat16"])  # any CPU has a check
+    thin = thin_image(tmp_path / "thin.png")
+    assert main(["check-precision", str(tiny_checkpoint(tmp_path / "tiny.pt")), str(thin)]) == 2
+    # TINY_LIGHT: shorter side to 96, longer at most 128
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {thin}: 1000x1 px would be scaled to 128x0 px for the network (shorter side to 96, longer side at "
+        f"most 128): too thin for this model"]
+
+
+def test_a_dataset_holding_an_image_too_thin_for_the_model_is_refused_naming_it(tmp_path, capsys):
+    root = tiny_dataset(tmp_path / "ds")
+    thin_image(root / "images" / "w1000.png")
+    data = json.loads((root / "annotations.json").read_text())
+    data["images"].append({"id": 99, "file_name": "w1000.png", "width": 1000, "height": 1})
+    (root / "annotations.json").write_text(json.dumps(data))
+    assert main(["evaluate", "--model", str(tiny_checkpoint(tmp_path / "tiny.pt")), "--data", str(root)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("evaluating")]
+    assert lines == ["error: w1000.png (image 3 of the dataset): 1000x1 px would be scaled to 128x0 px for the "
+                     "network (shorter side to 96, longer side at most 128): too thin for this model"]

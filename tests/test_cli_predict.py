@@ -67,3 +67,27 @@ def test_models_json_lists_all(capsys):
     assert status == 0
     names = [m["name"] for m in json.loads(stdout)]
     assert {"shapes", "coco-r50-fpn", "coco-r50-fpn-v2"} <= set(names)
+
+
+def tiny_checkpoint(folder) -> str:
+    torch.manual_seed(3)
+    return save_checkpoint(folder / "tiny.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def test_a_thin_image_is_one_line_and_the_others_still_run(tmp_path, capsys):
+    Image.new("RGB", (1000, 1)).save(tmp_path / "thin.png")
+    Image.fromarray(scene(40, 60)).save(tmp_path / "good.png")
+    out = tmp_path / "out"
+    status, stdout, stderr = run_cli(capsys, "predict", tmp_path / "thin.png", tmp_path / "good.png",
+                                     "--model", tiny_checkpoint(tmp_path), "--out", out)
+    assert status == 2
+    # TINY_LIGHT: shorter side to 96, longer at most 128, so a scale of 0.128
+    assert error_lines(stderr) == [f"error: {tmp_path / 'thin.png'}: 1000x1 px would be scaled to 128x0 px for the "
+                                   f"network (shorter side to 96, longer side at most 128): too thin for this model"]
+    assert "good.png" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.png"]
+

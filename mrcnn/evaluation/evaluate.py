@@ -36,6 +36,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mrcnn.data.masks import encode_rles, rle_area
 from mrcnn.errors import DatasetError
+from mrcnn.inference.input_size import check_input_size
 from mrcnn.inference.precision import stage_autocast
 from mrcnn.inference.structures import Thresholds
 
@@ -125,6 +126,23 @@ def _eval_model(model: torch.nn.Module, score_thresh: float, max_detections: int
     return m
 
 
+def _item_name(dataset, i: int) -> str:
+    """Item ``i`` as a person finds it: its file (a COCO folder's), else its index."""
+    base, index = dataset, i
+    if isinstance(dataset, torch.utils.data.Subset):
+        base, index = dataset.dataset, dataset.indices[i]
+    file_name = getattr(base, "file_name", None)
+    where = f"image {index + 1} of the dataset"
+    return f"{file_name(index)} ({where})" if callable(file_name) else where
+
+
+def _check_sizes(module: torch.nn.Module, dataset, indices: range, images: list[torch.Tensor]) -> None:
+    """ImageError naming the first image the model's input transform would scale to nothing on a side
+    (a 1000x1 image: torch's resize fails on it with a message that names no image)."""
+    for i, image in zip(indices, images):
+        check_input_size(module, image.shape[-2], image.shape[-1], _item_name(dataset, i))
+
+
 def _batches(total: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
 
@@ -186,6 +204,7 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
         """(prediction record, ground truth items or None) per image of the batch."""
         items = [dataset[i] for i in indices]
         images = [image for image, _ in items]
+        _check_sizes(net, dataset, indices, images)
         outputs = []
         with torch.inference_mode(), stage_autocast(precision, device):  # autocast is per thread: set here
             for run in _same_size_runs(images):

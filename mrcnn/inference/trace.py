@@ -31,6 +31,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _setup_scales
 
 from mrcnn.inference import roi_align
+from mrcnn.inference.input_size import check_input_size
 from mrcnn.inference.precision import REDUCED_DTYPES, stage_autocast, to_float32
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.model.paste import paste_masks_cropped, paste_mode
@@ -155,6 +156,7 @@ class Trace:
                  rpn: RpnSettings | None = None):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        check_input_size(loaded.model, image.shape[0], image.shape[1])  # ImageError for an image too thin to run
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device

@@ -28,6 +28,7 @@ from mrcnn.errors import MrcnnError
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import detection_records
+from mrcnn.inference.input_size import check_input_size
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace, select_candidates
 from mrcnn.model.paste import paste_masks_cropped, paste_mode
@@ -133,8 +134,10 @@ def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, keep_
 
     ``progress(done, total, seconds_left)`` after each frame (total 0 and seconds_left None when the clip
     does not say how many frames it has, or said too few); ``should_stop()`` before each frame: True raises ClipCancelled.
-    VideoError when the clip turns out truncated or undecodable.
+    VideoError when the clip turns out truncated or undecodable; ImageError (before any frame) when its frames
+    are too thin for the model.
     """
+    check_input_size(loaded.model, clip.info.height, clip.info.width, clip.label)  # named, before any frame
     total, done, start = clip.info.frames, 0, time.perf_counter()
     floor = candidate_floor(thresholds)
     for frame in clip.frames():
@@ -180,6 +183,7 @@ def predict_clip(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, json_p
 
     The MP4 is written as the frames come, to a temp file that is renamed at the end; on any error
     (a truncated clip found at its end included) neither file is left behind. Returns the JSON record."""
+    check_input_size(loaded.model, clip.info.height, clip.info.width, clip.label)  # before the writer starts
     frames: list[dict] = []
     with ClipWriter(video_path, clip.info.rate, clip.info.width, clip.info.height) as out:
         for result in detect_frames(loaded, clip, thresholds, progress=progress, should_stop=should_stop):
