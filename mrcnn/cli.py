@@ -259,6 +259,8 @@ def cli_predict(args) -> int:
                              agnostic_nms=args.agnostic_nms, class_thresh=_class_thresh(args.class_thresh))
     VideoLimits.from_env()  # every limit predict applies (pixels, a clip's length and size): checked before any work
     out_dir = _check_folder_writable("--out", args.out)
+    plan = _predict_plan([Path(name) for name in args.images], out_dir)
+    _check_inputs_kept(plan, args.out)
     loaded = load_model(args.model, weights=args.weights, device=args.device, precision=args.precision)
     try:
         thresholds.check_classes(loaded.categories)
@@ -268,46 +270,82 @@ def cli_predict(args) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise MrcnnError(f"--out {args.out}: cannot create the folder ({err.strerror or err})") from None
-    failed, used = 0, set()
-    for name in args.images:
-        path = Path(name)
-        if is_clip(path.name, path):
-            failed += _predict_clip(loaded, path, thresholds, out_dir, used)
-            continue
+    failed = 0
+    for path, clip, outputs in plan:
         try:
-            image = load_image(path)
-        except ImageError as err:
+            (_predict_clip if clip else _predict_image)(loaded, path, thresholds, *outputs)
+        except MrcnnError as err:  # one line for this file; the others still run
             print(f"error: {err}", file=sys.stderr)
             failed += 1
-            continue
-        try:
-            trace = run_trace(loaded, image.array, thresholds)
-        except ImageError as err:  # e.g. too thin for the model: the trace does not know the file's name
-            print(f"error: {path}: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        stem = _unique_stem(path, used)
-        record = trace_json(trace, path.name)
-        atomic_write_bytes(out_dir / f"{stem}.json", json.dumps(record, indent=1).encode())
-        atomic_write_bytes(out_dir / f"{stem}.png", png_bytes(draw_detections(image.array, trace.detections)))
-        print(f"{path}: {len(trace.detections)} detections -> {out_dir / stem}.json")
     return 2 if failed else 0
 
 
-def _predict_clip(loaded, path: Path, thresholds: Thresholds, out_dir: Path, used: set[str]) -> int:
-    """One clip of `predict`: DIR/<stem>.json and the annotated DIR/<stem>.mp4. 1 when it failed (said on stderr)."""
-    bar = _Progress(path.name)
+def _predict_plan(paths: list[Path], out_dir: Path) -> list[tuple[Path, bool, tuple[Path, Path]]]:
+    """(input, whether it is a clip, (its JSON, its overlay PNG or annotated MP4)) per input, in order. Names
+    are given before any input is read, so that a bad input changes no other input's names."""
+    used: set[str] = set()
+    plan = []
+    for path in paths:
+        stem, clip = _unique_stem(path, used), is_clip(path.name, path)
+        plan.append((path, clip, (out_dir / f"{stem}.json", out_dir / f"{stem}.{'mp4' if clip else 'png'}")))
+    return plan
+
+
+def _check_inputs_kept(plan: list[tuple[Path, bool, tuple[Path, Path]]], out_value: str) -> None:
+    """MrcnnError, before any work, when an output would replace an input (e.g. --out the image's own
+    folder: scene.png's overlay is scene.png). Same file = same device and inode: links count too."""
+    inputs = {}
+    for path, _, _ in plan:
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # a missing input is its own error line later
+        inputs[(st.st_dev, st.st_ino)] = path
+    for _, _, outputs in plan:
+        for target in outputs:
+            try:
+                st = target.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in inputs:
+                raise MrcnnError(f"--out {out_value}: writing {target} would replace the input "
+                                 f"{inputs[(st.st_dev, st.st_ino)]}; choose another folder")
+
+
+def _predict_image(loaded, path: Path, thresholds: Thresholds, json_path: Path, png_path: Path) -> None:
+    """One image of `predict`: its JSON and overlay, both or neither. MrcnnError naming it when it failed."""
+    image = load_image(path)
     try:
-        clip = open_clip(path)
-        stem = _unique_stem(path, used)
-        record = predict_clip(loaded, clip, thresholds, out_dir / f"{stem}.json", out_dir / f"{stem}.mp4",
+        trace = run_trace(loaded, image.array, thresholds)
+    except ImageError as err:  # e.g. too thin for the model: the trace does not know the file's name
+        raise ImageError(f"{path}: {err}") from None
+    record = trace_json(trace, path.name)
+    written = []
+    try:
+        for target, data in ((json_path, json.dumps(record, indent=1).encode()),
+                             (png_path, png_bytes(draw_detections(image.array, trace.detections)))):
+            atomic_write_bytes(target, data)
+            written.append(target)
+    except OSError as err:
+        for target in written:  # a JSON without its overlay would look like a finished image
+            target.unlink(missing_ok=True)
+        raise MrcnnError(f"{path}: cannot write {target} ({err.strerror or err})") from None
+    print(f"{path}: {len(trace.detections)} detections -> {json_path}")
+
+
+def _predict_clip(loaded, path: Path, thresholds: Thresholds, json_path: Path, video_path: Path) -> None:
+    """One clip of `predict`: its JSON and the annotated MP4, both or neither. MrcnnError naming it when it
+    failed."""
+    bar = _Progress(path.name)
+    clip = open_clip(path)
+    try:
+        record = predict_clip(loaded, clip, thresholds, json_path, video_path,
                               progress=lambda done, total, _seconds_left: bar(done, total))
-    except MrcnnError as err:  # VideoError, or an ImageError: frames too thin for the model
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except OSError as err:  # predict_clip has removed what it wrote
+        raise MrcnnError(f"{path}: cannot write {json_path.name} and {video_path.name} in {json_path.parent} "
+                         f"({err.strerror or err})") from None
     found = sum(len(frame["detections"]) for frame in record["frames"])
-    print(f"{path}: {len(record['frames'])} frames, {found} detections -> {out_dir / stem}.json, .mp4")
-    return 0
+    print(f"{path}: {len(record['frames'])} frames, {found} detections -> {json_path}, .mp4")
 
 
 def cli_shapes(args) -> int:

@@ -91,3 +91,17 @@ def test_a_thin_image_is_one_line_and_the_others_still_run(tmp_path, capsys):
     assert "good.png" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.png"]
 
+def test_predict_never_replaces_an_input(tmp_path, capsys):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    Image.fromarray(scene(40, 60)).save(folder / "scene.png")
+    (folder / "clip.mp4").write_bytes(b"a clip's bytes")  # refused before anything reads it
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name in ("scene.png", "clip.mp4"):
+        status, _, stderr = run_cli(capsys, "predict", folder / name, "--model", tiny_checkpoint(tmp_path),
+                                    "--out", folder)
+        assert status == 2, stderr
+        assert error_lines(stderr) == [f"error: --out {folder}: writing {folder / name} would replace the input "
+                                       f"{folder / name}; choose another folder"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept, "nothing changed, nothing written"
+
