@@ -417,6 +417,10 @@ def test_a_new_run_does_not_overwrite_files_that_are_not_a_run(tmp_path):
         train(tiny_config(mine, steps=1), verbose=False)
     assert (mine / "config.json").read_text() == '{"my": "settings"}' and sorted(os.listdir(mine)) == [
         "config.json", "metrics.jsonl"]
+    (tmp_path / "odd" / "metrics.jsonl").mkdir(parents=True)
+    for resume in (False, True):  # once an IsADirectoryError after the setup
+        with pytest.raises(TrainingError, match="odd: metrics.jsonl is not a file"):
+            train(tiny_config(tmp_path / "odd", steps=1, resume=resume), verbose=False)
     # the app's run folder holds its data and log before the run starts
     app_run = tmp_path / "app_run"
     (app_run / "val").mkdir(parents=True)

@@ -408,7 +408,12 @@ def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
         if export in own:
             raise TrainingError(f"--export {cfg.export} is the run's own {own[export]}; name a file outside the "
                                 f"run's files, e.g. {out / 'model.pt'}")
-    if cfg.resume or not out.is_dir() or (out / "checkpoint.pt").exists():  # a run: _checkpoint_to_resume
+    if not out.is_dir():
+        return
+    in_the_way = [name for name in RUN_FILES if (out / name).exists() and not (out / name).is_file()]
+    if in_the_way:  # e.g. a folder named config.json: the run could not write its own file there
+        raise TrainingError(f"--out {out}: {', '.join(in_the_way)} is not a file; choose another --out")
+    if cfg.resume or (out / "checkpoint.pt").exists():  # a run: _checkpoint_to_resume
         return
     theirs = [name for name in ("config.json", "metrics.jsonl", "status.json")
               if (out / name).exists() and not (name == "status.json" and is_run_status(out / name))]
