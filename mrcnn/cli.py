@@ -273,6 +273,7 @@ def cli_predict(args) -> int:
     failed = 0
     for path, clip, outputs in plan:
         try:
+            _check_not_folders(path, outputs)
             (_predict_clip if clip else _predict_image)(loaded, path, thresholds, *outputs)
         except MrcnnError as err:  # one line for this file; the others still run
             print(f"error: {err}", file=sys.stderr)
@@ -310,6 +311,13 @@ def _check_inputs_kept(plan: list[tuple[Path, bool, tuple[Path, Path]]], out_val
             if (st.st_dev, st.st_ino) in inputs:
                 raise MrcnnError(f"--out {out_value}: writing {target} would replace the input "
                                  f"{inputs[(st.st_dev, st.st_ino)]}; choose another folder")
+
+
+def _check_not_folders(path: Path, outputs: tuple[Path, ...]) -> None:
+    """A file in an output's place is replaced (as documented); a folder cannot be: say so before the work."""
+    for target in outputs:
+        if target.is_dir() and not target.is_symlink():
+            raise MrcnnError(f"{path}: cannot write {target}: a folder has that name")
 
 
 def _predict_image(loaded, path: Path, thresholds: Thresholds, json_path: Path, png_path: Path) -> None:

@@ -105,3 +105,19 @@ def test_predict_never_replaces_an_input(tmp_path, capsys):
                                        f"{folder / name}; choose another folder"]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept, "nothing changed, nothing written"
 
+def test_an_output_name_taken_by_a_folder_is_one_line_and_the_others_still_run(tmp_path, capsys):
+    for name in ("taken.png", "free.png"):
+        Image.fromarray(scene(40, 60)).save(tmp_path / name)
+    (tmp_path / "clip.mp4").write_bytes(b"refused before it is read")
+    out = tmp_path / "out"
+    (out / "taken.json").mkdir(parents=True)
+    (out / "clip.mp4").mkdir()
+    status, _, stderr = run_cli(capsys, "predict", tmp_path / "taken.png", tmp_path / "clip.mp4",
+                                tmp_path / "free.png", "--model", tiny_checkpoint(tmp_path), "--out", out)
+    assert status == 2
+    assert error_lines(stderr) == [
+        f"error: {tmp_path / 'taken.png'}: cannot write {out / 'taken.json'}: a folder has that name",
+        f"error: {tmp_path / 'clip.mp4'}: cannot write {out / 'clip.mp4'}: a folder has that name"]
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "free.json", "free.png", "taken.json"]
+    assert not list((out / "taken.json").iterdir()) and not (out / "taken.png").exists()
+

@@ -105,3 +105,15 @@ def test_export_zip_holds_the_files(tmp_path):
     loaded.model.load_state_dict(shaped_state_dict("maskrcnn_resnet50_fpn", len(CATEGORIES)))
     data, report = model_export.export_zip(loaded, "torchvision")
     assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == sorted(report.files)
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_exporting(tmp_path, monkeypatch):
+    (tmp_path / "out" / "model.onnx").mkdir(parents=True)
+
+    def no_export(*args):
+        raise AssertionError("exported before the check")
+
+    monkeypatch.setattr(model_export, "_write_onnx", no_export)
+    with pytest.raises(ExportError, match=r"cannot write model.onnx there: a folder has that name"):
+        export_model(tiny_loaded(), tmp_path / "out", "onnx")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]
+

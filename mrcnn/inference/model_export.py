@@ -36,6 +36,8 @@ from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
 from mrcnn.model.zoo import LoadedModel
 
 FORMATS = ("torchvision", "onnx")
+FILES = {"torchvision": ("model.pt", "classes.json", "README.md"),  # what each format writes in its folder
+         "onnx": ("model.onnx", "classes.json", "README.md")}
 ONNX_OPSET = 17
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
 # What "the same detections" means for an export (issue: boxes 0.5 px, scores 1e-3, mask IoU 0.99).
@@ -96,6 +98,9 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "torchvisi
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file, not a folder")
+    for name in FILES[fmt]:  # a file there is replaced; a folder cannot be, and would fail after the export
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise ExportError(f"--out {out}: cannot write {name} there: a folder has that name")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
