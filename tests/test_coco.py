@@ -348,6 +348,60 @@ def test_zip_symlink_and_size_limits(tmp_path):
         safe_extract_zip(tmp_path / "fake.zip", tmp_path / "d")
 
 
+def damaged_zip(path: Path, damage: str) -> Path:
+    """A dataset zip that Python's zipfile or the file system cannot take as it is."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("annotations.json", json.dumps({"images": [], "annotations": [], "categories": CATS}))
+        if damage == "utf-8 flag":
+            zf.writestr("images/zz.png", b"")
+        elif damage == "file and folder":
+            zf.writestr("images/x", b"a file")
+            zf.writestr("images/x/y.png", b"under a file")
+        elif damage == "long name":
+            zf.writestr("images/" + "y" * 300 + "/a.png", b"")
+    data = bytearray(path.read_bytes())
+    if damage == "deflate data":
+        data[30 + len("annotations.json")] = 0xFF  # its first block: an invalid block type
+    elif damage == "utf-8 flag":
+        data = data.replace(b"images/zz.png", b"images/\xff\xfe.png")
+        central = data.rindex(b"images/\xff\xfe.png") - 46  # its central directory entry
+        data[central + 9] |= 0x08                           # flag bit 11: the name is UTF-8
+    elif damage == "zip version":
+        central = data.index(b"PK\x01\x02")
+        data[central + 6] = 0x70  # "version needed to extract": 11.2
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("deflate data", "cannot extract 'annotations.json': Error -3 while decompressing"),
+    ("utf-8 flag", "marked UTF-8 but is not valid UTF-8"),
+    ("zip version", "not a readable zip file: zip file version 11.2 is not supported"),
+    ("file and folder", "'images/x' is a file but 'images/x/y.png' needs it to be a folder"),
+    ("long name", "longer than 255 bytes"),
+])
+def test_a_zip_that_cannot_be_unpacked_is_one_line_naming_it_and_leaves_nothing(tmp_path, monkeypatch, damage,
+                                                                                 words):
+    z = damaged_zip(tmp_path / "bad.zip", damage)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(DatasetError) as err:
+        load_dataset(z)
+    assert str(err.value).startswith("bad.zip") and words in str(err.value) and "\n" not in str(err.value)
+    assert list(temp.iterdir()) == []
+
+
+def test_images_beside_annotations_json_are_unpacked_into_images(tmp_path):
+    src = write_coco(tmp_path / "src", [image(1), image(2)], [ann(1, 1)], CATS)
+    for f in (src / "images").iterdir():
+        f.rename(src / f.name)
+    (src / "images").rmdir()
+    root = safe_extract_zip(zip_folder(tmp_path / "flat.zip", src), tmp_path / "x")
+    assert sorted(p.name for p in (root / "images").iterdir()) == ["img_001.png", "img_002.png"]
+    assert len(load_dataset(root)) == 2
+
+
 def test_a_zip_folder_lives_as_long_as_its_dataset(tmp_path, monkeypatch):
     src = write_coco(tmp_path / "src", [image(1)], [ann(1, 1)], CATS)
     z = zip_folder(tmp_path / "data.zip", src)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mrcnn.data import uploads
+from mrcnn.data.coco import load_dataset
 from mrcnn.data.shapes import write_dataset
 from mrcnn.errors import DatasetError
 from mrcnn.training import finetune, jobs
@@ -45,7 +46,9 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 
 def dataset_zip(tmp_path, n: int = 4, break_it: bool = False) -> bytes:
-    folder = write_dataset(tmp_path / f"ds{n}{break_it}", n, seed=3, size=64)
+    folder = tmp_path / f"ds{n}{break_it}"
+    if not folder.exists():  # write_dataset refuses a folder that holds a dataset already
+        write_dataset(folder, n, seed=3, size=64)
     files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
     if break_it:  # an image annotations.json names is not in the zip
         ann = json.loads(files["annotations.json"])
@@ -77,6 +80,10 @@ def test_temporary_folder_goes_on_close_and_when_dropped(tmpdir):
 @pytest.mark.parametrize("data, expected", [
     (b"not a zip at all", "bad.zip is not a readable zip file"),
     (zip_bytes({"images/a.png": b"x"}), "bad.zip: no annotations.json"),
+    (zip_bytes({"annotations.json": b"{}", "images/x": b"x", "images/x/y.png": b"y"}),
+     "bad.zip: 'images/x' is a file but 'images/x/y.png' needs it to be a folder"),
+    (zip_bytes({"annotations.json": b"{}", "images/" + "y" * 300 + "/a.png": b"y"}),
+     "bad.zip: refusing 'images/yyy"),
 ])
 def test_unpack_names_the_upload_and_leaves_only_dest(tmpdir, data, expected):
     with uploads.TemporaryFolder() as folder:
@@ -118,6 +125,16 @@ def test_rejected_finetune_upload_names_it_and_leaves_nothing(tmpdir, tmp_path, 
         assert "mrcnn-upload-" not in message and str(tmp_path) not in message
         assert not run_dir.exists()
     assert not list(tmpdir.iterdir())
+
+
+def test_a_finetune_upload_with_images_beside_annotations_json_is_split_and_loads(tmpdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    folder = write_dataset(tmp_path / "flat", 4, seed=3, size=64)
+    files = {("annotations.json" if f.name == "annotations.json" else f.name): f.read_bytes()
+             for f in folder.rglob("*") if f.is_file()}  # docs/datasets.md: file_name relative to DIR/
+    with uploads.saved_upload(zip_bytes(files)) as zip_path:
+        plan = finetune.prepare_upload(zip_path, finetune.FinetuneSettings(), finetune.new_run_dir())
+    assert len(load_dataset(plan.train_data)) + len(load_dataset(plan.val_dir)) == 4
 
 
 # ---- every page that takes files, driven as a browser user (or an ill-willed one) would --------------------
