@@ -219,7 +219,8 @@ def test_every_validation_problem_is_named(tmp_path):
     ("[1, 2]", "must be an object"),
     (json.dumps({"images": [], "categories": []}), "missing key 'annotations'"),
     ("{\"images\": " + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
-])
+    ("{\"images\": [" + "9" * 5001 + "]}", "malformed JSON"),  # past Python's int digit limit
+], ids=["missing", "malformed", "not-an-object", "missing-key", "nested", "long-number"])
 def test_fatal_problems_are_report_errors(tmp_path, content, words):
     if content is not None:
         (tmp_path / "annotations.json").write_text(content)
@@ -228,6 +229,52 @@ def test_fatal_problems_are_report_errors(tmp_path, content, words):
     with pytest.raises(DatasetError, match=f"annotations.json: .*{words}") as err:
         CocoDataset(tmp_path)
     assert "\n" not in str(err.value)  # one line, for the CLI and the app alike
+
+
+@pytest.mark.parametrize("seg", [
+    [[-1e5, -1e5, 1e5, -1e5, 1e5, 1e5, -1e5, 1e5]],   # pycocotools walks every edge pixel: 2e8 crashed it
+    [[3, 2, 9, 2, 10 ** 400, 7]],                      # an int beyond float's range
+    [[3, 2, 9, 2, 9, 7] * 20_000],                     # in the image, but an outline 1000s of images long
+])
+def test_polygons_pycocotools_cannot_draw_safely_are_errors(tmp_path, seg):
+    root = write_coco(tmp_path, [image(1), image(2)], [
+        ann(1, 1, seg=seg), ann(2, 2, seg=[[-W, -H, 2 * W, -H, 2 * W, 2 * H]])], CATS)  # one size out: kept
+    report = validate_coco(root)
+    assert [(i.where, i.level) for i in report.issues] == [("annotation 1 (image 1)", "error")]
+    assert "malformed segmentation: polygon" in report.issues[0].message
+    with pytest.raises(DatasetError, match=r"annotation 1 \(image 1\)"):
+        load_dataset(root)
+
+
+def test_boxes_and_rles_with_numbers_out_of_range_are_errors(tmp_path):
+    root = write_coco(tmp_path, [image(1)], [
+        ann(1, 1, bbox=(3, 2, 10 ** 400, 5)),                      # beyond float's range
+        ann(2, 1, seg={"size": [H, W], "counts": [10 ** 30]}),      # more pixels than the image has
+        ann(3, 1, seg={"size": [10 ** 6, 10 ** 6], "counts": [10 ** 12]}),  # another image's size
+    ], CATS)
+    report = validate_coco(root)
+    assert [(i.where, i.level) for i in report.issues] == [(f"annotation {k} (image 1)", "error") for k in (1, 2, 3)]
+
+
+def test_ids_must_fit_pycocotools_int64(tmp_path):
+    big = 2 ** 63
+    root = write_coco(tmp_path, [image(1), {**image(2), "id": big}, image(3)],
+                      [ann(big, 1), ann(2, 3, category_id=-big - 1), ann(3, 1)],
+                      CATS + [{"id": -big - 1, "name": "cow"}])
+    report = validate_coco(root)
+    by_where = {i.where: i.message for i in report.errors}
+    assert set(by_where) == {f"image {big} (img_002.png)", f"annotation {big} (image 1)",
+                             f"category {-big - 1} ('cow')", "annotation 2 (image 3)"}
+    assert all("64" in m for m in list(by_where.values())[:3])
+    assert CocoDataset(root).coco.getAnnIds() == [3]  # what is left evaluates
+
+
+def test_a_file_name_too_long_for_the_file_system_is_an_error(tmp_path):
+    root = write_coco(tmp_path, [image(1), {**image(2), "file_name": "x" * 300 + ".png"}], [ann(1, 1)], CATS,
+                      skip_files=("x" * 300 + ".png",))
+    report = validate_coco(root)
+    assert [(i.where[:10], i.message) for i in report.errors] == [("image 2 (x", "cannot look up file_name: "
+                                                                  "File name too long")]
 
 
 def test_degenerate_annotations_never_reach_torchvision(tmp_path):

@@ -4,7 +4,8 @@
     print(report.summary())
 
 Problems are sorted in two levels. *Errors* make the data wrong (missing or unreadable image, malformed
-JSON or missing keys, unknown category, box outside the image, malformed segmentation): the offending
+JSON or missing keys, an id beyond 64 bits, too many pixels, unknown category, box outside the image,
+malformed segmentation, a polygon point more than one image size outside the image): the offending
 image or annotation is left out, and ``load_dataset`` (mrcnn.data.coco) refuses a dataset that has any.
 *Warnings* name an annotation that is skipped but leaves the data usable (zero-width box, empty mask):
 ``report.warnings`` lists them, one ValidationIssue each, and ``open_data`` logs them (the CLI prints them
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
+
+from mrcnn.data.images import MAX_PIXELS_ENV, max_pixels_from_env
 
 BACKGROUND = "__background__"   # class 0 of every model: no dataset category may take its name
 MIN_BOX_SIDE = 1.0              # px; narrower boxes are degenerate (as for v2.SanitizeBoundingBoxes)
@@ -30,6 +33,12 @@ BOX_TOLERANCE = 1.0             # px a box may stick out of the image (rounding)
 _REQUIRED_TOP = ("images", "annotations", "categories")
 _REQUIRED_IMAGE = ("id", "file_name", "width", "height")
 _REQUIRED_ANNOTATION = ("id", "image_id", "category_id", "segmentation")
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+# pycocotools rasterises a polygon by walking every edge pixel by pixel (its memory grows with the edge
+# length; ±2e8 crashed the process). A point more than one image size beyond an edge is no drawing
+# mistake but coordinates of another image or scale, and bounding them bounds that walk.
+POLYGON_MARGIN = 1.0            # image widths/heights a polygon point may lie outside the image
+MAX_POLYGON_PERIMETER = 100     # times (width + height): far more than any outline, bounds the walk too
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -123,8 +132,18 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_id(v: Any) -> bool:
+    """An integer pycocotools can hold: COCOeval keeps ids in int64 arrays."""
+    return _is_int(v) and INT64_MIN <= v <= INT64_MAX
+
+
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _rle_string_counts(s: str) -> list[int]:
@@ -188,11 +207,28 @@ def _to_rle(seg: Any, h: int, w: int) -> dict:
             if len(poly) % 2:
                 raise _Bad(f"polygon has an odd number of coordinates ({len(poly)})")
             if len(poly) >= 6:
-                polys.append([float(v) for v in poly])
+                polys.append(_bounded_polygon(poly, h, w))
         if not polys:
             return mask_utils.encode(np.zeros((h, w), np.uint8, order="F"))
         return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
     raise _Bad(f"segmentation must be polygons (list) or RLE (dict), got {type(seg).__name__}")
+
+
+def _bounded_polygon(poly: list, h: int, w: int) -> list[float]:
+    """The polygon as floats; _Bad when a point lies more than POLYGON_MARGIN image sizes outside the
+    image or its outline is longer than pycocotools should walk."""
+    xy = np.asarray(poly, np.float64).reshape(-1, 2)
+    lo = -POLYGON_MARGIN * np.array([w, h])
+    hi = (1 + POLYGON_MARGIN) * np.array([w, h])
+    outside = np.flatnonzero(((xy < lo) | (xy > hi)).any(axis=1))
+    if outside.size:
+        x, y = xy[outside[0]]
+        raise _Bad(f"polygon point ({x:g}, {y:g}) is more than one image size outside the {w}x{h} image")
+    perimeter = np.abs(np.diff(xy, axis=0, append=xy[:1])).max(axis=1).sum()
+    if perimeter > MAX_POLYGON_PERIMETER * (w + h):
+        raise _Bad(f"polygon outline is {perimeter:.0f} px long, more than {MAX_POLYGON_PERIMETER}x the "
+                   f"image's width + height")
+    return xy.ravel().tolist()
 
 
 def _image_where(entry: Any, j: int) -> str:
@@ -209,11 +245,28 @@ def _check_image_file(file: Path, width: int, height: int) -> str | None:
             img.verify()  # checksums / structure without decoding all pixels
     except FileNotFoundError:
         return "image file not found"
+    except UnidentifiedImageError:
+        return "unreadable image: not an image file (unrecognised format)"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"unreadable image: {err}"
+        return f"unreadable image: {_reason(err)}"
     if size != (width, height):
         return f"image is {size[0]}x{size[1]} pixels but annotations.json says {width}x{height}"
     return None
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, without the server's paths (an OSError's text names the file)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+def _find_image_file(root: Path, rel: Path) -> Path:
+    """The file a file_name names: under images/, or else under the dataset folder itself."""
+    file = root / "images" / rel
+    if not file.is_file() and (root / rel).is_file():
+        file = root / rel  # some exports give paths relative to the dataset folder
+    return file
 
 
 def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True) -> DatasetIndex | None:
@@ -237,6 +290,9 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
     except (UnicodeDecodeError, OSError) as err:
         report.error("annotations.json", f"cannot read: {err}")
         return None
+    except ValueError as err:  # an integer longer than Python converts (sys.get_int_max_str_digits())
+        report.error("annotations.json", f"malformed JSON: {str(err).split(';')[0]}")
+        return None
     if not isinstance(data, dict):
         report.error("annotations.json", f"top level must be an object, got {type(data).__name__}")
         return None
@@ -253,9 +309,9 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
     categories: dict[int, str] = {}
     for j, c in enumerate(data["categories"]):
         where = f"category {c.get('id')} ({c.get('name')!r})" if isinstance(c, dict) else f"category #{j}"
-        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str) \
+        if not isinstance(c, dict) or not _is_id(c.get("id")) or not isinstance(c.get("name"), str) \
                 or not c["name"].strip():
-            report.error(where, "a category needs an integer 'id' and a non-empty 'name'")
+            report.error(where, "a category needs an integer 'id' (64-bit) and a non-empty 'name'")
         elif c["id"] in categories:
             report.error(where, f"duplicate category id {c['id']}")
         elif c["name"] in categories.values():
@@ -266,7 +322,7 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
             categories[c["id"]] = c["name"]
     report.categories = [categories[k] for k in sorted(categories)]
 
-    images_dir = root / "images"
+    max_pixels = max_pixels_from_env()
     images: list[tuple[int, str, Path, int, int]] = []
     raw_images: dict[int, dict] = {}
     seen_ids: set = set()
@@ -279,8 +335,8 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
         if missing:
             report.error(where, f"missing key(s) {', '.join(map(repr, missing))}")
             continue
-        if not _is_int(e["id"]):
-            report.error(where, f"image id must be an integer, got {e['id']!r}")
+        if not _is_id(e["id"]):
+            report.error(where, f"image id must be an integer that fits in 64 bits, got {e['id']!r}")
             continue
         if e["id"] in seen_ids:
             report.error(where, f"duplicate image id {e['id']}")
@@ -290,6 +346,10 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
         if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
             report.error(where, f"width and height must be positive integers, got {w!r} x {h!r}")
             continue
+        if w * h > max_pixels:  # Detect's limit; it also bounds every mask decoded for this image
+            report.error(where, f"image has too many pixels ({w}x{h}; the limit is {max_pixels:,}, "
+                                f"raise it with {MAX_PIXELS_ENV})")
+            continue
         if not isinstance(name, str) or not name:
             report.error(where, "file_name must be a non-empty string")
             continue
@@ -297,9 +357,11 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
         if rel.is_absolute() or ".." in rel.parts or re.match(r"^[A-Za-z]:", name):
             report.error(where, "file_name must be relative to images/ and stay inside it")
             continue
-        file = images_dir / rel
-        if not file.is_file() and (root / rel).is_file():
-            file = root / rel  # some exports give paths relative to the dataset folder
+        try:
+            file = _find_image_file(root, rel)
+        except OSError as err:  # e.g. a name longer than the file system allows
+            report.error(where, f"cannot look up file_name: {_reason(err)}")
+            continue
         if check_files:
             problem = _check_image_file(file, w, h)
             if problem:
@@ -321,9 +383,9 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
         if missing:
             report.error(where, f"missing key(s) {', '.join(map(repr, missing))}")
             continue
-        bad = [k for k in ("id", "image_id", "category_id") if not _is_int(a[k])]
+        bad = [k for k in ("id", "image_id", "category_id") if not _is_id(a[k])]
         if bad:
-            report.error(where, f"{', '.join(map(repr, bad))} must be integer(s)")
+            report.error(where, f"{', '.join(map(repr, bad))} must be integer(s) that fit in 64 bits")
             continue
         if a["id"] in seen_ids:
             report.error(where, f"duplicate annotation id {a['id']}")
