@@ -26,7 +26,7 @@ from mrcnn.errors import ImageError, MrcnnError, TrainingError
 from mrcnn.evaluation.compare import ap_difference
 from mrcnn.evaluation.evaluate import METRIC_KEYS, evaluate
 from mrcnn.evaluation.fidelity import check_precisions, precisions_to_check
-from mrcnn.files import atomic_write_bytes
+from mrcnn.files import atomic_write_bytes, removing_new_empty_folders
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import png_bytes, trace_json
 from mrcnn.inference.input_size import check_input_size
@@ -266,18 +266,19 @@ def cli_predict(args) -> int:
         thresholds.check_classes(loaded.categories)
     except ValueError as err:
         raise MrcnnError(f"--class-thresh: {err}") from None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MrcnnError(f"--out {args.out}: cannot create the folder ({err.strerror or err})") from None
-    failed = 0
-    for path, clip, outputs in plan:
+    with removing_new_empty_folders(out_dir):  # a run that wrote nothing leaves no folder
         try:
-            _check_not_folders(path, outputs)
-            (_predict_clip if clip else _predict_image)(loaded, path, thresholds, *outputs)
-        except MrcnnError as err:  # one line for this file; the others still run
-            print(f"error: {err}", file=sys.stderr)
-            failed += 1
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MrcnnError(f"--out {args.out}: cannot create the folder ({err.strerror or err})") from None
+        failed = 0
+        for path, clip, outputs in plan:
+            try:
+                _check_not_folders(path, outputs)
+                (_predict_clip if clip else _predict_image)(loaded, path, thresholds, *outputs)
+            except MrcnnError as err:  # one line for this file; the others still run
+                print(f"error: {err}", file=sys.stderr)
+                failed += 1
     return 2 if failed else 0
 
 

@@ -45,6 +45,27 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
 
 
 @contextmanager
+def removing_new_empty_folders(folder: str | Path) -> Iterator[None]:
+    """Around work that may create ``folder`` and its missing parents: when the block ends (done or failed),
+    those of them still empty are removed, so a command that wrote nothing leaves no folder behind. Only
+    folders missing when the block began; a folder that holds anything is kept."""
+    missing, path = [], Path(folder).absolute()
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)  # deepest first: the order they can be removed in
+        path = path.parent
+    try:
+        yield
+    finally:
+        for path in missing:
+            try:
+                path.rmdir()  # only an empty folder
+            except FileNotFoundError:
+                continue  # never made; a parent may have been
+            except OSError:
+                break  # holds something: its parents are not empty either
+
+
+@contextmanager
 def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file for ``path``'s new content, written as it comes (a video, frame by frame): renamed
     over ``path`` when the block ends, removed when it raises."""

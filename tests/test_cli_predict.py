@@ -78,19 +78,6 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-def test_a_thin_image_is_one_line_and_the_others_still_run(tmp_path, capsys):
-    Image.new("RGB", (1000, 1)).save(tmp_path / "thin.png")
-    Image.fromarray(scene(40, 60)).save(tmp_path / "good.png")
-    out = tmp_path / "out"
-    status, stdout, stderr = run_cli(capsys, "predict", tmp_path / "thin.png", tmp_path / "good.png",
-                                     "--model", tiny_checkpoint(tmp_path), "--out", out)
-    assert status == 2
-    # TINY_LIGHT: shorter side to 96, longer at most 128, so a scale of 0.128
-    assert error_lines(stderr) == [f"error: {tmp_path / 'thin.png'}: 1000x1 px would be scaled to 128x0 px for the "
-                                   f"network (shorter side to 96, longer side at most 128): too thin for this model"]
-    assert "good.png" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.png"]
-
 def test_predict_never_replaces_an_input(tmp_path, capsys):
     folder = tmp_path / "same"
     folder.mkdir()
@@ -104,6 +91,21 @@ def test_predict_never_replaces_an_input(tmp_path, capsys):
         assert error_lines(stderr) == [f"error: --out {folder}: writing {folder / name} would replace the input "
                                        f"{folder / name}; choose another folder"]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept, "nothing changed, nothing written"
+
+
+def test_a_thin_image_is_one_line_and_the_others_still_run(tmp_path, capsys):
+    Image.new("RGB", (1000, 1)).save(tmp_path / "thin.png")
+    Image.fromarray(scene(40, 60)).save(tmp_path / "good.png")
+    out = tmp_path / "out"
+    status, stdout, stderr = run_cli(capsys, "predict", tmp_path / "thin.png", tmp_path / "good.png",
+                                     "--model", tiny_checkpoint(tmp_path), "--out", out)
+    assert status == 2
+    # TINY_LIGHT: shorter side to 96, longer at most 128, so a scale of 0.128
+    assert error_lines(stderr) == [f"error: {tmp_path / 'thin.png'}: 1000x1 px would be scaled to 128x0 px for the "
+                                   f"network (shorter side to 96, longer side at most 128): too thin for this model"]
+    assert "good.png" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["good.json", "good.png"]
+
 
 def test_an_output_name_taken_by_a_folder_is_one_line_and_the_others_still_run(tmp_path, capsys):
     for name in ("taken.png", "free.png"):
@@ -121,3 +123,10 @@ def test_an_output_name_taken_by_a_folder_is_one_line_and_the_others_still_run(t
     assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "free.json", "free.png", "taken.json"]
     assert not list((out / "taken.json").iterdir()) and not (out / "taken.png").exists()
 
+
+def test_a_run_that_writes_nothing_leaves_no_folder(tmp_path, capsys):
+    (tmp_path / "empty.png").write_bytes(b"")
+    status, _, stderr = run_cli(capsys, "predict", tmp_path / "empty.png", "--model", tiny_checkpoint(tmp_path),
+                                "--out", tmp_path / "new" / "a")
+    assert status == 2 and "empty.png" in stderr
+    assert not (tmp_path / "new").exists()

@@ -106,6 +106,7 @@ def test_export_zip_holds_the_files(tmp_path):
     data, report = model_export.export_zip(loaded, "torchvision")
     assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == sorted(report.files)
 
+
 def test_an_output_name_taken_by_a_folder_is_refused_before_exporting(tmp_path, monkeypatch):
     (tmp_path / "out" / "model.onnx").mkdir(parents=True)
 
@@ -117,3 +118,8 @@ def test_an_output_name_taken_by_a_folder_is_refused_before_exporting(tmp_path, 
         export_model(tiny_loaded(), tmp_path / "out", "onnx")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]
 
+
+def test_a_failed_export_leaves_no_folder_it_made(tmp_path):
+    with pytest.raises(ExportError, match="--format onnx"):
+        export_model(tiny_loaded(), tmp_path / "new" / "b" / "c", "torchvision")
+    assert list(tmp_path.iterdir()) == []

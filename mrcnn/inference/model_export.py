@@ -32,6 +32,7 @@ import torch
 
 from mrcnn.data.shapes import DEFAULT_CLASSES, SHAPE_NAMES, generate_scene
 from mrcnn.errors import ExportError
+from mrcnn.files import removing_new_empty_folders
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
 from mrcnn.model.zoo import LoadedModel
 
@@ -101,19 +102,20 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, fmt: str = "torchvisi
     for name in FILES[fmt]:  # a file there is replaced; a folder cannot be, and would fail after the export
         if (out / name).is_dir() and not (out / name).is_symlink():
             raise ExportError(f"--out {out}: cannot write {name} there: a folder has that name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    try:
-        if fmt == "torchvision":
-            report = _write_torchvision(loaded, staging)
-        else:
-            report = _write_onnx(loaded, staging, size or default_input_size(loaded))
-        out.mkdir(exist_ok=True)
-        for name in report.files:
-            (staging / name).replace(out / name)
-        return ExportReport(report.format, out, report.files, report.input_size, report.check)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with removing_new_empty_folders(out):  # a failed export leaves no folder it made
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+        try:
+            if fmt == "torchvision":
+                report = _write_torchvision(loaded, staging)
+            else:
+                report = _write_onnx(loaded, staging, size or default_input_size(loaded))
+            out.mkdir(exist_ok=True)
+            for name in report.files:
+                (staging / name).replace(out / name)
+            return ExportReport(report.format, out, report.files, report.input_size, report.check)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_zip(loaded: LoadedModel, fmt: str = "torchvision", size: tuple[int, int] | None = None
