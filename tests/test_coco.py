@@ -277,6 +277,44 @@ def test_a_file_name_too_long_for_the_file_system_is_an_error(tmp_path):
                                                                   "File name too long")]
 
 
+def test_an_image_that_passes_the_check_but_fails_to_decode_is_one_named_error(tmp_path):
+    root = write_coco(tmp_path, [{**image(1), "file_name": "bad.tif"}], [], CATS, skip_files=("bad.tif",))
+    buf = io.BytesIO()
+    Image.new("RGB", (W, H)).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    i = data.index(b"\x11\x01\x04\x00")  # the StripOffsets tag, type LONG
+    data[i + 2:i + 4] = b"\x0b\x00"         # as FLOAT: the header verifies, decoding raised a TypeError
+    (root / "images" / "bad.tif").write_bytes(bytes(data))
+    ds = load_dataset(root)
+    with pytest.raises(DatasetError, match=r"^image 1 \(bad.tif\): file is corrupt"):
+        ds[0]
+
+
+def test_dataset_images_are_decoded_as_detect_decodes_them(tmp_path):
+    from mrcnn.data import images
+
+    root = write_coco(tmp_path, [image(1), image(2), image(3, w=H, h=W)], [], CATS)
+    gradient = np.tile(np.linspace(0, 65535, W).astype(np.uint16), (H, 1))
+    Image.fromarray(gradient).save(root / "images" / "img_001.png")        # 16-bit grey
+    rgba = np.zeros((H, W, 4), np.uint8)                                    # fully transparent black
+    Image.fromarray(rgba).save(root / "images" / "img_002.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                         # "rotate 90 CW to display"
+    Image.fromarray(np.arange(H * W * 3, dtype=np.uint8).reshape(H, W, 3)).save(
+        root / "images" / "img_003.png", exif=exif.tobytes())                # stored 20x16, shown 16x20
+    ds = load_dataset(root)
+    for i in range(3):
+        pixels = ds[i][0].mul(255).round().byte().permute(1, 2, 0).numpy()
+        detect = images.load_image(root / "images" / ds.file_name(i)).array
+        assert np.array_equal(pixels, detect), ds.file_name(i)
+    assert ds[1][0].min() == 1.0  # transparent is white, as Detect shows it
+
+    (root / "annotations.json").write_text(json.dumps({"images": [image(3)], "annotations": [],
+                                                        "categories": CATS}))  # the stored size
+    assert validate_coco(root).errors[0].message == ("image is 16x20 pixels after its EXIF orientation but "
+                                                     "annotations.json says 20x16: images/img_003.png")
+
+
 def test_degenerate_annotations_never_reach_torchvision(tmp_path):
     from tests.helpers import tiny_loaded
 

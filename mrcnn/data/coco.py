@@ -8,7 +8,8 @@ mrcnn.data.zips. Targets never hold an instance that torchvision would reject. C
 (``iscrowd: 1``) are left out of training targets by default but kept in ``.coco`` so that evaluation
 honours them.
 
-Images are read as stored (no EXIF rotation), which is how COCO annotations are made.
+Images are decoded by mrcnn.data.images, as Detect decodes them (EXIF orientation applied, transparency
+on white, 16-bit scaled to 8), so a model is trained and evaluated on the pixels Detect shows it.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from mrcnn.data import images
 from mrcnn.data.coco_checks import BACKGROUND, Annotation, ValidationReport, scan_dataset
 from mrcnn.data.zips import safe_extract_zip
-from mrcnn.errors import DatasetError
+from mrcnn.errors import DatasetError, ImageError
 
 
 def _model_categories(categories: Sequence[str] | None, dataset_names: list[str]) -> list[str]:
@@ -53,14 +54,15 @@ def decode_masks(rles: list[dict], h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(masks.transpose(2, 0, 1))
 
 
-def load_image(file: str | Path) -> torch.Tensor:
-    """An image file as float32 [3, H, W] in 0..1 (RGB, as stored: no EXIF rotation)."""
+def load_image(file: str | Path, name: str | None = None) -> torch.Tensor:
+    """An image file as float32 [3, H, W] in 0..1, decoded as Detect decodes it (mrcnn.data.images:
+    EXIF orientation, transparency on white, high bit depths scaled). DatasetError naming ``name``
+    (default: the path) when it cannot be read."""
     try:
-        with Image.open(file) as img:
-            arr = np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"cannot read image {file}: {err}") from err
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+        array = images.load_image(file, name=name).array
+    except ImageError as err:
+        raise DatasetError(str(err)) from None
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
 
 
 class CocoDataset(torch.utils.data.Dataset):
@@ -133,10 +135,10 @@ class CocoDataset(torch.utils.data.Dataset):
         return anns if self.include_crowd else [a for a in anns if not a.iscrowd]
 
     def __getitem__(self, i: int):
-        image_id, _, file, w, h = self._images[i]
-        image = load_image(file)
+        image_id, file_name, file, w, h = self._images[i]
+        image = load_image(file, name=f"image {image_id} ({file_name})")
         if tuple(image.shape[1:]) != (h, w):
-            raise DatasetError(f"image {image_id} ({file.name}) is {image.shape[2]}x{image.shape[1]} pixels "
+            raise DatasetError(f"image {image_id} ({file_name}) is {image.shape[2]}x{image.shape[1]} pixels "
                                f"but annotations.json says {w}x{h}")
         anns = self.annotations(i)
         masks = torch.from_numpy(decode_masks([a.rle for a in anns], h, w))
@@ -187,11 +189,15 @@ def load_dataset(path_or_zip: str | Path, categories: Sequence[str] | None = Non
     errors. ``kwargs`` go to CocoDataset (transforms, unknown, include_crowd, check_files).
     """
     path = Path(path_or_zip)
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise DatasetError(f"dataset {str(path)[:80]!r}...: {err.strerror}") from None
+    if is_dir:
         return _without_errors(CocoDataset(path, categories, **kwargs), path)
-    if path.is_file() and path.name == "annotations.json":
+    if is_file and path.name == "annotations.json":
         return _without_errors(CocoDataset(path.parent, categories, **kwargs), path)
-    if not path.is_file():
+    if not is_file:
         raise DatasetError(f"dataset not found: {path}")
     if not zipfile.is_zipfile(path):
         raise DatasetError(f"{path} is neither a dataset folder nor a .zip file")

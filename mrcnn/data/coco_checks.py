@@ -34,6 +34,7 @@ _REQUIRED_TOP = ("images", "annotations", "categories")
 _REQUIRED_IMAGE = ("id", "file_name", "width", "height")
 _REQUIRED_ANNOTATION = ("id", "image_id", "category_id", "segmentation")
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+_EXIF_ORIENTATION = 0x0112
 # pycocotools rasterises a polygon by walking every edge pixel by pixel (its memory grows with the edge
 # length; ±2e8 crashed the process). A point more than one image size beyond an edge is no drawing
 # mistake but coordinates of another image or scale, and bounding them bounds that walk.
@@ -238,10 +239,12 @@ def _image_where(entry: Any, j: int) -> str:
 
 
 def _check_image_file(file: Path, width: int, height: int) -> str | None:
-    """None if the file is an image of the stated size, else what is wrong."""
+    """None if the file is an image of the stated size (after its EXIF orientation, as mrcnn.data.images
+    reads it), else what is wrong."""
     try:
         with Image.open(file) as img:
-            size = img.size
+            size, turned = img.size, _exif_turns_sideways(img)
+        with Image.open(file) as img:  # verify() must come first after opening
             img.verify()  # checksums / structure without decoding all pixels
     except FileNotFoundError:
         return "image file not found"
@@ -249,9 +252,23 @@ def _check_image_file(file: Path, width: int, height: int) -> str | None:
         return "unreadable image: not an image file (unrecognised format)"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"unreadable image: {_reason(err)}"
+    if turned:
+        size = size[::-1]
     if size != (width, height):
-        return f"image is {size[0]}x{size[1]} pixels but annotations.json says {width}x{height}"
+        oriented = " after its EXIF orientation" if turned else ""
+        return f"image is {size[0]}x{size[1]} pixels{oriented} but annotations.json says {width}x{height}"
     return None
+
+
+def _exif_turns_sideways(img: Image.Image) -> bool:
+    """Whether the EXIF Orientation tag swaps width and height (5-8), as ImageOps.exif_transpose reads
+    it; unreadable EXIF leaves the image as stored there too."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return False  # an eXIf chunk after the pixels is found only by decoding them: not for a check
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - malformed EXIF is common and never refuses the image
+        return False
 
 
 def _reason(err: BaseException) -> str:
