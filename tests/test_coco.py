@@ -477,6 +477,17 @@ def test_a_zip_that_cannot_be_unpacked_is_one_line_naming_it_and_leaves_nothing(
     assert list(temp.iterdir()) == []
 
 
+def test_errors_in_a_zipped_dataset_name_the_zip_not_the_folder_it_was_unpacked_into(tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    src = write_coco(tmp_path / "src", [image(1), image(2)], [ann(1, 1)], CATS, skip_files=("img_002.png",))
+    with pytest.raises(DatasetError) as err:
+        load_dataset(zip_folder(tmp_path / "data.zip", src, "d/"))
+    assert str(err.value).splitlines()[1].startswith("data.zip/d: 2 images")
+    assert "image file not found: images/img_002.png" in str(err.value) and str(temp) not in str(err.value)
+
+
 def test_images_beside_annotations_json_are_unpacked_into_images(tmp_path):
     src = write_coco(tmp_path / "src", [image(1), image(2)], [ann(1, 1)], CATS)
     for f in (src / "images").iterdir():

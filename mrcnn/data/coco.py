@@ -31,6 +31,7 @@ from pycocotools.coco import COCO
 
 from mrcnn.data import images
 from mrcnn.data.coco_checks import BACKGROUND, Annotation, ValidationReport, scan_dataset
+from mrcnn.data.uploads import naming_upload
 from mrcnn.data.zips import safe_extract_zip
 from mrcnn.errors import DatasetError, ImageError
 
@@ -204,7 +205,11 @@ def load_dataset(path_or_zip: str | Path, categories: Sequence[str] | None = Non
     owns_folder = extract_to is None
     dest = Path(tempfile.mkdtemp(prefix="mrcnn-dataset-")) if owns_folder else Path(extract_to)
     try:
-        ds = _without_errors(CocoDataset(safe_extract_zip(path, dest), categories, **kwargs), path)
+        root = safe_extract_zip(path, dest)
+        # Messages name the zip, not the folder it was unpacked into (removed when this fails).
+        with naming_upload(path.name, dest):
+            ds = _without_errors(CocoDataset(root, categories, **kwargs), path)
+        ds.report.root = path.name
     except BaseException:
         if owns_folder:
             shutil.rmtree(dest, ignore_errors=True)
