@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from mrcnn.data.masks import encode_rle, masks_to_boxes
 from mrcnn.errors import DatasetError
+from mrcnn.files import removing_new_empty_folders
 
 SHAPE_NAMES = ("circle", "square", "triangle", "star", "hexagon", "ring")
 DEFAULT_CLASSES = ("circle", "square", "triangle")
@@ -337,24 +338,23 @@ def write_dataset(out_dir: str | Path, num: int, seed: int = 0, size: int = 256,
     num, seed, size = _check_dataset(num, seed, size)
     out_dir = Path(out_dir)
     _check_new_or_empty(out_dir)
-    created = _make_parents(out_dir.parent)
-    try:
-        building = _new_sibling(out_dir)
-    except OSError as err:
-        _remove_empty(created)
-        raise DatasetError(f"cannot write {out_dir}: {err.strerror or err}") from None
-    try:
-        _write_scenes(building, num, seed, size, classes, progress, nested, overlap)
-        if out_dir.is_dir():  # an empty folder that was there (a server-made temporary one) keeps its permissions
-            os.chmod(building, stat.S_IMODE(out_dir.stat().st_mode))
-        os.rename(building, out_dir)  # replaces an empty folder; refused if files appeared in it meanwhile
-    except BaseException as err:
-        shutil.rmtree(building, ignore_errors=True)
-        _remove_empty(created)
-        if isinstance(err, OSError):
-            held = " (it is no longer empty)" if _holds_files(out_dir) else ""
-            raise DatasetError(f"cannot write {out_dir}{held}: {err.strerror or err}") from None
-        raise
+    with removing_new_empty_folders(out_dir.parent):  # a failure leaves no parent folder it made
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            building = _new_sibling(out_dir)
+        except OSError as err:
+            raise DatasetError(f"cannot write {out_dir}: {err.strerror or err}") from None
+        try:
+            _write_scenes(building, num, seed, size, classes, progress, nested, overlap)
+            if out_dir.is_dir():  # an empty folder that was there (a server-made temporary one) keeps its permissions
+                os.chmod(building, stat.S_IMODE(out_dir.stat().st_mode))
+            os.rename(building, out_dir)  # replaces an empty folder; refused if files appeared in it meanwhile
+        except BaseException as err:
+            shutil.rmtree(building, ignore_errors=True)
+            if isinstance(err, OSError):
+                held = " (it is no longer empty)" if _holds_files(out_dir) else ""
+                raise DatasetError(f"cannot write {out_dir}{held}: {err.strerror or err}") from None
+            raise
     return out_dir
 
 
@@ -389,29 +389,6 @@ def _holds_files(folder: Path) -> bool:
         return folder.is_dir() and any(folder.iterdir())
     except OSError:
         return False
-
-
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; those created, deepest first (to remove them on failure)."""
-    created = []
-    while not folder.exists() and folder != folder.parent:
-        created.append(folder)
-        folder = folder.parent
-    try:
-        for path in reversed(created):
-            path.mkdir()
-    except OSError as err:
-        _remove_empty(created)
-        raise DatasetError(f"cannot create {created[0]}: {err.strerror or err}") from None
-    return created
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _write_scenes(root: Path, num: int, seed: int, size: int, classes: list[str],
