@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import pickle
 import threading
 from functools import partial
 from pathlib import Path
@@ -262,3 +263,12 @@ def test_download_cut_off_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ModelUnavailable, match="cannot download .*Connection reset by peer"):
         download_weights("https://example.invalid/model-abc.pth", dest)
     assert list(dest.iterdir()) == []
+
+
+def test_an_old_pickle_file_is_one_line_without_torchs_warning(tmp_path, recwarn):
+    """torch.load warned "Detected pickle protocol 4" (with its source line) on stderr before the error."""
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"format": "mrcnn-checkpoint", "state_dict": {}}, protocol=4))
+    with pytest.raises(CheckpointError, match="raw.pt: "):
+        load_checkpoint(path)
+    assert [str(w.message) for w in recwarn] == []

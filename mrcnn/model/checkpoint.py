@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import pickle
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,10 @@ from mrcnn.model.architectures import check_arch
 
 FORMAT = "mrcnn-checkpoint"
 VERSION = 1
+
+# warnings.catch_warnings swaps process-wide state: two threads (app sessions) inside it at once could leave
+# every warning of the process silenced, so loads take turns.
+_QUIET_LOAD = threading.Lock()
 
 
 def make_checkpoint(arch: dict, categories: list[str], state_dict: dict, meta: dict | None = None,
@@ -53,7 +59,11 @@ def read_torch_file(path: str | Path, mmap: bool = False) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # torch warns on stderr about what the checks below refuse with one line anyway (an old pickle
+        # protocol, sparse tensors it validates): a user should see only that line
+        with _QUIET_LOAD, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch.load raises many kinds on garbage; all mean "not readable"
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
