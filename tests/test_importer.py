@@ -200,3 +200,24 @@ def test_cli_import_then_use_the_name_everywhere(tmp_path, monkeypatch, capsys):
     assert main(["import", str(tmp_path / "bad.pth")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: bad.pth")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("sparse", "is a sparse_coo tensor"), ("meta", "holds no values"), ("complex", "has dtype complex64"),
+    ("nan", "holds NaN values"), ("inf", "holds infinite values")])
+def test_weights_no_model_can_run_are_refused_and_nothing_is_written(tmp_path, kind, message, recwarn):
+    """A sparse file was imported and then failed in the app with a traceback; NaN weights were accepted."""
+    key = "roi_heads.box_head.fc6.weight"
+    sd = shaped_state_dict("maskrcnn_resnet50_fpn", 3)
+    shape = sd[key].shape
+    sd[key] = {"sparse": torch.zeros(shape).to_sparse(), "meta": torch.empty(shape, device="meta"),
+               "complex": torch.zeros((), dtype=torch.complex64).expand(shape),
+               "nan": torch.full((), float("nan")).expand(shape),
+               "inf": torch.full((), float("-inf")).expand(shape)}[kind]
+    src = tmp_path / "broken.pth"
+    torch.save({f"module.{k}": v for k, v in sd.items()}, src)
+    with pytest.raises(CheckpointError, match=rf"^broken.pth: state_dict\['{key}'\] {message}"):
+        import_model(src, dest_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+    assert [str(w.message) for w in recwarn] == []
+

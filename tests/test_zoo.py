@@ -265,6 +265,63 @@ def test_download_cut_off_leaves_nothing(tmp_path, monkeypatch):
     assert list(dest.iterdir()) == []
 
 
+def _broken(kind: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a file can hold it but no model can run it."""
+    if kind == "sparse":
+        return tensor.to_sparse()
+    if kind == "meta":
+        return torch.empty(tensor.shape, device="meta")
+    if kind == "complex":
+        return tensor.to(torch.complex64)
+    return torch.full_like(tensor, float(kind))  # "nan", "inf"
+
+
+BROKEN = {"sparse": "is a sparse_coo tensor", "meta": "holds no values", "complex": "has dtype complex64",
+          "nan": "holds NaN values", "inf": "holds infinite values"}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_weights_no_model_can_run_are_named_without_warnings(tmp_path, kind, recwarn):
+    """Sparse and meta tensors made load_state_dict raise a traceback, complex ones were cast with a raw torch
+    warning, NaN or inf weights loaded and found nothing: each is one line naming the key."""
+    sd = build_model(TINY_LIGHT, len(CATEGORIES)).state_dict()
+    key = "roi_heads.box_head.fc6.weight"
+    sd[key] = _broken(kind, sd[key])
+    path = tmp_path / "broken.pt"
+    torch.save({"format": "mrcnn-checkpoint", "version": 1, "arch": TINY_LIGHT, "categories": CATEGORIES,
+                "state_dict": sd, "meta": {}}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(path), device="cpu")
+    assert str(err.value).startswith(f"{path}: state_dict[{key!r}] {BROKEN[kind]}"), str(err.value)
+    assert "\n" not in str(err.value)
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_broken_weights_in_a_torchvision_file_are_named(tmp_path):
+    sd = shaped_state_dict("maskrcnn_resnet50_fpn", 91)
+    sd["rpn.head.conv.0.0.bias"] = torch.full((256,), float("nan"))
+    path = tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"state_dict\['rpn.head.conv.0.0.bias'\] holds NaN values"):
+        load_model("coco-r50-fpn", weights=path, device="cpu")
+
+
+def test_the_model_list_reads_no_weights_yet_names_what_it_can(tmp_path, monkeypatch):
+    """The list maps the files (mmap) for their metadata: a sparse tensor is named there, NaN values at load."""
+    monkeypatch.setenv("MRCNN_RUNS_DIR", str(tmp_path / "runs"))
+    for kind in ("sparse", "nan"):
+        sd = build_model(TINY_LIGHT, len(CATEGORIES)).state_dict()
+        sd["roi_heads.box_head.fc6.weight"] = _broken(kind, sd["roi_heads.box_head.fc6.weight"])
+        (tmp_path / "runs" / kind).mkdir(parents=True)
+        torch.save({"format": "mrcnn-checkpoint", "version": 1, "arch": TINY_LIGHT, "categories": CATEGORIES,
+                    "state_dict": sd, "meta": {}}, tmp_path / "runs" / kind / "checkpoint.pt")
+    listed = {Path(i.name).parent.name: i for i in list_models() if i.kind == "checkpoint"}
+    assert not listed["sparse"].available and "sparse_coo tensor" in listed["sparse"].reason
+    assert listed["nan"].available
+    with pytest.raises(CheckpointError, match="holds NaN values"):
+        load_model(listed["nan"].name, device="cpu")
+
+
 def test_an_old_pickle_file_is_one_line_without_torchs_warning(tmp_path, recwarn):
     """torch.load warned "Detected pickle protocol 4" (with its source line) on stderr before the error."""
     path = tmp_path / "raw.pt"

@@ -34,7 +34,7 @@ import torch
 from mrcnn.errors import CheckpointError
 from mrcnn.files import atomic_write_bytes, file_sha256
 from mrcnn.model.architectures import build_model
-from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, read_torch_file, save_checkpoint
+from mrcnn.model.checkpoint import check_checkpoint, check_tensors, is_checkpoint, read_torch_file, save_checkpoint
 from mrcnn.model.zoo import list_models, models_dir, read_card
 
 BACKGROUND = "__background__"
@@ -100,7 +100,8 @@ def recognise(state_dict: dict[str, torch.Tensor], source: str | Path) -> tuple[
 
 
 def check_fits(arch: dict, num_classes: int, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Every key and shape of the architecture, and nothing else, or the first one that does not fit.
+    """Every key and shape of the architecture, and nothing else, each a dense real tensor of finite values
+    (checkpoint.check_tensors), or the first one that does not fit.
     The model is built on the meta device: no memory for weights that are about to be replaced."""
     with torch.device("meta"):
         own = build_model(arch, num_classes).state_dict()
@@ -113,6 +114,7 @@ def check_fits(arch: dict, num_classes: int, state_dict: dict[str, torch.Tensor]
     extra = next((k for k in state_dict if k not in own), None)
     if extra is not None:
         raise CheckpointError(f"{source}: key {extra!r} is not part of {arch['name']}")
+    check_tensors(state_dict, source)
 
 
 def class_names(num_classes: int, source: Path, classes: Sequence[str] | None = None,
@@ -191,7 +193,8 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
     except CheckpointError as err:
         raise CheckpointError(str(err).replace(str(path), shown)) from None
     if is_checkpoint(obj):
-        own = load_checkpoint(path)
+        # the file read once, not twice; its weights' values are checked with the shapes (check_fits)
+        own = check_checkpoint(obj, shown, values=False)
         arch, categories, state_dict = dict(own["arch"]), list(own["categories"]), own["state_dict"]
         if classes is not None or classes_from is not None:
             categories, _ = class_names(len(categories), Path(shown), classes, classes_from)

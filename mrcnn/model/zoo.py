@@ -25,7 +25,8 @@ from mrcnn.errors import CheckpointError, MrcnnError, ModelUnavailable
 from mrcnn.files import NEW_FILE_MODE, atomic_write_bytes, file_sha256
 from mrcnn.inference.precision import choose_precision, combine_fidelity, prepare_model
 from mrcnn.model.architectures import build_model
-from mrcnn.model.checkpoint import is_checkpoint, load_checkpoint, load_state_dict_checked, read_torch_file
+from mrcnn.model.checkpoint import (check_tensors, is_checkpoint, load_checkpoint, load_state_dict_checked,
+                                    read_torch_file)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -259,6 +260,7 @@ def _from_torchvision(name: str, path: Path, device: torch.device) -> LoadedMode
         obj = obj["model"]  # torchvision reference-scripts' training checkpoints
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    check_tensors(obj, path)
     categories = entry.categories
     head = obj.get("roi_heads.box_predictor.cls_score.weight")
     if head is not None and head.shape[0] != len(categories):
