@@ -221,3 +221,19 @@ def test_weights_no_model_can_run_are_refused_and_nothing_is_written(tmp_path, k
     assert not (tmp_path / "models").exists()
     assert [str(w.message) for w in recwarn] == []
 
+
+def test_own_checkpoint_with_broken_weights_or_repeated_names_is_refused(tmp_path):
+    sd = build_model(TINY_LIGHT, 4).state_dict()
+    nan = dict(sd, **{"rpn.head.conv.0.0.weight": torch.full_like(sd["rpn.head.conv.0.0.weight"], float("nan"))})
+    nan_src = save_checkpoint(tmp_path / "nan.pt", TINY_LIGHT, CATEGORIES, nan)
+    with pytest.raises(CheckpointError, match=r"^nan.pt: state_dict\['rpn.head.conv.0.0.weight'\] holds NaN"):
+        import_model(nan_src, dest_dir=tmp_path / "models")
+    dup = save_checkpoint(tmp_path / "dup.pt", TINY_LIGHT, ["__background__", "circle", "circle", "square"], sd)
+    with pytest.raises(CheckpointError, match="^dup.pt: category 'circle' is named more than once"):
+        import_model(dup, dest_dir=tmp_path / "models")
+    for names in (["a", "a", "b"], ["__background__", "__background__", "a", "b"], ["a", "", "b"]):
+        with pytest.raises(CheckpointError, match="--classes: class names must be"):
+            import_model(dup, classes=names, dest_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+    renamed = import_model(dup, classes=["circle", "ellipse", "square"], dest_dir=tmp_path / "models")
+    assert load_checkpoint(renamed.checkpoint)["categories"][1:] == ["circle", "ellipse", "square"]

@@ -322,6 +322,18 @@ def test_the_model_list_reads_no_weights_yet_names_what_it_can(tmp_path, monkeyp
         load_model(listed["nan"].name, device="cpu")
 
 
+@pytest.mark.parametrize("categories, message", [
+    (["__background__", "circle", "circle", "square"], "category 'circle' is named more than once"),
+    (["__background__", "circle", " ", "square"], "category 2 has an empty name"),
+    (["__background__", "circle", "__background__", "square"], "category '__background__' is named more than once"),
+])
+def test_class_names_must_be_distinct_and_non_empty(tmp_path, categories, message):
+    """Repeated names loaded, then Detect and Inspect failed on them ("shape classes repeated")."""
+    path = save_checkpoint(tmp_path / "dup.pt", TINY_LIGHT, categories, build_model(TINY_LIGHT, 4).state_dict())
+    with pytest.raises(CheckpointError, match=f"dup.pt: {message}"):
+        load_checkpoint(path)
+
+
 def test_an_old_pickle_file_is_one_line_without_torchs_warning(tmp_path, recwarn):
     """torch.load warned "Detected pickle protocol 4" (with its source line) on stderr before the error."""
     path = tmp_path / "raw.pt"

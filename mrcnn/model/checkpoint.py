@@ -109,10 +109,7 @@ def check_checkpoint(obj: Any, path: str | Path, values: bool = True) -> dict:
     for key, kind in (("arch", dict), ("categories", list), ("state_dict", dict)):
         if not isinstance(obj.get(key), kind):
             raise CheckpointError(f"{path}: checkpoint is missing '{key}' or it is not a {kind.__name__}")
-    if not obj["categories"] or obj["categories"][0] != "__background__":
-        raise CheckpointError(f"{path}: categories must start with '__background__'")
-    if not all(isinstance(c, str) for c in obj["categories"]):
-        raise CheckpointError(f"{path}: categories must be names (strings)")
+    check_categories(obj["categories"], path)
     if not isinstance(obj.setdefault("meta", {}), dict):
         raise CheckpointError(f"{path}: 'meta' must be a dict")
     try:
@@ -121,6 +118,22 @@ def check_checkpoint(obj: Any, path: str | Path, values: bool = True) -> dict:
         raise CheckpointError(f"{path}: bad architecture: {err}") from None
     check_tensors(obj["state_dict"], path, values=values)
     return obj
+
+
+def check_categories(categories: list, path: str | Path) -> None:
+    """Background first, then distinct non-empty names: results, filters and training match classes by name."""
+    if not categories or categories[0] != "__background__":
+        raise CheckpointError(f"{path}: categories must start with '__background__'")
+    if not all(isinstance(c, str) for c in categories):
+        raise CheckpointError(f"{path}: categories must be names (strings)")
+    empty = next((i for i, c in enumerate(categories) if not c.strip()), None)
+    if empty is not None:
+        raise CheckpointError(f"{path}: category {empty} has an empty name")
+    seen = set()
+    for name in categories:
+        if name in seen:
+            raise CheckpointError(f"{path}: category {name!r} is named more than once; class names must be distinct")
+        seen.add(name)
 
 
 def check_tensors(state_dict: dict, path: str | Path, values: bool = True) -> None:

@@ -142,8 +142,11 @@ def class_names(num_classes: int, source: Path, classes: Sequence[str] | None = 
     if len(names) != wanted:
         raise CheckpointError(f"{source}: the model has {wanted} classes (besides the background) "
                               f"but {origin} names {len(names)}")
-    if any(not n for n in names) or len(set(names)) != len(names):
-        raise CheckpointError(f"{origin}: class names must be non-empty and distinct")
+    if any(not n for n in names):
+        raise CheckpointError(f"{origin}: class names must be non-empty; name {names.index('') + 1} is empty")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i] or n == BACKGROUND), None)
+    if repeated is not None:
+        raise CheckpointError(f"{origin}: class names must be distinct; {repeated!r} is named more than once")
     return [BACKGROUND, *names], None
 
 
@@ -193,11 +196,13 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
     except CheckpointError as err:
         raise CheckpointError(str(err).replace(str(path), shown)) from None
     if is_checkpoint(obj):
+        if (classes is not None or classes_from is not None) and isinstance(obj.get("categories"), list) \
+                and obj["categories"]:
+            # the user's names replace the file's: a file whose own names are unusable (repeated) can be renamed
+            obj = dict(obj, categories=class_names(len(obj["categories"]), Path(shown), classes, classes_from)[0])
         # the file read once, not twice; its weights' values are checked with the shapes (check_fits)
         own = check_checkpoint(obj, shown, values=False)
         arch, categories, state_dict = dict(own["arch"]), list(own["categories"]), own["state_dict"]
-        if classes is not None or classes_from is not None:
-            categories, _ = class_names(len(categories), Path(shown), classes, classes_from)
         note = None
     else:
         state_dict = unwrap_state_dict(obj, shown)
