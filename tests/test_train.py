@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from mrcnn.data.shapes import ShapesDataset
@@ -374,11 +375,25 @@ def _coco_without_categories(root: Path) -> Path:
     return root
 
 
+def _coco_with_a_thin_image(root: Path) -> Path:
+    """One 1000x1 strip: any of the tiny model's sizes scales it to 0 px high."""
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (1000, 1)).save(root / "images" / "strip.png")
+    (root / "annotations.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "strip.png", "width": 1000, "height": 1}], "annotations": [],
+        "categories": [{"id": 1, "name": "circle"}]}))
+    return root
+
+
 @pytest.mark.parametrize("problem, words", [
-    ("no categories", "has no categories"), ("missing data", "nope"), ("bad model", "bad.pt")])
+    ("no categories", "has no categories"), ("missing data", "nope"), ("bad model", "bad.pt"),
+    ("thin training image", r"thin: image 7 \(strip.png\): 1000x1 px would be scaled to \d+x0 px"),
+    ("thin validation image", r"thin: image 7 \(strip.png\): 1000x1 px .* too thin for this model")])
 def test_a_run_refused_before_its_first_step_leaves_no_folder_it_created(tmp_path, problem, words):
     out = tmp_path / "new" / "deeper" / "run"
     kw = {"no categories": dict(data=str(_coco_without_categories(tmp_path / "nocats"))),
+          "thin training image": dict(data=str(_coco_with_a_thin_image(tmp_path / "train" / "thin"))),
+          "thin validation image": dict(val=str(_coco_with_a_thin_image(tmp_path / "val" / "thin"))),
           "missing data": dict(data=str(tmp_path / "nope")),
           "bad model": dict(model=str(tmp_path / "bad.pt"), arch=None)}[problem]
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")

@@ -130,6 +130,10 @@ class CocoDataset(torch.utils.data.Dataset):
         checked path)."""
         return self._images[i][1]
 
+    def image_sizes(self) -> list[tuple[str, int, int]]:
+        """(name, height, width) of every item, as annotations.json gives them (checked against the files)."""
+        return [(f"image {image_id} ({file_name})", h, w) for image_id, file_name, _, w, h in self._images]
+
     def annotations(self, i: int) -> list[Annotation]:
         """The valid annotations that go into item ``i``'s target."""
         anns = self._all_annotations[self._images[i][0]]

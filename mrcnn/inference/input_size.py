@@ -16,35 +16,41 @@ import torch
 from mrcnn.errors import ImageError
 
 
-def _test_min_size(transform) -> float:
-    """The shorter side the transform scales to at inference: the last of its sizes (torchvision)."""
+def _shorter_side(transform, training: bool) -> float:
+    """The shorter side the transform scales to: at inference the last of its sizes; in training a step may
+    pick any of them, so the smallest (torchvision)."""
     sizes = transform.min_size
-    return float(sizes[-1] if isinstance(sizes, (list, tuple)) else sizes)
+    if not isinstance(sizes, (list, tuple)):
+        return float(sizes)
+    return float(min(sizes) if training else sizes[-1])
 
 
-def network_input_size(model: torch.nn.Module, height: int, width: int) -> tuple[int, int]:
+def network_input_size(model: torch.nn.Module, height: int, width: int,
+                       training: bool = False) -> tuple[int, int]:
     """(height, width) of an image of ``height`` x ``width`` px after ``model.transform``'s resize (before
-    padding), with torchvision's own arithmetic (a float scale, each side truncated)."""
+    padding), with torchvision's own arithmetic (a float scale, each side truncated); ``training``: the
+    smallest a training step may make it."""
     transform = model.transform
     height, width = int(height), int(width)
     if transform.fixed_size is not None:
         fixed_w, fixed_h = transform.fixed_size  # torchvision gives it as (width, height)
         return int(fixed_h), int(fixed_w)
-    scale = min(_test_min_size(transform) / min(height, width), float(transform.max_size) / max(height, width))
+    scale = min(_shorter_side(transform, training) / min(height, width), float(transform.max_size) / max(height, width))
     return int(height * scale), int(width * scale)
 
 
-def check_input_size(model: torch.nn.Module, height: int, width: int, name: str | None = None) -> None:
+def check_input_size(model: torch.nn.Module, height: int, width: int, name: str | None = None,
+                     training: bool = False) -> None:
     """ImageError naming ``name`` (when given) when the model's input transform would scale an image of this
-    size to nothing on a side."""
+    size to nothing on a side (``training``: at any size a training step may pick)."""
     if min(int(height), int(width)) < 1:
         raise ImageError(f"{name + ': ' if name else ''}the image has no pixels ({width}x{height} px)")
-    new_h, new_w = network_input_size(model, height, width)
+    new_h, new_w = network_input_size(model, height, width, training)
     if min(new_h, new_w) < 1:
         transform = model.transform
         raise ImageError(f"{name + ': ' if name else ''}{width}x{height} px would be scaled to {new_w}x{new_h} px "
-                         f"for the network (shorter side to {_test_min_size(transform):.0f}, longer side at most "
-                         f"{transform.max_size}): too thin for this model")
+                         f"for the network (shorter side to {_shorter_side(transform, training):.0f}, longer side "
+                         f"at most {transform.max_size}): too thin for this model")
 
 
 __all__ = ["check_input_size", "network_input_size"]

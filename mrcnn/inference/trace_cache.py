@@ -60,6 +60,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 
 from mrcnn.env_settings import env_number
+from mrcnn.inference.input_size import network_input_size
 from mrcnn.inference.trace import Trace
 from mrcnn.model.architectures import build_model
 from mrcnn.model.zoo import LoadedModel
@@ -129,16 +130,9 @@ def trace_nbytes(trace: Trace) -> int:
 def input_pixels(loaded: LoadedModel, image_shape: tuple[int, ...]) -> int:
     """Pixels of the network input for an image of ``image_shape`` (H, W, ...): resized and padded as the
     model's transform does (torchvision's GeneralizedRCNNTransform at inference)."""
-    transform = loaded.model.transform
-    height, width = int(image_shape[0]), int(image_shape[1])
-    min_size = transform.min_size[-1] if isinstance(transform.min_size, (list, tuple)) else transform.min_size
-    scale = min(float(min_size) / min(height, width), float(transform.max_size) / max(height, width))
-    divisor = int(transform.size_divisible)
-
-    def padded(side: int) -> int:
-        return math.ceil(math.floor(side * scale) / divisor) * divisor
-
-    return padded(height) * padded(width)
+    height, width = network_input_size(loaded.model, image_shape[0], image_shape[1])
+    divisor = int(loaded.model.transform.size_divisible)
+    return math.ceil(height / divisor) * divisor * math.ceil(width / divisor) * divisor
 
 
 def architecture_bytes_per_pixel(loaded: LoadedModel) -> float:

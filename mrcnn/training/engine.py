@@ -47,6 +47,7 @@ from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.transforms import train_transforms
 from mrcnn.errors import CheckpointError, DatasetError, MrcnnError, TrainingError
 from mrcnn.files import remove_stale_temp_files
+from mrcnn.inference.input_size import check_input_size
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from mrcnn.model.zoo import resolve_device
@@ -104,6 +105,15 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
         raise
 
 
+def _check_image_sizes(model: torch.nn.Module, data: str | None, ds) -> None:
+    """Before the first step: an image the model's resize would make 0 px on a side (a 1000x1 strip) is one
+    line naming it, not a torch error mid-run. Generated scenes are square and have no sizes to check."""
+    base = getattr(ds, "dataset", ds)  # first_items' Subset holds the dataset
+    sizes = base.image_sizes() if hasattr(base, "image_sizes") else []
+    for name, height, width in sizes[:len(ds)]:
+        check_input_size(model, height, width, f"{data}: {name}", training=True)
+
+
 def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: torch.device, dist: DistInfo,
               log: Callable[[str], None]) -> _Run:
     """Everything before the first step: data, model, optimizer (from ``resume_ckpt`` when resuming), run files."""
@@ -134,6 +144,8 @@ def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: tor
     if len(train_ds) == 0:
         raise DatasetError(f"training data {cfg.data} has no images")
     val_ds = first_items(open_data(cfg.val, categories), cfg.val_num) if cfg.val and dist.is_main else None
+    for data, ds in ((cfg.data, train_ds), (cfg.val, val_ds)):
+        _check_image_sizes(model, data, ds)
     check_batch_fits(cfg.batch_size, arch, device)
     trainable_layers = prepare_for_training(model, arch, cfg)
     trainable, frozen = count_trainable(model)
