@@ -237,6 +237,15 @@ def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeyp
     count(at)
 
 
+def test_a_broken_run_checkpoint_is_named_once_in_the_reason(env):
+    broken = write_tiny(env / "runs" / "r3" / "checkpoint.pt", ["__background__", "circle", "circle"])
+    at = start()
+    at.sidebar.selectbox(key="model_name").select(str(broken)).run()
+    assert not at.exception, at.exception
+    warning = next(w.value for w in at.main.warning if "No model loaded" in w.value)
+    assert "named more than once" in warning and warning.count(str(broken)) == 1, warning
+
+
 def test_missing_bundled_model_starts_on_another_and_says_so(env):
     (env / "weights" / "shapes.pt").unlink()
     write_tiny(env / "runs" / "r2" / "checkpoint.pt")

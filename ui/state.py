@@ -188,7 +188,8 @@ def _cache_key(name: str, device: str) -> tuple[str, str | None, str, tuple]:
     dev = str(zoo.resolve_device(device))
     info = next((i for i in model_infos() if i.name == name), None)
     if info is not None and not info.available:
-        raise ModelUnavailable(f"{name}: {info.reason}")
+        # a run's model is named by its checkpoint's path, with which the reason already starts
+        raise ModelUnavailable(info.reason if info.reason.startswith(name) else f"{name}: {info.reason}")
     weights = info.path if info is not None else None
     return name, weights, dev, _file_stamp(weights)
 
