@@ -159,6 +159,14 @@ def test_dataset_category_unknown_to_the_model(tmp_path):
     assert [c["name"] for c in ds.coco.loadCats(ds.coco.getCatIds())] == ["cat"]
 
 
+def test_a_category_name_with_a_control_character_is_an_error(tmp_path):
+    """A class name with a newline would reach the model's checkpoint, which refuses it at load."""
+    root = write_coco(tmp_path, [image(1)], [ann(1, 1)], [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog\nfish"}])
+    report = validate_coco(root)
+    assert [(i.where, i.message) for i in report.errors] == [
+        ("category 2 ('dog\\nfish')", "the category name holds the control character '\\n'")]
+
+
 def test_every_validation_problem_is_named(tmp_path):
     images = [image(1), image(2), image(3), image(4, w=30), image(5)]
     bad_rle = compressed_rle(RECT)

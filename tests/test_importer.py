@@ -231,8 +231,12 @@ def test_own_checkpoint_with_broken_weights_or_repeated_names_is_refused(tmp_pat
     dup = save_checkpoint(tmp_path / "dup.pt", TINY_LIGHT, ["__background__", "circle", "circle", "square"], sd)
     with pytest.raises(CheckpointError, match="^dup.pt: category 'circle' is named more than once"):
         import_model(dup, dest_dir=tmp_path / "models")
-    for names in (["a", "a", "b"], ["__background__", "__background__", "a", "b"], ["a", "", "b"]):
+    for names in (["a", "a", "b"], ["__background__", "__background__", "a", "b"]):
         with pytest.raises(CheckpointError, match="--classes: class names must be"):
+            import_model(dup, classes=names, dest_dir=tmp_path / "models")
+    for names, problem in ((["a", "", "b"], "class name 2 is empty"),
+                           (["a", "b\tc", "d"], r"class name 2 holds the control character '\\t'")):
+        with pytest.raises(CheckpointError, match=f"--classes: {problem}"):
             import_model(dup, classes=names, dest_dir=tmp_path / "models")
     assert not (tmp_path / "models").exists()
     renamed = import_model(dup, classes=["circle", "ellipse", "square"], dest_dir=tmp_path / "models")

@@ -324,7 +324,8 @@ def test_the_model_list_reads_no_weights_yet_names_what_it_can(tmp_path, monkeyp
 
 @pytest.mark.parametrize("categories, message", [
     (["__background__", "circle", "circle", "square"], "category 'circle' is named more than once"),
-    (["__background__", "circle", " ", "square"], "category 2 has an empty name"),
+    (["__background__", "circle", " ", "square"], "the name of category 2 is empty"),
+    (["__background__", "circle", "star\nsquare", "ring"], r"the name of category 2 holds the control character '\\n'"),
     (["__background__", "circle", "__background__", "square"], "category '__background__' is named more than once"),
 ])
 def test_class_names_must_be_distinct_and_non_empty(tmp_path, categories, message):

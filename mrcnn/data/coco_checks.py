@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from mrcnn.data.images import MAX_PIXELS_ENV, max_pixels_from_env
+from mrcnn.model.checkpoint import class_name_problem
 
 BACKGROUND = "__background__"   # class 0 of every model: no dataset category may take its name
 MIN_BOX_SIDE = 1.0              # px; narrower boxes are degenerate (as for v2.SanitizeBoundingBoxes)
@@ -331,6 +332,8 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
             report.error(where, "a category needs an integer 'id' (64-bit) and a non-empty 'name'")
         elif c["id"] in categories:
             report.error(where, f"duplicate category id {c['id']}")
+        elif class_name_problem(c["name"]) is not None:
+            report.error(where, f"the category name {class_name_problem(c['name'])}")
         elif c["name"] in categories.values():
             report.error(where, f"duplicate category name {c['name']!r}")
         elif c["name"] == BACKGROUND:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import pickle
 import threading
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
@@ -120,15 +121,25 @@ def check_checkpoint(obj: Any, path: str | Path, values: bool = True) -> dict:
     return obj
 
 
+def class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a class, or None: it must show something and hold no control or format
+    characters (a newline in a class name broke the one-line messages and the CSV rows that name it)."""
+    if not name.strip():
+        return "is empty"
+    odd = next((ch for ch in name if unicodedata.category(ch)[0] == "C"), None)
+    return f"holds the control character {odd!r}" if odd is not None else None
+
+
 def check_categories(categories: list, path: str | Path) -> None:
-    """Background first, then distinct non-empty names: results, filters and training match classes by name."""
+    """Background first, then distinct names: results, filters and training match classes by name."""
     if not categories or categories[0] != "__background__":
         raise CheckpointError(f"{path}: categories must start with '__background__'")
     if not all(isinstance(c, str) for c in categories):
         raise CheckpointError(f"{path}: categories must be names (strings)")
-    empty = next((i for i, c in enumerate(categories) if not c.strip()), None)
-    if empty is not None:
-        raise CheckpointError(f"{path}: category {empty} has an empty name")
+    for i, name in enumerate(categories):
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise CheckpointError(f"{path}: the name of category {i} {problem}")
     seen = set()
     for name in categories:
         if name in seen:

@@ -34,7 +34,8 @@ import torch
 from mrcnn.errors import CheckpointError
 from mrcnn.files import atomic_write_bytes, file_sha256
 from mrcnn.model.architectures import build_model
-from mrcnn.model.checkpoint import check_checkpoint, check_tensors, is_checkpoint, read_torch_file, save_checkpoint
+from mrcnn.model.checkpoint import (check_checkpoint, check_tensors, class_name_problem, is_checkpoint, read_torch_file,
+                                    save_checkpoint)
 from mrcnn.model.zoo import list_models, models_dir, read_card
 
 BACKGROUND = "__background__"
@@ -142,8 +143,10 @@ def class_names(num_classes: int, source: Path, classes: Sequence[str] | None = 
     if len(names) != wanted:
         raise CheckpointError(f"{source}: the model has {wanted} classes (besides the background) "
                               f"but {origin} names {len(names)}")
-    if any(not n for n in names):
-        raise CheckpointError(f"{origin}: class names must be non-empty; name {names.index('') + 1} is empty")
+    for i, name in enumerate(names, 1):
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise CheckpointError(f"{origin}: class name {i} {problem}")
     repeated = next((n for i, n in enumerate(names) if n in names[:i] or n == BACKGROUND), None)
     if repeated is not None:
         raise CheckpointError(f"{origin}: class names must be distinct; {repeated!r} is named more than once")
