@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import save_checkpoint
@@ -35,6 +36,8 @@ class OracleModel(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(1))
         self.roi_heads = _Heads()
+        # what evaluate reads of a real model's input transform: its sizes (to refuse an image scaled to 0 px)
+        self.transform = GeneralizedRCNNTransform(800, 1333, [0.0] * 3, [1.0] * 3)
         self.answers, self.calls = {}, 0
         for i in range(len(dataset)):
             image, t = dataset[i]

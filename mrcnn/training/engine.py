@@ -145,7 +145,8 @@ def setup_run(cfg: TrainConfig, resume_ckpt: dict | None, out: Path, device: tor
         raise DatasetError(f"training data {cfg.data} has no images")
     val_ds = first_items(open_data(cfg.val, categories), cfg.val_num) if cfg.val and dist.is_main else None
     for data, ds in ((cfg.data, train_ds), (cfg.val, val_ds)):
-        _check_image_sizes(model, data, ds)
+        if ds is not None:
+            _check_image_sizes(model, data, ds)
     check_batch_fits(cfg.batch_size, arch, device)
     trainable_layers = prepare_for_training(model, arch, cfg)
     trainable, frozen = count_trainable(model)
