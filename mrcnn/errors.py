@@ -4,6 +4,14 @@ The CLI and the app print ``str(err)`` and never a traceback.
 """
 
 
+def reason(err: BaseException) -> str:
+    """What went wrong, for a message: an OSError's own words (its full text names the path it failed on,
+    a server's temporary folder for an upload), else the error's text, else its type."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
 class MrcnnError(Exception):
     """Base class: the message is meant for the user as it is."""
 

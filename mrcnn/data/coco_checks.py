@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from mrcnn.data.images import MAX_PIXELS_ENV, max_pixels_from_env
+from mrcnn.errors import reason
 from mrcnn.model.checkpoint import class_name_problem
 
 BACKGROUND = "__background__"   # class 0 of every model: no dataset category may take its name
@@ -252,7 +253,7 @@ def _check_image_file(file: Path, width: int, height: int) -> str | None:
     except UnidentifiedImageError:
         return "unreadable image: not an image file (unrecognised format)"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"unreadable image: {_reason(err)}"
+        return f"unreadable image: {reason(err)}"
     if turned:
         size = size[::-1]
     if size != (width, height):
@@ -270,13 +271,6 @@ def _exif_turns_sideways(img: Image.Image) -> bool:
         return img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
     except Exception:  # noqa: BLE001 - malformed EXIF is common and never refuses the image
         return False
-
-
-def _reason(err: BaseException) -> str:
-    """What went wrong, without the server's paths (an OSError's text names the file)."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return str(err) or type(err).__name__
 
 
 def _find_image_file(root: Path, rel: Path) -> Path:
@@ -380,7 +374,7 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
         try:
             file = _find_image_file(root, rel)
         except OSError as err:  # e.g. a name longer than the file system allows
-            report.error(where, f"cannot look up file_name: {_reason(err)}")
+            report.error(where, f"cannot look up file_name: {reason(err)}")
             continue
         if check_files:
             problem = _check_image_file(file, w, h)

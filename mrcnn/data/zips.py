@@ -8,7 +8,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from mrcnn.errors import DatasetError
+from mrcnn.errors import DatasetError, reason
 
 MAX_ZIP_BYTES = 2 * 1024 ** 3   # total uncompressed size a dataset zip may unpack to
 MAX_ZIP_FILES = 200_000
@@ -131,12 +131,7 @@ def _targets(members: list[tuple[zipfile.ZipInfo, list[str]]], prefix: list[str]
 
 
 def _reason(err: BaseException) -> str:
-    """What went wrong, without the server's paths (an OSError's text names the file it failed on)."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    if isinstance(err, NotImplementedError):
-        return f"{err} is not supported"
-    return str(err) or type(err).__name__
+    return f"{err} is not supported" if isinstance(err, NotImplementedError) else reason(err)
 
 
 __all__ = ["safe_extract_zip", "MAX_ZIP_BYTES", "MAX_ZIP_FILES"]
