@@ -41,6 +41,7 @@ from mrcnn.model.zoo import list_models, load_model, resolve_device
 from mrcnn.training.card import card_path, write_card
 from mrcnn.training.config import TrainConfig
 from mrcnn.training.engine import train
+from mrcnn.training.run_files import json_object
 
 
 def _add_thresholds(p: argparse.ArgumentParser) -> None:
@@ -395,22 +396,9 @@ def config_from_args(args) -> TrainConfig:
 
 def _read_json_object(flag: str, value: str, path: Path | None = None) -> dict:
     """The JSON object in ``value``, or in the file ``path`` when given; TrainingError naming ``flag`` otherwise."""
-    where = f"{flag} {value}" if path is not None else flag
-    try:
-        text = path.read_bytes().decode("utf-8") if path is not None else value
-        obj = json.loads(text)
-    except OSError as err:
-        raise TrainingError(f"{where}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        bad_byte = err.object[err.start]
-        raise TrainingError(f"{where}: not UTF-8 text (byte {bad_byte:#04x} at offset {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise TrainingError(f"{where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
-    except RecursionError:
-        raise TrainingError(f"{where}: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise TrainingError(f"{where}: must be a JSON object {{...}}, got {type(obj).__name__}")
-    return obj
+    if path is not None:
+        return json_object(f"{flag} {value}", path.read_bytes)
+    return json_object(flag, lambda: value)
 
 
 def cli_train(args) -> int:

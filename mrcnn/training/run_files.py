@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mrcnn.errors import TrainingError
 from mrcnn.files import atomic_write_bytes
@@ -33,18 +33,25 @@ def is_run_status(path: Path) -> bool:
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in ``path``; TrainingError naming the file when it is not one."""
+    return json_object(str(path), path.read_bytes)
+
+
+def json_object(where: str, read: Callable[[], bytes | str]) -> dict:
+    """The JSON object in what ``read()`` returns (UTF-8 bytes or text); TrainingError naming ``where``
+    (a file, a command-line flag) with what is wrong when it is not one."""
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        data = read()
+        obj = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except OSError as err:
-        raise TrainingError(f"{path}: cannot read ({err.strerror or err})") from None
+        raise TrainingError(f"{where}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
-        raise TrainingError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+        raise TrainingError(f"{where}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except json.JSONDecodeError as err:
-        raise TrainingError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+        raise TrainingError(f"{where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
     except RecursionError:
-        raise TrainingError(f"{path}: nested too deeply") from None
+        raise TrainingError(f"{where}: nested too deeply") from None
     if not isinstance(obj, dict):
-        raise TrainingError(f"{path}: must be a JSON object {{...}}, got {type(obj).__name__}")
+        raise TrainingError(f"{where}: must be a JSON object {{...}}, got {type(obj).__name__}")
     return obj
 
 
