@@ -58,7 +58,7 @@ def test_class_names_from_coco_annotations_and_sidecars(tmp_path):
     assert import_model(src, classes_from=ann, dest_dir=tmp_path / "a").card["classes"] == ["cat", "dog"]
     (tmp_path / "m.pth.classes.txt").write_text("ant\nbee\n")
     assert import_model(src, dest_dir=tmp_path / "b").card["classes"] == ["ant", "bee"]
-    with pytest.raises(CheckpointError, match="2 classes .* names 3"):
+    with pytest.raises(CheckpointError, match="2 classes .* but 3 names came from"):
         import_model(src, classes=["a", "b", "c"], dest_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
@@ -134,15 +134,28 @@ def test_wrong_files_get_one_clear_line_and_nothing_is_written(tmp_path, capsys)
 def test_imported_model_is_listed_and_loaded_by_its_name(tmp_path, monkeypatch):
     monkeypatch.setenv("MRCNN_MODELS_DIR", str(tmp_path / "models"))
     src = save_checkpoint(tmp_path / "own.pt", TINY_LIGHT, CATEGORIES, build_model(TINY_LIGHT, 4).state_dict())
-    import_model(src, name="../../evil name", classes=["o", "p", "q"])
+    # a slash made a name look like a training run's (its checkpoint's path), a leading '-' a flag of the
+    # trainer's command line, brackets a Markdown image on every session's page
+    for bad in ("../../evil name", str(tmp_path / "runs" / "r1" / "checkpoint.pt"), "--help",
+                "![logo](http://example.invalid/n.png)"):
+        with pytest.raises(CheckpointError, match="a model name must be 1 to 64 letters, digits, spaces or"):
+            import_model(src, name=bad, classes=["o", "p", "q"])
+    assert not (tmp_path / "models").exists()
+    import_model(src, name="my pets (v2)", classes=["o", "p", "q"])
     assert [p.name for p in (tmp_path / "models").iterdir()] and all(
         p.name.startswith("imported-") for p in (tmp_path / "models").iterdir()), "the server names the files"
-    info = next(i for i in list_models() if i.name == "../../evil name")
+    info = next(i for i in list_models() if i.name == "my pets (v2)")
     assert info.kind == "imported" and info.available and info.classes == ["o", "p", "q"]
-    assert load_model("../../evil name", device="cpu").categories[1:] == ["o", "p", "q"]
+    assert load_model("my pets (v2)", device="cpu").categories[1:] == ["o", "p", "q"]
     with pytest.raises(CheckpointError, match="exists already"):
         import_model(save_checkpoint(tmp_path / "other.pt", TINY_LIGHT, CATEGORIES,
                                      build_model(TINY_LIGHT, 4).state_dict()), name="shapes")
+    # the same file again under another name would rename the model under everyone using it
+    with pytest.raises(CheckpointError, match=r"own.pt is imported already, as the model 'my pets \(v2\)'"):
+        import_model(src, name="beta", classes=["o", "p", "q"])
+    assert [i.name for i in list_models() if i.kind == "imported"] == ["my pets (v2)"]
+    with pytest.raises(CheckpointError, match="class name 2 is 'N/A', which marks an unused class id"):
+        import_model(src, name="na", classes=["o", "N/A", "q"])
 
 
 def test_add_a_model_from_the_sidebar(env, monkeypatch):
@@ -170,6 +183,12 @@ def test_add_a_model_from_the_sidebar(env, monkeypatch):
     at.text_input(key="add_model_name").set_value("clf").run()
     at.button(key="add_model").click().run()
     assert any("classifier.pth: expected a Mask R-CNN" in e.value for e in at.error)
+    at.file_uploader(key="add_model_file").upload("three.pth", src.read_bytes(), "application/octet-stream").run()
+    at.text_input(key="add_model_classes").set_value("a, b, c").run()
+    at.text_input(key="add_model_name").set_value("three").run()
+    at.button(key="add_model").click().run()
+    assert [e.value for e in at.error if "three.pth" in e.value] == [  # the upload's name, not a server path
+        "three.pth: the model has 2 classes (besides the background) but 3 names came from the class names given"]
     assert len(list((env / "models").iterdir())) == 2, "a refused file writes nothing"
 
 
@@ -232,11 +251,11 @@ def test_own_checkpoint_with_broken_weights_or_repeated_names_is_refused(tmp_pat
     with pytest.raises(CheckpointError, match="^dup.pt: category 'circle' is named more than once"):
         import_model(dup, dest_dir=tmp_path / "models")
     for names in (["a", "a", "b"], ["__background__", "__background__", "a", "b"]):
-        with pytest.raises(CheckpointError, match="--classes: class names must be"):
+        with pytest.raises(CheckpointError, match="the class names given: class names must be"):
             import_model(dup, classes=names, dest_dir=tmp_path / "models")
     for names, problem in ((["a", "", "b"], "class name 2 is empty"),
                            (["a", "b\tc", "d"], r"class name 2 holds the control character '\\t'")):
-        with pytest.raises(CheckpointError, match=f"--classes: {problem}"):
+        with pytest.raises(CheckpointError, match=f"the class names given: {problem}"):
             import_model(dup, classes=names, dest_dir=tmp_path / "models")
     assert not (tmp_path / "models").exists()
     renamed = import_model(dup, classes=["circle", "ellipse", "square"], dest_dir=tmp_path / "models")

@@ -40,6 +40,7 @@ from mrcnn.model.zoo import list_models, models_dir, read_card
 
 BACKGROUND = "__background__"
 TORCHVISION_DEFAULT_SIZES = {"min_size": 800, "max_size": 1333}
+NAME_PUNCTUATION = " -_.+()"  # what a model name may hold besides letters and digits
 MAX_NAME_CHARS = 64
 
 # Keys that only one of torchvision's two Mask R-CNN box heads has.
@@ -125,7 +126,7 @@ def class_names(num_classes: int, source: Path, classes: Sequence[str] | None = 
     In order: ``classes``; the categories of a COCO annotations file (sorted by id); a sidecar
     ``<file>.classes.txt`` (one per line) or ``<file>.classes.json`` (a list); else class_1 ... class_N."""
     wanted = num_classes - 1
-    origin = "--classes"
+    origin = "the class names given"  # --classes on the command line, "Class names" in the app
     if classes is None and classes_from is not None:
         classes, origin = _coco_category_names(Path(classes_from)), str(classes_from)
     if classes is None:
@@ -135,16 +136,17 @@ def class_names(num_classes: int, source: Path, classes: Sequence[str] | None = 
                 break
     if classes is None:
         note = (f"the file does not name its {wanted} classes: they are class_1 ... class_{wanted}; "
-                f"name them with --classes a,b,... or --classes-from annotations.json")
+                f"name them when adding it (--classes a,b,... or --classes-from annotations.json on the command line)")
         return [BACKGROUND] + [f"class_{i}" for i in range(1, num_classes)], note
     names = [str(c).strip() for c in classes]
     if names and names[0] == BACKGROUND:
         names = names[1:]
     if len(names) != wanted:
         raise CheckpointError(f"{source}: the model has {wanted} classes (besides the background) "
-                              f"but {origin} names {len(names)}")
+                              f"but {len(names)} names came from {origin}")
     for i, name in enumerate(names, 1):
-        problem = class_name_problem(name)
+        # "N/A" marks the unused ids of torchvision's COCO models: the pages leave it out of every class list
+        problem = class_name_problem(name) or ("is 'N/A', which marks an unused class id" if name == "N/A" else None)
         if problem is not None:
             raise CheckpointError(f"{origin}: class name {i} {problem}")
     repeated = next((n for i, n in enumerate(names) if n in names[:i] or n == BACKGROUND), None)
@@ -178,10 +180,15 @@ def _sidecar_names(path: Path) -> list[str]:
 
 
 def _display_name(name: str | None, source: Path) -> str:
-    """A name to list the model under: shown only, never part of a path."""
+    """A name to list the model under: shown only, never part of a path. Letters, digits, spaces and
+    ``- _ . + ( )``, a letter or digit first: a name with a slash was listed as a training run (whose names
+    are their checkpoints' paths), one starting with '-' was read as a flag by the trainer's command line,
+    and one with brackets showed as a Markdown link or image on every session's pages."""
     name = (name if name is not None else source.stem).strip()
-    if not name or len(name) > MAX_NAME_CHARS or any(not ch.isprintable() for ch in name):
-        raise CheckpointError(f"a model name must be 1 to {MAX_NAME_CHARS} printable characters, got {name!r}")
+    if not (0 < len(name) <= MAX_NAME_CHARS and name[0].isalnum()
+            and all(ch.isalnum() or ch in NAME_PUNCTUATION for ch in name)):
+        raise CheckpointError(f"a model name must be 1 to {MAX_NAME_CHARS} letters, digits, spaces or "
+                              f"{' '.join(NAME_PUNCTUATION.strip())}, starting with a letter or digit; got {name!r}")
     return name
 
 
@@ -211,7 +218,10 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
         state_dict = unwrap_state_dict(obj, shown)
         arch_name, num_classes = recognise(state_dict, shown)
         arch = {"name": arch_name, **TORCHVISION_DEFAULT_SIZES}
-        categories, note = class_names(num_classes, path, classes, classes_from)
+        try:  # the file's own path finds its sidecar class lists; messages name it as the user knows it
+            categories, note = class_names(num_classes, path, classes, classes_from)
+        except CheckpointError as err:
+            raise CheckpointError(str(err).replace(str(path), shown)) from None
     for key, value in (("min_size", min_size), ("max_size", max_size)):
         if value is not None:
             if not isinstance(value, int) or not 32 <= value <= 4096:
@@ -223,9 +233,11 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
     dest = Path(dest_dir) if dest_dir is not None else models_dir()
     stem = f"imported-{sha[:16]}"  # the server's name: the same file imported twice is one model
     display = _display_name(name, Path(shown))
-    taken = {i.name for i in list_models(include_runs=False)} - {read_card(dest / f"{stem}.pt").get("name")}
-    if display in taken:
-        raise CheckpointError(f"a model named {display!r} exists already; give this one another name (--name)")
+    already = read_card(dest / f"{stem}.pt").get("name")
+    if already not in (None, display):  # renaming it would take the model away from whoever uses that name
+        raise CheckpointError(f"{shown} is imported already, as the model {already!r}; use that one")
+    if display in {i.name for i in list_models(include_runs=False)} - {already}:
+        raise CheckpointError(f"a model named {display!r} exists already; give this one another name")
     card = {
         "name": display,
         "source": {"file": shown, "sha256": sha},

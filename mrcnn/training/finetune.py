@@ -109,7 +109,8 @@ def new_run_dir(prefix: str = "finetune") -> Path:
 
 def _train_args(s: FinetuneSettings, train_data: str, val_dir: str, run_dir: Path) -> list[str]:
     """The train command's arguments; settings without a flag of their own go in a --config file."""
-    args = ["--model", s.model, "--data", train_data, "--val", val_dir, "--steps", str(s.steps),
+    # --model=NAME: a name (an imported model's, from older versions) starting with '-' is not read as a flag
+    args = [f"--model={s.model}", "--data", train_data, "--val", val_dir, "--steps", str(s.steps),
             "--batch-size", str(s.batch_size), "--lr", str(s.lr), "--image-size", str(s.image_size),
             "--device", "cuda" if s.gpus > 1 else s.device,
             "--val-every", str(max(s.steps // s.validations, 1) if s.validations else 0)]
