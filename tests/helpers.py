@@ -1,6 +1,8 @@
 """Tiny models and images shared by the tests (random weights, fixed seeds, small sizes)."""
 from __future__ import annotations
 
+import re
+
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,3 +81,9 @@ def app_folders(tmp_path: Path, monkeypatch, shapes_checkpoint: Path):
     finally:
         st.cache_data.clear()
         st.cache_resource.clear()
+
+
+def shown(text: str) -> str:
+    """A Markdown element's text as a person reads it: the backslash escapes ui.state.literal puts before the
+    Markdown characters of a user-given name removed."""
+    return re.sub(r"\\(.)", r"\1", text)

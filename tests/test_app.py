@@ -21,7 +21,7 @@ from torchvision.ops import box_iou
 
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.errors import ImageError, ModelUnavailable
-from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, tiny_loaded
+from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, shown, tiny_loaded
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 COUNT = re.compile(r"### (\d+) detections")
@@ -189,6 +189,15 @@ def test_bad_uploads_show_a_message_and_the_app_keeps_working(env):
     count(at)
 
 
+def test_a_name_that_is_markdown_is_shown_as_text(env):
+    """An upload named as a Markdown image showed as one in its error, fetched by every browser showing it."""
+    name = "![a](http://example.invalid/f.png).png"
+    at = start()
+    at.file_uploader[0].upload(name, b"this is not an image", "image/png").run()
+    error = next(e.value for e in at.error if "example.invalid" in e.value)
+    assert "![a](" not in error and f"**{name}** was not added: {name}: not an image file" in shown(error)
+
+
 def test_too_many_pixels_is_refused(monkeypatch):
     import ui.detect
 
@@ -242,7 +251,7 @@ def test_a_broken_run_checkpoint_is_named_once_in_the_reason(env):
     at = start()
     at.sidebar.selectbox(key="model_name").select(str(broken)).run()
     assert not at.exception, at.exception
-    warning = next(w.value for w in at.main.warning if "No model loaded" in w.value)
+    warning = shown(next(w.value for w in at.main.warning if "No model loaded" in w.value))
     assert "named more than once" in warning and warning.count(str(broken)) == 1, warning
 
 

@@ -19,7 +19,7 @@ from mrcnn.data.coco import load_dataset
 from mrcnn.data.shapes import write_dataset
 from mrcnn.errors import DatasetError
 from mrcnn.training import finetune, jobs
-from tests.helpers import scene
+from tests.helpers import scene, shown
 from tests.test_app import env, png, tiny_shapes  # noqa: F401  (fixtures)
 from tests.test_app_training_pages import FAKE, open_page
 from tests.test_app_training_pages import _wait_state as wait_state
@@ -144,8 +144,8 @@ def hostile_names(target) -> list[str]:
 
 
 def page_texts(at) -> str:
-    return "\n".join(e.value for kind in ("markdown", "caption", "error", "success", "warning")
-                     for e in at.get(kind) if isinstance(getattr(e, "value", None), str))
+    return shown("\n".join(e.value for kind in ("markdown", "caption", "error", "success", "warning")
+                           for e in at.get(kind) if isinstance(getattr(e, "value", None), str)))
 
 
 def test_evaluate_uploads_stay_in_server_named_folders(env, tmpdir, tmp_path):
@@ -233,7 +233,7 @@ def test_finetune_uploads_are_checked_named_and_cleaned_up(env, tmpdir, tmp_path
         at.file_uploader(key="ft_upload").upload(name, dataset_zip(tmp_path, 4, True), "application/zip").run()
         at.button(key="ft_start").click().run()
         assert not at.exception, at.exception
-        errors = "\n".join(e.value for e in at.error)
+        errors = shown("\n".join(e.value for e in at.error))
         assert f"{name}: 4 images" in errors and "missing.png" in errors and "mrcnn-" not in errors
         assert runs() == runs_before  # a rejected upload leaves no run folder
         at.file_uploader(key="ft_upload").upload(name, dataset_zip(tmp_path), "application/zip").run()
@@ -290,7 +290,7 @@ def test_detect_uploads_are_read_in_memory(env, tmpdir, tmp_path):
         assert not at.exception, at.exception
         assert image_name in page_texts(at)
         at.file_uploader[0].upload(image_name.replace(".png", "-bad.png"), b"not an image", "image/png").run()
-        assert image_name.replace(".png", "-bad.png") in "\n".join(e.value for e in at.error)
+        assert image_name.replace(".png", "-bad.png") in shown("\n".join(e.value for e in at.error))
     assert not list(target.iterdir())
     assert len(list(tmpdir.iterdir())) == baseline
 

@@ -66,7 +66,7 @@ def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thres
     try:
         other = state.get_model(name, ss.get("device", "auto"), ss.get("precision", "auto"))
     except MrcnnError as err:
-        st.error(f"Cannot compare with {name}: {err}", icon=":material/error:")
+        st.error(f"Cannot compare with {state.literal(name)}: {state.literal(err)}", icon=":material/error:")
         return
     trace = state.safe_trace(other, entry)
     ran_ms = ss.pop("network_ran_ms", None)  # B's run: the page's timing line speaks of A's

@@ -76,7 +76,7 @@ def _uploads() -> None:
                 newest = entry.id
         status, value = seen[f.file_id]
         if status == "error":
-            st.error(f"**{f.name}** was not added: {value}", icon=":material/broken_image:")
+            st.error(f"**{state.literal(f.name)}** was not added: {state.literal(value)}", icon=":material/broken_image:")
     if newest is not None:
         state.select_image(newest)
 

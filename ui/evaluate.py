@@ -171,7 +171,7 @@ def _evaluate_other(other, evaluation: Evaluation) -> dict | None:
                 other, evaluation.dataset, keep_predictions=False,
                 progress=lambda d, t: bar.progress(d / max(t, 1), text=f"{other.name}: image {d}/{t}")).to_dict()
     except MrcnnError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return None
     finally:
         bar.empty()
@@ -194,7 +194,7 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     try:
         other = state.get_model(name, ss.get("device", "auto"), ss.get("precision", "auto"))
     except MrcnnError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     key = (_model_key(other), evaluation.dataset_key)
     kept = ss.get("ev_compare")
@@ -248,7 +248,7 @@ def _dataset_picker(loaded) -> DatasetChoice | None:
     previous = st.session_state.get("ev_evaluation")
     if previous is None or not previous.dataset_key.startswith("zip:"):
         return None
-    st.caption(f"Using **{previous.dataset_name}** ({len(previous.dataset)} images), evaluated earlier in this "
+    st.caption(f"Using **{state.literal(previous.dataset_name)}** ({len(previous.dataset)} images), evaluated earlier in this "
                "session; upload another file to replace it.")
     return DatasetChoice(previous.dataset_name, kept_key=previous.dataset_key)
 
@@ -304,7 +304,7 @@ def _run(loaded, choice: DatasetChoice) -> None:
             folder.close()
         if not isinstance(err, MrcnnError):
             raise
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     bar.empty()
     ss["ev_evaluation"] = Evaluation(_model_key(loaded), key, choice.name, folder, dataset, result,
@@ -451,7 +451,7 @@ def render() -> None:
     evaluation = st.session_state.get("ev_evaluation")
     if evaluation is None or evaluation.model_key != _model_key(loaded):
         return
-    st.caption(f"{loaded.name} on {evaluation.dataset_name}: {len(evaluation.dataset)} images")
+    st.caption(f"{state.literal(loaded.name)} on {state.literal(evaluation.dataset_name)}: {len(evaluation.dataset)} images")
     tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
     result = evaluation.result
     _metrics_tables(result)

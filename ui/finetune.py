@@ -64,7 +64,7 @@ def _kept_upload(upload) -> KeptUpload | None:
             folder.close()
             if not isinstance(err, OSError):
                 raise
-            st.error(f"{upload.name} cannot be stored on the server: {err.strerror or err}")
+            st.error(f"{state.literal(upload.name)} cannot be stored on the server: {err.strerror or err}")
             return None  # not the zip kept before: the user chose another
         if kept is not None:
             kept.folder.close()
@@ -120,7 +120,7 @@ def _fmt_s(seconds: float | None) -> str:
 def _settings_form() -> None:
     loaded = state.current_model()
     if loaded is None:
-        st.warning(f"No model to start from — {st.session_state.get('model_error')}. "
+        st.warning(f"No model to start from — {state.literal(st.session_state.get('model_error'))}. "
                    "Pick an available model in the sidebar.", icon=":material/warning:")
         return
     st.subheader("Data")
@@ -133,7 +133,7 @@ def _settings_form() -> None:
         kept = _kept_upload(upload)
         if upload is None and kept is not None:
             c1, c2 = st.columns([4, 1], vertical_alignment="center")
-            c1.caption(f"Using **{kept.name}** ({kept.size / 1e6:.1f} MB), uploaded earlier in this session; "
+            c1.caption(f"Using **{state.literal(kept.name)}** ({kept.size / 1e6:.1f} MB), uploaded earlier in this session; "
                        "upload another file to replace it.")
             c2.button("Forget it", key="ft_forget_upload", on_click=_forget_upload)
     else:
@@ -168,7 +168,7 @@ def _settings_form() -> None:
                                              trainable_backbone_layers=layers, gpus=gpus,
                                              validations=int(validations))
     except ValueError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     _estimate(loaded, settings)
     if st.button("Start fine-tuning", type="primary", key="ft_start"):
@@ -252,7 +252,7 @@ def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> No
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that did not start leaves no folder behind
         if not isinstance(err, MrcnnError):
             raise
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     atomic_write_bytes(Path(run_dir) / "plan.json",
                        json.dumps({"val_dir": plan.val_dir, "start_model": settings.model}).encode())
@@ -326,7 +326,7 @@ def _results(job: jobs.Job) -> None:
                 plan["start_model"], ckpt, plan["val_dir"],
                 progress=lambda done, total: bar.progress(done / max(total, 1), text=f"Evaluating {done}/{total}"))
         except MrcnnError as err:
-            st.error(str(err))
+            st.error(state.literal(err))
             return
         bar.empty()
     result = st.session_state.get(key)
@@ -388,7 +388,7 @@ def _side_by_side(plan: dict, ckpt: Path, stamp: int) -> None:
             idx = 0
         drawn = _before_after_images(plan["start_model"], str(ckpt), stamp, plan["val_dir"], idx)
     except MrcnnError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     for col, title, (canvas, count) in zip(st.columns(2), ("Before", "After"), drawn):
         col.image(canvas, caption=f"{title}: {count} detections")

@@ -392,7 +392,7 @@ def render() -> None:
     if trace is None:
         return
     t = state.thresholds()
-    st.caption(f"**{entry.name}** · model `{loaded.name}` · score ≥ {t.score_thresh:.2f}, NMS IoU {t.nms_thresh:.2f} "
+    st.caption(f"**{state.literal(entry.name)}** · model `{loaded.name}` · score ≥ {t.score_thresh:.2f}, NMS IoU {t.nms_thresh:.2f} "
                f"(set on Detect), mask ≥ {t.mask_thresh:.2f} · "
                + " · ".join(f"[{s}](#step-{i + 1})" for i, s in enumerate(SECTIONS)))
     _input_resize(trace, entry)

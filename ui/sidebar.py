@@ -75,7 +75,7 @@ def _unavailable(info: zoo.ModelInfo) -> None:
             _download(info)
         err = st.session_state.get(f"download_error_{info.name}")
         if err:
-            st.error(err)
+            st.error(state.literal(err))
 
 
 def _card(info: zoo.ModelInfo, loaded: zoo.LoadedModel | None) -> None:
@@ -115,7 +115,7 @@ def _export(loaded: zoo.LoadedModel) -> None:
             with st.spinner(f"Exporting {loaded.name} as {fmt}…"):
                 data, report = export_zip(loaded, fmt)
         except MrcnnError as err:
-            st.error(str(err))
+            st.error(state.literal(err))
             return
         check = report.check
         note = (f"onnxruntime matched {check.detections} detections on {check.images} images: boxes within "
@@ -158,7 +158,7 @@ def _add_model_now() -> None:
                    if int(ss[f"add_model_{k}"]) != v},
                 display_file_name=upload.name)
     except MrcnnError as err:
-        ss["add_model_message"] = ("error", str(err))
+        ss["add_model_message"] = ("error", state.literal(err))
         return
     state.model_infos.clear()
     ss["model_name"] = imported.name
@@ -195,7 +195,7 @@ def _device() -> None:
     try:
         dev = zoo.resolve_device(st.session_state["device"])
     except MrcnnError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     note = "" if torch.cuda.is_available() else " (no CUDA device here)"
     st.caption(f"Device: **{dev}**{note}")
@@ -262,7 +262,7 @@ def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
         reference = (loaded if loaded.precision == "float32"
                      else state.load_model_uncached(ss["model_name"], ss.get("device", "auto"), "float32"))
     except MrcnnError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     bar = st.progress(0.0, text=f"Checking {loaded.name}…")
     largest = max((a.shape for a in images), key=lambda s: s[0] * s[1], default=(512, 512, 3))
@@ -272,7 +272,7 @@ def _run_precision_check(loaded: zoo.LoadedModel, images: list) -> None:
                                       progress=lambda done, total: bar.progress(done / total,
                                                                                 text=f"run {done} of {total}"))
     except MrcnnError as err:
-        st.error(str(err))
+        st.error(state.literal(err))
         return
     finally:
         bar.empty()
@@ -302,7 +302,7 @@ def render() -> zoo.LoadedModel | None:
         _precision_select()
         loaded = state.current_model() if info.available else None
         if info.available and loaded is None:
-            st.error(st.session_state.get("model_error"))
+            st.error(state.literal(st.session_state.get("model_error")))
         elif loaded is not None:
             _precision_caption(loaded)
             _precision_check(loaded)

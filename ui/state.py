@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import uuid
 import weakref
@@ -232,10 +233,19 @@ def require_model() -> zoo.LoadedModel:
     """The current model, or a clear message on the page and stop."""
     loaded = current_model()
     if loaded is None:
-        st.warning(f"No model loaded — {st.session_state.get('model_error')}. "
+        st.warning(f"No model loaded — {literal(st.session_state.get('model_error'))}. "
                    "Pick an available model in the sidebar.", icon=":material/warning:")
         st.stop()
     return loaded
+
+
+_MARKDOWN_CHARACTERS = re.compile(r"([\\`*_\[\]()!#$<>~|])")
+
+
+def literal(text: str) -> str:
+    """``text`` (a name a user gave: an upload's, a clip's) shown as it is inside Markdown: an upload named
+    '![a](http://…).png' showed as an image that every browser showing the message fetched."""
+    return _MARKDOWN_CHARACTERS.sub(r"\\\1", str(text))
 
 
 # ---- images ------------------------------------------------------------------------------------------
@@ -448,5 +458,5 @@ def safe_trace(loaded: zoo.LoadedModel, entry: ImageEntry):
     try:
         return trace_for(loaded, entry)
     except (MrcnnError, ValueError, RuntimeError) as err:
-        st.error(f"Could not run {loaded.name} on {entry.name}: {err}", icon=":material/error:")
+        st.error(f"Could not run {literal(loaded.name)} on {literal(entry.name)}: {literal(err)}", icon=":material/error:")
         return None

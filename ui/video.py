@@ -118,7 +118,7 @@ def _process(loaded, clip: ClipState) -> bool:
     except (MrcnnError, RuntimeError) as err:  # RuntimeError: the model ran out of memory, say
         st.session_state["ingested_uploads"][clip.upload_id] = ("error", str(err))
         close_clip()
-        st.error(f"**{clip.name}** was not processed: {err}", icon=":material/broken_image:")
+        st.error(f"**{state.literal(clip.name)}** was not processed: {state.literal(err)}", icon=":material/broken_image:")
         return False
     bar.empty()
     clip.model_key, clip.pts, clip.times, clip.candidates = _model_key(loaded), pts, times, candidates
@@ -200,7 +200,7 @@ def _download(clip: ClipState, thresholds: Thresholds, class_filter: list[str], 
             annotate_clip(clip.clip, lambda i: clip.candidates[i].refilter(thresholds).of_classes(class_filter),
                           buf, progress=progress, **state.display_settings())
         except MrcnnError as err:
-            st.error(f"Could not make the annotated clip: {err}", icon=":material/error:")
+            st.error(f"Could not make the annotated clip: {state.literal(err)}", icon=":material/error:")
             return
         bar.empty()
         ss["video_download"] = made = (settings, buf.getvalue())
@@ -214,7 +214,7 @@ def render(loaded, controls: Callable[[list[str]], dict]) -> None:
     clip: ClipState = st.session_state["video"]
     info = clip.clip.info
     head, close = st.columns([5, 1])
-    head.markdown(f"**{clip.name}** · {info.width}×{info.height} px · {info.frames or '?'} frames at "
+    head.markdown(f"**{state.literal(clip.name)}** · {info.width}×{info.height} px · {info.frames or '?'} frames at "
                   f"{info.fps:.3g} fps")
     if close.button("Close clip", key="video_close", icon=":material/close:", width="stretch"):
         close_clip()
