@@ -15,6 +15,7 @@ from mrcnn.model.architectures import build_model, light_arch
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.evaluation.evaluate import METRIC_KEYS, _same_size_runs, evaluate
 from mrcnn.data.shapes import ShapesDataset, write_dataset
+from mrcnn.errors import DatasetError
 from tests.helpers import CATEGORIES, TINY_TRAIN_ARCH, tiny_loaded
 
 
@@ -96,6 +97,22 @@ def test_classes_matched_by_name_on_coco_folder(tmp_path):
     result = evaluate(OracleModel(ds, model_categories), ds, categories=model_categories)
     assert result.bbox["AP"] == pytest.approx(1.0) and result.segm["AP"] == pytest.approx(1.0)
     assert "star" not in result.per_class
+
+
+def test_a_dataset_with_nothing_the_model_could_find_is_one_line(tmp_path):
+    """AP 0.000 in every table, without a word, for data holding no object of the model's classes."""
+    from mrcnn.data.coco import load_dataset
+    write_dataset(tmp_path / "other", 2, seed=1, size=64, classes=("star", "ring"))
+    other = load_dataset(tmp_path / "other")
+    with pytest.raises(DatasetError, match=r"none of the dataset's classes \(star, ring\) is one of the model's "
+                                           r"\(circle, square, triangle\): AP cannot be measured"):
+        evaluate(OracleModel(other, other.categories), other, categories=CATEGORIES)
+    write_dataset(tmp_path / "empty", 2, seed=1, size=64)
+    annotations = json.loads((tmp_path / "empty" / "annotations.json").read_text())
+    (tmp_path / "empty" / "annotations.json").write_text(json.dumps({**annotations, "annotations": []}))
+    empty = load_dataset(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="the dataset has no annotated object of the model's classes"):
+        evaluate(OracleModel(empty, empty.categories), empty, categories=empty.categories)
 
 
 def test_no_detections_give_zero_and_model_is_not_mutated():

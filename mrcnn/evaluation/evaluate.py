@@ -188,6 +188,15 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
         raise DatasetError("the evaluation dataset has no images")
     own_gt = _coco_gt_of(dataset)
     label_to_cat = own_gt[1] if own_gt is not None else {k: k for k in range(1, len(data_categories))}
+    # nothing the model could find: COCOeval has nothing to average, and the tables showed AP 0.000 without
+    # a word (pycocotools' getAnnIds filters nothing for an empty category list)
+    shared = [cid for label, cid in label_to_cat.items() if data_categories[label] in model_categories[1:]]
+    if not shared:
+        raise DatasetError(f"none of the dataset's classes ({', '.join(data_categories[1:]) or 'none'}) is one of "
+                           f"the model's ({', '.join(model_categories[1:])}): AP cannot be measured on it")
+    if own_gt is not None and not own_gt[0].getAnnIds(catIds=shared):
+        raise DatasetError(f"the dataset has no annotated object of the model's classes "
+                           f"({', '.join(model_categories[1:])}): AP cannot be measured on it")
     name_to_cat = {data_categories[label]: cid for label, cid in label_to_cat.items()}
     cat_names = {cid: data_categories[label] for label, cid in label_to_cat.items()}
 
