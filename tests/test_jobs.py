@@ -155,3 +155,26 @@ def test_progress_skips_rows_that_are_not_metrics(tmp_path):
     (run / "metrics.jsonl").write_bytes(b'{"step": 1}\n5\n{"step": "x"}\n\xff\xfe\n{"step": 2}\n{"st')
     job = Job(str(run), 99999999, ["x"], 0.0, 4)
     assert job.progress()["step"] == 2
+
+
+def test_metrics_rows_whose_numbers_are_not_numbers_are_left_out(tmp_path):
+    """The Fine-tune page formats a row's numbers: "loss": "abc" or null was a traceback there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "loss": 0.5, "lr": 0.01, "images_per_s": 2.0}, {"step": 2, "loss": "abc", "lr": 0.01},
+            {"step": 3, "loss": None}, {"step": 4, "loss": 0.4, "lr": "fast"}, {"step": True, "loss": 0.4},
+            {"step": 5, "loss": 0.3, "gpu_mem_mb": None}, {"step": 6, "loss": 0.3, "gpu_mem_mb": "lots"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["step"] for r in Job(str(run), 0, ["x"], 0.0, 6).metrics()] == [1, 5]
+
+
+def test_a_plan_the_page_did_not_write_is_no_plan(tmp_path):
+    from ui.finetune import _plan_of
+    run = tmp_path / "run"
+    run.mkdir()
+    job = Job(str(run), 0, ["x"], 0.0, 1)
+    for text in ("[1, 2]", '{"start_model": "shapes"}', '{"start_model": 3, "val_dir": "v"}', "[" * 100_000):
+        (run / "plan.json").write_text(text)
+        assert _plan_of(job) is None, text
+    (run / "plan.json").write_text('{"start_model": "shapes", "val_dir": "v"}')
+    assert _plan_of(job) == {"start_model": "shapes", "val_dir": "v"}

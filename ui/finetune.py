@@ -287,11 +287,16 @@ def _watch(job: jobs.Job) -> None:
 
 
 def _plan_of(job: jobs.Job) -> dict | None:
+    """The run's plan.json (what "before vs after" evaluates), or None when it is missing or not one the
+    page wrote (a list or a plan without its folders was a traceback on the page)."""
     path = Path(job.run_dir) / "plan.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
+    if not (isinstance(plan, dict) and all(isinstance(plan.get(key), str) for key in ("start_model", "val_dir"))):
+        return None
+    return plan
 
 
 def _results(job: jobs.Job) -> None:

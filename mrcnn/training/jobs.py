@@ -31,7 +31,11 @@ from pathlib import Path
 from mrcnn.errors import MrcnnError
 from mrcnn.files import atomic_write_bytes
 from mrcnn.model.zoo import REPO_ROOT, runs_dir
-from mrcnn.training.run_files import read_metrics, write_status
+from mrcnn.training.config import LOSS_TERMS
+from mrcnn.training.run_files import is_number, read_metrics, write_status
+
+# the numbers of a metrics row (engine's _MetricLogger.row) that the page shows
+ROW_NUMBERS = ("step", "loss", "lr", "images_per_s", "elapsed", "eta_s", *LOSS_TERMS)
 
 REGISTRY = "current_job.json"
 START_LOCK = ".start.lock"
@@ -72,8 +76,12 @@ class Job:
         return self.status()["state"]
 
     def metrics(self) -> list[dict]:
-        """Every complete line of metrics.jsonl so far (a half-written last line is skipped)."""
-        return read_metrics(self.path / "metrics.jsonl")
+        """Every complete line of metrics.jsonl so far (a half-written last line is skipped), and of those only
+        the rows whose numbers are numbers: the page formats them (a hand-edited "loss": "abc" or null was a
+        traceback on the Fine-tune page)."""
+        return [row for row in read_metrics(self.path / "metrics.jsonl")
+                if all(is_number(row[key]) for key in ROW_NUMBERS if key in row)
+                and (row.get("gpu_mem_mb") is None or is_number(row["gpu_mem_mb"]))]
 
     def progress(self) -> dict:
         """step, steps, fraction, elapsed and ETA in seconds (from the measured step rate)."""
