@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.errors import ImageError, ModelUnavailable
 from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, shown, tiny_loaded
+from ui.state import MAX_IMAGES
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 COUNT = re.compile(r"### (\d+) detections")
@@ -196,6 +197,17 @@ def test_a_name_that_is_markdown_is_shown_as_text(env):
     at.file_uploader[0].upload(name, b"this is not an image", "image/png").run()
     error = next(e.value for e in at.error if "example.invalid" in e.value)
     assert "![a](" not in error and f"**{name}** was not added: {name}: not an image file" in shown(error)
+
+
+def test_the_strip_says_when_older_images_leave_it(env):
+    """Uploading more images than the strip keeps dropped the oldest without a word."""
+    at = start()  # the strip holds the sample scene
+    for i in range(MAX_IMAGES):
+        at.file_uploader[0].upload(f"img{i}.png", png(scene(40, 48, seed=i)), "image/png")
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.session_state["images"]) == MAX_IMAGES
+    assert f"The strip keeps the {MAX_IMAGES} most recent images: 1 earlier one left it." in captions(at)
 
 
 def test_too_many_pixels_is_refused(monkeypatch):

@@ -61,7 +61,7 @@ def _uploads() -> None:
                              help=f"{', '.join(UPLOAD_TYPES)}; up to {state.detect_max_pixels() / 1e6:.0f} megapixels; "
                                   "several at once make a strip to pick from")
     seen: dict = st.session_state["ingested_uploads"]
-    newest = None
+    newest, in_strip = None, set(st.session_state["images"])
     for f in files or []:
         if f.file_id not in seen and video.is_clip_upload(f):
             seen[f.file_id] = video.ingest_clip(f)
@@ -74,11 +74,18 @@ def _uploads() -> None:
                 state.add_image(entry, select=False)
                 seen[f.file_id] = ("ok", entry.id)
                 newest = entry.id
+                in_strip.add(entry.id)
         status, value = seen[f.file_id]
         if status == "error":
             st.error(f"**{state.literal(f.name)}** was not added: {state.literal(value)}", icon=":material/broken_image:")
     if newest is not None:
         state.select_image(newest)
+        # the strip keeps the most recent images only: say so rather than lose the others without a word
+        dropped = len(in_strip - set(st.session_state["images"]))
+        st.session_state["strip_note"] = (f"The strip keeps the {state.MAX_IMAGES} most recent images: "
+                                          f"{dropped} earlier {'one' if dropped == 1 else 'ones'} left it.") if dropped else None
+    if st.session_state.get("strip_note"):
+        st.caption(st.session_state["strip_note"])
 
 
 def _strip() -> None:
