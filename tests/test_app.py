@@ -22,7 +22,7 @@ from torchvision.ops import box_iou
 from mrcnn.model.checkpoint import save_checkpoint
 from mrcnn.errors import ImageError, ModelUnavailable
 from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, scene, shown, tiny_loaded
-from ui.state import MAX_IMAGES
+from ui.state import MAX_IMAGES, MAX_SAMPLE_SEED
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 COUNT = re.compile(r"### (\d+) detections")
@@ -229,6 +229,11 @@ def test_new_sample_button_makes_another_scene(env):
     at.number_input(key="sample_seed").set_value(7).run()
     assert not at.exception
     assert at.session_state["images"][at.session_state["current_image"]].name == "sample-7.png"
+    # from the largest seed to 0: past it, the box showed 0 under sample-1000000001 and links refused it
+    at.number_input(key="sample_seed").set_value(MAX_SAMPLE_SEED).run()
+    at.button(key="new_sample").click().run()
+    assert not at.exception and at.number_input(key="sample_seed").value == 0
+    assert at.session_state["images"][at.session_state["current_image"]].name == "sample-0.png"
 
 
 def test_model_switch_to_a_training_run_and_to_an_unavailable_model(env, monkeypatch):

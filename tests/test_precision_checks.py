@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -115,6 +116,17 @@ def test_bad_input_is_one_line_and_leaves_no_record(models, capsys, monkeypatch)
     assert len(err) == 1 and "cpu runs no reduced precision natively" in err[0]
     with pytest.raises(ValueError, match="not a sha256"):
         read_precision_check("../../etc/passwd")
+
+
+def test_the_sidebars_check_leaves_out_an_image_too_thin_for_the_model(tmp_path, monkeypatch):
+    """A 1000x2 upload stopped the whole check with a line that named no image."""
+    cpu_flags(monkeypatch, "avx512_bf16")
+    with app_folders(tmp_path, monkeypatch, confident_checkpoint(tmp_path / "ckpt.pt")):
+        at = AppTest.from_file(APP, default_timeout=120).run()
+        at.file_uploader[0].upload("strip.png", png(np.zeros((2, 1000, 3), np.uint8)), "image/png").run()
+        at.sidebar.button(key="precision_check").click().run()
+        assert not at.exception and not at.sidebar.error, [e.value for e in at.sidebar.error]
+        assert "on an image of a session" in " ".join(c.value for c in at.sidebar.caption)  # the sample alone
 
 
 def test_the_sidebar_checks_the_model_and_every_session_runs_what_the_check_allows(tmp_path, monkeypatch):

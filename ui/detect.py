@@ -40,7 +40,7 @@ def ingest_upload(name: str, data: bytes) -> state.ImageEntry:
 
 
 def _new_sample(classes: tuple[str, ...]) -> None:
-    st.session_state["sample_seed"] += 1
+    st.session_state["sample_seed"] = (st.session_state["sample_seed"] + 1) % (state.MAX_SAMPLE_SEED + 1)
     _show_sample(classes)
 
 
@@ -113,7 +113,7 @@ def _input(categories: list[str]) -> None:
         st.markdown("**Sample scene** (synthetic shapes)")
         c1, c2 = st.columns([1, 1])
         with c1:
-            st.number_input("Seed", min_value=0, max_value=10**9, step=1, key="sample_seed",
+            st.number_input("Seed", min_value=0, max_value=state.MAX_SAMPLE_SEED, step=1, key="sample_seed",
                             persist_state="session", on_change=_show_sample, args=(classes,))
         with c2:
             st.select_slider("Size", state.SAMPLE_SIZES, key="sample_size", persist_state="session",

@@ -181,7 +181,7 @@ def _read_view(params: dict[str, str], problems: list[str]) -> dict[str, Any]:
             raise ValueError("negative")
         return int(text)
 
-    read("seed", "sample_seed", _whole(0, 10**9))
+    read("seed", "sample_seed", _whole(0, state.MAX_SAMPLE_SEED))
     read("size", "sample_size", _one_of(SAMPLE_SIZES))
     read("highlight", "shared_highlight", candidate)
     read("class_thresh", f"class_thresh::{model}", class_thresholds)

@@ -13,6 +13,7 @@ from mrcnn.data.uploads import saved_upload
 from mrcnn.errors import MrcnnError
 from mrcnn.evaluation import fidelity
 from mrcnn.inference import precision
+from mrcnn.inference.input_size import network_input_size
 from mrcnn.inference.model_export import export_zip
 from mrcnn.model.architectures import TORCHVISION_ARCHITECTURES
 from mrcnn.model import importer, zoo
@@ -243,6 +244,8 @@ def _precision_check(loaded: zoo.LoadedModel) -> None:
     else:
         st.caption(f"{fast} has not been checked against float32 on this model yet.")
     images = list((st.session_state.get("images") or {}).values())[-MAX_CHECK_IMAGES:]
+    # an image the model's resize makes 0 px on a side cannot run: left out (it stopped the whole check)
+    images = [e for e in images if min(network_input_size(loaded.model, *e.array.shape[:2])) >= 1]
     where = (f"the session's last {len(images)} images" if len(images) > 1 else "the session's image" if images
              else "generated scenes")
     if st.button(f"Check {fast} against float32", key="precision_check", type="tertiary", icon=":material/rule:",

@@ -50,6 +50,7 @@ MAX_IMAGES = 16  # images a session keeps in its strip
 THUMB_SIZE = 112
 # The choices of controls that shared links (ui/share.py) carry too: Detect's sample size, Inspect's feature view.
 SAMPLE_SIZES = (128, 192, 256, 384, 512)
+MAX_SAMPLE_SEED = 10**9  # the Seed box's and a link's largest; "New sample" goes from it back to 0
 FEATURE_MODES = ("mean over channels", "one channel")
 
 DEFAULTS: dict[str, Any] = {
