@@ -113,6 +113,8 @@ def loss_figure(metrics: list[dict]) -> go.Figure:
 def _fmt_s(seconds: float | None) -> str:
     if seconds is None:
         return "…"
+    if seconds < 1:
+        return "under a second"
     seconds = int(seconds)
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
@@ -247,6 +249,7 @@ def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> No
             else:
                 plan = finetune.prepare_builtin(settings, run_dir)
             jobs.start_job(plan.train_args, run_dir, settings.steps, nproc=settings.gpus)
+            st.session_state["ft_own_run"] = str(run_dir)  # the run this session may cancel without asking
             status.update(label="Training started", state="complete")
     except BaseException as err:
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that did not start leaves no folder behind
@@ -268,7 +271,12 @@ def _watch(job: jobs.Job) -> None:
     if status["state"] == "running":
         st.progress(prog["fraction"], text=f"step {prog['step']} / {prog['steps']} — elapsed "
                     f"{_fmt_s(prog['elapsed_s'])}, about {_fmt_s(prog['eta_s'])} left")
-        if st.button("Cancel run", key="ft_cancel"):
+        # one run per server: another session's run is shown here too, and cancelling it is asked for first
+        theirs = st.session_state.get("ft_own_run") != str(job.run_dir)
+        if theirs:
+            st.caption("This run was started in another session.")
+        sure = not theirs or st.checkbox("Cancel another session's run", key="ft_cancel_theirs")
+        if st.button("Cancel run", key="ft_cancel", disabled=not sure):
             job.cancel()
             st.rerun(scope="app")
     last = next((m for m in reversed(metrics) if "loss" in m), None)
