@@ -156,6 +156,9 @@ def test_imported_model_is_listed_and_loaded_by_its_name(tmp_path, monkeypatch):
     assert [i.name for i in list_models() if i.kind == "imported"] == ["my pets (v2)"]
     with pytest.raises(CheckpointError, match="class name 2 is 'N/A', which marks an unused class id"):
         import_model(src, name="na", classes=["o", "N/A", "q"])
+    with pytest.raises(CheckpointError, match=r"the minimum size \(4096 px\) must not be above the maximum size "
+                                              r"\(32 px\)"):
+        import_model(src, name="sizes", classes=["o", "p", "q"], min_size=4096, max_size=32)
 
 
 def test_add_a_model_from_the_sidebar(env, monkeypatch):

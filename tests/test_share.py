@@ -108,6 +108,13 @@ def test_bad_values_in_a_link_are_one_warning_and_the_defaults(env):
     count(at)
 
 
+def test_a_class_given_twice_in_a_link_is_one_warning(env):
+    at = open_link('/detect?classes=["circle","circle"]&opacity=0.8')
+    assert not at.exception, at.exception
+    assert len(at.warning) == 1 and "classes" in at.warning[0].value
+    assert at.session_state["opacity"] == 0.8
+
+
 def test_deeply_nested_json_in_a_link_is_one_warning(env):
     deep = "[" * 1000 + "]" * 1000  # json.loads recurses once per bracket
     at = open_link(f"/detect?class_thresh={deep}&classes={deep}&opacity=0.8")

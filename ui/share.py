@@ -161,8 +161,8 @@ def _read_view(params: dict[str, str], problems: list[str]) -> dict[str, Any]:
 
     def class_names(text: str) -> list[str]:
         names = json.loads(text)
-        if not isinstance(names, list) or not all(n in classes for n in names):
-            raise ValueError("not a list of the model's classes")
+        if not isinstance(names, list) or not all(n in classes for n in names) or len(set(names)) < len(names):
+            raise ValueError("not a list of the model's classes, each once")
         return names
 
     def class_thresholds(text: str) -> dict[str, float]:

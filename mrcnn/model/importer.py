@@ -227,6 +227,11 @@ def import_model(path: str | Path, classes: Sequence[str] | None = None, classes
             if not isinstance(value, int) or not 32 <= value <= 4096:
                 raise CheckpointError(f"--{key.replace('_', '-')} must be an integer from 32 to 4096, got {value}")
             arch[key] = value
+    if arch.get("min_size") is not None and arch.get("max_size") is not None:
+        largest = max(arch["min_size"]) if isinstance(arch["min_size"], (list, tuple)) else arch["min_size"]
+        if largest > arch["max_size"]:  # torchvision would cap the scale at max_size without a word
+            raise CheckpointError(f"the minimum size ({largest} px) must not be above the maximum size "
+                                  f"({arch['max_size']} px)")
     check_fits(arch, len(categories), state_dict, shown)
 
     sha = file_sha256(path)
