@@ -113,9 +113,7 @@ def loss_figure(metrics: list[dict]) -> go.Figure:
 def _fmt_s(seconds: float | None) -> str:
     if seconds is None:
         return "…"
-    if seconds < 1:
-        return "under a second"
-    seconds = int(seconds)
+    seconds = max(int(seconds), 1)  # "about 1 s", not "about 0 s", for a run shorter than a second
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
