@@ -46,7 +46,7 @@ import torch
 from mrcnn.data.sources import first_items, open_data
 from mrcnn.data.transforms import train_transforms
 from mrcnn.errors import CheckpointError, DatasetError, MrcnnError, TrainingError
-from mrcnn.files import remove_stale_temp_files
+from mrcnn.files import remove_stale_temp_files, removing_new_empty_folders
 from mrcnn.inference.input_size import check_input_size
 from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
@@ -72,37 +72,40 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     # refused before anything is written: the folder may hold another run, or the user's own files
     _check_run_folder(config, out)
     resume_ckpt = _checkpoint_to_resume(config, out / "checkpoint.pt")
-    created = _folders_to_create(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stepping = False
-    try:
-        device = resolve_device(config.device)
-        dist_info = init_distributed(device.type)
-    except BaseException:
-        _remove_refused_run(out, created)
-        raise
-    if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
-    try:
-        # caught from the start: a cancel during the setup stops the run at its first step
-        with _Stopper(out / "STOP", should_stop) as stopper:
-            run = setup_run(config, resume_ckpt, out, device, dist_info, _stderr_log(verbose and dist_info.is_main))
-            stepping = True
-            with _MetricLogger(run, progress, verbose) as metric_logger:
-                state, message = train_steps(run, stopper, metric_logger)
-            return finish_run(run, state, message, metric_logger.rows)
-    except BaseException as err:
-        folder_deleted = not out.is_dir()  # then the status would recreate a folder the user deleted
-        if dist_info.is_main and not stepping and created:
-            # refused before its first step (bad data, settings that do not fit): nothing to keep or resume
-            _remove_refused_run(out, created)
-        elif dist_info.is_main and not folder_deleted:
-            write_status(out, "failed", str(err) if isinstance(err, MrcnnError) else f"{type(err).__name__}: {err}")
-        if folder_deleted and not isinstance(err, MrcnnError):
-            raise TrainingError(f"the run folder {out} was deleted while training "
-                                f"({type(err).__name__}: {err})") from err
-        raise
+    created = not out.exists()  # a run refused before its first step removes it, and the parents it made
+    with removing_new_empty_folders(out):
+        out.mkdir(parents=True, exist_ok=True)
+        stepping = False
+        try:
+            device = resolve_device(config.device)
+            dist_info = init_distributed(device.type)
+        except BaseException:
+            if created:
+                _remove_run_files(out)
+            raise
+        if dist_info.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist_info.local_rank)
+            torch.cuda.set_device(device)
+        try:
+            # caught from the start: a cancel during the setup stops the run at its first step
+            with _Stopper(out / "STOP", should_stop) as stopper:
+                run = setup_run(config, resume_ckpt, out, device, dist_info,
+                                _stderr_log(verbose and dist_info.is_main))
+                stepping = True
+                with _MetricLogger(run, progress, verbose) as metric_logger:
+                    state, message = train_steps(run, stopper, metric_logger)
+                return finish_run(run, state, message, metric_logger.rows)
+        except BaseException as err:
+            folder_deleted = not out.is_dir()  # then the status would recreate a folder the user deleted
+            if dist_info.is_main and not stepping and created:
+                # refused before its first step (bad data, settings that do not fit): nothing to keep or resume
+                _remove_run_files(out)
+            elif dist_info.is_main and not folder_deleted:
+                write_status(out, "failed", str(err) if isinstance(err, MrcnnError) else f"{type(err).__name__}: {err}")
+            if folder_deleted and not isinstance(err, MrcnnError):
+                raise TrainingError(f"the run folder {out} was deleted while training "
+                                    f"({type(err).__name__}: {err})") from err
+            raise
 
 
 def _check_image_sizes(model: torch.nn.Module, data: str | None, ds) -> None:
@@ -435,29 +438,13 @@ def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
                             "choose another --out")
 
 
-def _folders_to_create(out: Path) -> list[Path]:
-    """``out`` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not out.exists() and out != out.parent:
-        missing.append(out)
-        out = out.parent
-    return missing
-
-
-def _remove_refused_run(out: Path, created: list[Path]) -> None:
-    """Remove what a run refused before its first step wrote and the folders it created (only when empty:
-    someone else's file keeps its folder)."""
-    if not created:
-        return
+def _remove_run_files(out: Path) -> None:
+    """Remove what a run refused before its first step wrote (removing_new_empty_folders then removes the
+    folders it made, only when empty: someone else's file keeps its folder)."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     if out.is_dir():
         remove_stale_temp_files(out)
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def _sgd(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.SGD:
