@@ -258,16 +258,30 @@ def test_bench_refuses_before_it_runs(monkeypatch, capsys):
         assert "no CUDA device is available" in capsys.readouterr().err
 
 
-def test_sidebar_shows_the_precision_and_why(tmp_path, monkeypatch, tiny_checkpoint):
+def test_sidebar_offers_the_precisions_the_device_runs_and_says_why_not_the_others(tmp_path, monkeypatch,
+                                                                                    tiny_checkpoint):
     cpu_flags(monkeypatch, "avx2")
     with app_folders(tmp_path, monkeypatch, tiny_checkpoint):
         at = AppTest.from_file(APP, default_timeout=60).run()
-    select = at.sidebar.selectbox(key="precision")
-    assert select.options == ["auto", "float32", "bfloat16 (not native here)", "float16 (not native here)"]
-    caption = " ".join(c.value for c in at.sidebar.caption)
-    assert "Runs in **float32** (auto)" in caption and "no native bfloat16" in caption
-    select.set_value("bfloat16").run()
-    assert any("bfloat16 is not native on this CPU" in e.value for e in at.sidebar.error)
+        select = at.sidebar.selectbox(key="precision")
+        assert select.options == ["auto", "float32"]
+        assert "bfloat16 is not native on this CPU" in select.help and "float16 runs natively only on a CUDA" in select.help
+        caption = " ".join(c.value for c in at.sidebar.caption)
+        assert "Runs in **float32** (auto)" in caption and "no native bfloat16" in caption
+        # a choice this CPU cannot run (a link, another device's setting) falls back to auto and says why;
+        # the pages keep their model (it used to leave every page, Fine-tune too, with none)
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.session_state["precision"] = "float16"
+        at.switch_page("ui/finetune.py").run()
+        assert any("float16 is not available" in w.value and "CUDA" in w.value for w in at.sidebar.warning)
+        assert at.sidebar.selectbox(key="precision").value == "auto" and not at.sidebar.error
+        assert "Runs in **float32** (auto)" in " ".join(c.value for c in at.sidebar.caption)
+        assert not at.exception and not at.main.warning and at.main.button(key="ft_start")
+        at.run()  # said once: the next rerun runs auto without it
+        assert not at.sidebar.warning
+        cpu_flags(monkeypatch, "avx512_bf16")
+        at.run()
+        assert at.sidebar.selectbox(key="precision").options == ["auto", "float32", "bfloat16"]
 
 
 def test_bench_light_reports_the_bundled_models_matched_detections_in_the_fast_precision():

@@ -203,19 +203,25 @@ def _device() -> None:
 
 
 def _precision_select() -> None:
-    """auto / float32 / bfloat16 / float16; those this device does not run natively are marked, and choosing
-    one shows why (the model is not loaded in it: see state.current_model)."""
+    """auto, float32 and the precisions this device runs natively. One it lacks is not offered (the help
+    says why): chosen, it would leave every page without a model. A choice the device cannot run (from a
+    link, or kept from another device) falls back to auto with a warning naming the reason."""
     try:
         dev = zoo.resolve_device(st.session_state["device"])
     except MrcnnError:
         return
-    missing = {p: precision.unavailable_reason(p, dev) for p in precision.PRECISIONS}
-    state.keep_choice("precision", list(precision.PRECISIONS), "auto")
-    st.selectbox("Precision", precision.PRECISIONS, key="precision", persist_state="session",
-                 format_func=lambda p: p if missing[p] is None else f"{p} (not native here)",
+    offered = ["auto"] + precision.native_precisions(dev)
+    lacking = {p: precision.unavailable_reason(p, dev) for p in precision.PRECISIONS if p not in offered}
+    chosen = st.session_state.get("precision")
+    if chosen in lacking:
+        st.warning(f"Precision {chosen} is not available: {state.literal(lacking[chosen])}. Running auto.",
+                   icon=":material/warning:")
+    state.keep_choice("precision", offered, "auto")
+    st.selectbox("Precision", offered, key="precision", persist_state="session",
                  help="What the network runs in. auto: the fastest precision this device runs natively "
                       "(bfloat16 on a CPU with bf16 units, float16 on CUDA), unless the model missed its fidelity "
-                      "target in it; float32: exact. Feature maps and probabilities are float32 in every precision.")
+                      "target in it; float32: exact. Feature maps and probabilities are float32 in every precision."
+                      + "".join(f"\n\nNot offered here: {p}, {why}." for p, why in lacking.items()))
 
 
 def _precision_caption(loaded: zoo.LoadedModel) -> None:
