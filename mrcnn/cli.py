@@ -448,10 +448,11 @@ def cli_evaluate(args) -> int:
                             keep_predictions=False).to_dict()
     if args.json:
         record = {"bbox": result.bbox, "segm": result.segm, "per_class": result.per_class,
-                  "num_images": result.num_images, "model": loaded.name, "precision": loaded.precision,
+                  "classes_not_in_model": result.classes_not_in_model, "num_images": result.num_images, "model": loaded.name, "precision": loaded.precision,
                   "data": str(args.data)}
         if compared is not None:
-            record["compare"] = {"model": other.name, **{k: compared[k] for k in ("bbox", "segm", "per_class")}}
+            record["compare"] = {"model": other.name, **{k: compared[k] for k in (
+                "bbox", "segm", "per_class", "classes_not_in_model")}}
             record["difference"] = ap_difference(result.to_dict(), compared)
         print(json.dumps(record))
         return 0
@@ -462,6 +463,8 @@ def cli_evaluate(args) -> int:
         print(f"{name:6}" + "".join(f"{m[k]:8.3f}" for k in METRIC_KEYS))
     for cls, v in result.per_class.items():
         print(f"  {cls:<16} box AP {v.get('bbox_AP', 0):.3f}  mask AP {v.get('segm_AP', 0):.3f}")
+    for cls in result.classes_not_in_model:
+        print(f"  {cls:<16} not a class of {loaded.name}: its objects count as missed")
     if compared is not None:
         _print_difference(other.name, loaded.name, ap_difference(result.to_dict(), compared))
     return 0

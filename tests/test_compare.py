@@ -196,3 +196,26 @@ def test_cli_evaluate_compare_prints_b_minus_a(tmp_path, capsys):
     assert main([*args[:-1], "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "no-such-model" in err and "evaluating" not in err
+
+
+def test_a_class_model_b_lacks_has_no_row_and_no_difference(env, tmp_path, capsys):
+    """B's table showed 0.000 for a class B cannot predict, and B − A a loss there."""
+    lacking = write_tiny(env / "runs" / "two_classes" / "checkpoint.pt", [c for c in CATEGORIES if c != "square"])
+    at = open_page("ui/evaluate.py")
+    at.number_input(key="ev_num").set_value(5)
+    at.select_slider(key="ev_size").set_value(128).run()
+    at.button(key="ev_go").click().run()
+    at.selectbox(key="ev_compare_with").select(str(lacking)).run()
+    at.button(key="ev_compare_go").click().run()
+    assert not at.exception, at.exception
+    assert "square" not in at.session_state["ev_compare"][1]["per_class"]
+    assert "square" in at.session_state["ev_evaluation"].result["per_class"]
+    assert any("Not classes of this model: square" in c.value for c in at.caption)
+    assert difference(at, "per class").loc["square"].isna().all()
+
+    args = ["evaluate", "--model", "shapes", "--data", "shapes:2:0:64", "--device", "cpu", "--compare", str(lacking)]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes_not_in_model"] == [] and out["compare"]["classes_not_in_model"] == ["square"]
+    assert main(["evaluate", "--model", str(lacking), "--data", "shapes:2:0:64", "--device", "cpu"]) == 0
+    assert f"square           not a class of {lacking}: its objects count as missed" in capsys.readouterr().out

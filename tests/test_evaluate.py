@@ -99,6 +99,23 @@ def test_classes_matched_by_name_on_coco_folder(tmp_path):
     assert "star" not in result.per_class
 
 
+def test_a_class_the_model_lacks_has_no_row_and_counts_as_missed(tmp_path, capsys):
+    """It showed as a per-class AP of 0.000, read as measured; and as B − A on Evaluate's comparison."""
+    from mrcnn.data.coco import load_dataset
+    write_dataset(tmp_path / "ds", 4, seed=1, size=64)
+    ds = load_dataset(tmp_path / "ds")
+    assert "square" in {ds.categories[int(k)] for i in range(len(ds)) for k in ds[i][1]["labels"]}
+    oracle = OracleModel(ds, ["__background__", "triangle", "circle", "square"])
+    for answer in oracle.answers.values():  # a model without "square": it never answers one
+        keep = answer["labels"] != 3
+        answer.update({k: v[keep] for k, v in answer.items()})
+    result = evaluate(oracle, ds, categories=["__background__", "triangle", "circle"])
+    assert result.classes_not_in_model == ["square"]
+    assert set(result.per_class) == {"triangle", "circle"} and "square" not in result.pr_curves["segm"]
+    assert all(v["segm_AP"] == pytest.approx(1.0) for v in result.per_class.values())
+    assert result.segm["AP"] < 0.9  # the squares it cannot find are missed, as COCO counts them
+
+
 def test_a_dataset_with_nothing_the_model_could_find_is_one_line(tmp_path):
     """AP 0.000 in every table, without a word, for data holding no object of the model's classes."""
     from mrcnn.data.coco import load_dataset

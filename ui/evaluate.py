@@ -159,6 +159,15 @@ def _metrics_tables(result: dict) -> None:
     if per_class:
         st.caption("Per class")
         st.dataframe(tables.per_class_table(per_class).style.format("{:.3f}"))
+    _classes_not_in_model(st, result)
+
+
+def _classes_not_in_model(where, result: dict) -> None:
+    """The dataset's classes the model cannot predict: they have no row (not a measured AP 0)."""
+    lacking = result.get("classes_not_in_model") or []
+    if lacking:
+        where.caption(f"Not classes of this model: {state.literal(', '.join(lacking))}. Their objects count as "
+                      "missed in the overall numbers.")
 
 
 # ---- a second model on the same data ---------------------------------------------------------------------
@@ -213,6 +222,7 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
         column.caption(f"**{label}**: {model}")
         column.dataframe(summaries[k].style.format("{:.3f}"))
         column.dataframe(per_class[k].style.format("{:.3f}"))
+        _classes_not_in_model(column, (a, b)[k])
     st.caption("B − A (green: B is better; empty: no ground truth of that class, or only one model has it)")
     difference = ap_difference(a, b)
     for what, table in (("overall", tables.summary_table(difference)),

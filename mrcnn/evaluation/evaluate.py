@@ -16,7 +16,8 @@ machine two intra-op threads ran one image 4x slower than one thread whenever ot
 busy). Ground truth from items (generated scenes) is taken from the same pass, not loaded twice.
 
 Predictions are matched to the dataset's categories by name; classes the dataset lacks are left out of
-the metrics (they stay in ``predictions``). Metrics without any ground truth in their range are -1, as
+the metrics (they stay in ``predictions``). Dataset classes the model lacks have no per-class row (they
+are listed in ``classes_not_in_model``); the overall metrics count their objects as missed, as COCO does. Metrics without any ground truth in their range are -1, as
 COCO reports them.
 """
 from __future__ import annotations
@@ -53,6 +54,9 @@ class EvalResult:
     predictions: list[dict] = field(default_factory=list)
     num_images: int = 0
     seconds: float = 0.0
+    # dataset classes the model cannot predict: no row in per_class or pr_curves (its "AP 0" there would
+    # read as a measurement); the overall metrics count their objects as missed, as COCO does
+    classes_not_in_model: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,8 +262,11 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
             entry = per_class.setdefault(name, {})
             entry[f"{iou_type}_AP"] = values["AP"]
             entry[f"{iou_type}_AP50"] = values["AP50"]
+    lacking = [n for n in dict.fromkeys(cat_names.values()) if n not in model_categories[1:]]
+    per_class = {n: v for n, v in per_class.items() if n not in lacking}
+    pr_curves = {t: {n: c for n, c in curves.items() if n not in lacking} for t, curves in pr_curves.items()}
     return EvalResult(summary["bbox"], summary["segm"], per_class, pr_curves, predictions, total,
-                      round(time.time() - t0, 2))
+                      round(time.time() - t0, 2), lacking)
 
 
 def _add_results(results: dict[str, list], record: dict, name_to_cat: dict[str, int]) -> None:
