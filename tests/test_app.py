@@ -175,6 +175,26 @@ def test_upload_png_adds_it_and_a_thumbnail_strip(env):
     assert count(at) > 0
 
 
+def test_the_same_picture_uploaded_again_takes_its_new_name_and_is_the_newest(env):
+    """It kept the first name it came with, in the caption and in the names of its downloads."""
+    at = start()
+    sample = at.session_state["images"][at.session_state["current_image"]]
+    picture = png(scene(90, 110, seed=6))
+    at.file_uploader[0].upload("first.png", picture, "image/png").run()
+    at.file_uploader[0].upload("other.png", png(scene(90, 110, seed=7)), "image/png").run()
+    at.file_uploader[0].upload("renamed.png", picture, "image/png").run()
+    assert not at.exception, at.exception
+    images = at.session_state["images"]
+    assert [e.name for e in images.values()] == [sample.name, "other.png", "renamed.png"]
+    assert at.session_state["current_image"] == list(images)[-1]
+    assert "renamed.png ·" in captions(at) and "first.png" not in captions(at)
+    # the sample scene's pixels uploaded under a name of the user's: an upload now (a link cannot carry it)
+    at.file_uploader[0].upload("mine.png", png(sample.array), "image/png").run()
+    assert not at.exception, at.exception
+    assert (images[sample.id].name, images[sample.id].source) == ("mine.png", "upload")
+    assert "mine.png ·" in captions(at)
+
+
 def test_bad_uploads_show_a_message_and_the_app_keeps_working(env):
     at = start()
     good = png(scene(100, 100, seed=2))

@@ -298,7 +298,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
             st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {r.pre_nms_top_n}, post-NMS "
                        f"top-N {r.post_nms_top_n}, NMS IoU {r.nms_thresh:.2f}, score ≥ {r.score_thresh:.2f})")
         shown, changed = overlay_view.show(overlay, dets, highlight=highlight, image_key=entry.id)
-        st.caption(f"{entry.name} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
+        st.caption(f"{state.literal(entry.name)} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
                    "hover an instance for its numbers; drag a rectangle or scroll to zoom, double-click to reset")
         head_start = time.perf_counter()
         # what the pictures ahead depend on (the picture shown can stay the same while they change)

@@ -30,7 +30,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -285,8 +285,9 @@ def make_entry(array: np.ndarray, name: str, source: str) -> ImageEntry:
 
 def add_image(entry: ImageEntry, select: bool = True) -> ImageEntry:
     images: OrderedDict = st.session_state["images"]
-    if entry.id in images:
-        entry = images[entry.id]
+    if entry.id in images:  # the same pixels again: one entry, named as given last, now the newest
+        entry = images[entry.id] = replace(images[entry.id], name=entry.name, source=entry.source)
+        images.move_to_end(entry.id)
     else:
         images[entry.id] = entry
         while len(images) > MAX_IMAGES:
