@@ -141,6 +141,24 @@ def test_compare_two_models_counts_are_the_matchers_and_sliders_run_no_network(e
     assert not any("only A" in d.value.columns for d in at.dataframe)
 
 
+def test_the_compare_pick_comes_back_after_the_sidebar_visits_that_model(env):
+    """Switching the sidebar to model B and back dropped "Compare with" to none."""
+    other = str(env / "runs" / "other" / "checkpoint.pt")
+    write_tiny(env / "runs" / "other" / "checkpoint.pt", seed=5)
+    at = start()
+    at.selectbox(key="compare_with").select(other).run()
+    at.sidebar.selectbox(key="model_name").select(other).run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="compare_with").value is None  # B is the sidebar's model: not offered now
+    at.sidebar.selectbox(key="model_name").select("shapes").run()
+    assert at.selectbox(key="compare_with").value == other
+    assert any("only A" in d.value.columns for d in at.dataframe)
+    at.selectbox(key="compare_with").select(None).run()  # "none" picked is kept the same way
+    at.sidebar.selectbox(key="model_name").select(other).run()
+    at.sidebar.selectbox(key="model_name").select("shapes").run()
+    assert at.selectbox(key="compare_with").value is None
+
+
 # ---- Evaluate: a second model on the same data -------------------------------------------------------
 def difference(at, what: str):
     return next(d.value for d in at.dataframe if d.value.index.name == f"B − A {what}")
