@@ -163,6 +163,31 @@ def test_table_row_highlights_that_instance(env):
     assert at.session_state["highlight"] is not None
 
 
+def test_the_chosen_row_outlives_a_visit_to_another_page_and_follows_its_detection(env):
+    """Back from Inspect, the table's selection is empty (Streamlit re-creates it) and the highlight was lost."""
+    at = start()
+    at.slider(key="score_thresh").set_value(0.05).run()
+    assert count(at) > 3
+    at.session_state["det_table"] = {"selection": {"rows": [2], "columns": [], "cells": []}}
+    at.run()
+    chosen = at.session_state["highlight"]
+    assert chosen is not None
+    at.switch_page("ui/inspect.py").run()
+    assert at.session_state["insp_det"] == chosen
+    at.switch_page("ui/detect.py").run()
+    assert not at.exception, at.exception
+    assert at.session_state["highlight"] == chosen
+    at.slider(key="score_thresh").set_value(0.06).run()  # the next press keeps it: the empty table is no choice
+    assert at.session_state["highlight"] == chosen
+    assert any(f"highlight={chosen}" in c.value for c in at.code)  # the page's link names it too
+    at.session_state["det_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()  # another row chosen, then deselected: nothing is highlighted
+    assert at.session_state["highlight"] not in (None, chosen)
+    at.session_state["det_table"] = {"selection": {"rows": [], "columns": [], "cells": []}}
+    at.run()
+    assert at.session_state["highlight"] is None
+
+
 def test_upload_png_adds_it_and_a_thumbnail_strip(env):
     at = start()
     at.file_uploader[0].upload("gradient.png", png(scene(120, 160, seed=4)), "image/png").run()

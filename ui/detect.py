@@ -218,13 +218,37 @@ def detections_table(dets: Detections) -> pd.DataFrame:
     })
 
 
-def _selected_row(n: int) -> int | None:
-    sel = st.session_state.get("det_table")
+def _pick_key(entry: state.ImageEntry, trace) -> tuple:
+    """What a candidate id means something for: this image's detections by this run of this model."""
+    return (entry.id, trace.loaded.name, trace.loaded.sha256, trace.precision, str(trace.device), trace.rpn_settings)
+
+
+def _follow_table(entry: state.ImageEntry, trace, dets: Detections) -> None:
+    """A click in the table (its selection differs from the last run's) chooses a detection, kept by
+    candidate id in ``det_pick``. The table's selection is emptied, not changed by the user, when another
+    page ran (Streamlit drops the state of a widget a run did not draw): the chosen detection stays."""
+    ss = st.session_state
+    sel = ss.get("det_table")
+    if sel is None:  # dropped: the table is drawn anew with nothing selected
+        ss["det_table_seen"] = []
+        return
     try:
-        rows = list(sel["selection"]["rows"]) if sel else []
-    except (KeyError, TypeError):
+        rows = [int(r) for r in sel["selection"]["rows"]]
+    except (KeyError, TypeError, ValueError):
         rows = []
-    return int(rows[0]) if rows and 0 <= int(rows[0]) < n else None
+    if rows != ss.get("det_table_seen", []):
+        chosen = rows[0] if rows and 0 <= rows[0] < len(dets) else None
+        ss["det_pick"] = None if chosen is None else (_pick_key(entry, trace), int(dets.candidate_ids[chosen]))
+    ss["det_table_seen"] = rows
+
+
+def _chosen_row(entry: state.ImageEntry, trace, dets: Detections) -> int | None:
+    """The row of ``dets`` holding the chosen detection, if they show it."""
+    pick = st.session_state.get("det_pick")
+    if pick is None or pick[0] != _pick_key(entry, trace):
+        return None
+    found = np.flatnonzero(dets.candidate_ids == pick[1])
+    return int(found[0]) if len(found) else None
 
 
 def _class_filter(classes: list[str]) -> list[str]:
@@ -236,7 +260,7 @@ def _class_filter(classes: list[str]) -> list[str]:
 def _draw(entry: state.ImageEntry, trace, dets: Detections) -> tuple[int | None, np.ndarray]:
     """(row to highlight, overlay picture) of ``dets`` as the Display controls ask."""
     ss = st.session_state
-    highlight = share.restored_row(dets, entry, _selected_row(len(dets)))
+    highlight = share.restored_row(dets, entry, _chosen_row(entry, trace, dets))
     proposals = scores = None
     if ss["show_proposals"]:
         proposals, scores = trace.proposals_original(int(ss["proposals_k"]))
@@ -274,6 +298,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
     dets_all, refilter_ms = state.detections_for(trace, thresholds)
     mask_ms = trace.last_mask_ms if refilter_ms is not None else 0.0
     dets = dets_all.of_classes(class_filter)
+    _follow_table(entry, trace, dets)
     start = time.perf_counter()
     highlight, overlay = _draw(entry, trace, dets)
     draw_ms = (time.perf_counter() - start) * 1000.0
@@ -303,7 +328,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         head_start = time.perf_counter()
         # what the pictures ahead depend on (the picture shown can stay the same while they change)
         inputs = (shown, id(trace), thresholds, tuple(class_filter), tuple(state.display_settings().items()),
-                  bool(ss["show_proposals"]), int(ss["proposals_k"]), repr(ss.get("det_table")),
+                  bool(ss["show_proposals"]), int(ss["proposals_k"]), repr(ss.get("det_pick")),
                   repr(ss.get("shared_highlight")))
         if ss.get("overlay_next_pictures", (None,))[0] != inputs:
             cheap = len(dets) <= overlay_view.AHEAD_MAX_INSTANCES

@@ -328,6 +328,7 @@ def ensure_image(categories: list[str]) -> None:
 def select_image(image_id_: str) -> None:
     st.session_state["current_image"] = image_id_
     st.session_state.pop("det_table", None)  # a row chosen on another image means nothing here
+    st.session_state.pop("det_pick", None)
     st.session_state["highlight"] = None
 
 
