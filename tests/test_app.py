@@ -188,6 +188,17 @@ def test_the_chosen_row_outlives_a_visit_to_another_page_and_follows_its_detecti
     assert at.session_state["highlight"] is None
 
 
+def test_detects_timing_line_speaks_only_of_its_own_network_runs(env):
+    """A run made on Inspect (a model switched there) was reported on Detect as its own, later."""
+    other = str(write_tiny(env / "runs" / "other" / "checkpoint.pt", seed=5))
+    at = start()
+    at.switch_page("ui/inspect.py").run()
+    at.sidebar.selectbox(key="model_name").select(other).run()  # the network runs here, on Inspect
+    at.switch_page("ui/detect.py").run()
+    assert not at.exception, at.exception
+    assert "network not re-run" in captions(at) and "network ran once" not in captions(at)
+
+
 def test_upload_png_adds_it_and_a_thumbnail_strip(env):
     at = start()
     at.file_uploader[0].upload("gradient.png", png(scene(120, 160, seed=4)), "image/png").run()

@@ -100,6 +100,7 @@ def init() -> None:
         ss["traces"] = trace_cache().session(_session_id())
     ss.setdefault("current_image", None)
     ss.setdefault("ingested_uploads", {})  # uploader file id -> image id, or the error message
+    ss.pop("network_ran_ms", None)  # a network run's time is for the page run that made it (Inspect shows none)
 
 
 def clamp(key: str, lo, hi, initial=None) -> None:
