@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from mrcnn.data.shapes import generate_scene
 from mrcnn.data.video import ClipWriter, is_clip, open_clip
 from mrcnn.errors import VideoError
 from mrcnn.inference.export import detection_records
-from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.structures import RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
-from mrcnn.inference.video import ClipCancelled, FrameCandidates, detect_frames, predict_clip
+from mrcnn.inference.video import ClipCancelled, FrameCandidates, annotate_clip, detect_frames, predict_clip
 from mrcnn.model.checkpoint import save_checkpoint
+from mrcnn.model.zoo import load_model
 from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, tiny_loaded
 
 FRAMES, SIZE, FPS = 8, 128, 10
@@ -121,6 +123,34 @@ def test_every_frame_gets_the_image_paths_detections_and_refilters_like_a_trace(
             same_detections(result.candidates.refilter(t), image_trace.refilter(t), half_masks=True)
         assert result.candidates.exact_for(looser) and not result.candidates.exact_for(Thresholds(0.1))
     assert sum(len(r.detections) for r in frames) > 0
+
+
+def test_frames_run_with_the_rpn_settings_each_inside_its_own_around_run(loaded, clip_bytes, monkeypatch):
+    rpn = RpnSettings(post_nms_top_n=5)
+    events = []
+
+    @contextmanager
+    def around_run(array):
+        events.append(("enter", array.shape))
+        yield
+        events.append(("exit", array.shape))
+
+    def counted_run_trace(*args, **kwargs):
+        events.append(("run", None))
+        return run_trace(*args, **kwargs)
+    monkeypatch.setattr("mrcnn.inference.video.run_trace", counted_run_trace)
+    frames = []
+    for result in detect_frames(loaded, open_clip(clip_bytes, name="walk.mp4"), LOW, rpn, keep_candidates=True,
+                                around_run=around_run):
+        assert events[-1][0] == "exit"  # no frame is handed on while its run context is held
+        frames.append(result)
+    assert events == [("enter", (SIZE, SIZE, 3)), ("run", None), ("exit", (SIZE, SIZE, 3))] * FRAMES
+    monkeypatch.undo()
+    default_rpn = 0
+    for result in frames:  # what an image of the frame gets under the same RPN settings
+        same_detections(result.detections, run_trace(loaded, result.array, LOW, rpn).detections)
+        default_rpn += len(run_trace(loaded, result.array, LOW).detections)
+    assert sum(len(r.detections) for r in frames) < default_rpn  # the settings made a difference
 
 
 def test_what_a_frame_keeps_is_small(results):
@@ -333,3 +363,137 @@ def test_ffmpeg_logging_stays_off_so_decoder_threads_never_wait_for_the_gil():
     # With any level PyAV hooks a Python log callback; a CI run hung in avcodec_free_context when a clip's
     # decoder was collected mid-run while its threads waited to log.
     assert av.logging.get_level() is None
+
+
+# ---- the app: what a kept clip result is keyed by, and the server's run slots ----------------------------
+def other_model(folder: Path) -> str:
+    """A second model (other random weights) in the app's runs folder; its name in the sidebar."""
+    path = save_checkpoint(folder / "runs" / "other" / "checkpoint.pt", TINY_LIGHT, CATEGORIES,
+                           tiny_loaded(seed=5).model.state_dict())
+    return str(path)
+
+
+@pytest.fixture
+def offered_downloads(monkeypatch) -> dict[str, bytes]:
+    """file name -> the bytes the page's download buttons give, filled as each run draws them."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+    offered: dict[str, bytes] = {}
+    add = MediaFileManager.add
+
+    def recording_add(self, data, mimetype, coordinates, file_name=None, **kwargs):
+        if file_name is not None:
+            offered[file_name] = data
+        return add(self, data, mimetype, coordinates, file_name, **kwargs)
+    monkeypatch.setattr(MediaFileManager, "add", recording_add)
+    return offered
+
+
+def click(at: AppTest, label: str) -> AppTest:
+    next(b for b in at.button if b.label == label).click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def button_labels(at: AppTest) -> list[str]:
+    return [b.label for b in at.button] + [d.label for d in at.get("download_button")]
+
+
+def annotated(clip_bytes: bytes, candidates: list, thresholds: Thresholds) -> bytes:
+    """The annotated clip drawn from these frame candidates with the app's default display settings."""
+    from ui.state import DEFAULTS
+    from ui.video import DISPLAY_KEYS
+    buf = io.BytesIO()
+    annotate_clip(open_clip(clip_bytes, name="walk.mp4"), lambda i: candidates[i].refilter(thresholds), buf,
+                  **{k: DEFAULTS[k] for k in DISPLAY_KEYS})
+    return buf.getvalue()
+
+
+def test_app_download_after_a_model_switch_is_the_new_models_clip(app_env, clip_bytes, offered_downloads):
+    other = other_model(app_env)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.slider(key="score_thresh").set_value(0.3).run()
+    at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
+    click(at, "Make the annotated clip")
+    first = offered_downloads.pop("walk-detections.mp4")
+
+    at.sidebar.selectbox(key="model_name").select(other).run()
+    assert not at.exception, at.exception
+    # the clip is processed again with the other model; the first model's drawing is not offered
+    assert "Download the annotated clip" not in button_labels(at) and "walk-detections.mp4" not in offered_downloads
+    click(at, "Make the annotated clip")
+    made = offered_downloads["walk-detections.mp4"]
+    thresholds = LOW.replace(max_detections=100)
+    expected = [r.candidates for r in detect_frames(tiny_loaded(seed=5), open_clip(clip_bytes, name="walk.mp4"),
+                                                    thresholds, keep_candidates=True)]
+    assert made != first and made == annotated(clip_bytes, expected, thresholds)
+    assert decoded_frames(made) == (FRAMES, FPS)
+
+
+def test_app_precision_switch_processes_the_clip_again(app_env, clip_bytes, tiny_checkpoint, monkeypatch,
+                                                       offered_downloads):
+    monkeypatch.setattr("mrcnn.inference.precision.cpu_has_native_bf16", lambda: True)  # offered on any CPU
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.sidebar.selectbox(key="precision").select("float32").run()
+    at.slider(key="score_thresh").set_value(0.3).run()
+    at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
+    click(at, "Make the annotated clip")
+    assert "walk-detections.mp4" in offered_downloads
+    offered_downloads.clear()
+
+    at.sidebar.selectbox(key="precision").select("bfloat16").run()
+    assert not at.exception, at.exception
+    thresholds = LOW.replace(max_detections=100)
+    kept = at.session_state["video"].candidates
+    by_precision = {p: [r.candidates for r in detect_frames(load_model(str(tiny_checkpoint), device="cpu", precision=p),
+                                                            open_clip(clip_bytes, name="walk.mp4"), thresholds,
+                                                            keep_candidates=True)]
+                    for p in ("float32", "bfloat16")}
+    assert any(not torch.equal(a.scores, b.scores) for a, b in zip(*by_precision.values()))  # they differ
+    for frame, expected in zip(kept, by_precision["bfloat16"]):
+        torch.testing.assert_close(frame.scores, expected.scores, rtol=0, atol=0)
+    assert shown_count(at) == len(by_precision["bfloat16"][0].refilter(thresholds))
+    assert "Download the annotated clip" not in button_labels(at) and not offered_downloads
+
+
+def test_app_clip_frames_use_inspects_rpn_knobs_as_the_frame_as_an_image_does(app_env, clip_bytes):
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["rpn_post_nms_top_n"] = 5  # as Inspect's RPN knobs leave it
+    at.run()
+    at.slider(key="score_thresh").set_value(0.3).run()
+    at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
+    at.slider(key="video_frame").set_value(2).run()
+    assert not at.exception, at.exception
+    assert any("RPN knobs set on Inspect are in use" in c.value and "post-NMS top-N 5" in c.value
+               for c in at.caption)
+    as_clip_frame = shown_count(at)
+
+    click(at, "Open this frame in Inspect")
+    at.switch_page("ui/detect.py").run()
+    click(at, "Close clip")
+    assert at.session_state["images"][at.session_state["current_image"]].name == "walk-frame2.png"
+    assert shown_count(at) == as_clip_frame
+
+
+def test_app_clip_takes_a_run_slot_per_frame(app_env, clip_bytes, monkeypatch):
+    import ui.state
+    slot, events = ui.state.network_slot, []
+
+    @contextmanager
+    def counted_slot(loaded, image_shape, learn=True):
+        events.append("take")
+        with slot(loaded, image_shape, learn) as reservation:
+            yield reservation
+        events.append("free")
+
+    def checked_run_trace(*args, **kwargs):
+        # inside the server's slot, with the run's memory reserved in the trace cache's budget
+        events.append("run" if ui.state.trace_cache().reserved_bytes() > 0 else "run outside the budget")
+        return run_trace(*args, **kwargs)
+    monkeypatch.setattr(ui.state, "network_slot", counted_slot)
+    monkeypatch.setattr("mrcnn.inference.video.run_trace", checked_run_trace)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    events.clear()  # the sample image's run
+    at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
+    assert not at.exception, at.exception
+    assert len(at.session_state["video"].candidates) == FRAMES
+    assert events == ["take", "run", "free"] * FRAMES  # one slot per frame: another session waits one frame

@@ -8,6 +8,11 @@ ui/detect.py: uploads that are clips come here (``is_clip_upload``/``ingest_clip
 open the page shows it (``showing_clip``/``render``). Session state: ``video`` (the open clip),
 ``video_frame`` (the scrubber), ``video_shown_frame`` and ``video_download`` (caches of the last frame
 decoded and the last annotated clip made).
+
+Frames run as Detect's images do: with the session's RPN knobs (Inspect's), each in one of the server's run
+slots with its memory reserved in the trace cache's budget (``state.network_slot``), taken per frame so that
+another session waits at most one frame. The frames are processed again when anything that changes what the
+network computes changes (``run_key``: model, weights, device, precision, RPN knobs).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import streamlit as st
 from mrcnn.data.video import CLIP_EXTENSIONS, Clip, is_clip, open_clip
 from mrcnn.errors import MrcnnError
 from mrcnn.inference.draw import draw_detections
-from mrcnn.inference.structures import Thresholds
+from mrcnn.inference.structures import RpnSettings, Thresholds
 from mrcnn.inference.video import FrameCandidates, annotate_clip, detect_frames
 from ui import state
 
@@ -38,7 +43,8 @@ class ClipState:
 
     upload_id: str  # the uploader's file id: a failure is recorded under it
     clip: Clip
-    model_key: tuple | None = None  # the model the frames were processed with
+    run_key: tuple | None = None  # what the frames were processed with (``run_key``); None: not yet
+    rpn: RpnSettings = field(default_factory=RpnSettings)  # the RPN knobs the frames were processed with
     pts: list = field(default_factory=list)  # frame index -> timestamp (Clip.frame_at)
     times: list = field(default_factory=list)  # frame index -> seconds
     candidates: list = field(default_factory=list)  # frame index -> FrameCandidates
@@ -90,8 +96,10 @@ def close_clip() -> None:
         st.session_state.pop(key, None)
 
 
-def _model_key(loaded) -> tuple:
-    return loaded.name, loaded.sha256, str(loaded.device)
+def run_key(loaded, rpn: RpnSettings) -> tuple:
+    """Everything that changes what the network computes on a frame: a clip processed under another key is
+    processed again (its candidates, and an annotated clip made from them, are another model's)."""
+    return loaded.name, loaded.sha256, str(loaded.device), loaded.precision, rpn
 
 
 def _left(seconds: float | None) -> str:
@@ -100,8 +108,11 @@ def _left(seconds: float | None) -> str:
     return f" — about {seconds:.0f} s left" if seconds >= 1 else " — almost done"
 
 
-def _process(loaded, clip: ClipState) -> bool:
-    """Run the model on every frame once (a progress bar with the time left); False after a message."""
+def _process(loaded, clip: ClipState, rpn: RpnSettings) -> bool:
+    """Run the model on every frame once (a progress bar with the time left), each frame in a run slot of
+    its own; False after a message."""
+    st.session_state.pop("video_download", None)  # drawn from the candidates about to be replaced
+    clip.run_key = None  # until every frame is in: a run stopped half-way leaves no clip that looks processed
     bar = st.progress(0.0, text=f"Processing {clip.name}…")
 
     def progress(done: int, total: int, seconds_left: float | None) -> None:
@@ -111,7 +122,9 @@ def _process(loaded, clip: ClipState) -> bool:
     start = time.perf_counter()
     pts, times, candidates = [], [], []
     try:
-        for result in detect_frames(loaded, clip.clip, state.thresholds(), keep_candidates=True, progress=progress):
+        for result in detect_frames(loaded, clip.clip, state.thresholds(), rpn, keep_candidates=True,
+                                    progress=progress,
+                                    around_run=lambda array: state.network_slot(loaded, array.shape)):
             pts.append(result.pts)
             times.append(result.time_s)
             candidates.append(result.candidates)
@@ -121,7 +134,8 @@ def _process(loaded, clip: ClipState) -> bool:
         st.error(f"**{state.literal(clip.name)}** was not processed: {state.literal(err)}", icon=":material/broken_image:")
         return False
     bar.empty()
-    clip.model_key, clip.pts, clip.times, clip.candidates = _model_key(loaded), pts, times, candidates
+    clip.pts, clip.times, clip.candidates, clip.rpn = pts, times, candidates, rpn
+    clip.run_key = run_key(loaded, rpn)
     clip.seconds = time.perf_counter() - start
     st.session_state["video_frame"] = min(st.session_state.get("video_frame", 0), len(candidates) - 1)
     return True
@@ -169,8 +183,12 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
             st.caption(f":orange[The frames keep candidates scoring above {frame_cands.floor:.2f}: lower "
                        "thresholds show only those.]")
             if st.button("Process the clip again at this threshold", key="video_again", icon=":material/replay:"):
-                clip.model_key = None
+                clip.run_key = None
                 st.rerun()
+        if clip.rpn != RpnSettings():
+            r = clip.rpn
+            st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {r.pre_nms_top_n}, post-NMS "
+                       f"top-N {r.post_nms_top_n}, NMS IoU {r.nms_thresh:.2f}, score ≥ {r.score_thresh:.2f})")
         st.image(draw_detections(array, dets, **state.display_settings()), width="stretch")
         st.caption(f"{clip.name} · {clip.clip.info.width}×{clip.clip.info.height} px · {clip.clip.info.fps:.3g} fps "
                    f"· model `{loaded.name}` · kept per frame: {clip.nbytes / n / 1e3:.0f} KB on average")
@@ -184,7 +202,8 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
 def _download(clip: ClipState, thresholds: Thresholds, class_filter: list[str], where) -> None:
     """The annotated clip at the current thresholds and display settings, made on request."""
     ss = st.session_state
-    settings = (id(clip), thresholds, tuple(class_filter), tuple(sorted(state.display_settings().items())))
+    settings = (id(clip), clip.run_key, thresholds, tuple(class_filter),
+                tuple(sorted(state.display_settings().items())))
     made = ss.get("video_download")
     if made is None or made[0] != settings:
         if not where.button("Make the annotated clip", key="video_make", icon=":material/movie:", width="stretch",
@@ -219,6 +238,7 @@ def render(loaded, controls: Callable[[list[str]], dict]) -> None:
     if close.button("Close clip", key="video_close", icon=":material/close:", width="stretch"):
         close_clip()
         st.rerun()
-    if clip.model_key != _model_key(loaded) and not _process(loaded, clip):
+    rpn = state.rpn_settings()
+    if clip.run_key != run_key(loaded, rpn) and not _process(loaded, clip, rpn):
         return
     _explore(loaded, clip, controls)

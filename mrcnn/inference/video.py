@@ -1,6 +1,6 @@
 """Detection over a clip: every frame goes the image's way (``run_trace``), one frame in memory at a time.
 
-    for result in detect_frames(loaded, clip, thresholds, keep_candidates=True, progress=cb):
+    for result in detect_frames(loaded, clip, thresholds, rpn, keep_candidates=True, progress=cb):
         result.index, result.time_s, result.detections    # the detections an image of that frame gets
         result.candidates.refilter(Thresholds(...))        # new thresholds later, without the network
     record = predict_clip(loaded, clip, thresholds, "out/walk.json", "out/walk.mp4")   # the CLI's outputs
@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import AbstractContextManager, nullcontext
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
@@ -29,7 +30,7 @@ from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.export import detection_records
 from mrcnn.inference.input_size import check_input_size
-from mrcnn.inference.structures import Detections, Thresholds
+from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace, select_candidates
 from mrcnn.model.paste import paste_masks_cropped, paste_mode
 from mrcnn.model.zoo import LoadedModel
@@ -40,6 +41,7 @@ CANDIDATE_FLOOR = 0.25
 MAX_CANDIDATES_PER_FRAME = 300
 
 Progress = Callable[[int, int, float | None], None]  # (frames done, frames in all (0: unknown), seconds left)
+AroundRun = Callable[[np.ndarray], AbstractContextManager]  # the frame -> a context entered around its run
 
 
 class ClipCancelled(MrcnnError):
@@ -127,15 +129,19 @@ def candidate_floor(t: Thresholds) -> float:
     return min([CANDIDATE_FLOOR, t.score_thresh, *dict(t.class_thresh).values()])
 
 
-def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, keep_candidates: bool = False,
-                  progress: Progress | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> Iterator[FrameResult]:
-    """Run the model on every frame, in order; each frame's trace is dropped before the next is decoded.
+def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, rpn: RpnSettings | None = None,
+                  keep_candidates: bool = False, progress: Progress | None = None,
+                  should_stop: Callable[[], bool] | None = None,
+                  around_run: AroundRun | None = None) -> Iterator[FrameResult]:
+    """Run the model on every frame, in order, with ``rpn`` (None: the defaults) as an image gets them; each
+    frame's trace is dropped before the next is decoded.
 
     ``progress(done, total, seconds_left)`` after each frame (total 0 and seconds_left None when the clip
-    does not say how many frames it has, or said too few); ``should_stop()`` before each frame: True raises ClipCancelled.
-    VideoError when the clip turns out truncated or undecodable; ImageError (before any frame) when its frames
-    are too thin for the model.
+    does not say how many frames it has, or said too few); ``should_stop()`` before each frame: True raises
+    ClipCancelled. ``around_run(frame_array)``: a context entered around each frame's run alone and left before
+    the frame is yielded (the app's server-wide run slot and memory reservation: another session waits at
+    most one frame). VideoError when the clip turns out truncated or undecodable; ImageError (before any
+    frame) when its frames are too thin for the model.
     """
     check_input_size(loaded.model, clip.info.height, clip.info.width, clip.label)  # named, before any frame
     total, done, start = clip.info.frames, 0, time.perf_counter()
@@ -143,13 +149,19 @@ def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, keep_
     for frame in clip.frames():
         if should_stop is not None and should_stop():
             raise ClipCancelled(f"{clip.label}: stopped after {done} of {total or '?'} frames")
-        trace = run_trace(loaded, frame.array, thresholds)
-        candidates = FrameCandidates.from_trace(trace, floor) if keep_candidates else None
-        result = FrameResult(frame.index, frame.time_s, frame.pts, frame.array, trace.detections, candidates)
-        del trace  # its feature maps: the bulk of a frame's memory
+        with (around_run or _no_context)(frame.array):
+            trace = run_trace(loaded, frame.array, thresholds, rpn)
+            candidates = FrameCandidates.from_trace(trace, floor) if keep_candidates else None
+            detections = trace.detections
+            del trace  # its feature maps, the bulk of a frame's memory, go before the run's slot does
+        result = FrameResult(frame.index, frame.time_s, frame.pts, frame.array, detections, candidates)
         done += 1
         _report(progress, done, total, start)
         yield result
+
+
+def _no_context(array: np.ndarray) -> AbstractContextManager:
+    return nullcontext()
 
 
 def _report(progress: Progress | None, done: int, total: int, start: float) -> None:
