@@ -3,7 +3,7 @@ link are one warning and the defaults, never a traceback."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from streamlit.testing.v1 import AppTest
 
@@ -65,6 +65,29 @@ def test_a_link_from_detect_restores_the_view_in_a_fresh_session(env):
     assert fresh.session_state["highlight"] == highlight
     assert fresh.query_params == {}  # the address bar no longer shows the link's values
     assert shared_link(fresh) == link
+
+
+def test_a_link_reopens_the_scene_drawn_for_another_model(env):
+    """A sample scene is drawn from the shapes of the model it was made for: the link opened another picture
+    (of the link's model's shapes) under the same name, and its highlight pointed at another detection."""
+    stars = str(write_tiny(env / "runs" / "stars" / "checkpoint.pt", ["__background__", "circle", "star"], seed=5))
+    at = start()  # the sample scene of the bundled model: circles, squares and triangles
+    at.sidebar.selectbox(key="model_name").select(stars).run()
+    sent = at.session_state["images"][at.session_state["current_image"]]
+    link = shared_link(at)
+    assert 'shapes=["circle","square","triangle"]' in unquote(link)
+    fresh = open_link(link)
+    assert not fresh.warning
+    opened = fresh.session_state["images"][fresh.session_state["current_image"]]
+    assert opened.id == sent.id and opened.name == sent.name == "sample-0.png"
+    assert shared_link(fresh) == link
+    # the same seed made for this model: another picture, under another name
+    at.number_input(key="sample_seed").set_value(1).run()
+    at.number_input(key="sample_seed").set_value(0).run()
+    names = [e.name for e in at.session_state["images"].values()]
+    assert names == ["sample-0.png", "sample-1-circle-star.png", "sample-0-circle-star.png"]
+    assert "shapes=" not in shared_link(at)  # drawn from the model's own shapes
+    assert "not valid" in open_link(link.replace("%22triangle%22", "%22dog%22")).warning[0].value
 
 
 def test_a_link_from_inspect_follows_the_same_detection(env):

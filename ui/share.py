@@ -4,7 +4,8 @@ A link is the page's own address (/detect or /inspect) with the view in its quer
 
     /detect?model=shapes&seed=3&size=256&score_thresh=0.05&agnostic_nms=1&class_thresh={"circle":0.9}&highlight=412
 
-``model``, the sample scene (``seed``, ``size``) and, when set, ``highlight`` (the chosen detection's
+``model``, the sample scene (``seed``, ``size``, and ``shapes`` when it was drawn from other shapes than the
+link's model knows: a scene depends on the model it was made for) and, when set, ``highlight`` (the chosen detection's
 candidate id), ``class_thresh`` (per-class score thresholds, JSON), ``classes`` (Detect's class
 filter, JSON) and ``compare`` (Detect's second model); then every control of SETTINGS whose value
 differs from its default (ui.state.DEFAULTS), under its session-state key. Uploaded images are not
@@ -25,6 +26,7 @@ from urllib.parse import urlencode
 import numpy as np
 import streamlit as st
 
+from mrcnn.data.shapes import SHAPE_NAMES
 from mrcnn.inference.structures import Detections
 from ui import sidebar, state
 from ui.state import FEATURE_MODES, SAMPLE_SIZES
@@ -75,26 +77,21 @@ SETTINGS: dict[str, Callable[[str], Any]] = {
     "insp_feat_mode": _one_of(FEATURE_MODES), "insp_feat_channel": _whole(0, 4096),  # the page clamps both
     "insp_anchor_level": _whole(0, 16), "insp_prop_k": _whole(1, 300),
 }
-VIEW_KEYS = ("model", "seed", "size", "highlight", "class_thresh", "classes", "compare")
+VIEW_KEYS = ("model", "seed", "size", "shapes", "highlight", "class_thresh", "classes", "compare")
 
 
 def _text(value) -> str:
     return ("1" if value else "0") if isinstance(value, bool) else str(value)
 
 
-def sample_of(entry: state.ImageEntry) -> tuple[int, int] | None:
-    """(seed, size) of a sample scene (named sample-<seed>.png, size×size px); None for an upload."""
-    if entry.source != "sample":
-        return None
-    return int(entry.name.removeprefix("sample-").removesuffix(".png")), entry.width
-
-
 def view_params(entry: state.ImageEntry, highlight: int | None) -> dict[str, str]:
     """The query that reopens this view (see the module docstring)."""
     ss = st.session_state
     model = ss.get("model_name") or ""
-    seed, size = sample_of(entry) or (ss["sample_seed"], ss["sample_size"])
+    seed, size, shapes = entry.scene or (ss["sample_seed"], ss["sample_size"], None)
     params = {"model": model, "seed": str(seed), "size": str(size)}
+    if shapes is not None and shapes != state.sample_classes(_classes_of(model)):  # drawn for another model
+        params["shapes"] = json.dumps(list(shapes), separators=(",", ":"))
     if highlight is not None and entry.source == "sample":
         params["highlight"] = str(int(highlight))
     if ss.get(state.class_thresh_key()):
@@ -176,6 +173,13 @@ def _read_view(params: dict[str, str], problems: list[str]) -> dict[str, Any]:
             raise ValueError("not another available model")
         return name
 
+    def scene_shapes(text: str) -> tuple[str, ...]:
+        names = json.loads(text)
+        if (not isinstance(names, list) or not names or not all(n in SHAPE_NAMES for n in names)
+                or len(set(names)) < len(names)):
+            raise ValueError("not a list of shapes, each once")
+        return tuple(names)
+
     def candidate(text: str) -> int:
         if int(text) < 0:
             raise ValueError("negative")
@@ -183,6 +187,7 @@ def _read_view(params: dict[str, str], problems: list[str]) -> dict[str, Any]:
 
     read("seed", "sample_seed", _whole(0, state.MAX_SAMPLE_SEED))
     read("size", "sample_size", _one_of(SAMPLE_SIZES))
+    read("shapes", "shared_scene_shapes", scene_shapes)
     read("highlight", "shared_highlight", candidate)
     read("class_thresh", f"class_thresh::{model}", class_thresholds)
     read("classes", f"class_filter::{model}", class_names)

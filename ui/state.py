@@ -260,6 +260,7 @@ class ImageEntry:
     array: np.ndarray  # (H, W, 3) uint8, EXIF-oriented
     source: str  # "upload" | "sample"
     thumb: np.ndarray = field(repr=False, default=None)
+    scene: tuple[int, int, tuple[str, ...]] | None = None  # a sample's (seed, size, shapes drawn from)
 
     @property
     def height(self) -> int:
@@ -287,7 +288,7 @@ def make_entry(array: np.ndarray, name: str, source: str) -> ImageEntry:
 def add_image(entry: ImageEntry, select: bool = True) -> ImageEntry:
     images: OrderedDict = st.session_state["images"]
     if entry.id in images:  # the same pixels again: one entry, named as given last, now the newest
-        entry = images[entry.id] = replace(images[entry.id], name=entry.name, source=entry.source)
+        entry = images[entry.id] = replace(images[entry.id], name=entry.name, source=entry.source, scene=entry.scene)
         images.move_to_end(entry.id)
     else:
         images[entry.id] = entry
@@ -311,19 +312,22 @@ def sample_classes(categories: list[str]) -> tuple[str, ...]:
 
 
 def sample_entry(seed: int, size: int, classes: tuple[str, ...]) -> ImageEntry:
-    """A synthetic shapes scene (deterministic by seed) as an image entry."""
-    from mrcnn.data.shapes import generate_scene
+    """A synthetic shapes scene (deterministic by seed, size and the shapes it is drawn from) as an image
+    entry; named by its seed, and by its shapes where they are not the default ones."""
+    from mrcnn.data.shapes import DEFAULT_CLASSES, generate_scene
 
+    classes = tuple(classes)
     scene = generate_scene(int(seed), size=int(size), classes=classes)
-    return make_entry(scene.image, f"sample-{int(seed)}.png", "sample")
+    name = f"sample-{int(seed)}" + ("" if classes == DEFAULT_CLASSES else "-" + "-".join(classes))
+    return replace(make_entry(scene.image, f"{name}.png", "sample"), scene=(int(seed), int(size), classes))
 
 
 def ensure_image(categories: list[str]) -> None:
     """Something to look at from the first second: with no image yet, the sample scene of the current
     seed (in the shapes the model knows)."""
-    if not st.session_state["images"]:
-        add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"],
-                               sample_classes(categories)))
+    if not st.session_state["images"]:  # a shared link's scene keeps the shapes it was drawn from
+        shapes = st.session_state.pop("shared_scene_shapes", None) or sample_classes(categories)
+        add_image(sample_entry(st.session_state["sample_seed"], st.session_state["sample_size"], shapes))
 
 
 def select_image(image_id_: str) -> None:
