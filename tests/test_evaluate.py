@@ -2,7 +2,9 @@
 no detections give zeros, CLI --json keys (docs/cli.md)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -82,6 +84,28 @@ def test_batched_threaded_evaluation_equals_one_by_one():
         assert a["image_id"] == b["image_id"] and a["labels"] == b["labels"]
         np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)
         np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-4)
+
+
+def test_run_slot_is_held_around_each_batchs_network_run_alone(monkeypatch):
+    """A server's run slot (ui.state.network_slot) is taken per batch, with the batch's largest image shape, and
+    the network runs inside it; the AP is the same as without one."""
+    ds = ShapesDataset(5, seed=3, size=64)
+    events, one_at_a_time = [], threading.Lock()
+    forward = OracleModel.forward
+    monkeypatch.setattr(OracleModel, "forward",
+                        lambda self, images: (events.append("network"), forward(self, images))[1])
+
+    @contextlib.contextmanager
+    def run_slot(shape):
+        with one_at_a_time:
+            events.append(shape)
+            yield
+            events.append("slot freed")
+
+    result = evaluate(OracleModel(ds, ds.categories), ds, categories=ds.categories, batch_size=2, workers=2,
+                      run_slot=run_slot)
+    assert events == [(64, 64, 3), "network", "slot freed"] * 3  # 5 images in batches of 2
+    assert result.bbox["AP"] == pytest.approx(1.0) and result.segm["AP"] == pytest.approx(1.0)
 
 
 def test_only_consecutive_images_of_one_size_share_a_batch():

@@ -14,12 +14,15 @@ from them without decoding an image or running the network (except the browser's
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from mrcnn.data import coco, shapes, uploads
 from mrcnn.errors import MrcnnError
@@ -81,7 +84,7 @@ class Evaluation:
     (server-named), which is removed when a new evaluation replaces this one (or the session ends):
     one folder per session, however many uploads it makes."""
 
-    model_key: tuple[str, str]  # (name, sha256)
+    model_key: tuple[str, str, str, str]  # _model_key: (name, sha256, device, precision)
     dataset_key: str
     dataset_name: str
     folder: uploads.TemporaryFolder
@@ -91,8 +94,49 @@ class Evaluation:
     error_costs: dict  # error_costs_of(result, dataset): {"bbox"|"segm": {error type: AP50 lost, ...}}
 
 
-def _model_key(loaded) -> tuple[str, str]:
-    return (loaded.name, loaded.sha256)
+def _model_key(loaded) -> tuple[str, str, str, str]:
+    """Everything that changes what the network computes: every result the page keeps is keyed by it."""
+    return (loaded.name, loaded.sha256, str(loaded.device), loaded.precision)
+
+
+def _run_settings(model_key: tuple[str, str, str, str]) -> str:
+    """How a kept result's network ran, as its tables are labelled: "bfloat16, cpu"."""
+    return f"{model_key[3]}, {model_key[2]}"
+
+
+class _Progress:
+    """An evaluation's progress bar: images done, or that a batch waits for another session's run to end.
+
+    ``run_slot`` is what evaluate enters around each batch's network run, on its worker threads: one of the
+    server's run slots and room in its memory budget (``TraceCache.network_run``, as Detect's runs), so another
+    session's run waits one batch, not the whole evaluation. The workers get this session's script context,
+    so the bar can say when they wait."""
+
+    def __init__(self, loaded, what: str, first: str | None = None):
+        self.loaded, self.what, self.fraction = loaded, what, 0.0
+        self.bar = st.progress(0.0, text=first or f"{what}…")
+        self._context = get_script_run_ctx()
+
+    def images(self, done: int, total: int) -> None:
+        self.fraction = done / max(total, 1)
+        self.bar.progress(self.fraction, text=f"{self.what}: image {done}/{total}")
+
+    def run_slot(self, image_shape: tuple[int, ...]):
+        add_script_run_ctx(threading.current_thread(), self._context)
+        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting)
+
+    @contextmanager
+    def _waiting(self):
+        self.bar.progress(self.fraction, text=f"{self.what}: waiting for another session's model run to finish…")
+        yield
+
+    def empty(self) -> None:
+        self.bar.empty()
+
+
+# One image per batch: a run slot reserves one image's working memory and learns from the peak it measures
+# (shared with Detect's runs); a batch of two held twice what it reserved.
+IMAGES_PER_RUN_SLOT = 1
 
 
 # ---- figures and tables ---------------------------------------------------------------------------------
@@ -173,17 +217,16 @@ def _classes_not_in_model(where, result: dict) -> None:
 # ---- a second model on the same data ---------------------------------------------------------------------
 def _evaluate_other(other, evaluation: Evaluation) -> dict | None:
     """``other``'s metrics on the evaluation's dataset (already scanned: not again), or None with the reason."""
-    bar = st.progress(0.0, text=f"Evaluating {other.name}…")
+    progress = _Progress(other, f"Evaluating {other.name}")
     try:
         with uploads.naming_upload(evaluation.dataset_name, evaluation.folder.path):
-            return coco_metrics.evaluate(
-                other, evaluation.dataset, keep_predictions=False,
-                progress=lambda d, t: bar.progress(d / max(t, 1), text=f"{other.name}: image {d}/{t}")).to_dict()
+            return coco_metrics.evaluate(other, evaluation.dataset, keep_predictions=False, progress=progress.images,
+                                         batch_size=IMAGES_PER_RUN_SLOT, run_slot=progress.run_slot).to_dict()
     except MrcnnError as err:
         st.error(state.literal(err))
         return None
     finally:
-        bar.empty()
+        progress.empty()
 
 
 def _comparison(loaded, evaluation: Evaluation) -> None:
@@ -192,14 +235,21 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     st.subheader("Compare with another model")
     infos = {i.name: i for i in state.model_infos() if i.available and i.name != loaded.name}
     options = [None, *infos]
-    state.keep_choice("ev_compare_with", options, None)
+    ss = st.session_state
+    # the user's pick outlives the moments it is not offered (while it is the sidebar's model, or its run is
+    # unavailable): it is kept as the wish, and comes back once offered again
+    if ss.get("ev_compare_with") in infos:
+        ss["ev_compare_wish"] = ss["ev_compare_with"]
+    else:
+        wish = ss.get("ev_compare_wish")
+        ss["ev_compare_with"] = wish if wish in infos else None
     name = st.selectbox("Model B, on the same data", options, key="ev_compare_with", persist_state="session",
+                        on_change=_remember_pick,
                         format_func=lambda n: "none" if n is None else sidebar.model_label(infos[n]),
                         help="Typical: the model before and after a fine-tune, or the bundled one against an "
                              "imported one")
     if name is None:
         return
-    ss = st.session_state
     try:
         other = state.get_model(name, ss.get("device", "auto"), ss.get("precision", "auto"))
     except MrcnnError as err:
@@ -218,8 +268,8 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     left, right = st.columns(2)
     summaries = tables.summary_table(a), tables.summary_table(b)
     per_class = tables.per_class_table(a.get("per_class", {})), tables.per_class_table(b.get("per_class", {}))
-    for column, label, model, k in ((left, "A", loaded.name, 0), (right, "B", name, 1)):
-        column.caption(f"**{label}**: {model}")
+    for column, label, key_, k in ((left, "A", evaluation.model_key, 0), (right, "B", kept[0][0], 1)):
+        column.caption(f"**{label}**: {state.literal(key_[0])} ({_run_settings(key_)})")
         column.dataframe(summaries[k].style.format("{:.3f}"))
         column.dataframe(per_class[k].style.format("{:.3f}"))
         _classes_not_in_model(column, (a, b)[k])
@@ -229,6 +279,10 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
                         ("per class", tables.per_class_table(difference["per_class"]))):
         table.index.name = f"B − A {what}"
         st.dataframe(table.astype(float).style.format("{:+.3f}", na_rep="").map(_difference_color))
+
+
+def _remember_pick() -> None:
+    st.session_state["ev_compare_wish"] = st.session_state["ev_compare_with"]  # "none" too: a wish to compare nothing
 
 
 def _difference_color(value: float) -> str:
@@ -298,25 +352,24 @@ def _run(loaded, choice: DatasetChoice) -> None:
     previous = ss.get("ev_evaluation")
     key = choice.key
     reuse = previous is not None and previous.dataset_key == key  # the same data: not written nor scanned again
-    bar = st.progress(0.0, text="Preparing the dataset…")
+    progress = _Progress(loaded, "Evaluating", "Preparing the dataset…")
     folder = previous.folder if reuse else uploads.TemporaryFolder("mrcnn-eval-")
     try:
         dataset = previous.dataset if reuse else _open_dataset(choice, folder)
         with uploads.naming_upload(choice.name, folder.path):
-            result = coco_metrics.evaluate(
-                loaded, dataset,
-                progress=lambda d, t: bar.progress(d / max(t, 1), text=f"Evaluating image {d}/{t}")).to_dict()
-            bar.progress(1.0, text="Measuring what each error costs…")
+            result = coco_metrics.evaluate(loaded, dataset, progress=progress.images,
+                                           batch_size=IMAGES_PER_RUN_SLOT, run_slot=progress.run_slot).to_dict()
+            progress.bar.progress(1.0, text="Measuring what each error costs…")
             costs = error_costs_of(result, dataset)
     except BaseException as err:
-        bar.empty()
+        progress.empty()
         if not reuse:
             folder.close()
         if not isinstance(err, MrcnnError):
             raise
         st.error(state.literal(err))
         return
-    bar.empty()
+    progress.empty()
     ss["ev_evaluation"] = Evaluation(_model_key(loaded), key, choice.name, folder, dataset, result,
                                      image_boxes(result, dataset, loaded.categories), costs)
     if previous is not None and not reuse:
@@ -459,11 +512,20 @@ def render() -> None:
     if choice is not None and st.button("Evaluate", type="primary", key="ev_go"):
         _run(loaded, choice)
     evaluation = st.session_state.get("ev_evaluation")
-    if evaluation is None or evaluation.model_key != _model_key(loaded):
+    if evaluation is None or evaluation.model_key[:2] != _model_key(loaded)[:2]:  # another model, other weights
         return
-    st.caption(f"{state.literal(loaded.name)} on {state.literal(evaluation.dataset_name)}: {len(evaluation.dataset)} images")
-    tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
+    made_in = _run_settings(evaluation.model_key)
+    st.caption(f"{state.literal(loaded.name)} ({made_in}) on {state.literal(evaluation.dataset_name)}: "
+               f"{len(evaluation.dataset)} images")
     result = evaluation.result
+    if evaluation.model_key != _model_key(loaded):
+        # the sidebar's precision or device changed: these numbers are not what the model computes now, and the
+        # views that run it (B, the browser) would mix the two; the tables stay, to compare with the next ones
+        st.warning(f"Measured in {made_in}; the sidebar now runs {state.literal(loaded.name)} in "
+                   f"{_run_settings(_model_key(loaded))}. Press Evaluate to measure it so.", icon=":material/sync:")
+        _metrics_tables(result)
+        return
+    tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
     _metrics_tables(result)
     _comparison(loaded, evaluation)
     c1, c2 = st.columns(2)

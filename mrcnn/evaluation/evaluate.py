@@ -28,6 +28,7 @@ import io
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -164,14 +165,21 @@ def _same_size_runs(images: list[torch.Tensor]) -> list[slice]:
 def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None, score_thresh: float = 0.05,
              max_detections: int = 100, device: str | torch.device | None = None,
              categories: list[str] | None = None, mask_thresh: float = 0.5, keep_predictions: bool = True,
-             batch_size: int = 2, workers: int | None = None) -> EvalResult:
+             batch_size: int = 2, workers: int | None = None,
+             run_slot: Callable[[tuple[int, int, int]], AbstractContextManager] | None = None) -> EvalResult:
     """COCO metrics of ``model`` (a LoadedModel, or an nn.Module with ``categories``) on ``dataset``
     (CocoDataset, ShapesDataset or any dataset of the same items with ``.categories``).
 
     progress(done, total) is called after each image, from the calling thread. ``batch_size``: images per
     network call (consecutive images of one size); ``workers``: threads that load and run batches
     (default: the caller's intra-op thread count on a CPU, 2 on a GPU). The metrics do not depend on
-    either. ValueError for a threshold that is NaN or out of range."""
+    either.
+
+    ``run_slot(shape)``, when given, is entered around each batch's network run, in the worker thread that runs
+    it, with the (H, W, C) of the batch's largest image: a server's run slot and memory reservation
+    (ui.state.network_slot), so that other users' runs wait at most one batch, not the whole evaluation.
+    Loading the images and encoding the masks stay outside it. ValueError for a threshold that is NaN or out
+    of range."""
     Thresholds(score_thresh=score_thresh, max_detections=max_detections, mask_thresh=mask_thresh)
     if int(batch_size) < 1 or (workers is not None and int(workers) < 1):
         raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}")
@@ -219,9 +227,11 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
         images = [image for image, _ in items]
         _check_sizes(net, dataset, indices, images)
         outputs = []
-        with torch.inference_mode(), stage_autocast(precision, device):  # autocast is per thread: set here
-            for run in _same_size_runs(images):
-                outputs += net([image.to(device) for image in images[run]])
+        largest = (max(i.shape[-2] for i in images), max(i.shape[-1] for i in images), images[0].shape[0])
+        with run_slot(largest) if run_slot is not None else contextlib.nullcontext():
+            with torch.inference_mode(), stage_autocast(precision, device):  # autocast is per thread: set here
+                for run in _same_size_runs(images):
+                    outputs += net([image.to(device) for image in images[run]])
         records = []
         for (image, target), out in zip(items, outputs):
             boxes = out["boxes"].float().cpu().numpy()
