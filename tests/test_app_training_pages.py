@@ -172,7 +172,7 @@ def test_evaluate_reruns_redraw_from_what_was_computed(env, monkeypatch):
     at.select_slider(key="ev_img").set_value(1).run()  # another image: decoded and run once
     assert calls["__getitem__"] == after_evaluation["__getitem__"] + 1
     assert calls["_run_network"] == 2 and calls["evaluate"] == 1 and calls["__init__"] == 1
-    assert calls["network_run"] == 2
+    assert calls["network_run"] == 5 + 2  # the evaluation, one image a slot, and the browser's two images
     at.button(key="ev_go").click().run()  # the same data again: evaluated, not scanned again
     assert calls["evaluate"] == 2 and calls["__init__"] == 1
 
@@ -314,22 +314,23 @@ def finished_run(env, fake_trainer) -> Path:
 
 def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
     calls = Counter()
-    count_calls(monkeypatch, finetune, "compare_before_after", calls)
+    count_calls(monkeypatch, coco_metrics, "evaluate", calls)
     count_calls(monkeypatch, Trace, "_run_network", calls)
     count_calls(monkeypatch, TraceCache, "network_run", calls)  # before/after take the server's run slots
     at = open_page("ui/finetune.py")
     calls.clear()  # the app opened on Detect, which ran the network once
     at.button(key="ft_eval").click().run()
     assert not at.exception, at.exception
-    assert calls["compare_before_after"] == 1 and calls["_run_network"] == 2  # before and after, image 0
+    assert calls["evaluate"] == 2 and calls["network_run"] == 4  # each model's evaluation and its image 0
+    assert calls["_run_network"] == 2  # before and after, image 0
     headers = metric_headers(at)
     assert "mask AP before" in headers and [h for h in headers if not METRIC_HEADER.match(h)] == []
     at.slider(key="ft_val_idx").set_value(1).run()
     assert calls["_run_network"] == 4
     at.slider(key="ft_val_idx").set_value(0).run()
     at.run()
-    assert calls["compare_before_after"] == 1 and calls["_run_network"] == 4, "a rerun ran a network again"
-    assert calls["network_run"] == 4
+    assert calls["evaluate"] == 2 and calls["_run_network"] == 4, "a rerun ran a network again"
+    assert calls["network_run"] == 6
 
 
 @pytest.mark.parametrize("registry", [b"\xff\xfe not utf-8", b'{"pid": "12", "run_dir": "x"}', b'{"pid": 0}',
@@ -393,7 +394,7 @@ def test_finetune_page_offers_all_gpus_through_torchrun(env, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(finetune, "measure_seconds_per_image", lambda *args: 0.1)
     started = []
-    monkeypatch.setattr(jobs, "start_job", lambda args, run_dir, steps, nproc=1: started.append((args, nproc)))
+    monkeypatch.setattr(jobs, "start_job", lambda args, run_dir, steps, nproc=1, owner="": started.append((args, nproc)))
     at = open_page("ui/finetune.py")
     at.radio(key="ft_gpus").set_value("all 2 GPUs").run()
     assert "on 2 GPUs" in texts(at)

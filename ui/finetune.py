@@ -10,6 +10,7 @@ checkpoint and its mtime), so moving a slider redraws and never runs a network a
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from mrcnn.data import coco, uploads
 from mrcnn.errors import MrcnnError
+from mrcnn.evaluation.evaluate import evaluate
 from mrcnn.files import atomic_write_bytes
 from mrcnn.inference.draw import draw_detections
 from mrcnn.inference.structures import Thresholds
@@ -34,6 +36,7 @@ from ui import state, tables
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 VAL_AP_KEYS = {"bbox_AP": "val box AP", "segm_AP": "val mask AP"}
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320, 384, 512, 640, 800]
+OWNER_PARAM = "run_owner"  # the address's parameter that holds the session's owner token (see _owner_token)
 
 
 @dataclass
@@ -235,8 +238,36 @@ def _estimate(loaded: LoadedModel, settings: finetune.FinetuneSettings) -> None:
             "plus a minute for evaluation before and after.")
 
 
+def _owner_token() -> str | None:
+    """The secret that marks the runs this session started (jobs.Job.owner), or None before its first start.
+    Kept in session state, which page switches keep, and in the page's address (?run_owner=…), which a
+    reload keeps: the reloaded page reads it back. Share links are built from their own parameters, never
+    from the address, so they do not carry it."""
+    ss = st.session_state
+    if not ss.get("ft_owner") and (in_url := st.query_params.get(OWNER_PARAM)):
+        ss["ft_owner"] = in_url
+    token = ss.get("ft_owner")
+    if token and st.query_params.get(OWNER_PARAM) != token:  # a page switch dropped it from the address
+        st.query_params[OWNER_PARAM] = token
+    return token
+
+
+def _new_owner_token() -> str:
+    token = _owner_token()
+    if token is None:
+        token = st.session_state["ft_owner"] = secrets.token_urlsafe(16)
+        st.query_params[OWNER_PARAM] = token
+    return token
+
+
 def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> None:
+    """Prepare the data and start the job. Streamlit stops or reruns a script (leaving the page, a reload,
+    Stop) by raising from its next st call, session state included: everything the run needs is written
+    before the job starts (plan.json, the owner in the address and in the job's record), and once it has
+    started nothing removes its folder."""
+    owner = _new_owner_token()
     run_dir = finetune.new_run_dir()
+    started = False
     try:
         with st.status("Preparing data…", expanded=True) as status:
             if upload is not None:  # a server-named file; the user's name only labels messages
@@ -246,17 +277,20 @@ def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> No
                 st.session_state["ft_dataset_report"] = (str(run_dir), skipped)  # shown beside the run
             else:
                 plan = finetune.prepare_builtin(settings, run_dir)
-            jobs.start_job(plan.train_args, run_dir, settings.steps, nproc=settings.gpus)
-            st.session_state["ft_own_run"] = str(run_dir)  # the run this session may cancel without asking
+            atomic_write_bytes(Path(run_dir) / "plan.json",
+                               json.dumps({"val_dir": plan.val_dir, "start_model": settings.model}).encode())
+            status.update(label="Starting the training process…")  # a user who left meanwhile stops here
+            jobs.start_job(plan.train_args, run_dir, settings.steps, nproc=settings.gpus, owner=owner)
+            started = True  # no st call between the start and this line: nothing can interrupt it
             status.update(label="Training started", state="complete")
     except BaseException as err:
+        if started:  # the page was left or reloaded: the run goes on, its folder stays
+            raise
         shutil.rmtree(run_dir, ignore_errors=True)  # a run that did not start leaves no folder behind
         if not isinstance(err, MrcnnError):
             raise
         st.error(state.literal(err))
         return
-    atomic_write_bytes(Path(run_dir) / "plan.json",
-                       json.dumps({"val_dir": plan.val_dir, "start_model": settings.model}).encode())
     st.rerun()
 
 
@@ -270,7 +304,7 @@ def _watch(job: jobs.Job) -> None:
         st.progress(prog["fraction"], text=f"step {prog['step']} / {prog['steps']} — elapsed "
                     f"{_fmt_s(prog['elapsed_s'])}, about {_fmt_s(prog['eta_s'])} left")
         # one run per server: another session's run is shown here too, and cancelling it is asked for first
-        theirs = st.session_state.get("ft_own_run") != str(job.run_dir)
+        theirs = not job.owner or job.owner != st.session_state.get("ft_owner")
         if theirs:
             st.caption("This run was started in another session.")
         sure = not theirs or st.checkbox("Cancel another session's run", key="ft_cancel_theirs")
@@ -333,9 +367,7 @@ def _results(job: jobs.Job) -> None:
     if key not in st.session_state and st.button("Evaluate before vs after", type="primary", key="ft_eval"):
         bar = st.progress(0.0, text="Evaluating…")
         try:
-            st.session_state[key] = finetune.compare_before_after(
-                plan["start_model"], ckpt, plan["val_dir"],
-                progress=lambda done, total: bar.progress(done / max(total, 1), text=f"Evaluating {done}/{total}"))
+            st.session_state[key] = _compare_before_after(plan, ckpt, bar)
         except MrcnnError as err:
             st.error(state.literal(err))
             return
@@ -343,6 +375,20 @@ def _results(job: jobs.Job) -> None:
     result = st.session_state.get(key)
     if result:
         _show_comparison(result, plan, ckpt, stamp)
+
+
+def _compare_before_after(plan: dict, ckpt: Path, bar) -> dict:
+    """finetune.compare_before_after's metrics, each model's evaluation in one of the server's run slots (as
+    Detect's runs: MRCNN_MAX_CONCURRENT_RUNS), with the shared models and validation scan the images below use."""
+    dataset = _validation_set(plan["val_dir"])
+    largest = max(((h, w, 3) for _, h, w in dataset.image_sizes()), key=lambda shape: shape[0] * shape[1])
+    result = {}
+    for which, name in (("before", plan["start_model"]), ("after", str(ckpt))):
+        loaded = state.get_model(name, "auto")
+        with state.network_slot(loaded, largest, learn=False):  # many runs: no single run's peak
+            result[which] = evaluate(loaded, dataset, progress=lambda done, total: bar.progress(
+                done / max(total, 1), text=f"Evaluating {which}: {done}/{total}")).to_dict()
+    return result
 
 
 def _show_comparison(result: dict, plan: dict, ckpt: Path, stamp: int) -> None:
@@ -410,6 +456,7 @@ def render() -> None:
     st.caption("Start a short training run from the sidebar's model in the background, watch it learn, and "
                "compare before and after on the same validation images. One run at a time per server; it "
                "survives page reloads.")
+    _owner_token()  # read back from the address after a reload, put back there after a page switch
     current = jobs.current_job()
     if current is None and (problem := jobs.registry_problem()):
         st.warning(f"{problem} — treated as no job; starting a run replaces it.", icon=":material/warning:")

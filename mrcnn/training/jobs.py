@@ -3,7 +3,7 @@
 The job lives on disk, not in a Streamlit session, so it survives page reruns and browser reloads
 and every session sees the same job:
 
-    RUNS/current_job.json     which run is (or was last) active: run dir, pid, command, start time
+    RUNS/current_job.json     which run is (or was last) active: run dir, pid, command, start time, owner
     RUN_DIR/train.log         the subprocess's stdout + stderr (the reason when it crashes)
     RUN_DIR/metrics.jsonl     written by the trainer, one JSON object per logged step
     RUN_DIR/status.json       written by the trainer at the end: finished | cancelled | failed
@@ -12,6 +12,10 @@ and every session sees the same job:
     job = start_job(["--model", "shapes", "--data", "shapes:200", "--steps", "100"], run_dir)
     job.state()   # "running", "finished", "cancelled", "failed"
     job.cancel()
+
+``owner`` is a secret the starting session chose (``start_job(..., owner=token)``): the session that holds it
+may treat the run as its own (cancel it without asking), also after a reload. Records written before it
+existed have none.
 
 A registry that cannot be read (not UTF-8, not JSON, a pid that is not a process id of ours) counts as
 "no job": ``current_job()`` returns None and ``registry_problem()`` says why, for the page to show.
@@ -53,6 +57,7 @@ class Job:
     command: list[str]
     started: float
     steps: int
+    owner: str = ""  # the starting session's secret; "" for none
 
     @property
     def path(self) -> Path:
@@ -214,8 +219,9 @@ def _registry_record_problem(record) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     expected = {f.name for f in fields(Job)}
-    if set(record) != expected:
-        return f"expected exactly the fields {', '.join(sorted(expected))}"
+    optional = {"owner"}  # records written before there were owners lack it
+    if not expected - optional <= set(record) <= expected:
+        return f"expected exactly the fields {', '.join(sorted(expected - optional))} (and owner, optional)"
     pid = record["pid"]
     if not (type(pid) is int and pid >= 2):
         return f"pid must be a process id (an integer >= 2), got {pid!r}"
@@ -226,6 +232,8 @@ def _registry_record_problem(record) -> str | None:
         return "run_dir must be a string"
     if not (type(record["steps"]) is int and type(record["started"]) in (int, float)):
         return "steps and started must be numbers"
+    if not isinstance(record.get("owner", ""), str):
+        return "owner must be a string"
     return None
 
 
@@ -247,9 +255,10 @@ def train_command(nproc: int = 1) -> list[str]:
 
 
 def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path | None = None,
-              trainer: list[str] | None = None, nproc: int = 1) -> Job:
+              trainer: list[str] | None = None, nproc: int = 1, owner: str = "") -> Job:
     """Start `python -m mrcnn train <train_args> --out run_dir` in the background, under torchrun with
-    ``nproc`` processes when > 1 (``trainer`` replaces the train command, for tests).
+    ``nproc`` processes when > 1 (``trainer`` replaces the train command, for tests). ``owner``, the starting
+    session's secret, is recorded with the job: written here, with the job, it cannot be lost between the two.
 
     Refused with JobError while another job runs. Creating the registry entry is guarded by an
     exclusive lock file so that two sessions clicking at once cannot both start a job."""
@@ -272,7 +281,7 @@ def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path
         with open(run_dir / "train.log", "ab") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
                                     start_new_session=True)  # not killed with the Streamlit script run
-        job = Job(str(run_dir), proc.pid, command, time.time(), int(steps))
+        job = Job(str(run_dir), proc.pid, command, time.time(), int(steps), owner)
         atomic_write_bytes(root / REGISTRY, json.dumps(job.to_dict()).encode())
         return job
     finally:
