@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +26,7 @@ from mrcnn.model.importer import import_model
 from mrcnn.training import finetune, jobs
 from tests.test_app import APP, env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
 from tests.helpers import nested_detections, shaped_state_dict
-from ui import tables
+from ui import state, tables
 
 FAKE = [sys.executable, str(Path(__file__).parent / "fakes" / "fake_trainer.py")]
 
@@ -321,7 +323,8 @@ def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
     calls.clear()  # the app opened on Detect, which ran the network once
     at.button(key="ft_eval").click().run()
     assert not at.exception, at.exception
-    assert calls["evaluate"] == 2 and calls["network_run"] == 4  # each model's evaluation and its image 0
+    # each model's evaluation, one validation image a run slot, and each model's run on image 0
+    assert calls["evaluate"] == 2 and calls["network_run"] == 2 * 3 + 2
     assert calls["_run_network"] == 2  # before and after, image 0
     headers = metric_headers(at)
     assert "mask AP before" in headers and [h for h in headers if not METRIC_HEADER.match(h)] == []
@@ -330,7 +333,58 @@ def test_finetune_comparison_is_computed_once(env, finished_run, monkeypatch):
     at.slider(key="ft_val_idx").set_value(0).run()
     at.run()
     assert calls["evaluate"] == 2 and calls["_run_network"] == 4, "a rerun ran a network again"
-    assert calls["network_run"] == 6
+    assert calls["network_run"] == 2 * 3 + 4
+
+
+def test_before_vs_after_takes_the_servers_run_slot_one_image_at_a_time(env, finished_run, monkeypatch):
+    """Before vs after ran outside the server's one-run-at-a-time limit (MRCNN_MAX_CONCURRENT_RUNS). Here another
+    session asks for the slot as the comparison's first run starts: it gets it between two of the comparison's
+    runs, not after both evaluations, and the comparison's next run waits for it."""
+    at = open_page("ui/finetune.py")
+    cache = state.trace_cache()
+    assert cache.max_runs == 1
+    events, in_flight, most = [], Counter(), Counter()
+    original = TraceCache.network_run
+
+    def recording(self, loaded, image_shape, waiting=contextlib.nullcontext, learn=True):
+        who = "other session" if threading.current_thread().name == "other-session" else "comparison"
+
+        @contextlib.contextmanager
+        def noted_waiting():
+            events.append((who, "waits"))
+            with waiting():
+                yield
+
+        @contextlib.contextmanager
+        def run():
+            with original(self, loaded, image_shape, waiting=noted_waiting, learn=learn):
+                in_flight["runs"] += 1
+                most["runs"] = max(most["runs"], in_flight["runs"])
+                events.append((who, "runs"))
+                if who == "comparison" and events.count(("comparison", "runs")) == 1:
+                    other.start()  # another session's Detect asks for a run now
+                    while ("other session", "waits") not in events:
+                        other.join(0.01)
+                in_flight["runs"] -= 1
+                yield
+
+        return run()
+
+    def another_sessions_run():
+        with cache.network_run(state.get_model("shapes"), (64, 64, 3)):
+            pass
+
+    other = threading.Thread(target=another_sessions_run, name="other-session")
+    monkeypatch.setattr(TraceCache, "network_run", recording)
+    at.button(key="ft_eval").click().run()
+    other.join(30)
+    assert not at.exception, at.exception
+    runs = [who for who, what in events if what == "runs"]
+    assert runs.count("comparison") == 2 * 3 + 2  # both models on the three validation images, then image 0
+    assert most["runs"] == 1, "two runs at once under MRCNN_MAX_CONCURRENT_RUNS=1"
+    assert runs.index("other session") < 3, "the other session waited for the whole comparison"
+    assert ("comparison", "waits") in events
+    assert "mask AP before" in metric_headers(at)
 
 
 @pytest.mark.parametrize("registry", [b"\xff\xfe not utf-8", b'{"pid": "12", "run_dir": "x"}', b'{"pid": 0}',

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from mrcnn.data import coco, uploads
 from mrcnn.errors import MrcnnError
@@ -365,29 +368,60 @@ def _results(job: jobs.Job) -> None:
         return
     key = f"ft_compare::{ckpt}::{stamp}"
     if key not in st.session_state and st.button("Evaluate before vs after", type="primary", key="ft_eval"):
-        bar = st.progress(0.0, text="Evaluating…")
         try:
-            st.session_state[key] = _compare_before_after(plan, ckpt, bar)
+            st.session_state[key] = _compare_before_after(plan, ckpt)
         except MrcnnError as err:
             st.error(state.literal(err))
             return
-        bar.empty()
     result = st.session_state.get(key)
     if result:
         _show_comparison(result, plan, ckpt, stamp)
 
 
-def _compare_before_after(plan: dict, ckpt: Path, bar) -> dict:
-    """finetune.compare_before_after's metrics, each model's evaluation in one of the server's run slots (as
-    Detect's runs: MRCNN_MAX_CONCURRENT_RUNS), with the shared models and validation scan the images below use."""
+class _ComparisonBar:
+    """Before vs after's progress bar: images done, or that an image waits for another session's run.
+
+    ``run_slot(loaded)`` gives what evaluate enters around each image's network run, on its worker threads: one of
+    the server's run slots and room in its memory budget (``TraceCache.network_run``, as Detect's and Evaluate's
+    runs), so another session's run waits one image, not an evaluation. The workers get this session's script
+    context, so the bar can say when they wait. (ui/evaluate.py's _Progress does the same for its page.)"""
+
+    def __init__(self):
+        self.bar = st.progress(0.0, text="Evaluating…")
+        self.which, self.fraction = "", 0.0
+        self._context = get_script_run_ctx()
+
+    def images(self, done: int, total: int) -> None:
+        self.fraction = done / max(total, 1)
+        self.bar.progress(self.fraction, text=f"Evaluating {self.which}: image {done}/{total}")
+
+    def run_slot(self, loaded: LoadedModel):
+        def slot(image_shape: tuple[int, ...]):
+            add_script_run_ctx(threading.current_thread(), self._context)
+            return state.trace_cache().network_run(loaded, image_shape, waiting=self._waiting)
+        return slot
+
+    @contextmanager
+    def _waiting(self):
+        self.bar.progress(self.fraction, text=f"Evaluating {self.which}: waiting for another session's model run "
+                                              "to finish…")
+        yield
+
+
+def _compare_before_after(plan: dict, ckpt: Path) -> dict:
+    """finetune.compare_before_after's metrics, one image a run slot (_ComparisonBar), with the shared models and
+    validation scan the images below use."""
     dataset = _validation_set(plan["val_dir"])
-    largest = max(((h, w, 3) for _, h, w in dataset.image_sizes()), key=lambda shape: shape[0] * shape[1])
+    bar = _ComparisonBar()
     result = {}
-    for which, name in (("before", plan["start_model"]), ("after", str(ckpt))):
-        loaded = state.get_model(name, "auto")
-        with state.network_slot(loaded, largest, learn=False):  # many runs: no single run's peak
-            result[which] = evaluate(loaded, dataset, progress=lambda done, total: bar.progress(
-                done / max(total, 1), text=f"Evaluating {which}: {done}/{total}")).to_dict()
+    try:
+        for which, name in (("before", plan["start_model"]), ("after", str(ckpt))):
+            loaded = state.get_model(name, "auto")
+            bar.which = which
+            result[which] = evaluate(loaded, dataset, progress=bar.images, batch_size=1,
+                                     run_slot=bar.run_slot(loaded)).to_dict()
+    finally:
+        bar.bar.empty()
     return result
 
 
