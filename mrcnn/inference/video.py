@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import AbstractContextManager, nullcontext
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
