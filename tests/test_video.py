@@ -410,7 +410,9 @@ def annotated(clip_bytes: bytes, candidates: list, thresholds: Thresholds) -> by
 
 def test_app_download_after_a_model_switch_is_the_new_models_clip(app_env, clip_bytes, offered_downloads):
     other = other_model(app_env)
-    at = AppTest.from_file(APP, default_timeout=120).run()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["device"] = "cpu"  # where the expected clip is computed (a CUDA machine offers both)
+    at.run()
     at.slider(key="score_thresh").set_value(0.3).run()
     at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
     click(at, "Make the annotated clip")
@@ -432,7 +434,9 @@ def test_app_download_after_a_model_switch_is_the_new_models_clip(app_env, clip_
 def test_app_precision_switch_processes_the_clip_again(app_env, clip_bytes, tiny_checkpoint, monkeypatch,
                                                        offered_downloads):
     monkeypatch.setattr("mrcnn.inference.precision.cpu_has_native_bf16", lambda: True)  # offered on any CPU
-    at = AppTest.from_file(APP, default_timeout=120).run()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["device"] = "cpu"  # where the expected candidates are computed
+    at.run()
     at.sidebar.selectbox(key="precision").select("float32").run()
     at.slider(key="score_thresh").set_value(0.3).run()
     at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
