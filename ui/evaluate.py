@@ -112,22 +112,24 @@ class _Progress:
     session's run waits one batch, not the whole evaluation. The workers get this session's script context,
     so the bar can say when they wait."""
 
-    def __init__(self, loaded, what: str, first: str | None = None):
-        self.loaded, self.what, self.fraction = loaded, what, 0.0
-        self.bar = st.progress(0.0, text=first or f"{what}…")
+    def __init__(self, loaded, first: str, images: str):
+        self.loaded, self.images_text, self.fraction = loaded, images, 0.0  # images: "Evaluating image"
+        self.bar = st.progress(0.0, text=first)
         self._context = get_script_run_ctx()
 
     def images(self, done: int, total: int) -> None:
         self.fraction = done / max(total, 1)
-        self.bar.progress(self.fraction, text=f"{self.what}: image {done}/{total}")
+        self.bar.progress(self.fraction, text=f"{self.images_text} {done}/{total}")
 
     def run_slot(self, image_shape: tuple[int, ...]):
         add_script_run_ctx(threading.current_thread(), self._context)
+        # state.network_slot's spinner, drawn from a worker, would land below whatever the page drew last
         return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting)
 
     @contextmanager
     def _waiting(self):
-        self.bar.progress(self.fraction, text=f"{self.what}: waiting for another session's model run to finish…")
+        self.bar.progress(self.fraction, text=f"Waiting for another session's model run to finish before running "
+                                              f"{state.literal(self.loaded.name)}…")
         yield
 
     def empty(self) -> None:
@@ -217,7 +219,7 @@ def _classes_not_in_model(where, result: dict) -> None:
 # ---- a second model on the same data ---------------------------------------------------------------------
 def _evaluate_other(other, evaluation: Evaluation) -> dict | None:
     """``other``'s metrics on the evaluation's dataset (already scanned: not again), or None with the reason."""
-    progress = _Progress(other, f"Evaluating {other.name}")
+    progress = _Progress(other, f"Evaluating {state.literal(other.name)}…", f"{state.literal(other.name)}: image")
     try:
         with uploads.naming_upload(evaluation.dataset_name, evaluation.folder.path):
             return coco_metrics.evaluate(other, evaluation.dataset, keep_predictions=False, progress=progress.images,
@@ -352,7 +354,7 @@ def _run(loaded, choice: DatasetChoice) -> None:
     previous = ss.get("ev_evaluation")
     key = choice.key
     reuse = previous is not None and previous.dataset_key == key  # the same data: not written nor scanned again
-    progress = _Progress(loaded, "Evaluating", "Preparing the dataset…")
+    progress = _Progress(loaded, "Preparing the dataset…", "Evaluating image")
     folder = previous.folder if reuse else uploads.TemporaryFolder("mrcnn-eval-")
     try:
         dataset = previous.dataset if reuse else _open_dataset(choice, folder)
