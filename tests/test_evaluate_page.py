@@ -78,6 +78,12 @@ def test_a_precision_switch_labels_the_kept_numbers_until_evaluate_measures_them
     assert table_captions(at) == [f"shapes ({after}, cpu) on {SCENES} generated scenes: {SCENES} images"]
     assert not at.warning
     assert at.session_state["ev_evaluation"].model_key[2:] == ("cpu", after)
+    # a user comparing precisions sees both, each named by its precision
+    now = at.session_state["ev_evaluation"].result
+    both = next(d.value for d in at.dataframe if d.value.index.name == "precision, device")
+    assert list(both.index) == [f"{after}, cpu", f"{before}, cpu"]
+    assert list(both["box AP"]) == pytest.approx([now["bbox"]["AP"], kept["bbox"]["AP"]])
+    assert list(both["mask AP50"]) == pytest.approx([now["segm"]["AP50"], kept["segm"]["AP50"]])
 
 
 def test_model_b_measured_in_another_precision_is_measured_again(env):

@@ -10,6 +10,11 @@ What the page computed stays in the session as one ``Evaluation``: the dataset i
 again on a rerun, nor when the same data is evaluated again), each image's boxes are gathered once
 after the evaluation, and the views that depend on the score threshold are a fragment that redraws
 from them without decoding an image or running the network (except the browser's one image, once).
+
+Every result kept (the evaluation, model B's, the browser's trace) is keyed by what the network computes
+with: model, weights, device and precision. After the sidebar's precision or device changes, the kept
+tables stay, labelled with the ones that made them, until Evaluate measures again; then both are set side
+by side. The network runs take the server's run slots one image at a time, as Detect's do.
 """
 from __future__ import annotations
 
@@ -92,6 +97,9 @@ class Evaluation:
     result: dict  # EvalResult.to_dict()
     images: list[ImageBoxes]
     error_costs: dict  # error_costs_of(result, dataset): {"bbox"|"segm": {error type: AP50 lost, ...}}
+    # the same model on the same data under other settings, measured earlier in the session, to set beside
+    # these numbers: _run_settings -> {"bbox": {metric: value}, "segm": {...}}
+    other_settings: dict[str, dict] | None = None
 
 
 def _model_key(loaded) -> tuple[str, str, str, str]:
@@ -206,6 +214,22 @@ def _metrics_tables(result: dict) -> None:
         st.caption("Per class")
         st.dataframe(tables.per_class_table(per_class).style.format("{:.3f}"))
     _classes_not_in_model(st, result)
+
+
+def settings_table(evaluation: Evaluation) -> pd.DataFrame:
+    """AP and AP50 of these numbers' precision and device (first) and of the others measured on the same data."""
+    rows = {_run_settings(evaluation.model_key): evaluation.result, **evaluation.other_settings}
+    table = pd.DataFrame({settings: {tables.metric_label(t, m): result[t][m] for t in ("bbox", "segm")
+                                     for m in ("AP", "AP50")} for settings, result in rows.items()}).T
+    table.index.name = "precision, device"
+    return table
+
+
+def _other_settings(evaluation: Evaluation) -> None:
+    if evaluation.other_settings:
+        st.caption("The same weights on the same data in other precisions or devices, measured earlier in this "
+                   "session")
+        st.dataframe(settings_table(evaluation).style.format("{:.3f}"))
 
 
 def _classes_not_in_model(where, result: dict) -> None:
@@ -372,8 +396,13 @@ def _run(loaded, choice: DatasetChoice) -> None:
         st.error(state.literal(err))
         return
     progress.empty()
+    other_settings = {}
+    if reuse and previous.model_key[:2] == _model_key(loaded)[:2]:  # the same weights, maybe another precision
+        other_settings = {**(previous.other_settings or {}),
+                          _run_settings(previous.model_key): {t: previous.result[t] for t in ("bbox", "segm")}}
+        other_settings.pop(_run_settings(_model_key(loaded)), None)
     ss["ev_evaluation"] = Evaluation(_model_key(loaded), key, choice.name, folder, dataset, result,
-                                     image_boxes(result, dataset, loaded.categories), costs)
+                                     image_boxes(result, dataset, loaded.categories), costs, other_settings)
     if previous is not None and not reuse:
         previous.folder.close()
     ss.pop("ev_browser", None)  # the browser's image and trace belong to the previous evaluation
@@ -529,6 +558,7 @@ def render() -> None:
         return
     tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
     _metrics_tables(result)
+    _other_settings(evaluation)
     _comparison(loaded, evaluation)
     c1, c2 = st.columns(2)
     c1.plotly_chart(pr_figure(result.get("pr_curves", {}), "bbox"), key="ev_pr_box")
