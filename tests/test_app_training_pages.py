@@ -108,9 +108,14 @@ def test_failed_run_shows_the_reason(env, monkeypatch):
     assert any("simulated crash" in e.value for e in at2.error)
 
 
-def test_running_job_can_be_cancelled_from_another_session_when_asked_for(env, fake_trainer):
-    job = jobs.start_job(["--steps", "2000"], env / "runs" / "long", steps=2000)
+@pytest.mark.parametrize("record", ["with an owner", "as written before jobs had owners"])
+def test_running_job_can_be_cancelled_from_another_session_when_asked_for(env, fake_trainer, record):
+    job = jobs.start_job(["--steps", "2000"], env / "runs" / "long", steps=2000, owner="another-session")
+    if record != "with an owner":
+        registry = env / "runs" / jobs.REGISTRY
+        registry.write_text(json.dumps({k: v for k, v in json.loads(registry.read_text()).items() if k != "owner"}))
     at = open_page("ui/finetune.py")
+    assert not at.warning, "the job's record was refused"
     assert "ft_start" not in [b.key for b in at.button]  # one job at a time: no second start
     assert "This run was started in another session." in texts(at)
     assert at.button(key="ft_cancel").disabled  # a click meant for one's own run does not stop someone else's
