@@ -2,7 +2,8 @@
 compare before/after.
 
 UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune /
-mrcnn.training.jobs. An uploaded zip is kept for the session in a server-named file (KeptUpload), so that a
+mrcnn.training.jobs. The run a session started stays its own (cancelled without asking) across page switches
+and reloads: the job's record holds the session's owner token, which the page's address carries. An uploaded zip is kept for the session in a server-named file (KeptUpload), so that a
 page switch does not lose it. What the page computed is kept: the before/after metrics per run (session), the
 validation set's scan and both models' detections per validation image (shared caches keyed by the run's
 checkpoint and its mtime), so moving a slider redraws and never runs a network again.
@@ -241,24 +242,18 @@ def _estimate(loaded: LoadedModel, settings: finetune.FinetuneSettings) -> None:
             "plus a minute for evaluation before and after.")
 
 
-def _owner_token() -> str | None:
-    """The secret that marks the runs this session started (jobs.Job.owner), or None before its first start.
-    Kept in session state, which page switches keep, and in the page's address (?run_owner=…), which a
-    reload keeps: the reloaded page reads it back. Share links are built from their own parameters, never
-    from the address, so they do not carry it."""
+def _owner_token(create: bool = False) -> str | None:
+    """The secret that marks the runs this session started (jobs.Job.owner); made with ``create`` (on a start),
+    else None before the session's first start. Kept in session state, which page switches keep, and in the
+    page's address (?run_owner=…), which a reload keeps: the reloaded page reads it back. Share links are built
+    from their own parameters, never from the address, so they do not carry it."""
     ss = st.session_state
     if not ss.get("ft_owner") and (in_url := st.query_params.get(OWNER_PARAM)):
         ss["ft_owner"] = in_url
+    if not ss.get("ft_owner") and create:
+        ss["ft_owner"] = secrets.token_urlsafe(16)
     token = ss.get("ft_owner")
-    if token and st.query_params.get(OWNER_PARAM) != token:  # a page switch dropped it from the address
-        st.query_params[OWNER_PARAM] = token
-    return token
-
-
-def _new_owner_token() -> str:
-    token = _owner_token()
-    if token is None:
-        token = st.session_state["ft_owner"] = secrets.token_urlsafe(16)
+    if token and st.query_params.get(OWNER_PARAM) != token:  # new, or a page switch dropped it from the address
         st.query_params[OWNER_PARAM] = token
     return token
 
@@ -268,7 +263,7 @@ def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> No
     Stop) by raising from its next st call, session state included: everything the run needs is written
     before the job starts (plan.json, the owner in the address and in the job's record), and once it has
     started nothing removes its folder."""
-    owner = _new_owner_token()
+    owner = _owner_token(create=True)
     run_dir = finetune.new_run_dir()
     started = False
     try:
