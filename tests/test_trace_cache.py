@@ -202,6 +202,17 @@ def test_a_run_measures_its_peak_and_the_cache_remembers_the_largest(loaded):
     assert cache.bytes_per_pixel(loaded) == measured
 
 
+def test_a_run_that_does_not_learn_starts_no_sampler(loaded, monkeypatch):
+    """A clip's later frames: the sampler thread woke every few ms through each run (~15% of a frame's time)."""
+    import mrcnn.inference.trace_cache as trace_cache
+    cache = TraceCache(budget=1e12)
+    monkeypatch.setattr(trace_cache, "_PeakGrowth", lambda device: pytest.fail("sampled a run that does not learn"))
+    with cache.network_run(loaded, SHAPE, learn=False) as held:
+        assert held.nbytes == pytest.approx(_estimate(loaded)) and cache.reserved_bytes() == held.nbytes
+    assert cache.reserved_bytes() == 0 and cache.bytes_per_pixel(loaded) == _estimate(loaded) / input_pixels(
+        loaded, SHAPE)
+
+
 def test_one_network_run_at_a_time_by_default(loaded, monkeypatch):
     monkeypatch.delenv(MAX_RUNS_ENV, raising=False)
     cache = TraceCache(budget=1e12, max_runs=max_concurrent_runs())

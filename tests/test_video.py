@@ -412,6 +412,7 @@ def test_app_download_after_a_model_switch_is_the_new_models_clip(app_env, clip_
     other = other_model(app_env)
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["device"] = "cpu"  # where the expected clip is computed (a CUDA machine offers both)
+    at.session_state["precision"] = "float32"  # as it is computed (auto runs bfloat16 on a CPU with bf16 units)
     at.run()
     at.slider(key="score_thresh").set_value(0.3).run()
     at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
@@ -480,11 +481,12 @@ def test_app_clip_frames_use_inspects_rpn_knobs_as_the_frame_as_an_image_does(ap
 
 def test_app_clip_takes_a_run_slot_per_frame(app_env, clip_bytes, monkeypatch):
     import ui.state
-    slot, events = ui.state.network_slot, []
+    slot, events, learns = ui.state.network_slot, [], []
 
     @contextmanager
     def counted_slot(loaded, image_shape, learn=True):
         events.append("take")
+        learns.append(learn)
         with slot(loaded, image_shape, learn) as reservation:
             yield reservation
         events.append("free")
@@ -497,7 +499,9 @@ def test_app_clip_takes_a_run_slot_per_frame(app_env, clip_bytes, monkeypatch):
     monkeypatch.setattr("mrcnn.inference.video.run_trace", checked_run_trace)
     at = AppTest.from_file(APP, default_timeout=120).run()
     events.clear()  # the sample image's run
+    learns.clear()
     at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
     assert not at.exception, at.exception
     assert len(at.session_state["video"].candidates) == FRAMES
     assert events == ["take", "run", "free"] * FRAMES  # one slot per frame: another session waits one frame
+    assert learns == [True] + [False] * (FRAMES - 1)  # the first frame measures the memory a run takes

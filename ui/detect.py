@@ -18,7 +18,7 @@ from mrcnn.data import images as mimages
 from mrcnn.inference.draw import draw_detections
 from mrcnn.errors import MrcnnError
 from mrcnn.inference.export import detections_csv, png_bytes, prediction_json
-from mrcnn.inference.structures import Detections, RpnSettings
+from mrcnn.inference.structures import Detections
 from ui import compare, overlay_view, plots, share, state, video
 from ui.state import sample_classes, sample_entry
 
@@ -318,10 +318,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         timing += (f"network ran once for this image in {ran_ms:.0f} ms" if ran_ms is not None
                    else "network not re-run")
         st.caption(timing)
-        if trace.rpn_settings != RpnSettings():
-            r = trace.rpn_settings
-            st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {r.pre_nms_top_n}, post-NMS "
-                       f"top-N {r.post_nms_top_n}, NMS IoU {r.nms_thresh:.2f}, score ≥ {r.score_thresh:.2f})")
+        state.rpn_note(trace.rpn_settings)
         shown, changed = overlay_view.show(overlay, dets, highlight=highlight, image_key=entry.id)
         st.caption(f"{state.literal(entry.name)} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
                    "hover an instance for its numbers; drag a rectangle or scroll to zoom, double-click to reset")

@@ -165,6 +165,13 @@ def rpn_settings() -> RpnSettings:
                        nms_thresh=float(ss["rpn_nms_thresh"]), score_thresh=float(ss["rpn_score_thresh"]))
 
 
+def rpn_note(rpn: RpnSettings) -> None:
+    """Detect's and a clip's note that Inspect's RPN knobs, which change what is found, are not the defaults."""
+    if rpn != RpnSettings():
+        st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {rpn.pre_nms_top_n}, post-NMS "
+                   f"top-N {rpn.post_nms_top_n}, NMS IoU {rpn.nms_thresh:.2f}, score ≥ {rpn.score_thresh:.2f})")
+
+
 # ---- models -----------------------------------------------------------------------------------------
 @st.cache_data(ttl=60, show_spinner=False)
 def model_infos() -> list[zoo.ModelInfo]:

@@ -296,7 +296,7 @@ class TraceCache:
                 self._reserved += reservation.nbytes
                 self._enforce(always_return_memory=True)  # what was freed goes before the run's peak is sampled
             try:
-                with _PeakGrowth(loaded.device) as growth:
+                with _PeakGrowth(loaded.device) if learn else nullcontext() as growth:  # no sampler thread
                     yield reservation
             finally:
                 with self._lock:
