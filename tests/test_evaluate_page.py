@@ -164,6 +164,15 @@ def test_evaluation_runs_take_the_servers_slot_one_image_at_a_time(env, monkeypa
     assert f"on {SCENES} generated scenes" in texts(at)
 
 
+def shown(selectbox) -> str | None:
+    """The option the browser shows in a selectbox: None where it shows no choice ("Choose an option"), as after
+    None was written to its key (Streamlit's "no selection")."""
+    proto = selectbox.proto
+    if proto.set_value:
+        return proto.raw_value if proto.HasField("raw_value") else None
+    return selectbox.options[proto.default]
+
+
 # ---- 3. the Model B pick -----------------------------------------------------------------------------------
 def test_the_model_b_pick_comes_back_after_the_sidebar_visits_that_model(env):
     """Evaluating B as the sidebar's model (B then not offered as B) dropped "Model B, on the same data" to none."""
@@ -175,9 +184,11 @@ def test_the_model_b_pick_comes_back_after_the_sidebar_visits_that_model(env):
     at.button(key="ev_go").click().run()  # B as A, on the same data
     assert not at.exception, at.exception
     assert at.selectbox(key="ev_compare_with").value is None  # B is the sidebar's model: not offered now
+    assert shown(at.selectbox(key="ev_compare_with")) == "none"
     at.sidebar.selectbox(key="model_name").select("shapes").run()
     at.button(key="ev_go").click().run()
     assert at.selectbox(key="ev_compare_with").value == other
+    assert shown(at.selectbox(key="ev_compare_with")) == "run other (training run)"
     assert at.button(key="ev_compare_go").label == f"Evaluate {other} on the same data"
 
     at.selectbox(key="ev_compare_with").select(None).run()  # "none" picked is kept the same way
@@ -186,3 +197,4 @@ def test_the_model_b_pick_comes_back_after_the_sidebar_visits_that_model(env):
     at.sidebar.selectbox(key="model_name").select("shapes").run()
     at.button(key="ev_go").click().run()
     assert at.selectbox(key="ev_compare_with").value is None
+    assert shown(at.selectbox(key="ev_compare_with")) == "none"

@@ -266,9 +266,10 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     # unavailable): it is kept as the wish, and comes back once offered again
     if ss.get("ev_compare_with") in infos:
         ss["ev_compare_wish"] = ss["ev_compare_with"]
-    else:
-        wish = ss.get("ev_compare_wish")
-        ss["ev_compare_with"] = wish if wish in infos else None
+    elif ss.get("ev_compare_wish") in infos:
+        ss["ev_compare_with"] = ss["ev_compare_wish"]
+    elif ss.get("ev_compare_with") is not None:
+        del ss["ev_compare_with"]  # the widget starts again at "none": None written here shows no choice at all
     name = st.selectbox("Model B, on the same data", options, key="ev_compare_with", persist_state="session",
                         on_change=_remember_pick,
                         format_func=lambda n: "none" if n is None else sidebar.model_label(infos[n]),
