@@ -176,10 +176,10 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
     either.
 
     ``run_slot(shape)``, when given, is entered around each batch's network run, in the worker thread that runs
-    it, with the (H, W, C) of the batch's largest image: a server's run slot and memory reservation
-    (ui.state.network_slot), so that other users' runs wait at most one batch, not the whole evaluation.
-    Loading the images and encoding the masks stay outside it. ValueError for a threshold that is NaN or out
-    of range."""
+    it, with the (H, W, C) of the batch's largest image: a server's run slot and memory reservation (the app's
+    is TraceCache.network_run, which reserves for one image: it passes batch_size=1), so that other users' runs
+    wait a batch, not the whole evaluation. Loading the images and encoding the masks stay outside it.
+    ValueError for a threshold that is NaN or out of range."""
     Thresholds(score_thresh=score_thresh, max_detections=max_detections, mask_thresh=mask_thresh)
     if int(batch_size) < 1 or (workers is not None and int(workers) < 1):
         raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}")
