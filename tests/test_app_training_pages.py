@@ -377,7 +377,9 @@ def test_before_vs_after_takes_the_servers_run_slot_one_image_at_a_time(env, fin
 
     def another_sessions_run():
         with cache.network_run(state.get_model("shapes"), (64, 64, 3)):
-            pass
+            deadline = time.time() + 30
+            while ("comparison", "waits") not in events and time.time() < deadline:  # its next image asks
+                time.sleep(0.01)
 
     other = threading.Thread(target=another_sessions_run, name="other-session")
     monkeypatch.setattr(TraceCache, "network_run", recording)

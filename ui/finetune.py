@@ -376,30 +376,32 @@ def _results(job: jobs.Job) -> None:
 class _ComparisonBar:
     """Before vs after's progress bar: images done, or that an image waits for another session's run.
 
-    ``run_slot(loaded)`` gives what evaluate enters around each image's network run, on its worker threads: one of
-    the server's run slots and room in its memory budget (``TraceCache.network_run``, as Detect's and Evaluate's
-    runs), so another session's run waits one image, not an evaluation. The workers get this session's script
-    context, so the bar can say when they wait. (ui/evaluate.py's _Progress does the same for its page.)"""
+    ``run_slot`` is what evaluate enters around each image's network run, on its worker threads: one of the
+    server's run slots and room in its memory budget (``TraceCache.network_run``, as Detect's and Evaluate's runs),
+    so another session's run waits one image, not an evaluation. The workers get this session's script context,
+    so the bar can say when they wait. (ui/evaluate.py's _Progress does the same for its page.)"""
 
     def __init__(self):
         self.bar = st.progress(0.0, text="Evaluating…")
-        self.which, self.fraction = "", 0.0
+        self.which, self.loaded, self.fraction = "", None, 0.0
         self._context = get_script_run_ctx()
+
+    def model(self, which: str, loaded: LoadedModel) -> None:
+        self.which, self.loaded, self.fraction = which, loaded, 0.0
 
     def images(self, done: int, total: int) -> None:
         self.fraction = done / max(total, 1)
         self.bar.progress(self.fraction, text=f"Evaluating {self.which}: image {done}/{total}")
 
-    def run_slot(self, loaded: LoadedModel):
-        def slot(image_shape: tuple[int, ...]):
-            add_script_run_ctx(threading.current_thread(), self._context)
-            return state.trace_cache().network_run(loaded, image_shape, waiting=self._waiting)
-        return slot
+    def run_slot(self, image_shape: tuple[int, ...]):
+        add_script_run_ctx(threading.current_thread(), self._context)
+        # state.network_slot's spinner, drawn from a worker, would land below whatever the page drew last
+        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting)
 
     @contextmanager
     def _waiting(self):
-        self.bar.progress(self.fraction, text=f"Evaluating {self.which}: waiting for another session's model run "
-                                              "to finish…")
+        self.bar.progress(self.fraction, text=f"Waiting for another session's model run to finish before running "
+                                              f"{state.literal(self.loaded.name)}…")
         yield
 
 
@@ -412,9 +414,9 @@ def _compare_before_after(plan: dict, ckpt: Path) -> dict:
     try:
         for which, name in (("before", plan["start_model"]), ("after", str(ckpt))):
             loaded = state.get_model(name, "auto")
-            bar.which = which
+            bar.model(which, loaded)
             result[which] = evaluate(loaded, dataset, progress=bar.images, batch_size=1,
-                                     run_slot=bar.run_slot(loaded)).to_dict()
+                                     run_slot=bar.run_slot).to_dict()
     finally:
         bar.bar.empty()
     return result
