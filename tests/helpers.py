@@ -87,3 +87,12 @@ def shown(text: str) -> str:
     """A Markdown element's text as a person reads it: the backslash escapes ui.state.literal puts before the
     Markdown characters of a user-given name removed."""
     return re.sub(r"\\(.)", r"\1", text)
+
+
+def shown_option(selectbox) -> str | None:
+    """The option the browser shows in an AppTest selectbox: None where it shows no choice ("Choose an
+    option"), as after None was written to its key (Streamlit's "no selection")."""
+    proto = selectbox.proto
+    if proto.set_value:
+        return proto.raw_value if proto.HasField("raw_value") else None
+    return selectbox.options[proto.default]

@@ -12,7 +12,7 @@ import pytest
 
 from mrcnn.evaluation import evaluate as coco_metrics
 from mrcnn.inference.trace_cache import TraceCache
-from tests.helpers import tiny_loaded
+from tests.helpers import shown_option, tiny_loaded
 from tests.test_app import env, tiny_shapes, write_tiny  # noqa: F401  (fixtures)
 from tests.test_app_training_pages import count_calls, open_page, texts
 from ui import state
@@ -164,15 +164,6 @@ def test_evaluation_runs_take_the_servers_slot_one_image_at_a_time(env, monkeypa
     assert f"on {SCENES} generated scenes" in texts(at)
 
 
-def shown(selectbox) -> str | None:
-    """The option the browser shows in a selectbox: None where it shows no choice ("Choose an option"), as after
-    None was written to its key (Streamlit's "no selection")."""
-    proto = selectbox.proto
-    if proto.set_value:
-        return proto.raw_value if proto.HasField("raw_value") else None
-    return selectbox.options[proto.default]
-
-
 # ---- 3. the Model B pick -----------------------------------------------------------------------------------
 def test_the_model_b_pick_comes_back_after_the_sidebar_visits_that_model(env):
     """Evaluating B as the sidebar's model (B then not offered as B) dropped "Model B, on the same data" to none."""
@@ -184,11 +175,11 @@ def test_the_model_b_pick_comes_back_after_the_sidebar_visits_that_model(env):
     at.button(key="ev_go").click().run()  # B as A, on the same data
     assert not at.exception, at.exception
     assert at.selectbox(key="ev_compare_with").value is None  # B is the sidebar's model: not offered now
-    assert shown(at.selectbox(key="ev_compare_with")) == "none"
+    assert shown_option(at.selectbox(key="ev_compare_with")) == "none"
     at.sidebar.selectbox(key="model_name").select("shapes").run()
     at.button(key="ev_go").click().run()
     assert at.selectbox(key="ev_compare_with").value == other
-    assert shown(at.selectbox(key="ev_compare_with")) == "run other (training run)"
+    assert shown_option(at.selectbox(key="ev_compare_with")) == "run other (training run)"
     assert at.button(key="ev_compare_go").label == f"Evaluate {other} on the same data"
 
     at.selectbox(key="ev_compare_with").select(None).run()  # "none" picked is kept the same way
@@ -197,4 +188,4 @@ def test_the_model_b_pick_comes_back_after_the_sidebar_visits_that_model(env):
     at.sidebar.selectbox(key="model_name").select("shapes").run()
     at.button(key="ev_go").click().run()
     assert at.selectbox(key="ev_compare_with").value is None
-    assert shown(at.selectbox(key="ev_compare_with")) == "none"
+    assert shown_option(at.selectbox(key="ev_compare_with")) == "none"

@@ -44,22 +44,12 @@ def thresholds_for(thresholds: Thresholds, categories: list[str]) -> Thresholds:
 
 
 def _picker(infos: dict) -> str | None:
-    """The second model. The user's pick outlives the moments it is not offered (while it is the sidebar's
-    model, or its run is unavailable): it comes back once it is offered again."""
-    ss = st.session_state
-    if ss.get("compare_with") in infos:
-        ss["compare_wish"] = ss["compare_with"]  # a pick, or a shared link's
-    else:
-        ss["compare_with"] = ss.get("compare_wish") if ss.get("compare_wish") in infos else None
+    state.keep_model_pick("compare_with", infos)  # the pick comes back after the sidebar visits that model
     return st.selectbox("Compare with", [None, *infos], key="compare_with", persist_state="session",
-                        on_change=_remember_pick,
+                        on_change=state.remember_pick, args=("compare_with",),
                         format_func=lambda n: "none" if n is None else sidebar.model_label(infos[n]),
                         help="A second model on the same image, at the same thresholds: its detections are "
                              "matched one to one to this model's (same class, box IoU ≥ 0.5)")
-
-
-def _remember_pick() -> None:
-    st.session_state["compare_wish"] = st.session_state["compare_with"]  # "none" too: a wish to compare nothing
 
 
 def section(loaded, entry: state.ImageEntry, dets: Detections, thresholds: Thresholds,

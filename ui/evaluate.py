@@ -262,16 +262,9 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     infos = {i.name: i for i in state.model_infos() if i.available and i.name != loaded.name}
     options = [None, *infos]
     ss = st.session_state
-    # the user's pick outlives the moments it is not offered (while it is the sidebar's model, or its run is
-    # unavailable): it is kept as the wish, and comes back once offered again
-    if ss.get("ev_compare_with") in infos:
-        ss["ev_compare_wish"] = ss["ev_compare_with"]
-    elif ss.get("ev_compare_wish") in infos:
-        ss["ev_compare_with"] = ss["ev_compare_wish"]
-    elif ss.get("ev_compare_with") is not None:
-        del ss["ev_compare_with"]  # the widget starts again at "none": None written here shows no choice at all
+    state.keep_model_pick("ev_compare_with", infos)
     name = st.selectbox("Model B, on the same data", options, key="ev_compare_with", persist_state="session",
-                        on_change=_remember_pick,
+                        on_change=state.remember_pick, args=("ev_compare_with",),
                         format_func=lambda n: "none" if n is None else sidebar.model_label(infos[n]),
                         help="Typical: the model before and after a fine-tune, or the bundled one against an "
                              "imported one")
@@ -306,10 +299,6 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
                         ("per class", tables.per_class_table(difference["per_class"]))):
         table.index.name = f"B − A {what}"
         st.dataframe(table.astype(float).style.format("{:+.3f}", na_rep="").map(_difference_color))
-
-
-def _remember_pick() -> None:
-    st.session_state["ev_compare_wish"] = st.session_state["ev_compare_with"]  # "none" too: a wish to compare nothing
 
 
 def _difference_color(value: float) -> str:

@@ -133,6 +133,23 @@ def keep_choice(key: str, options: list, fallback) -> None:
         ss[key] = fallback
 
 
+def keep_model_pick(key: str, offered) -> None:
+    """A second-model picker (Detect's "Compare with", Evaluate's model B; None is "none"): the user's pick
+    outlives the moments it is not offered (it is the sidebar's model, or its run is unavailable) and comes
+    back once it is. Call before drawing the selectbox, with ``on_change=remember_pick, args=(key,)``."""
+    ss, wish = st.session_state, f"{key}_wish"
+    if ss.get(key) in offered:
+        ss[wish] = ss[key]  # a pick, or a shared link's
+    elif ss.get(wish) in offered:
+        ss[key] = ss[wish]
+    elif ss.get(key) is not None:
+        del ss[key]  # the widget starts again at "none": None written here would show no choice at all
+
+
+def remember_pick(key: str) -> None:
+    st.session_state[f"{key}_wish"] = st.session_state[key]  # "none" too: a wish to compare nothing
+
+
 def class_filter_key() -> str:
     """Where the current model's class filter (Detect's "Classes") lives: a list of its class names."""
     return f"class_filter::{st.session_state.get('model_name') or ''}"
