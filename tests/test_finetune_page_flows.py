@@ -12,6 +12,7 @@ from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_r
 from streamlit.testing.v1 import AppTest
 
 from mrcnn.training import finetune, jobs
+from tests.helpers import shown
 from tests.test_app import APP, env, tiny_shapes  # noqa: F401  (fixtures)
 from tests.test_app_training_pages import FAKE, open_page, texts
 
@@ -112,3 +113,32 @@ def test_a_reload_keeps_the_run_its_session_started_as_its_own(env, monkeypatch)
     assert THEIRS in texts(other_tab) and other_tab.button(key="ft_cancel").disabled
     again.button(key="ft_cancel").click().run()
     assert job.state() == "cancelled"
+
+
+def test_a_run_that_cannot_be_recorded_does_not_run(env, monkeypatch):
+    """A trainer the job registry does not name is one no page can watch or cancel: start_job stops it, and the
+    page says why, with nothing left behind."""
+    started = []
+
+    def recorded_popen(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def disk_full(path, data):
+        if Path(path).name == jobs.REGISTRY:
+            raise OSError(28, "No space left on device")
+        return write(path, data)
+
+    popen, write = jobs.subprocess.Popen, jobs.atomic_write_bytes
+    monkeypatch.setattr(jobs.subprocess, "Popen", recorded_popen)
+    monkeypatch.setattr(jobs, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(jobs, "start_job", functools.partial(jobs.start_job, trainer=FAKE))
+    at = open_page("ui/finetune.py")
+    at.number_input(key="ft_steps").set_value(2000).run()
+    at.button(key="ft_start").click().run()
+    assert not at.exception, at.exception
+    assert [shown(e.value) for e in at.error] == [f"the run cannot be recorded in {env / 'runs' / jobs.REGISTRY}: "
+                                           "No space left on device"]
+    (trainer,) = started
+    assert trainer.poll() is not None, "the trainer runs unrecorded"
+    assert not list((env / "runs").glob("finetune-*"))

@@ -282,7 +282,12 @@ def start_job(train_args: list[str], run_dir: str | Path, steps: int, root: Path
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
                                     start_new_session=True)  # not killed with the Streamlit script run
         job = Job(str(run_dir), proc.pid, command, time.time(), int(steps), owner)
-        atomic_write_bytes(root / REGISTRY, json.dumps(job.to_dict()).encode())
+        try:
+            atomic_write_bytes(root / REGISTRY, json.dumps(job.to_dict()).encode())
+        except OSError as err:  # a job no page could find, watch or cancel: it does not run
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: torchrun's workers go with it
+            proc.wait()
+            raise JobError(f"the run cannot be recorded in {root / REGISTRY}: {err.strerror or err}") from err
         return job
     finally:
         os.close(fd)
