@@ -86,26 +86,50 @@ def test_batched_threaded_evaluation_equals_one_by_one():
         np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-4)
 
 
-def test_run_slot_is_held_around_each_batchs_network_run_alone(monkeypatch):
-    """A server's run slot (ui.state.network_slot) is taken per batch, with the batch's largest image shape, and
-    the network runs inside it; the AP is the same as without one."""
+def test_run_slot_is_held_around_each_round_of_network_runs_alone(monkeypatch):
+    """A server's run slot (ui.state.network_slot) is taken per round (one batch per worker, side by side:
+    a slot per batch left the other cores idle), with the round's largest image shape and number of images;
+    the networks run inside it, loading outside; the AP is the same as without one."""
     ds = ShapesDataset(5, seed=3, size=64)
-    events, one_at_a_time = [], threading.Lock()
-    forward = OracleModel.forward
-    monkeypatch.setattr(OracleModel, "forward",
-                        lambda self, images: (events.append("network"), forward(self, images))[1])
+    events, one_at_a_time, in_slot = [], threading.Lock(), threading.Event()
+    forward, getitem = OracleModel.forward, ShapesDataset.__getitem__
+    monkeypatch.setattr(OracleModel, "forward", lambda self, images: (
+        events.append("network" if in_slot.is_set() else "network outside the slot"), forward(self, images))[1])
+    monkeypatch.setattr(ShapesDataset, "__getitem__", lambda self, i: (
+        events.append("loaded inside the slot") if in_slot.is_set() else None, getitem(self, i))[1])
 
     @contextlib.contextmanager
-    def run_slot(shape):
+    def run_slot(shape, images):
         with one_at_a_time:
-            events.append(shape)
+            events.append((shape, images))
+            in_slot.set()
             yield
+            in_slot.clear()
             events.append("slot freed")
 
-    result = evaluate(OracleModel(ds, ds.categories), ds, categories=ds.categories, batch_size=2, workers=2,
-                      run_slot=run_slot)
-    assert events == [(64, 64, 3), "network", "slot freed"] * 3  # 5 images in batches of 2
+    oracle = OracleModel(ds, ds.categories)
+    result = evaluate(oracle, ds, categories=ds.categories, batch_size=1, workers=2, run_slot=run_slot)
+    # 5 images, one per batch, two workers: rounds of 2, 2 and 1
+    assert events == [((64, 64, 3), 2), "network", "network", "slot freed"] * 2 + [
+        ((64, 64, 3), 1), "network", "slot freed"]
     assert result.bbox["AP"] == pytest.approx(1.0) and result.segm["AP"] == pytest.approx(1.0)
+
+
+def test_an_evaluation_leaves_new_threads_with_the_callers_thread_count():
+    """Its workers' torch.set_num_threads(1) became every later thread's default: on the app's server each
+    page run after an evaluation (a new script thread) ran its network, and the next evaluation, on one core."""
+    ds = ShapesDataset(4, seed=3, size=64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # as a server's (the suite's workers run one thread each)
+    try:
+        evaluate(OracleModel(ds, ds.categories), ds, categories=ds.categories, batch_size=1, workers=2)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_only_consecutive_images_of_one_size_share_a_batch():

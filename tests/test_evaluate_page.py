@@ -9,6 +9,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 
 import pytest
+import torch
 
 from mrcnn.evaluation import evaluate as coco_metrics
 from mrcnn.inference.trace_cache import TraceCache
@@ -107,11 +108,11 @@ def test_model_b_measured_in_another_precision_is_measured_again(env):
 
 
 # ---- 2. the server's run slots -----------------------------------------------------------------------------
-def test_evaluation_runs_take_the_servers_slot_one_image_at_a_time(env, monkeypatch):
+def test_evaluation_runs_take_the_servers_slot_one_round_at_a_time(env, monkeypatch):
     """An evaluation ran outside the server's one-run-at-a-time limit: another session's Detect ran beside it,
     or, had it held the slot throughout, would have waited for the whole evaluation. Here another session
-    asks for the slot as the evaluation's first run starts: it gets it between two of the evaluation's runs,
-    and the evaluation's next run waits for it, saying so."""
+    asks for the slot as the evaluation's first round starts (one image per worker, side by side): it gets it
+    between two of the evaluation's rounds, and the evaluation's next round waits for it, saying so."""
     at = open_page("ui/evaluate.py")
     cache = state.trace_cache()
     assert cache.max_runs == 1
@@ -119,7 +120,7 @@ def test_evaluation_runs_take_the_servers_slot_one_image_at_a_time(env, monkeypa
     lock = threading.Lock()
     original = TraceCache.network_run
 
-    def recording(self, loaded, image_shape, waiting=None, learn=True):
+    def recording(self, loaded, image_shape, waiting=None, learn=True, images=1):
         who = "other session" if threading.current_thread().name == "other-session" else "evaluation"
 
         @contextmanager
@@ -130,11 +131,11 @@ def test_evaluation_runs_take_the_servers_slot_one_image_at_a_time(env, monkeypa
 
         @contextmanager
         def run():
-            with original(self, loaded, image_shape, waiting=noted_waiting, learn=learn):
+            with original(self, loaded, image_shape, waiting=noted_waiting, learn=learn, images=images):
                 with lock:
                     in_flight["runs"] += 1
                     most["runs"] = max(most["runs"], in_flight["runs"])
-                    events.append((who, tuple(image_shape[:2])))
+                    events.append((who, tuple(image_shape[:2]), images))
                     first = sum(1 for e in events if e[0] == "evaluation" and e[1] != "waits") == 1
                 if who == "evaluation" and first:  # another session's Detect asks for a run now
                     other.start()
@@ -156,9 +157,12 @@ def test_evaluation_runs_take_the_servers_slot_one_image_at_a_time(env, monkeypa
     other.join(30)
     runs = [e for e in events if e[1] != "waits"]
     evaluation_runs = [i for i, e in enumerate(runs) if e[0] == "evaluation"]
-    assert [runs[i][1] for i in evaluation_runs] == [(SIZE, SIZE)] * (SCENES + 1)  # 5 images, then the browser's
+    *rounds, browsers = [runs[i] for i in evaluation_runs]  # the evaluation's rounds, then the browser's image
+    assert {r[1] for r in rounds} == {(SIZE, SIZE)} and sum(r[2] for r in rounds) == SCENES
+    assert len(rounds) == -(-SCENES // torch.get_num_threads())  # a round: one image per worker (a thread each)
+    assert browsers == ("evaluation", (SIZE, SIZE), 1)
     assert most["runs"] == 1, "two runs at once under MRCNN_MAX_CONCURRENT_RUNS=1"
-    assert runs.index(("other session", (SIZE, SIZE))) < evaluation_runs[SCENES - 1], \
+    assert runs.index(("other session", (SIZE, SIZE), 1)) < evaluation_runs[-2], \
         "the other session waited for the whole evaluation"
     assert ("evaluation", "waits") in events
     assert f"on {SCENES} generated scenes" in texts(at)

@@ -19,7 +19,6 @@ by side. The network runs take the server's run slots one image at a time, as De
 from __future__ import annotations
 
 import hashlib
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +26,6 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from mrcnn.data import coco, shapes, uploads
 from mrcnn.errors import MrcnnError
@@ -113,26 +111,23 @@ def _run_settings(model_key: tuple[str, str, str, str]) -> str:
 
 
 class _Progress:
-    """An evaluation's progress bar: images done, or that a batch waits for another session's run to end.
+    """An evaluation's progress bar: images done, or that a round waits for another session's run to end.
 
-    ``run_slot`` is what evaluate enters around each batch's network run, on its worker threads: one of the
-    server's run slots and room in its memory budget (``TraceCache.network_run``, as Detect's runs), so another
-    session's run waits one batch, not the whole evaluation. The workers get this session's script context,
-    so the bar can say when they wait."""
+    ``run_slot`` is what evaluate enters around each round of network runs (one batch per worker): one of the
+    server's run slots and room in its memory budget for the round's images (``TraceCache.network_run``, as
+    Detect's runs), so another session's run waits one round, not the whole evaluation."""
 
     def __init__(self, loaded, first: str, images: str):
         self.loaded, self.images_text, self.fraction = loaded, images, 0.0  # images: "Evaluating image"
         self.bar = st.progress(0.0, text=first)
-        self._context = get_script_run_ctx()
 
     def images(self, done: int, total: int) -> None:
         self.fraction = done / max(total, 1)
         self.bar.progress(self.fraction, text=f"{self.images_text} {done}/{total}")
 
-    def run_slot(self, image_shape: tuple[int, ...]):
-        add_script_run_ctx(threading.current_thread(), self._context)
-        # state.network_slot's spinner, drawn from a worker, would land below whatever the page drew last
-        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting)
+    def run_slot(self, image_shape: tuple[int, ...], images: int = 1):
+        # state.network_slot's spinner would land below whatever the page drew last: the bar says it
+        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting, images=images)
 
     @contextmanager
     def _waiting(self):
@@ -144,8 +139,8 @@ class _Progress:
         self.bar.empty()
 
 
-# One image per batch: a run slot reserves one image's working memory and learns from the peak it measures
-# (shared with Detect's runs); a batch of two held twice what it reserved.
+# One image per batch: a round (one batch per worker, in one run slot) is then as many images as workers, so
+# another session's run waits the time of one image, on every core.
 IMAGES_PER_RUN_SLOT = 1
 
 

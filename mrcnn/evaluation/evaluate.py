@@ -30,7 +30,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from pycocotools.coco import COCO
@@ -166,7 +166,7 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
              max_detections: int = 100, device: str | torch.device | None = None,
              categories: list[str] | None = None, mask_thresh: float = 0.5, keep_predictions: bool = True,
              batch_size: int = 2, workers: int | None = None,
-             run_slot: Callable[[tuple[int, int, int]], AbstractContextManager] | None = None) -> EvalResult:
+             run_slot: Callable[[tuple[int, int, int], int], AbstractContextManager] | None = None) -> EvalResult:
     """COCO metrics of ``model`` (a LoadedModel, or an nn.Module with ``categories``) on ``dataset``
     (CocoDataset, ShapesDataset or any dataset of the same items with ``.categories``).
 
@@ -175,10 +175,11 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
     (default: the caller's intra-op thread count on a CPU, 2 on a GPU). The metrics do not depend on
     either.
 
-    ``run_slot(shape)``, when given, is entered around each batch's network run, in the worker thread that runs
-    it, with the (H, W, C) of the batch's largest image: a server's run slot and memory reservation (the app's
-    is TraceCache.network_run, which reserves for one image: it passes batch_size=1), so that other users' runs
-    wait a batch, not the whole evaluation. Loading the images and encoding the masks stay outside it.
+    ``run_slot(shape, images)``, when given, is entered around each round of network runs (one batch per
+    worker, side by side), in the calling thread, with the (H, W, C) of the round's largest image and the
+    round's number of images: a server's run slot and memory reservation (the app's is
+    TraceCache.network_run), so that other users' runs wait one round, not the whole evaluation. Loading the
+    images and encoding the masks stay outside it.
     ValueError for a threshold that is NaN or out of range."""
     Thresholds(score_thresh=score_thresh, max_detections=max_detections, mask_thresh=mask_thresh)
     if int(batch_size) < 1 or (workers is not None and int(workers) < 1):
@@ -217,21 +218,26 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
     if workers is None:
         workers = torch.get_num_threads() if device.type == "cpu" else 2
 
+    callers_threads = torch.get_num_threads()
+
     def one_thread_per_worker() -> None:
         if device.type == "cpu" and workers > 1:
-            torch.set_num_threads(1)  # per thread (OpenMP): the caller's own setting is left alone
+            torch.set_num_threads(1)  # this thread's OpenMP count, and the default of threads started from now on
 
-    def run_batch(indices: range) -> list[tuple[dict, tuple | None]]:
-        """(prediction record, ground truth items or None) per image of the batch."""
+    def load(indices: range) -> list:
         items = [dataset[i] for i in indices]
-        images = [image for image, _ in items]
-        _check_sizes(net, dataset, indices, images)
-        outputs = []
-        largest = (max(i.shape[-2] for i in images), max(i.shape[-1] for i in images), images[0].shape[0])
-        with run_slot(largest) if run_slot is not None else contextlib.nullcontext():
-            with torch.inference_mode(), stage_autocast(precision, device):  # autocast is per thread: set here
-                for run in _same_size_runs(images):
-                    outputs += net([image.to(device) for image in images[run]])
+        _check_sizes(net, dataset, indices, [image for image, _ in items])
+        return items
+
+    def compute(items: list) -> list[dict]:
+        images, outputs = [image for image, _ in items], []
+        with torch.inference_mode(), stage_autocast(precision, device):  # autocast is per thread: set here
+            for run in _same_size_runs(images):
+                outputs += net([image.to(device) for image in images[run]])
+        return outputs
+
+    def encode(items: list, outputs: list[dict]) -> list[tuple[dict, tuple | None]]:
+        """(prediction record, ground truth items or None) per image of the batch."""
         records = []
         for (image, target), out in zip(items, outputs):
             boxes = out["boxes"].float().cpu().numpy()
@@ -244,13 +250,31 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
             records.append((record, None if own_gt is not None else _gt_annotations(image, target)))
         return records
 
+    def run_batch(indices: range) -> list[tuple[dict, tuple | None]]:
+        items = load(indices)
+        return encode(items, compute(items))
+
+    def rounds() -> Iterator[list[tuple[dict, tuple | None]]]:
+        """With ``run_slot``: one batch per worker at a time, their network runs side by side inside one slot
+        (a slot per worker's batch left the other cores idle: half the throughput), loading and encoding
+        outside it (loading the next round while this one ran gained nothing measurable)."""
+        batches = list(_batches(total, int(batch_size)))
+        for k in range(0, len(batches), int(workers)):
+            group = list(pool.map(load, batches[k:k + int(workers)]))
+            images = [image for items in group for image, _ in items]
+            largest = (max(i.shape[-2] for i in images), max(i.shape[-1] for i in images), images[0].shape[0])
+            with run_slot(largest, len(images)):
+                outputs = list(pool.map(compute, group))
+            yield from pool.map(encode, group, outputs)
+
     results = {"bbox": [], "segm": []}
     predictions, gt_items = [], []
     pool = ThreadPoolExecutor(max_workers=int(workers), initializer=one_thread_per_worker,
                               thread_name_prefix="mrcnn-evaluate")
     try:
         done = 0
-        for records in pool.map(run_batch, _batches(total, int(batch_size))):  # in dataset order
+        batches = pool.map(run_batch, _batches(total, int(batch_size))) if run_slot is None else rounds()
+        for records in batches:  # in dataset order
             for record, gt_item in records:
                 _add_results(results, record, name_to_cat)
                 if gt_item is not None:
@@ -263,6 +287,9 @@ def evaluate(model, dataset, progress: Callable[[int, int], None] | None = None,
                     progress(done, total)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # an error (or a stop) leaves no batch running
+        # the workers' one thread had become every new thread's: on the app's server, each later page run (a new
+        # script thread: Detect's network runs, the next evaluation's worker count) ran on one core
+        torch.set_num_threads(callers_threads)
     gt = own_gt[0] if own_gt is not None else _coco_from_items(gt_items, data_categories)[0]
 
     summary, per_class, pr_curves = {}, {}, {}

@@ -276,18 +276,18 @@ class TraceCache:
     @contextmanager
     def network_run(self, loaded: LoadedModel, image_shape: tuple[int, ...],
                     waiting: Callable[[], AbstractContextManager] = nullcontext,
-                    learn: bool = True) -> Iterator[Reservation]:
-        """Around one network run of ``loaded`` on an image of ``image_shape``: wait for a run slot (inside
-        ``waiting()`` when none is free at once), reserve the run's estimated peak and evict until cached
-        bytes + reservations ≤ budget, then run the block. On the way out, every path included, the
-        reservation goes (unless ``put`` took it) and the slot is freed; with ``learn``, the run's measured
-        peak updates the model's figure."""
+                    learn: bool = True, images: int = 1) -> Iterator[Reservation]:
+        """Around one network run of ``loaded`` on an image of ``image_shape`` (or ``images`` such runs side
+        by side, an evaluation's round): wait for a run slot (inside ``waiting()`` when none is free at once),
+        reserve the run's estimated peak and evict until cached bytes + reservations ≤ budget, then run the
+        block. On the way out, every path included, the reservation goes (unless ``put`` took it) and the slot
+        is freed; with ``learn``, the run's measured peak updates the model's figure."""
         if not self._run_slots.acquire(blocking=False):
             with waiting():
                 self._run_slots.acquire()
         try:
             model_key = _model_key(loaded)
-            pixels = input_pixels(loaded, image_shape)
+            pixels = input_pixels(loaded, image_shape) * max(int(images), 1)
             if model_key not in self._bytes_per_pixel:
                 guess = architecture_bytes_per_pixel(loaded)
                 self._bytes_per_pixel.setdefault(model_key, guess)
