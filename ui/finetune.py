@@ -3,8 +3,8 @@ compare before/after.
 
 UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune /
 mrcnn.training.jobs. The run a session started stays its own (cancelled without asking) across page switches
-and reloads: the job's record holds the session's owner token, which the page's address carries. An uploaded zip is kept for the session in a server-named file (KeptUpload), so that a
-page switch does not lose it. What the page computed is kept: the before/after metrics per run (session), the
+and reloads: the job's record holds the session's owner token, which the page's address carries. An uploaded
+zip is kept for the session in a server-named file (KeptUpload), so that a page switch does not lose it. What the page computed is kept: the before/after metrics per run (session), the
 validation set's scan and both models' detections per validation image (shared caches keyed by the run's
 checkpoint and its mtime), so moving a slider redraws and never runs a network again.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
-from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from mrcnn.data import coco, uploads
 from mrcnn.errors import MrcnnError
@@ -374,17 +372,16 @@ def _results(job: jobs.Job) -> None:
 
 
 class _ComparisonBar:
-    """Before vs after's progress bar: images done, or that an image waits for another session's run.
+    """Before vs after's progress bar: images done, or that a round of runs waits for another session's run.
 
-    ``run_slot`` is what evaluate enters around each image's network run, on its worker threads: one of the
-    server's run slots and room in its memory budget (``TraceCache.network_run``, as Detect's and Evaluate's runs),
-    so another session's run waits one image, not an evaluation. The workers get this session's script context,
-    so the bar can say when they wait. (ui/evaluate.py's _Progress does the same for its page.)"""
+    ``run_slot`` is what evaluate enters around each round of network runs (one batch per worker): one of the
+    server's run slots and room in its memory budget for the round's images (``TraceCache.network_run``, as
+    Detect's and Evaluate's runs), so another session's run waits one round, not an evaluation. (ui/evaluate.py's
+    _Progress does the same for its page.)"""
 
     def __init__(self):
         self.bar = st.progress(0.0, text="Evaluating…")
         self.which, self.loaded, self.fraction = "", None, 0.0
-        self._context = get_script_run_ctx()
 
     def model(self, which: str, loaded: LoadedModel) -> None:
         self.which, self.loaded, self.fraction = which, loaded, 0.0
@@ -393,10 +390,9 @@ class _ComparisonBar:
         self.fraction = done / max(total, 1)
         self.bar.progress(self.fraction, text=f"Evaluating {self.which}: image {done}/{total}")
 
-    def run_slot(self, image_shape: tuple[int, ...]):
-        add_script_run_ctx(threading.current_thread(), self._context)
-        # state.network_slot's spinner, drawn from a worker, would land below whatever the page drew last
-        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting)
+    def run_slot(self, image_shape: tuple[int, ...], images: int = 1):
+        # state.network_slot's spinner would land below whatever the page drew last: the bar says it
+        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting, images=images)
 
     @contextmanager
     def _waiting(self):
@@ -406,8 +402,8 @@ class _ComparisonBar:
 
 
 def _compare_before_after(plan: dict, ckpt: Path) -> dict:
-    """finetune.compare_before_after's metrics, one image a run slot (_ComparisonBar), with the shared models and
-    validation scan the images below use."""
+    """finetune.compare_before_after's metrics, a round of runs a run slot (_ComparisonBar), with the shared models
+    and validation scan the images below use. One image per batch: a round is then one image per worker."""
     dataset = _validation_set(plan["val_dir"])
     bar = _ComparisonBar()
     result = {}
