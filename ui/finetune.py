@@ -4,9 +4,10 @@ compare before/after.
 UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune /
 mrcnn.training.jobs. The run a session started stays its own (cancelled without asking) across page switches
 and reloads: the job's record holds the session's owner token, which the page's address carries. An uploaded
-zip is kept for the session in a server-named file (KeptUpload), so that a page switch does not lose it. What the page computed is kept: the before/after metrics per run (session), the
-validation set's scan and both models' detections per validation image (shared caches keyed by the run's
-checkpoint and its mtime), so moving a slider redraws and never runs a network again.
+zip is kept for the session in a server-named file (KeptUpload), so that a page switch does not lose it. What
+the page computed is kept: the before/after metrics per run (session), the validation set's scan and both
+models' detections per validation image (shared caches keyed by the run's checkpoint and its mtime), so moving
+a slider redraws and never runs a network again.
 """
 from __future__ import annotations
 
