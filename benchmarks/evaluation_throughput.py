@@ -23,7 +23,7 @@ from mrcnn.data.shapes import ShapesDataset  # noqa: E402
 from mrcnn.evaluation.evaluate import evaluate  # noqa: E402
 from mrcnn.inference.trace_cache import TraceCache, max_concurrent_runs  # noqa: E402
 from mrcnn.model.zoo import load_model  # noqa: E402
-from ui.evaluate import IMAGES_PER_RUN_SLOT as PAGE_BATCH  # noqa: E402
+from ui.evaluation_bar import IMAGES_PER_BATCH as PAGE_BATCH  # noqa: E402
 
 
 def page_slot(cache: TraceCache, loaded):

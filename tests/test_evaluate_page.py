@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 
@@ -149,7 +150,9 @@ def test_evaluation_runs_take_the_servers_slot_one_round_at_a_time(env, monkeypa
 
     def another_sessions_run():
         with cache.network_run(tiny_loaded(), (SIZE, SIZE, 3), waiting=nullcontext):
-            pass
+            deadline = time.monotonic() + 30  # held until the evaluation's next round asks (it may not yet)
+            while ("evaluation", "waits") not in events and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     other = threading.Thread(target=another_sessions_run, name="other-session")
     monkeypatch.setattr(TraceCache, "network_run", recording)

@@ -19,7 +19,6 @@ by side. The network runs take the server's run slots one image at a time, as De
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ from mrcnn.inference.draw import draw_boxes
 from mrcnn.inference.structures import Detections, Thresholds
 from mrcnn.inference.trace import run_trace
 from ui import sidebar, state, tables
+from ui.evaluation_bar import IMAGES_PER_BATCH, EvaluationBar
 
 TP_COLOR, FP_COLOR, MISS_COLOR = (40, 200, 60), (230, 40, 40), (250, 200, 0)
 # Which images the per-image browser steps through, judged by the evaluation's own detections at the score
@@ -110,38 +110,6 @@ def _run_settings(model_key: tuple[str, str, str, str]) -> str:
     return f"{model_key[3]}, {model_key[2]}"
 
 
-class _Progress:
-    """An evaluation's progress bar: images done, or that a round waits for another session's run to end.
-
-    ``run_slot`` is what evaluate enters around each round of network runs (one batch per worker): one of the
-    server's run slots and room in its memory budget for the round's images (``TraceCache.network_run``, as
-    Detect's runs), so another session's run waits one round, not the whole evaluation."""
-
-    def __init__(self, loaded, first: str, images: str):
-        self.loaded, self.images_text, self.fraction = loaded, images, 0.0  # images: "Evaluating image"
-        self.bar = st.progress(0.0, text=first)
-
-    def images(self, done: int, total: int) -> None:
-        self.fraction = done / max(total, 1)
-        self.bar.progress(self.fraction, text=f"{self.images_text} {done}/{total}")
-
-    def run_slot(self, image_shape: tuple[int, ...], images: int = 1):
-        # state.network_slot's spinner would land below whatever the page drew last: the bar says it
-        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting, images=images)
-
-    @contextmanager
-    def _waiting(self):
-        self.bar.progress(self.fraction, text=f"Waiting for another session's model run to finish before running "
-                                              f"{state.literal(self.loaded.name)}…")
-        yield
-
-    def empty(self) -> None:
-        self.bar.empty()
-
-
-# One image per batch: a round (one batch per worker, in one run slot) is then as many images as workers, so
-# another session's run waits the time of one image, on every core.
-IMAGES_PER_RUN_SLOT = 1
 
 
 # ---- figures and tables ---------------------------------------------------------------------------------
@@ -238,11 +206,11 @@ def _classes_not_in_model(where, result: dict) -> None:
 # ---- a second model on the same data ---------------------------------------------------------------------
 def _evaluate_other(other, evaluation: Evaluation) -> dict | None:
     """``other``'s metrics on the evaluation's dataset (already scanned: not again), or None with the reason."""
-    progress = _Progress(other, f"Evaluating {state.literal(other.name)}…", f"{state.literal(other.name)}: image")
+    progress = EvaluationBar(f"Evaluating {state.literal(other.name)}…").model(other, f"{state.literal(other.name)}: image")
     try:
         with uploads.naming_upload(evaluation.dataset_name, evaluation.folder.path):
             return coco_metrics.evaluate(other, evaluation.dataset, keep_predictions=False, progress=progress.images,
-                                         batch_size=IMAGES_PER_RUN_SLOT, run_slot=progress.run_slot).to_dict()
+                                         batch_size=IMAGES_PER_BATCH, run_slot=progress.run_slot).to_dict()
     except MrcnnError as err:
         st.error(state.literal(err))
         return None
@@ -363,13 +331,13 @@ def _run(loaded, choice: DatasetChoice) -> None:
     previous = ss.get("ev_evaluation")
     key = choice.key
     reuse = previous is not None and previous.dataset_key == key  # the same data: not written nor scanned again
-    progress = _Progress(loaded, "Preparing the dataset…", "Evaluating image")
+    progress = EvaluationBar("Preparing the dataset…").model(loaded, "Evaluating image")
     folder = previous.folder if reuse else uploads.TemporaryFolder("mrcnn-eval-")
     try:
         dataset = previous.dataset if reuse else _open_dataset(choice, folder)
         with uploads.naming_upload(choice.name, folder.path):
             result = coco_metrics.evaluate(loaded, dataset, progress=progress.images,
-                                           batch_size=IMAGES_PER_RUN_SLOT, run_slot=progress.run_slot).to_dict()
+                                           batch_size=IMAGES_PER_BATCH, run_slot=progress.run_slot).to_dict()
             progress.bar.progress(1.0, text="Measuring what each error costs…")
             costs = error_costs_of(result, dataset)
     except BaseException as err:

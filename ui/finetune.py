@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from mrcnn.model.zoo import LoadedModel
 from mrcnn.model.zoo import resolve_device
 from mrcnn.training import finetune, jobs
 from ui import state, tables
+from ui.evaluation_bar import IMAGES_PER_BATCH, EvaluationBar
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 VAL_AP_KEYS = {"bbox_AP": "val box AP", "segm_AP": "val mask AP"}
@@ -372,50 +372,19 @@ def _results(job: jobs.Job) -> None:
         _show_comparison(result, plan, ckpt, stamp)
 
 
-class _ComparisonBar:
-    """Before vs after's progress bar: images done, or that a round of runs waits for another session's run.
-
-    ``run_slot`` is what evaluate enters around each round of network runs (one batch per worker): one of the
-    server's run slots and room in its memory budget for the round's images (``TraceCache.network_run``, as
-    Detect's and Evaluate's runs), so another session's run waits one round, not an evaluation. (ui/evaluate.py's
-    _Progress does the same for its page.)"""
-
-    def __init__(self):
-        self.bar = st.progress(0.0, text="Evaluating…")
-        self.which, self.loaded, self.fraction = "", None, 0.0
-
-    def model(self, which: str, loaded: LoadedModel) -> None:
-        self.which, self.loaded, self.fraction = which, loaded, 0.0
-
-    def images(self, done: int, total: int) -> None:
-        self.fraction = done / max(total, 1)
-        self.bar.progress(self.fraction, text=f"Evaluating {self.which}: image {done}/{total}")
-
-    def run_slot(self, image_shape: tuple[int, ...], images: int = 1):
-        # state.network_slot's spinner would land below whatever the page drew last: the bar says it
-        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting, images=images)
-
-    @contextmanager
-    def _waiting(self):
-        self.bar.progress(self.fraction, text=f"Waiting for another session's model run to finish before running "
-                                              f"{state.literal(self.loaded.name)}…")
-        yield
-
-
 def _compare_before_after(plan: dict, ckpt: Path) -> dict:
-    """finetune.compare_before_after's metrics, a round of runs a run slot (_ComparisonBar), with the shared models
+    """finetune.compare_before_after's metrics, a round of runs a run slot (EvaluationBar), with the shared models
     and validation scan the images below use. One image per batch: a round is then one image per worker."""
     dataset = _validation_set(plan["val_dir"])
-    bar = _ComparisonBar()
+    bar = EvaluationBar("Evaluating…")
     result = {}
     try:
         for which, name in (("before", plan["start_model"]), ("after", str(ckpt))):
-            loaded = state.get_model(name, "auto")
-            bar.model(which, loaded)
-            result[which] = evaluate(loaded, dataset, progress=bar.images, batch_size=1,
+            bar.model(state.get_model(name, "auto"), f"Evaluating {which}: image")
+            result[which] = evaluate(bar.loaded, dataset, progress=bar.images, batch_size=IMAGES_PER_BATCH,
                                      run_slot=bar.run_slot).to_dict()
     finally:
-        bar.bar.empty()
+        bar.empty()
     return result
 
 
