@@ -84,7 +84,7 @@ def test_temporary_folder_goes_on_close_and_when_dropped(tmpdir):
      "bad.zip: 'images/x' is a file but 'images/x/y.png' needs it to be a folder"),
     (zip_bytes({"annotations.json": b"{}", "images/" + "y" * 300 + "/a.png": b"y"}),
      "bad.zip: refusing 'images/yyy"),
-])
+], ids=["not a zip", "no annotations", "file and folder", "long name"])  # zip bytes hold the time: not ids
 def test_unpack_names_the_upload_and_leaves_only_dest(tmpdir, data, expected):
     with uploads.TemporaryFolder() as folder:
         with pytest.raises(DatasetError) as err:
