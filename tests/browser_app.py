@@ -131,6 +131,20 @@ def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
     return old if new is None else new
 
 
+def wait_for_rerun(page, timeout: float = 30.0) -> None:
+    """Wait until the script run an action started has ended (the app root's ``data-test-script-state``
+    leaves "notRunning" and comes back to it), then a moment for what it sent to be drawn; a run that ended
+    before we looked is not waited for."""
+    busy = page.locator('[data-testid="stApp"]:not([data-test-script-state="notRunning"])')
+    try:
+        busy.wait_for(state="attached", timeout=1_000)
+    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: it ended (or never started) already
+        pass
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(
+        state="attached", timeout=timeout * 1000)
+    page.wait_for_timeout(300)
+
+
 def slider_value(page, label: str) -> float:
     return float(page.get_by_role("slider", name=label).first.input_value())  # an <input type="range">
 

@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from mrcnn.inference.structures import Detections
 from mrcnn.model.checkpoint import save_checkpoint
-from tests.browser_app import BROWSER_MARKS, detection_count
+from tests.browser_app import BROWSER_MARKS, detection_count, wait_for_rerun
 from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, nested_detections, scene, tiny_loaded
 from ui import overlay_view
 
@@ -207,13 +207,13 @@ def test_an_arrow_key_shows_the_picture_sent_ahead_and_the_rerun_keeps_it(server
         page.locator(".mrcnn-ov-ahead").first.wait_for(state="attached", timeout=30_000)
         changed = 0
         for key in ("ArrowRight", "ArrowLeft", "ArrowLeft"):
-            page.wait_for_timeout(2500)  # the rerun before, and the pictures it sent ahead, are in
+            wait_for_rerun(page)  # the rerun before, and the pictures it sent ahead, are in
             page.evaluate(WATCH_PICTURES)
             before = page.locator(PICTURE).first.get_attribute("src")
             thumb = page.get_by_role("slider", name="Score threshold")
             thumb.focus()
             thumb.press(key)
-            page.wait_for_timeout(2500)  # the rerun for the new score comes back
+            wait_for_rerun(page)  # the rerun for the new score comes back
             # one new picture at most (none when the step changed nothing), shown from the pictures sent
             # ahead, and the rerun's is that same picture (it would be shown from the server otherwise)
             pictures = page.evaluate("window.__pictures")
