@@ -11,13 +11,17 @@ import gc
 
 import streamlit as st
 
+import ui
 from ui import share, sidebar, state
 
 # Streamlit runs gc.collect(2) after every run (a slider press included). With torch, torchvision and plotly
 # loaded that walks ~400k objects made at import, ~200 ms holding the GIL, so the page's last messages wait.
-# Frozen once, those objects are left out of every collection; what the runs make is still collected.
-if gc.get_freeze_count() == 0:
+# Frozen once, those objects are left out of every collection; what the runs make is still collected. Once is
+# a flag, not gc.get_freeze_count(): that walks every frozen object, ~40 ms of every run of this script (a
+# page switch, a control outside Detect's results; a fragment's rerun does not run it).
+if not ui.imports_frozen:
     gc.freeze()
+    ui.imports_frozen = True
 
 st.set_page_config(page_title="Mask R-CNN Explorer", page_icon=":material/category:", layout="wide")
 if problem := state.server_settings_problem():
