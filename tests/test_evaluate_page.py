@@ -1,5 +1,5 @@
 """The Evaluate page (AppTest, tiny models, 5 scenes at 128 px): what it keeps is the model's under the sidebar's
-precision and device, its runs take the server's run slots one image at a time, and the Model B pick survives
+precision and device, its runs take the server's run slots a round at a time, and the Model B pick survives
 the sidebar visiting that model."""
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from them without decoding an image or running the network (except the browser's
 Every result kept (the evaluation, model B's, the browser's trace) is keyed by what the network computes
 with: model, weights, device and precision. After the sidebar's precision or device changes, the kept
 tables stay, labelled with the ones that made them, until Evaluate measures again; then both are set side
-by side. The network runs take the server's run slots one image at a time, as Detect's do.
+by side. The network runs take the server's run slots a round at a time (one image per worker side by side:
+ui/evaluation_bar.py).
 """
 from __future__ import annotations
 
