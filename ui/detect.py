@@ -220,7 +220,7 @@ def detections_table(dets: Detections) -> pd.DataFrame:
 
 def _pick_key(entry: state.ImageEntry, trace) -> tuple:
     """What a candidate id means something for: this image's detections by this run of this model."""
-    return (entry.id, trace.loaded.name, trace.loaded.sha256, trace.precision, str(trace.device), trace.rpn_settings)
+    return (entry.id, *trace.loaded.run_key, trace.rpn_settings)
 
 
 def _follow_table(entry: state.ImageEntry, trace, dets: Detections) -> None:

@@ -88,7 +88,7 @@ class Evaluation:
     (server-named), which is removed when a new evaluation replaces this one (or the session ends):
     one folder per session, however many uploads it makes."""
 
-    model_key: tuple[str, str, str, str]  # _model_key: (name, sha256, device, precision)
+    model_key: tuple[str, str, str, str]  # LoadedModel.run_key: (name, sha256, device, precision)
     dataset_key: str
     dataset_name: str
     folder: uploads.TemporaryFolder
@@ -99,11 +99,6 @@ class Evaluation:
     # the same model on the same data under other settings, measured earlier in the session, to set beside
     # these numbers: _run_settings -> {"bbox": {metric: value}, "segm": {...}}
     other_settings: dict[str, dict] | None = None
-
-
-def _model_key(loaded) -> tuple[str, str, str, str]:
-    """Everything that changes what the network computes: every result the page keeps is keyed by it."""
-    return (loaded.name, loaded.sha256, str(loaded.device), loaded.precision)
 
 
 def _run_settings(model_key: tuple[str, str, str, str]) -> str:
@@ -239,7 +234,7 @@ def _comparison(loaded, evaluation: Evaluation) -> None:
     except MrcnnError as err:
         st.error(state.literal(err))
         return
-    key = (_model_key(other), evaluation.dataset_key)
+    key = (other.run_key, evaluation.dataset_key)
     kept = ss.get("ev_compare")
     if kept is None or kept[0] != key:
         if not st.button(f"Evaluate {name} on the same data", key="ev_compare_go"):
@@ -351,11 +346,11 @@ def _run(loaded, choice: DatasetChoice) -> None:
         return
     progress.empty()
     other_settings = {}
-    if reuse and previous.model_key[:2] == _model_key(loaded)[:2]:  # the same weights, maybe another precision
+    if reuse and previous.model_key[:2] == loaded.run_key[:2]:  # the same weights, maybe another precision
         other_settings = {**(previous.other_settings or {}),
                           _run_settings(previous.model_key): {t: previous.result[t] for t in ("bbox", "segm")}}
-        other_settings.pop(_run_settings(_model_key(loaded)), None)
-    ss["ev_evaluation"] = Evaluation(_model_key(loaded), key, choice.name, folder, dataset, result,
+        other_settings.pop(_run_settings(loaded.run_key), None)
+    ss["ev_evaluation"] = Evaluation(loaded.run_key, key, choice.name, folder, dataset, result,
                                      image_boxes(result, dataset, loaded.categories), costs, other_settings)
     if previous is not None and not reuse:
         previous.folder.close()
@@ -407,7 +402,7 @@ def _plural(count: int, noun: str) -> str:
 def _browser_image(loaded, evaluation: Evaluation, idx: int, score_thresh: float):
     """(image array, trace) of one dataset image: decoded and run once, then kept for the session
     (one image at a time: traces are large)."""
-    key = (_model_key(loaded), evaluation.dataset_key, idx)
+    key = (loaded.run_key, evaluation.dataset_key, idx)
     kept = st.session_state.get("ev_browser")
     if kept is None or kept[0] != key:
         image, _ = evaluation.dataset[idx]
@@ -497,17 +492,17 @@ def render() -> None:
     if choice is not None and st.button("Evaluate", type="primary", key="ev_go"):
         _run(loaded, choice)
     evaluation = st.session_state.get("ev_evaluation")
-    if evaluation is None or evaluation.model_key[:2] != _model_key(loaded)[:2]:  # another model, other weights
+    if evaluation is None or evaluation.model_key[:2] != loaded.run_key[:2]:  # another model, other weights
         return
     made_in = _run_settings(evaluation.model_key)
     st.caption(f"{state.literal(loaded.name)} ({made_in}) on {state.literal(evaluation.dataset_name)}: "
                f"{len(evaluation.dataset)} images")
     result = evaluation.result
-    if evaluation.model_key != _model_key(loaded):
+    if evaluation.model_key != loaded.run_key:
         # the sidebar's precision or device changed: these numbers are not what the model computes now, and the
         # views that run it (B, the browser) would mix the two; the tables stay, to compare with the next ones
         st.warning(f"Measured in {made_in}; the sidebar now runs {state.literal(loaded.name)} in "
-                   f"{_run_settings(_model_key(loaded))}. Press Evaluate to measure it so.", icon=":material/sync:")
+                   f"{_run_settings(loaded.run_key)}. Press Evaluate to measure it so.", icon=":material/sync:")
         _metrics_tables(result)
         return
     tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])

@@ -437,7 +437,7 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     budget are recomputed then, by the backbone alone, through the same slots."""
     ss = st.session_state
     cache = trace_cache()
-    key = (loaded.name, loaded.sha256, str(loaded.device), loaded.precision, entry.id)
+    key = (*loaded.run_key, entry.id)
     rpn = rpn_settings()
     trace = cache.get(_session_id(), key)
     if trace is None:

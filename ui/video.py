@@ -100,7 +100,7 @@ def close_clip() -> None:
 def run_key(loaded, rpn: RpnSettings) -> tuple:
     """Everything that changes what the network computes on a frame: a clip processed under another key is
     processed again (its candidates, and an annotated clip made from them, are another model's)."""
-    return loaded.name, loaded.sha256, str(loaded.device), loaded.precision, rpn
+    return (*loaded.run_key, rpn)
 
 
 def _left(seconds: float | None) -> str:

@@ -17,8 +17,8 @@ busy). Ground truth from items (generated scenes) is taken from the same pass, n
 
 Predictions are matched to the dataset's categories by name; classes the dataset lacks are left out of
 the metrics (they stay in ``predictions``). Dataset classes the model lacks have no per-class row (they
-are listed in ``classes_not_in_model``); the overall metrics count their objects as missed, as COCO does. Metrics without any ground truth in their range are -1, as
-COCO reports them.
+are listed in ``classes_not_in_model``); the overall metrics count their objects as missed, as COCO does.
+Metrics without any ground truth in their range are -1, as COCO reports them.
 """
 from __future__ import annotations
 

@@ -204,11 +204,6 @@ class _PeakGrowth:
             self.nbytes = float(max(self._peak, resident_bytes()) - self._start)
 
 
-def _model_key(loaded: LoadedModel) -> tuple:
-    """What a run's memory per pixel depends on: the network, its weights' dtype and layout, the device."""
-    return loaded.name, loaded.sha256, str(loaded.device), loaded.precision
-
-
 @dataclasses.dataclass
 class Reservation:
     """Bytes set aside in the budget for one network run in flight (see ``TraceCache.network_run``)."""
@@ -286,7 +281,7 @@ class TraceCache:
             with waiting():
                 self._run_slots.acquire()
         try:
-            model_key = _model_key(loaded)
+            model_key = loaded.run_key  # a run's memory per pixel: the network, its dtype and layout, the device
             pixels = input_pixels(loaded, image_shape) * max(int(images), 1)
             if model_key not in self._bytes_per_pixel:
                 guess = architecture_bytes_per_pixel(loaded)
@@ -319,7 +314,7 @@ class TraceCache:
     def bytes_per_pixel(self, loaded: LoadedModel) -> float | None:
         """The figure a run of ``loaded`` reserves by, per input pixel (None before its first run)."""
         with self._lock:
-            return self._bytes_per_pixel.get(_model_key(loaded))
+            return self._bytes_per_pixel.get(loaded.run_key)
 
     @property
     def nbytes(self) -> int:

@@ -231,6 +231,12 @@ class LoadedModel:
         return len(self.categories)
 
     @property
+    def run_key(self) -> tuple[str, str, str, str]:
+        """(name, weights sha256, device, precision): what the network computes with. What is kept of a run
+        (a trace, a clip's frames, an evaluation, a run's measured memory) is kept under it."""
+        return self.name, self.sha256, str(self.device), self.precision
+
+    @property
     def has_masks(self) -> bool:
         return getattr(self.model.roi_heads, "mask_head", None) is not None
 
