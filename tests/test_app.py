@@ -28,9 +28,9 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 COUNT = re.compile(r"### (\d+) detections")
 
 
-def write_tiny(path: Path, categories=CATEGORIES, seed: int = 0) -> Path:
-    loaded = tiny_loaded(seed=seed, categories=categories)
-    save_checkpoint(path, TINY_LIGHT, categories, loaded.model.state_dict(),
+def write_tiny(path: Path, categories=CATEGORIES, seed: int = 0, arch: dict = TINY_LIGHT) -> Path:
+    loaded = tiny_loaded(arch, seed=seed, categories=categories)
+    save_checkpoint(path, arch, categories, loaded.model.state_dict(),
                     {"data": "random weights (test)", "metrics": {"bbox": {"AP": 0.0}}}, half=True)
     return path
 
@@ -494,6 +494,38 @@ def test_rpn_defaults_button_resets_the_knobs(env):
     assert not at.exception, at.exception
     assert at.number_input(key="rpn_pre_nms_top_n").value == 1000
     assert at.session_state["rpn_pre_nms_top_n"] == 1000
+
+
+def test_rpn_knobs_start_at_each_models_own_settings_and_a_change_follows_the_user(env):
+    """The knobs (and the runs) used torchvision's 1000/1000 whatever the model's own test-time settings, so a
+    trace differed from the model's forward; now a knob left alone follows the model, a changed one the user."""
+    few = str(write_tiny(env / "runs" / "few" / "checkpoint.pt", seed=5,
+                         arch={**TINY_LIGHT, "rpn_pre_nms_top_n_test": 60, "rpn_post_nms_top_n_test": 40}))
+    at = start()
+    at.switch_page("ui/inspect.py").run()
+    knobs = lambda: (at.number_input(key="rpn_pre_nms_top_n").value, at.number_input(key="rpn_post_nms_top_n").value)
+    kept = lambda: int(next(m for m in at.metric if m.label == "Kept (proposals)").value.replace(",", ""))
+    assert knobs() == (1000, 1000) and kept() > 40
+
+    at.sidebar.selectbox(key="model_name").select(few).run()
+    assert not at.exception, at.exception
+    assert knobs() == (60, 40) and kept() <= 40
+    assert "other than the model's own" not in captions(at)
+
+    at.number_input(key="rpn_post_nms_top_n").set_value(20)
+    at.button[[b.label for b in at.button].index("Re-run RPN")].click().run()
+    assert knobs() == (60, 20) and kept() <= 20
+    at.sidebar.selectbox(key="model_name").select("shapes").run()  # the change goes along, the rest follows
+    assert knobs() == (1000, 20) and kept() <= 20
+    assert "other than the model's own" in captions(at)
+    at.switch_page("ui/detect.py").run()
+    assert "post-NMS top-N 20" in captions(at)
+
+    at.switch_page("ui/inspect.py").run()
+    at.button[[b.label for b in at.button].index("Defaults")].click().run()
+    assert knobs() == (1000, 1000) and kept() > 40
+    at.sidebar.selectbox(key="model_name").select(few).run()
+    assert knobs() == (60, 40)
 
 
 def test_stage_timings_are_drawn_only_while_their_expander_is_open(env):

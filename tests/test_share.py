@@ -100,8 +100,13 @@ def test_a_link_from_inspect_follows_the_same_detection(env):
     at.switch_page("ui/inspect.py").run()
     chosen = at.session_state["insp_det"]
     assert chosen == at.session_state["highlight"]  # Inspect follows the row chosen on Detect
+    assert "rpn_" not in shared_link(at)  # knobs at the model's own settings
+    at.slider(key="rpn_nms_thresh").set_value(0.8)
+    at.button[[b.label for b in at.button].index("Re-run RPN")].click().run()
+    chosen = at.session_state["insp_det"]
     link = shared_link(at)
     assert link.startswith("/inspect?") and f"highlight={chosen}" in link
+    assert "rpn_nms_thresh=0.8" in link and "rpn_pre_nms_top_n" not in link  # only the knob the user changed
 
     fresh = AppTest.from_file(APP, default_timeout=60).run()  # a session that has just opened the link:
     fresh.session_state["share_restored"] = False  # AppTest starts on Detect; the link opens Inspect
@@ -111,23 +116,25 @@ def test_a_link_from_inspect_follows_the_same_detection(env):
     assert not fresh.exception, fresh.exception
     assert fresh.session_state["insp_det"] == chosen
     assert fresh.session_state["score_thresh"] == 0.05
+    assert fresh.session_state["rpn_overrides"] == {"rpn_nms_thresh": 0.8}
+    assert fresh.slider(key="rpn_nms_thresh").value == 0.8
 
 
 def test_bad_values_in_a_link_are_one_warning_and_the_defaults(env):
     at = open_link("/detect?model=nope&score_thresh=nan&nms_thresh=0.3&max_detections=5000&color_by=purple"
                    "&agnostic_nms=yes&seed=-1&size=100&class_thresh={bad&classes=[\"dog\"]&highlight=x"
-                   "&compare=shapes&opacity=0.8")
+                   "&compare=shapes&opacity=0.8&rpn_post_nms_top_n=0")
     assert len(at.warning) == 1
     warning = at.warning[0].value
     for name in ("model 'nope'", "score_thresh", "max_detections", "color_by", "agnostic_nms", "seed", "size",
-                 "class_thresh", "classes", "highlight", "compare"):
+                 "class_thresh", "classes", "highlight", "compare", "rpn_post_nms_top_n"):
         assert name in warning, name
     ss = at.session_state
     assert ss["model_name"] == "shapes"
     assert (ss["score_thresh"], ss["max_detections"], ss["color_by"], ss["agnostic_nms"]) == (0.5, 100, "instance",
                                                                                             False)
     assert (ss["nms_thresh"], ss["opacity"]) == (0.3, 0.8)  # the valid values are kept
-    assert ss["sample_seed"] == 0 and ss["compare_with"] is None
+    assert ss["sample_seed"] == 0 and ss["compare_with"] is None and not ss.get("rpn_overrides")
     count(at)
 
 

@@ -9,9 +9,9 @@ from mrcnn.inference.structures import RpnSettings, Thresholds
 from mrcnn.inference.trace import run_trace
 from tests.helpers import scene, tiny_loaded
 
-# Small test-time sizes and 100 proposals (torchvision's default: 1000) keep the R50 models fast; both sides run
-# with the same RPN settings. The light model keeps both sides' defaults: the trace's default RpnSettings are
-# checked against torchvision's there.
+# Small test-time sizes and 100 proposals (torchvision's default: 1000) keep the R50 models fast. The trace is
+# given no RPN settings: it takes each model's own (model_rpn_settings), the R50s' 100 proposals and the light
+# model's torchvision defaults, as the model's forward does.
 R50_PROPOSALS = 100
 R50_SMALL = {"min_size": 128, "max_size": 192, "rpn_post_nms_top_n_test": R50_PROPOSALS}
 ARCHS = {
@@ -20,10 +20,6 @@ ARCHS = {
     "r50v2": {"name": "maskrcnn_resnet50_fpn_v2", **R50_SMALL},
 }
 SHAPES = {"square": (96, 96), "landscape": (80, 130), "portrait": (140, 72)}
-
-
-def _rpn(arch: str) -> RpnSettings | None:
-    return None if arch == "light" else RpnSettings(post_nms_top_n=R50_PROPOSALS)
 
 
 def _torchvision_output(loaded, image: np.ndarray, t: Thresholds) -> dict:
@@ -71,7 +67,8 @@ def test_trace_equals_torchvision(loaded_by_arch, arch, shape):
     loaded = loaded_by_arch(arch)
     image = scene(*SHAPES[shape], seed=1)
     thresholds = Thresholds(score_thresh=0.05)  # torchvision's default box_score_thresh
-    trace = run_trace(loaded, image, thresholds, _rpn(arch))
+    trace = run_trace(loaded, image, thresholds)
+    assert trace.rpn_settings == RpnSettings(post_nms_top_n=1000 if arch == "light" else R50_PROPOSALS)
     ref = _torchvision_output(loaded, image, thresholds)
     assert ref["boxes"].shape[0] > 0, "random weights should give some detections at 0.05"
     _assert_same(trace.detections, ref)
@@ -85,7 +82,7 @@ def test_no_detections_matches(loaded_by_arch, arch):
     loaded = loaded_by_arch(arch)
     image = scene(96, 96, seed=2)
     thresholds = Thresholds(score_thresh=0.999)
-    trace = run_trace(loaded, image, thresholds, _rpn(arch))
+    trace = run_trace(loaded, image, thresholds)
     ref = _torchvision_output(loaded, image, thresholds)
     assert len(trace.detections) == 0 == ref["boxes"].shape[0]
     assert trace.detections.masks.shape == (0, 96, 96)

@@ -462,7 +462,7 @@ def test_app_precision_switch_processes_the_clip_again(app_env, clip_bytes, tiny
 
 def test_app_clip_frames_use_inspects_rpn_knobs_as_the_frame_as_an_image_does(app_env, clip_bytes):
     at = AppTest.from_file(APP, default_timeout=120)
-    at.session_state["rpn_post_nms_top_n"] = 5  # as Inspect's RPN knobs leave it
+    at.session_state["rpn_overrides"] = {"rpn_post_nms_top_n": 5}  # as Inspect's RPN knobs leave it
     at.run()
     at.slider(key="score_thresh").set_value(0.3).run()
     at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()

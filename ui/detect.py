@@ -318,7 +318,7 @@ def results(loaded, entry: state.ImageEntry, trace) -> None:
         timing += (f"network ran once for this image in {ran_ms:.0f} ms" if ran_ms is not None
                    else "network not re-run")
         st.caption(timing)
-        state.rpn_note(trace.rpn_settings)
+        state.rpn_note(trace.rpn_settings, trace.loaded)
         shown, changed = overlay_view.show(overlay, dets, highlight=highlight, image_key=entry.id)
         st.caption(f"{state.literal(entry.name)} · {entry.width}×{entry.height} px · model `{loaded.name}` · "
                    "hover an instance for its numbers; drag a rectangle or scroll to zoom, double-click to reset")

@@ -15,12 +15,11 @@ import torch
 
 from mrcnn.model.paste import paste_mode
 from mrcnn.inference.saliency import METHODS as SALIENCY_METHODS, heat_overlay, saliency
-from mrcnn.inference.structures import RpnSettings
+from mrcnn.inference.trace import model_rpn_settings
 from ui import plots, share, state
 
 SECTIONS = ["1 Input and resize", "2 Backbone / FPN", "3 Anchors", "4 RPN", "5 Proposals", "6 RoI pooling",
             "7 Box head", "8 Per-class NMS", "9 Masks", "10 Where the time went"]
-RPN_KEYS = ("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_nms_thresh", "rpn_score_thresh")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -171,11 +170,6 @@ def _rpn(trace) -> None:
 
 
 # ---- 5 ----------------------------------------------------------------------------------------------------
-def _reset_rpn() -> None:
-    for key in RPN_KEYS:
-        st.session_state[key] = state.DEFAULTS[key]
-
-
 def _proposals(trace, entry) -> None:
     _section(5, "Per level the top-N anchors by objectness, decoded and clipped (before NMS); NMS per level, "
                 "then the best post-NMS-top-N overall are the proposals the heads see.")
@@ -195,21 +189,28 @@ def _proposals(trace, entry) -> None:
     right.plotly_chart(plots.boxes_figure(entry.array, [
         {"boxes": after, "name": f"top {len(after)} after NMS", "color": "#2ca02c",
          "texts": [f"objectness {s:.3f}" for s in after_s], "width": 1}], max_height=400), key="prop_after")
+    state.fill_rpn_knobs(trace.loaded)
+    own = model_rpn_settings(trace.model)
+    ss = st.session_state
     with st.form("rpn_knobs", border=True):
         st.markdown("**RPN knobs** — re-run proposal filtering and the heads from the cached features")
         f = st.columns(4)
-        f[0].number_input("Pre-NMS top-N (per level)", min_value=1, max_value=10000, step=50,
+        f[0].number_input("Pre-NMS top-N (per level)", min_value=1, max_value=100_000, step=50,
                           key="rpn_pre_nms_top_n", persist_state="session")
-        f[1].number_input("Post-NMS top-N", min_value=1, max_value=10000, step=50, key="rpn_post_nms_top_n",
+        f[1].number_input("Post-NMS top-N", min_value=1, max_value=100_000, step=50, key="rpn_post_nms_top_n",
                           persist_state="session")
         f[2].slider("RPN NMS IoU", 0.0, 1.0, step=0.05, key="rpn_nms_thresh", persist_state="session")
         f[3].slider("RPN score threshold", 0.0, 1.0, step=0.01, key="rpn_score_thresh", persist_state="session")
         b = st.columns([1, 1, 3])
-        b[0].form_submit_button("Re-run RPN", type="primary", icon=":material/replay:")
-        b[1].form_submit_button("Defaults", on_click=_reset_rpn)
-    ms = st.session_state.get("rpn_rerun_ms")
-    if trace.rpn_settings != RpnSettings():
-        st.caption("Non-default RPN settings are in use; Detect shows their detections too.")
+        b[0].form_submit_button("Re-run RPN", type="primary", icon=":material/replay:",
+                                on_click=state.apply_rpn_knobs)
+        b[1].form_submit_button("Defaults", on_click=state.reset_rpn_knobs,
+                                help=f"{state.literal(trace.loaded.name)}'s own test-time settings: pre-NMS top-N "
+                                     f"{own.pre_nms_top_n}, post-NMS top-N {own.post_nms_top_n}, NMS IoU "
+                                     f"{own.nms_thresh:.2f}, score ≥ {own.score_thresh:.2f}")
+    ms = ss.get("rpn_rerun_ms")
+    if trace.rpn_settings != own:
+        st.caption("RPN settings other than the model's own are in use; Detect shows their detections too.")
     if ms is not None:
         st.caption(f"RPN filtering + heads re-ran in {ms:.0f} ms — backbone not re-run")
 

@@ -8,7 +8,8 @@ A link is the page's own address (/detect or /inspect) with the view in its quer
 link's model knows: a scene depends on the model it was made for) and, when set, ``highlight`` (the chosen detection's
 candidate id), ``class_thresh`` (per-class score thresholds, JSON), ``classes`` (Detect's class
 filter, JSON) and ``compare`` (Detect's second model); then every control of SETTINGS whose value
-differs from its default (ui.state.DEFAULTS), under its session-state key. Uploaded images are not
+differs from its default (ui.state.DEFAULTS), and each RPN knob the user changed (the others follow the
+model's own settings), under its session-state key. Uploaded images are not
 in links (the page says so): such a link opens the sample scene of the Sample scene controls.
 
 ``restore()`` runs once per session, from app.py before the sidebar and the pages draw their widgets
@@ -72,10 +73,13 @@ SETTINGS: dict[str, Callable[[str], Any]] = {
     "show_boxes": _switch, "show_masks": _switch, "show_labels": _switch, "show_outlines": _switch,
     "color_by": _one_of(("instance", "class")), "opacity": _fraction,
     "show_proposals": _switch, "proposals_k": _whole(1, 500),
-    "rpn_pre_nms_top_n": _whole(1, 10000), "rpn_post_nms_top_n": _whole(1, 10000),
-    "rpn_nms_thresh": _fraction, "rpn_score_thresh": _fraction,
     "insp_feat_mode": _one_of(FEATURE_MODES), "insp_feat_channel": _whole(0, 4096),  # the page clamps both
     "insp_anchor_level": _whole(0, 16), "insp_prop_k": _whole(1, 300),
+}
+# Inspect's RPN knobs the user changed (state.RPN_KNOBS: the others follow the model's own settings).
+RPN_SETTINGS: dict[str, Callable[[str], Any]] = {
+    "rpn_pre_nms_top_n": _whole(1, 100_000), "rpn_post_nms_top_n": _whole(1, 100_000),
+    "rpn_nms_thresh": _fraction, "rpn_score_thresh": _fraction,
 }
 VIEW_KEYS = ("model", "seed", "size", "shapes", "highlight", "class_thresh", "classes", "compare")
 
@@ -103,6 +107,8 @@ def view_params(entry: state.ImageEntry, highlight: int | None) -> dict[str, str
     for key in SETTINGS:
         if ss.get(key, state.DEFAULTS[key]) != state.DEFAULTS[key]:
             params[key] = _text(ss[key])
+    for key, value in (ss.get("rpn_overrides") or {}).items():
+        params[key] = _text(value)
     return params
 
 
@@ -192,8 +198,11 @@ def _read_view(params: dict[str, str], problems: list[str]) -> dict[str, Any]:
     read("class_thresh", f"class_thresh::{model}", class_thresholds)
     read("classes", f"class_filter::{model}", class_names)
     read("compare", "compare_with", other_model)
-    for key, parse in SETTINGS.items():
+    for key, parse in {**SETTINGS, **RPN_SETTINGS}.items():
         read(key, key, parse)
+    overrides = {key: values.pop(key) for key in RPN_SETTINGS if key in values}
+    if overrides:
+        values["rpn_overrides"] = overrides
     return values
 
 
@@ -203,7 +212,7 @@ def restore() -> None:
     if ss.get("share_restored"):
         return
     ss["share_restored"] = True
-    params = {k: v for k, v in st.query_params.to_dict().items() if k in SETTINGS or k in VIEW_KEYS}
+    params = {k: v for k, v in st.query_params.to_dict().items() if k in SETTINGS or k in RPN_SETTINGS or k in VIEW_KEYS}
     if not params:
         return
     problems: list[str] = []

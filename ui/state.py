@@ -12,7 +12,9 @@ Per session (``st.session_state``), initialised by ``init()``:
   traces                    this session's live traces, trace key -> Trace: its part of the server-wide
                             trace cache (``trace_cache()``, one byte budget for every session)
   score_thresh … mask_thresh, agnostic_nms, show_*, color_by, opacity, show_proposals, proposals_k,
-  rpn_* …, insp_* …         control values (DEFAULTS; insp_anchor_x/y start at the image centre)
+  insp_* …                  control values (DEFAULTS; insp_anchor_x/y start at the image centre)
+  rpn_overrides             Inspect's RPN knobs the user changed, knob key -> value; the others follow the
+                            model's own test-time settings (``rpn_settings``; rpn_* are the knobs' widgets)
   class_thresh::<model>     per-class score thresholds that differ from the global one (Detect's table)
 
 A control's value lives in its widget's own state: the widget has the key above and
@@ -42,7 +44,7 @@ from mrcnn.env_settings import env_number
 from mrcnn.errors import ModelUnavailable, MrcnnError
 from mrcnn.inference.precision import PRECISIONS
 from mrcnn.inference.structures import Detections, RpnSettings, Thresholds
-from mrcnn.inference.trace import run_trace
+from mrcnn.inference.trace import model_rpn_settings, run_trace
 from mrcnn.inference.trace_cache import TraceCache, budget_bytes, max_concurrent_runs
 from mrcnn.model import zoo
 
@@ -75,17 +77,15 @@ DEFAULTS: dict[str, Any] = {
     # input
     "sample_seed": 0,
     "sample_size": 256,
-    # RPN knobs (Inspect)
-    "rpn_pre_nms_top_n": 1000,
-    "rpn_post_nms_top_n": 1000,
-    "rpn_nms_thresh": 0.7,
-    "rpn_score_thresh": 0.0,
     # Inspect's own views (the anchor point starts at the image centre: see ui/inspect.py)
     "insp_feat_mode": "mean over channels",
     "insp_feat_channel": 0,
     "insp_anchor_level": 1,
     "insp_prop_k": 50,
 }
+# Inspect's RPN knobs: widget key -> the RpnSettings field it sets. They start at the model's own settings.
+RPN_KNOBS = {"rpn_pre_nms_top_n": "pre_nms_top_n", "rpn_post_nms_top_n": "post_nms_top_n",
+             "rpn_nms_thresh": "nms_thresh", "rpn_score_thresh": "score_thresh"}
 
 
 def init() -> None:
@@ -176,15 +176,40 @@ def display_settings() -> dict[str, Any]:
             "color_by": ss["color_by"], "opacity": float(ss["opacity"])}
 
 
-def rpn_settings() -> RpnSettings:
+def rpn_settings(loaded: zoo.LoadedModel) -> RpnSettings:
+    """The RPN settings runs of ``loaded`` use: the model's own (its arch's rpn_*_test; a model made for few
+    objects proposes fewer regions), with the knobs the user changed on Inspect. A knob left alone follows
+    each model: Compare with and another sidebar model run with theirs."""
+    changed = st.session_state.get("rpn_overrides") or {}
+    return replace(model_rpn_settings(loaded.model), **{RPN_KNOBS[k]: v for k, v in changed.items() if k in RPN_KNOBS})
+
+
+def fill_rpn_knobs(loaded: zoo.LoadedModel) -> None:
+    """Before Inspect draws its RPN knobs: show the settings runs use. Written only when those changed (a
+    model of other defaults, applied knobs), so that a value typed but not yet applied survives other reruns."""
     ss = st.session_state
-    return RpnSettings(pre_nms_top_n=int(ss["rpn_pre_nms_top_n"]), post_nms_top_n=int(ss["rpn_post_nms_top_n"]),
-                       nms_thresh=float(ss["rpn_nms_thresh"]), score_thresh=float(ss["rpn_score_thresh"]))
+    shown = (model_rpn_settings(loaded.model), rpn_settings(loaded))
+    if ss.get("rpn_knobs_shown") != shown:
+        for key, name in RPN_KNOBS.items():
+            ss[key] = getattr(shown[1], name)
+        ss["rpn_knobs_shown"] = shown
 
 
-def rpn_note(rpn: RpnSettings) -> None:
-    """Detect's and a clip's note that Inspect's RPN knobs, which change what is found, are not the defaults."""
-    if rpn != RpnSettings():
+def apply_rpn_knobs() -> None:
+    """The RPN form's callback: a knob whose value differs from the model's own is the user's change."""
+    ss = st.session_state
+    own = ss["rpn_knobs_shown"][0]
+    ss["rpn_overrides"] = {key: ss[key] for key, name in RPN_KNOBS.items() if ss[key] != getattr(own, name)}
+
+
+def reset_rpn_knobs() -> None:
+    st.session_state["rpn_overrides"] = {}
+    st.session_state.pop("rpn_knobs_shown", None)  # the knobs show the model's settings again, typed ones too
+
+
+def rpn_note(rpn: RpnSettings, loaded: zoo.LoadedModel) -> None:
+    """Detect's and a clip's note that Inspect's RPN knobs, which change what is found, are not the model's own."""
+    if rpn != model_rpn_settings(loaded.model):
         st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {rpn.pre_nms_top_n}, post-NMS "
                    f"top-N {rpn.post_nms_top_n}, NMS IoU {rpn.nms_thresh:.2f}, score ≥ {rpn.score_thresh:.2f})")
 
@@ -438,7 +463,7 @@ def trace_for(loaded: zoo.LoadedModel, entry: ImageEntry):
     ss = st.session_state
     cache = trace_cache()
     key = (*loaded.run_key, entry.id)
-    rpn = rpn_settings()
+    rpn = rpn_settings(loaded)
     trace = cache.get(_session_id(), key)
     if trace is None:
         with network_slot(loaded, entry.array.shape) as reservation:

@@ -190,7 +190,7 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
             if st.button("Process the clip again at this threshold", key="video_again", icon=":material/replay:"):
                 clip.run_key = None
                 st.rerun()
-        state.rpn_note(clip.rpn)
+        state.rpn_note(clip.rpn, loaded)
         st.image(draw_detections(array, dets, **state.display_settings()), width="stretch")
         st.caption(f"{state.literal(clip.name)} · {clip.clip.info.width}×{clip.clip.info.height} px · {clip.clip.info.fps:.3g} fps "
                    f"· model `{loaded.name}` · kept per frame: {clip.nbytes / n / 1e3:.0f} KB on average")
@@ -240,7 +240,7 @@ def render(loaded, controls: Callable[[list[str]], dict]) -> None:
     if close.button("Close clip", key="video_close", icon=":material/close:", width="stretch"):
         close_clip()
         st.rerun()
-    rpn = state.rpn_settings()
+    rpn = state.rpn_settings(loaded)
     if clip.run_key != run_key(loaded, rpn) and not _process(loaded, clip, rpn):
         return
     _explore(loaded, clip, controls)

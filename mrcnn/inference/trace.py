@@ -3,6 +3,7 @@
     trace = run_trace(loaded_model, image_rgb_uint8)           # runs the network once
     dets = trace.refilter(Thresholds(score_thresh=0.7))        # no network: candidates are cached
     trace.set_rpn(RpnSettings(post_nms_top_n=300))             # RPN filtering + heads, never the backbone
+    model_rpn_settings(loaded_model.model)                     # the RPN knobs a trace starts with
 
 Stages (torchvision's GeneralizedRCNN.forward, taken apart): transform → backbone/FPN → RPN head
 and anchors → proposal filtering (pre-NMS top-N per level, NMS per level, post-NMS top-N) → box
@@ -10,7 +11,8 @@ head on every proposal (the candidates: class probabilities and class-specific r
 per-class (or class-agnostic) NMS → mask head (28×28 probabilities, memoised per candidate) → paste
 into the image.
 
-With the thresholds the model was built with, the detections equal torchvision's ``model(images)``
+A trace starts with the model's own test-time RPN settings (``model_rpn_settings``: its arch's
+``rpn_*_test`` values), as its forward uses them. With the thresholds the model was built with, the detections equal torchvision's ``model(images)``
 on the same weights (tests/test_trace_equivalence.py). The shared model is only called, never
 changed: every knob is passed explicitly instead of being set on the model's modules.
 """
@@ -165,7 +167,7 @@ class Trace:
         self.image = image
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.thresholds = thresholds or Thresholds()
-        self.rpn_settings = rpn or RpnSettings()
+        self.rpn_settings = rpn or model_rpn_settings(loaded.model)
         self.timings_ms: dict[str, float] = OrderedDict()
         self._mask_memo: dict[int, torch.Tensor] = {}  # candidate id -> (28, 28) probabilities
         self._paste_memo: dict[int, tuple[int, int, np.ndarray]] = {}  # id -> (y0, x0, float32 crop)
@@ -545,7 +547,16 @@ class Trace:
         return sum(self.timings_ms.values())
 
 
+def model_rpn_settings(model: torch.nn.Module) -> RpnSettings:
+    """The RPN settings ``model``'s own forward uses in eval mode (torchvision's rpn_*_test arguments)."""
+    rpn = model.rpn
+    return RpnSettings(pre_nms_top_n=int(rpn._pre_nms_top_n["testing"]),
+                       post_nms_top_n=int(rpn._post_nms_top_n["testing"]),
+                       nms_thresh=float(rpn.nms_thresh), score_thresh=float(rpn.score_thresh))
+
+
 def run_trace(loaded: LoadedModel, image: np.ndarray, thresholds: Thresholds | None = None,
               rpn: RpnSettings | None = None) -> Trace:
-    """Run the network once on an RGB uint8 image, stage by stage. See Trace."""
+    """Run the network once on an RGB uint8 image, stage by stage, with ``rpn`` (None: the model's own,
+    ``model_rpn_settings``). See Trace."""
     return Trace(loaded, image, thresholds, rpn)

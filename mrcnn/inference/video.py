@@ -133,7 +133,7 @@ def detect_frames(loaded: LoadedModel, clip: Clip, thresholds: Thresholds, rpn: 
                   keep_candidates: bool = False, progress: Progress | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   around_run: AroundRun | None = None) -> Iterator[FrameResult]:
-    """Run the model on every frame, in order, with ``rpn`` (None: the defaults) as an image gets them; each
+    """Run the model on every frame, in order, with ``rpn`` (None: the model's own) as an image gets them; each
     frame's trace is dropped before the next is decoded.
 
     ``progress(done, total, seconds_left)`` after each frame (total 0 and seconds_left None when the clip
