@@ -212,7 +212,8 @@ def restore() -> None:
     if ss.get("share_restored"):
         return
     ss["share_restored"] = True
-    params = {k: v for k, v in st.query_params.to_dict().items() if k in SETTINGS or k in RPN_SETTINGS or k in VIEW_KEYS}
+    known = (*SETTINGS, *RPN_SETTINGS, *VIEW_KEYS)
+    params = {k: v for k, v in st.query_params.to_dict().items() if k in known}
     if not params:
         return
     problems: list[str] = []

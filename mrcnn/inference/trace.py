@@ -12,9 +12,10 @@ per-class (or class-agnostic) NMS → mask head (28×28 probabilities, memoised 
 into the image.
 
 A trace starts with the model's own test-time RPN settings (``model_rpn_settings``: its arch's
-``rpn_*_test`` values), as its forward uses them. With the thresholds the model was built with, the detections equal torchvision's ``model(images)``
-on the same weights (tests/test_trace_equivalence.py). The shared model is only called, never
-changed: every knob is passed explicitly instead of being set on the model's modules.
+``rpn_*_test`` values), as its forward uses them. With the thresholds the model was built with, the
+detections equal torchvision's ``model(images)`` on the same weights (tests/test_trace_equivalence.py).
+The shared model is only called, never changed: every knob is passed explicitly instead of being set on
+the model's modules.
 """
 from __future__ import annotations
 
