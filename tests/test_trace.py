@@ -53,6 +53,19 @@ def _keys(dets):
     return set(dets.candidate_ids.tolist())
 
 
+def test_a_read_only_image_is_never_given_to_torch_as_it_is(monkeypatch):
+    """torch warns on stderr about a read-only array (once per process, so the warning itself cannot be
+    caught reliably here): np.asarray of a PIL image printed it in a check-precision run."""
+    given = []
+    real = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: given.append(a.flags.writeable) or real(a))
+    image = scene(64, 80, seed=3)
+    image.flags.writeable = False  # as np.asarray(PIL image) gives it
+    trace = run_trace(tiny_loaded(), image)
+    assert given and all(given)
+    np.testing.assert_array_equal(trace.image, image)
+
+
 def test_higher_score_threshold_gives_subset(trace, no_network):
     low = trace.refilter(LOW)
     assert len(low) > 3

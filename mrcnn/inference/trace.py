@@ -222,7 +222,10 @@ class Trace:
 
     def _transform(self):
         """The network input: resized, normalised, padded (torchvision's ImageList of one image)."""
-        tensor = torch.from_numpy(self.image).to(self.device).permute(2, 0, 1).float().div_(255.0)
+        # torch warns (on the user's stderr) about a read-only array, e.g. np.asarray of a PIL image; the
+        # .float() below copies it anyway, so nothing ever writes to it
+        pixels = self.image if self.image.flags.writeable else self.image.copy()
+        tensor = torch.from_numpy(pixels).to(self.device).permute(2, 0, 1).float().div_(255.0)
         return self.model.transform([tensor])[0]
 
     def _network_features(self, image_list) -> OrderedDict[str, torch.Tensor]:
