@@ -8,10 +8,10 @@
 #     so that `auto` follows the result.
 #   bash benchmarks/r50_shapes_fidelity.sh [OUT_DIR]     # again with the same OUT_DIR after a stop: it resumes
 #
-# STEPS (default 1000) x 4 images in bfloat16 on a CPU with bf16 instructions: ~45 min on a 2-core CPU
-# (1.5 images/s). A short run from scratch gives a weak detector, not a good one: what this measures is
-# how close the reduced precision comes to float32 on a network whose scores are a trained network's, not
-# the near-ties of random weights, on which the same rule matches 3% (README, Benchmarks).
+# STEPS (default 1000) x 4 images in bfloat16 on a CPU with bf16 instructions: 57 min on a 2-core CPU
+# (1.2 images/s), box AP 0.052 on the held-out scenes: a short run from scratch gives a weak detector. What
+# this measures is how close the reduced precision comes to float32 on a network whose scores were trained,
+# not the near-ties of random weights, on which the same rule matches 3% (README, Benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/r50-shapes-fidelity}"
