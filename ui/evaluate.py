@@ -106,8 +106,6 @@ def _run_settings(model_key: tuple[str, str, str, str]) -> str:
     return f"{model_key[3]}, {model_key[2]}"
 
 
-
-
 # ---- figures and tables ---------------------------------------------------------------------------------
 def pr_figure(pr_curves: dict, iou_type: str) -> go.Figure:
     fig = go.Figure()
@@ -202,7 +200,8 @@ def _classes_not_in_model(where, result: dict) -> None:
 # ---- a second model on the same data ---------------------------------------------------------------------
 def _evaluate_other(other, evaluation: Evaluation) -> dict | None:
     """``other``'s metrics on the evaluation's dataset (already scanned: not again), or None with the reason."""
-    progress = EvaluationBar(f"Evaluating {state.literal(other.name)}…").model(other, f"{state.literal(other.name)}: image")
+    name = state.literal(other.name)
+    progress = EvaluationBar(f"Evaluating {name}…").model(other, f"{name}: image")
     try:
         with uploads.naming_upload(evaluation.dataset_name, evaluation.folder.path):
             return coco_metrics.evaluate(other, evaluation.dataset, keep_predictions=False, progress=progress.images,

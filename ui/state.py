@@ -180,15 +180,20 @@ def rpn_settings(loaded: zoo.LoadedModel) -> RpnSettings:
     """The RPN settings runs of ``loaded`` use: the model's own (its arch's rpn_*_test; a model made for few
     objects proposes fewer regions), with the knobs the user changed on Inspect. A knob left alone follows
     each model: Compare with and another sidebar model run with theirs."""
+    return _with_overrides(model_rpn_settings(loaded.model))
+
+
+def _with_overrides(own: RpnSettings) -> RpnSettings:
     changed = st.session_state.get("rpn_overrides") or {}
-    return replace(model_rpn_settings(loaded.model), **{RPN_KNOBS[k]: v for k, v in changed.items() if k in RPN_KNOBS})
+    return replace(own, **{RPN_KNOBS[k]: v for k, v in changed.items() if k in RPN_KNOBS})
 
 
 def fill_rpn_knobs(loaded: zoo.LoadedModel) -> None:
     """Before Inspect draws its RPN knobs: show the settings runs use. Written only when those changed (a
     model of other defaults, applied knobs), so that a value typed but not yet applied survives other reruns."""
     ss = st.session_state
-    shown = (model_rpn_settings(loaded.model), rpn_settings(loaded))
+    own = model_rpn_settings(loaded.model)
+    shown = (own, _with_overrides(own))
     if ss.get("rpn_knobs_shown") != shown:
         for key, name in RPN_KNOBS.items():
             ss[key] = getattr(shown[1], name)
