@@ -12,7 +12,7 @@ import gc
 import streamlit as st
 
 import ui
-from ui import share, sidebar, state
+from ui import run_owner, share, sidebar, state
 
 # Streamlit runs gc.collect(2) after every run (a slider press included). With torch, torchvision and plotly
 # loaded that walks ~400k objects made at import, ~200 ms holding the GIL, so the page's last messages wait.
@@ -29,6 +29,7 @@ if problem := state.server_settings_problem():
     st.stop()
 state.init()
 share.restore()  # a shared link's view, before any widget is drawn and before / switches to Detect
+run_owner.token()  # on every page: a page link drops it from the address, and a reload must find it there
 
 DETECT = st.Page("ui/detect.py", title="Detect", icon=":material/center_focus_strong:", url_path="detect")
 PAGES = [

@@ -105,8 +105,12 @@ def test_a_reload_keeps_the_run_its_session_started_as_its_own(env, monkeypatch)
     assert links and not [link for link in links if job.owner in link], "a shared link hands the run over"
     at.query_params.clear()  # the browser's page links carry no query
     at.run()
-    at.switch_page("ui/finetune.py").run()
-    again = reload(at)
+    assert at.query_params.get("run_owner") == job.owner, "a reload on Detect would lose the run"
+    on_detect = reload(at, "ui/detect.py")
+    on_detect.query_params.clear()
+    on_detect.switch_page("ui/finetune.py").run()
+    assert THEIRS not in texts(on_detect), "a reload on another page loses the run"
+    again = reload(on_detect)
     assert THEIRS not in texts(again), "the page promises the run survives a reload"
     assert not again.button(key="ft_cancel").disabled
     other_tab = open_page("ui/finetune.py")

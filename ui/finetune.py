@@ -3,16 +3,15 @@ compare before/after.
 
 UI only: data preparation, the job, estimates and the comparison live in mrcnn.training.finetune /
 mrcnn.training.jobs. The run a session started stays its own (cancelled without asking) across page switches
-and reloads: the job's record holds the session's owner token, which the page's address carries. An uploaded
-zip is kept for the session in a server-named file (KeptUpload), so that a page switch does not lose it. What
-the page computed is kept: the before/after metrics per run (session), the validation set's scan and both
-models' detections per validation image (shared caches keyed by the run's checkpoint and its mtime), so moving
-a slider redraws and never runs a network again.
+and reloads: the job's record holds the session's owner token (ui/run_owner.py). An uploaded zip is kept for
+the session in a server-named file (KeptUpload), so that a page switch does not lose it. What the page
+computed is kept: the before/after metrics per run (session), the validation set's scan and both models'
+detections per validation image (shared caches keyed by the run's checkpoint and its mtime), so moving a
+slider redraws and never runs a network again.
 """
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,12 @@ from mrcnn.inference.trace import run_trace
 from mrcnn.model.zoo import LoadedModel
 from mrcnn.model.zoo import resolve_device
 from mrcnn.training import finetune, jobs
-from ui import state, tables
+from ui import run_owner, state, tables
 from ui.evaluation_bar import IMAGES_PER_BATCH, EvaluationBar
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 VAL_AP_KEYS = {"bbox_AP": "val box AP", "segm_AP": "val mask AP"}
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320, 384, 512, 640, 800]
-OWNER_PARAM = "run_owner"  # the address's parameter that holds the session's owner token (see _owner_token)
 
 
 @dataclass
@@ -241,28 +239,12 @@ def _estimate(loaded: LoadedModel, settings: finetune.FinetuneSettings) -> None:
             "plus a minute for evaluation before and after.")
 
 
-def _owner_token(create: bool = False) -> str | None:
-    """The secret that marks the runs this session started (jobs.Job.owner); made with ``create`` (on a start),
-    else None before the session's first start. Kept in session state, which page switches keep, and in the
-    page's address (?run_owner=…), which a reload keeps: the reloaded page reads it back. Share links are built
-    from their own parameters, never from the address, so they do not carry it."""
-    ss = st.session_state
-    if not ss.get("ft_owner") and (in_url := st.query_params.get(OWNER_PARAM)):
-        ss["ft_owner"] = in_url
-    if not ss.get("ft_owner") and create:
-        ss["ft_owner"] = secrets.token_urlsafe(16)
-    token = ss.get("ft_owner")
-    if token and st.query_params.get(OWNER_PARAM) != token:  # new, or a page switch dropped it from the address
-        st.query_params[OWNER_PARAM] = token
-    return token
-
-
 def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> None:
     """Prepare the data and start the job. Streamlit stops or reruns a script (leaving the page, a reload,
     Stop) by raising from its next st call, session state included: everything the run needs is written
     before the job starts (plan.json, the owner in the address and in the job's record), and once it has
     started nothing removes its folder."""
-    owner = _owner_token(create=True)
+    owner = run_owner.token(create=True)
     run_dir = finetune.new_run_dir()
     started = False
     try:
@@ -301,7 +283,7 @@ def _watch(job: jobs.Job) -> None:
         st.progress(prog["fraction"], text=f"step {prog['step']} / {prog['steps']} — elapsed "
                     f"{_fmt_s(prog['elapsed_s'])}, about {_fmt_s(prog['eta_s'])} left")
         # one run per server: another session's run is shown here too, and cancelling it is asked for first
-        theirs = not job.owner or job.owner != st.session_state.get("ft_owner")
+        theirs = not run_owner.owns(job.owner)
         if theirs:
             st.caption("This run was started in another session.")
         sure = not theirs or st.checkbox("Cancel another session's run", key="ft_cancel_theirs")
@@ -453,7 +435,6 @@ def render() -> None:
     st.caption("Start a short training run from the sidebar's model in the background, watch it learn, and "
                "compare before and after on the same validation images. One run at a time per server; it "
                "survives page reloads.")
-    _owner_token()  # read back from the address after a reload, put back there after a page switch
     current = jobs.current_job()
     if current is None and (problem := jobs.registry_problem()):
         st.warning(f"{problem} — treated as no job; starting a run replaces it.", icon=":material/warning:")
