@@ -402,6 +402,27 @@ def test_a_run_refused_before_its_first_step_leaves_no_folder_it_created(tmp_pat
     assert not (tmp_path / "new").exists()
 
 
+def test_under_torchrun_rank_0_alone_makes_the_run_folder(tmp_path, monkeypatch):
+    """Each rank made the folder and judged whether it had been there: a rank that made it first left rank 0
+    taking it for the user's own folder, so a run refused before its first step left it behind. Now rank 0
+    alone makes it before the ranks meet, and removes it on a refusal."""
+    out = tmp_path / "new" / "run"
+    there_at_rendezvous = {}
+
+    def rendezvous(device_kind):  # where torchrun's ranks meet; the other rank never comes
+        there_at_rendezvous[os.environ["RANK"]] = out.is_dir()
+        raise TrainingError("the other rank never came")
+
+    monkeypatch.setattr(engine, "init_distributed", rendezvous)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(TrainingError, match="never came"):
+            train(tiny_config(out), verbose=False)
+    assert there_at_rendezvous == {"1": False, "0": True}
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_refuses_a_checkpoint_whose_training_state_is_broken(tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, steps=1), verbose=False)

@@ -27,13 +27,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun's environment gives it, known before the process group exists (0 when
+    not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(device_kind: str) -> DistInfo:
     """torchrun's environment -> a process group (gloo on the CPU, nccl on CUDA); single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     import torch.distributed as dist
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(launched_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
     return info

@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,8 +54,8 @@ from mrcnn.model.checkpoint import load_checkpoint, load_state_dict_checked, sav
 from mrcnn.model.zoo import resolve_device
 from mrcnn.training.batches import BatchInterrupted, StepBatches, step_loader
 from mrcnn.training.config import BACKBONE_STAGES, LOSS_TERMS, TrainConfig, TrainResult, lr_factor
-from mrcnn.training.devices import (DistInfo, amp_dtype, any_rank, check_batch_fits, init_distributed, rng_state,
-                                    set_rng_state)
+from mrcnn.training.devices import (DistInfo, amp_dtype, any_rank, check_batch_fits, init_distributed,
+                                    launched_rank, rng_state, set_rng_state)
 from mrcnn.training.run_files import (RUN_FILES, is_number, is_run_status, truncate_metrics, write_json,
                                       write_status)
 from mrcnn.training.starting_model import count_trainable, prepare_for_training, starting_model
@@ -72,9 +73,13 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None,
     # refused before anything is written: the folder may hold another run, or the user's own files
     _check_run_folder(config, out)
     resume_ckpt = _checkpoint_to_resume(config, out / "checkpoint.pt")
-    created = not out.exists()  # a run refused before its first step removes it, and the parents it made
-    with removing_new_empty_folders(out):
-        out.mkdir(parents=True, exist_ok=True)
+    # Under torchrun rank 0 alone makes (and on a refusal removes) the folder, before the ranks meet: were
+    # each rank to look, a rank that made it first would leave rank 0 taking it for the user's own folder.
+    main_process = launched_rank() == 0
+    created = main_process and not out.exists()  # a run refused before its first step removes it
+    with removing_new_empty_folders(out) if main_process else nullcontext():  # and the parents it made
+        if main_process:
+            out.mkdir(parents=True, exist_ok=True)
         stepping = False
         try:
             device = resolve_device(config.device)
