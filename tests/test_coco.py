@@ -323,6 +323,36 @@ def test_dataset_images_are_decoded_as_detect_decodes_them(tmp_path):
                                                      "annotations.json says 20x16: images/img_003.png")
 
 
+def test_an_exif_orientation_that_keeps_the_size_is_one_note_and_annotations_follow_the_image_as_shown(
+        tmp_path, caplog):
+    """Orientations 2-4 (mirrored, turned 180°) keep width and height, so annotations.json cannot tell in which
+    frame its annotations were drawn: they are read as drawn on the image as shown (detectron2's reading), and
+    the report says so in one note naming the images, which the CLI prints; nothing is left out."""
+    from mrcnn.data.sources import open_data
+
+    root = write_coco(tmp_path, [image(1), image(2), image(3), image(4, w=H, h=W)],
+                      [ann(1, 1, seg=[[0, 0, 8, 0, 8, H, 0, H]], bbox=(0, 0, 8, H))], CATS)
+    stored = np.arange(H * W * 3, dtype=np.uint8).reshape(H, W, 3)
+    for i, orientation in ((1, 3), (2, 2), (4, 6)):  # 6 swaps the sides: annotations.json's size tells
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(stored).save(root / "images" / f"img_{i:03d}.png", exif=exif.tobytes())
+    report = validate_coco(root)
+    assert report.ok and not report.warnings and report.to_dict()["num_notes"] == 1
+    assert str(report.notes[0]) == (
+        "note: images: 2 images carry an EXIF orientation that keeps the size (img_001.png (turned 180°), "
+        "img_002.png (mirrored)): annotations are read as drawn on the image as shown, turned as the tag says "
+        "(as detectron2 reads them); if they were drawn on the pixels as stored, remove the tag")
+    assert f"  {report.notes[0]}" in report.summary().splitlines()
+    with caplog.at_level("WARNING", logger="mrcnn"):
+        ds = open_data(str(root))
+    assert [r.getMessage() for r in caplog.records] == [f"{root}: {report.notes[0].where}: {report.notes[0].message}"]
+    assert len(ds) == 4
+    pixels, target = ds[0]
+    assert np.array_equal(pixels.mul(255).round().byte().permute(1, 2, 0).numpy(), stored[::-1, ::-1])
+    assert target["masks"][0][:, :8].all() and not target["masks"][0][:, 8:].any()  # on the image as shown
+
+
 def test_degenerate_annotations_never_reach_torchvision(tmp_path):
     from tests.helpers import tiny_loaded
 

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mrcnn.data import uploads
 from mrcnn.data.coco import load_dataset
@@ -295,6 +296,17 @@ def test_detect_uploads_are_read_in_memory(env, tmpdir, tmp_path):
     assert len(list(tmpdir.iterdir())) == baseline
 
 
+def turn_180_by_exif(files: dict[str, bytes]) -> str:
+    """Tag the zip's first image with EXIF orientation 3 (turned 180°, same size); its file_name."""
+    name = sorted(n for n in files if n.startswith("images/"))[0]
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    out = io.BytesIO()
+    Image.open(io.BytesIO(files[name])).save(out, "PNG", exif=exif.tobytes())
+    files[name] = out.getvalue()
+    return name.removeprefix("images/")
+
+
 def test_evaluate_reports_the_annotations_it_skipped(env, tmp_path):
     folder = write_dataset(tmp_path / "degenerate", 2, seed=3, size=64)
     files = {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()}
@@ -303,13 +315,14 @@ def test_evaluate_reports_the_annotations_it_skipped(env, tmp_path):
     first["bbox"][2] = 0  # zero-width
     first["segmentation"] = [[10, 10, 10, 10, 10, 10]]  # three identical points
     files["annotations.json"] = json.dumps(ann).encode()
+    turned = turn_180_by_exif(files)
     at = open_page("ui/evaluate.py")
     at.radio(key="ev_source").set_value("Upload a COCO .zip").run()
     at.file_uploader(key="ev_upload").upload("odd.zip", zip_bytes(files), "application/zip").run()
     at.button(key="ev_go").click().run()
     assert not at.exception, at.exception
-    assert "Dataset report: 1 annotation skipped" in [e.label for e in at.expander]
-    assert f"annotation {first['id']}" in page_texts(at)
+    assert "Dataset report: 1 annotation skipped, 1 note" in [e.label for e in at.expander]
+    assert f"annotation {first['id']}" in page_texts(at) and f"({turned} (turned 180°))" in page_texts(at)
 
 
 def test_finetune_reports_the_annotations_it_skipped(env, tmp_path, monkeypatch):
@@ -321,11 +334,12 @@ def test_finetune_reports_the_annotations_it_skipped(env, tmp_path, monkeypatch)
     first["bbox"][2] = 0
     first["segmentation"] = [[10, 10, 10, 10, 10, 10]]
     files["annotations.json"] = json.dumps(ann).encode()
+    turned = turn_180_by_exif(files)
     at = open_page("ui/finetune.py")
     at.radio(key="ft_source").set_value("Upload a COCO .zip").run()
     at.number_input(key="ft_steps").set_value(2).run()
     at.file_uploader(key="ft_upload").upload("odd.zip", zip_bytes(files), "application/zip").run()
     at.button(key="ft_start").click().run()
     assert not at.exception, at.exception
-    assert "Dataset report: 1 annotation skipped" in [e.label for e in at.expander]
-    assert f"annotation {first['id']}" in page_texts(at)
+    assert "Dataset report: 1 annotation skipped, 1 note" in [e.label for e in at.expander]
+    assert f"annotation {first['id']}" in page_texts(at) and f"({turned} (turned 180°))" in page_texts(at)

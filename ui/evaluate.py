@@ -504,7 +504,8 @@ def render() -> None:
                    f"{_run_settings(loaded.run_key)}. Press Evaluate to measure it so.", icon=":material/sync:")
         _metrics_tables(result)
         return
-    tables.skipped_annotations([str(issue) for issue in evaluation.dataset.report.warnings])
+    report = evaluation.dataset.report
+    tables.dataset_report([str(issue) for issue in report.warnings], [str(issue) for issue in report.notes])
     _metrics_tables(result)
     _other_settings(evaluation)
     _comparison(loaded, evaluation)

@@ -251,9 +251,10 @@ def _start(settings: finetune.FinetuneSettings, upload: KeptUpload | None) -> No
         with st.status("Preparing data…", expanded=True) as status:
             if upload is not None:  # a server-named file; the user's name only labels messages
                 plan = finetune.prepare_upload(upload.path, settings, run_dir, display_name=upload.name)
-                skipped = [f"{i['where']}: {i['message']}" for i in plan.report.get("issues", [])
-                           if i.get("level") == "warning"]
-                st.session_state["ft_dataset_report"] = (str(run_dir), skipped)  # shown beside the run
+                issues = plan.report.get("issues", [])
+                skipped, notes = ([f"{i['where']}: {i['message']}" for i in issues if i.get("level") == level]
+                                  for level in ("warning", "note"))
+                st.session_state["ft_dataset_report"] = (str(run_dir), skipped, notes)  # shown beside the run
             else:
                 plan = finetune.prepare_builtin(settings, run_dir)
             atomic_write_bytes(Path(run_dir) / "plan.json",
@@ -439,9 +440,9 @@ def render() -> None:
     if current is None and (problem := jobs.registry_problem()):
         st.warning(f"{problem} — treated as no job; starting a run replaces it.", icon=":material/warning:")
     if current is not None:
-        run_dir, skipped = st.session_state.get("ft_dataset_report") or (None, [])
+        run_dir, skipped, notes = st.session_state.get("ft_dataset_report") or (None, [], [])
         if run_dir == str(current.run_dir):  # the report of the upload this run was started from
-            tables.skipped_annotations(skipped)
+            tables.dataset_report(skipped, notes)
     if current is not None and current.state() == "running":
         st.subheader(f"Run {Path(current.run_dir).name}")
         _watch(current)

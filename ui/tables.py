@@ -33,11 +33,14 @@ def per_class_table(per_class: dict[str, dict[str, float]]) -> pd.DataFrame:
     return table.reindex(columns=[c for c in columns if c in table.columns]).rename(columns=columns)
 
 
-def skipped_annotations(lines: list[str], shown: int = 200) -> None:
-    """The annotations a dataset check skipped, one line each (why), in a folded report."""
-    if not lines:
+def dataset_report(skipped: list[str], notes: list[str] = (), shown: int = 200) -> None:
+    """A dataset check's annotations skipped (why, one line each) and notes on how it was read (an EXIF
+    orientation), in a folded report."""
+    if not skipped and not notes:
         return
-    title = f"Dataset report: {len(lines)} annotation{'' if len(lines) == 1 else 's'} skipped"
-    with st.expander(title, icon=":material/report:"):
+    counts = [f"{len(skipped)} annotation{'' if len(skipped) == 1 else 's'} skipped"] if skipped else []
+    counts += [f"{len(notes)} note{'' if len(notes) == 1 else 's'}"] if notes else []
+    lines = [*notes, *skipped]
+    with st.expander(f"Dataset report: {', '.join(counts)}", icon=":material/report:"):
         st.markdown("\n".join(f"- {line}" for line in lines[:shown])
                     + (f"\n- … and {len(lines) - shown} more" if len(lines) > shown else ""))

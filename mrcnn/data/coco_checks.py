@@ -9,7 +9,8 @@ malformed segmentation, a polygon point more than one image size outside the ima
 image or annotation is left out, and ``load_dataset`` (mrcnn.data.coco) refuses a dataset that has any.
 *Warnings* name an annotation that is skipped but leaves the data usable (zero-width box, empty mask):
 ``report.warnings`` lists them, one ValidationIssue each, and ``open_data`` logs them (the CLI prints them
-as ``warning: ...`` lines). ``scan_dataset`` returns the valid part, which CocoDataset reads from: no
+as ``warning: ...`` lines). *Notes* (``report.notes``) say how something was read that a person may not
+expect (images an EXIF orientation mirrors or turns 180°); nothing is left out, and they are logged too. ``scan_dataset`` returns the valid part, which CocoDataset reads from: no
 instance in it is one torchvision would reject.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ _REQUIRED_IMAGE = ("id", "file_name", "width", "height")
 _REQUIRED_ANNOTATION = ("id", "image_id", "category_id", "segmentation")
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 _EXIF_ORIENTATION = 0x0112
+# Orientations that keep width and height, so annotations.json's sizes cannot tell whether its annotations
+# were drawn on the image as shown or as stored: they are read as shown, as detectron2 reads them.
+_SAME_SIZE_TURNS = {2: "mirrored", 3: "turned 180°", 4: "flipped upside down"}
 # pycocotools rasterises a polygon by walking every edge pixel by pixel (its memory grows with the edge
 # length; ±2e8 crashed the process). A point more than one image size beyond an edge is no drawing
 # mistake but coordinates of another image or scale, and bounding them bounds that walk.
@@ -48,7 +52,7 @@ MAX_POLYGON_PERIMETER = 100     # times (width + height): far more than any outl
 
 @dataclass
 class ValidationIssue:
-    level: str    # "error" | "warning"
+    level: str    # "error" | "warning" | "note"
     where: str    # "annotations.json", "category 3 ('dog')", "image 17 (img_017.png)", "annotation 45 (image 17)"
     message: str
 
@@ -74,6 +78,9 @@ class ValidationReport:
     def warning(self, where: str, message: str) -> None:
         self.issues.append(ValidationIssue("warning", where, message))
 
+    def note(self, where: str, message: str) -> None:
+        self.issues.append(ValidationIssue("note", where, message))
+
     @property
     def errors(self) -> list[ValidationIssue]:
         return [i for i in self.issues if i.level == "error"]
@@ -81,6 +88,10 @@ class ValidationReport:
     @property
     def warnings(self) -> list[ValidationIssue]:
         return [i for i in self.issues if i.level == "warning"]
+
+    @property
+    def notes(self) -> list[ValidationIssue]:
+        return [i for i in self.issues if i.level == "note"]
 
     @property
     def ok(self) -> bool:
@@ -93,7 +104,7 @@ class ValidationReport:
                 f"annotations, {len(self.categories)} categories{cats}; "
                 f"{n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)}")
         # Errors first: they are what stops the dataset from loading.
-        shown = (self.errors + self.warnings)[:max_issues]
+        shown = (self.errors + self.warnings + self.notes)[:max_issues]
         lines = [head] + [f"  {issue}" for issue in shown]
         if len(self.issues) > len(shown):
             lines.append(f"  ... and {len(self.issues) - len(shown)} more")
@@ -101,7 +112,7 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(ok=self.ok, num_errors=len(self.errors), num_warnings=len(self.warnings))
+        d.update(ok=self.ok, num_errors=len(self.errors), num_warnings=len(self.warnings), num_notes=len(self.notes))
         return d
 
 
@@ -240,37 +251,40 @@ def _image_where(entry: Any, j: int) -> str:
     return f"image #{j} in the list"
 
 
-def _check_image_file(file: Path, width: int, height: int) -> str | None:
-    """None if the file is an image of the stated size (after its EXIF orientation, as mrcnn.data.images
-    reads it), else what is wrong."""
+def _check_image_file(file: Path, width: int, height: int) -> tuple[str | None, int]:
+    """(None if the file is an image of the stated size (after its EXIF orientation, as mrcnn.data.images
+    reads it), else what is wrong; its EXIF orientation, 1 when it has none)."""
+    orientation = 1
     try:
         with Image.open(file) as img:
-            size, turned = img.size, _exif_turns_sideways(img)
+            size, orientation = img.size, _exif_orientation(img)
         with Image.open(file) as img:  # verify() must come first after opening
             img.verify()  # checksums / structure without decoding all pixels
     except FileNotFoundError:
-        return "image file not found"
+        return "image file not found", 1
     except UnidentifiedImageError:
-        return "unreadable image: not an image file (unrecognised format)"
+        return "unreadable image: not an image file (unrecognised format)", 1
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"unreadable image: {reason(err)}"
+        return f"unreadable image: {reason(err)}", 1
+    turned = orientation in (5, 6, 7, 8)  # these swap width and height
     if turned:
         size = size[::-1]
     if size != (width, height):
         oriented = " after its EXIF orientation" if turned else ""
-        return f"image is {size[0]}x{size[1]} pixels{oriented} but annotations.json says {width}x{height}"
-    return None
+        return f"image is {size[0]}x{size[1]} pixels{oriented} but annotations.json says {width}x{height}", orientation
+    return None, orientation
 
 
-def _exif_turns_sideways(img: Image.Image) -> bool:
-    """Whether the EXIF Orientation tag swaps width and height (5-8), as ImageOps.exif_transpose reads
-    it; unreadable EXIF leaves the image as stored there too."""
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1-8) as ImageOps.exif_transpose reads it; 1 when there is none or it is
+    unreadable (the image is then used as stored there too)."""
     if img.format == "PNG" and "exif" not in img.info:
-        return False  # an eXIf chunk after the pixels is found only by decoding them: not for a check
+        return 1  # an eXIf chunk after the pixels is found only by decoding them: not for a check
     try:
-        return img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+        value = img.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # noqa: BLE001 - malformed EXIF is common and never refuses the image
-        return False
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _find_image_file(root: Path, rel: Path) -> Path:
@@ -339,6 +353,7 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
     max_pixels = max_pixels_from_env()
     images: list[tuple[int, str, Path, int, int]] = []
     raw_images: dict[int, dict] = {}
+    same_size_turns: list[str] = []  # "file (how)" of images an EXIF orientation turns without a size change
     seen_ids: set = set()
     for j, e in enumerate(data["images"]):
         where = _image_where(e, j)
@@ -377,12 +392,20 @@ def scan_dataset(root: Path, report: ValidationReport, check_files: bool = True)
             report.error(where, f"cannot look up file_name: {reason(err)}")
             continue
         if check_files:
-            problem = _check_image_file(file, w, h)
+            problem, orientation = _check_image_file(file, w, h)
             if problem:
                 report.error(where, f"{problem}: {file.relative_to(root) if file.is_relative_to(root) else file}")
                 continue
+            if orientation in _SAME_SIZE_TURNS:
+                same_size_turns.append(f"{name} ({_SAME_SIZE_TURNS[orientation]})")
         images.append((e["id"], name, file, w, h))
         raw_images[e["id"]] = e
+    if same_size_turns:
+        n = len(same_size_turns)
+        report.note("images", f"{n} image{'s' * (n != 1)} carr{'ies' if n == 1 else 'y'} an EXIF orientation "
+                    f"that keeps the size ({', '.join(same_size_turns[:3])}{', …' if n > 3 else ''}): "
+                    "annotations are read as drawn on the image as shown, turned as the tag says (as "
+                    "detectron2 reads them); if they were drawn on the pixels as stored, remove the tag")
     sizes = {i: (h, w) for i, _, _, w, h in images}
 
     annotations: dict[int, list[Annotation]] = {i: [] for i, *_ in images}

@@ -53,7 +53,8 @@ def parse_shapes_spec(spec: str) -> dict:
 
 def open_data(spec: str, categories: list[str] | None = None, transforms=None):
     """A dataset from a COCO folder, a .zip or a ``shapes:...`` spec (DatasetError when unusable).
-    A COCO dataset's warnings (annotations it skips, and why) go to the ``mrcnn`` logger, one line each."""
+    A COCO dataset's warnings (annotations it skips, and why) and notes go to the ``mrcnn`` logger, one line
+    each."""
     spec = str(spec)
     if spec.startswith("shapes:"):
         kwargs = parse_shapes_spec(spec)
@@ -64,6 +65,8 @@ def open_data(spec: str, categories: list[str] | None = None, transforms=None):
     ds = load_dataset(spec, categories)
     ds.transforms = transforms
     _log_warnings(spec, ds.report.warnings)
+    for note in ds.report.notes:  # how something was read that a person may not expect (EXIF orientation)
+        log.warning("%s: %s: %s", spec, note.where, note.message)
     return ds
 
 
