@@ -479,6 +479,52 @@ def test_app_clip_frames_use_inspects_rpn_knobs_as_the_frame_as_an_image_does(ap
     assert shown_count(at) == as_clip_frame
 
 
+def test_app_clip_asks_before_processing_again_for_new_rpn_knobs_and_keeps_earlier_processings(
+        app_env, clip_bytes, monkeypatch):
+    """Inspect's RPN knobs are turned while looking at one frame; processing the clip again takes minutes, so
+    Detect asks first and shows the frames as processed until then. Going back to earlier knobs shows their
+    frames at once."""
+    frames_run = []
+
+    def counted_run_trace(*args, **kwargs):
+        frames_run.append(1)
+        return run_trace(*args, **kwargs)
+    monkeypatch.setattr("mrcnn.inference.video.run_trace", counted_run_trace)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["device"], at.session_state["precision"] = "cpu", "float32"  # as the expected frame runs
+    at.run()
+    at.slider(key="score_thresh").set_value(0.3).run()
+    at.file_uploader[0].upload("walk.mp4", clip_bytes, "video/mp4").run()
+    at.slider(key="video_frame").set_value(2).run()
+    own_knobs = shown_count(at)
+    assert len(frames_run) == FRAMES
+
+    at.session_state["rpn_overrides"] = {"rpn_post_nms_top_n": 5}  # as Inspect's knobs leave it
+    at.run()
+    assert not at.exception, at.exception
+    offer = [md.value for md in at.markdown if "processed with other RPN knobs" in md.value]
+    assert offer and "Inspect's are now pre-NMS top-N" in offer[0] and "post-NMS top-N 5," in offer[0]
+    assert len(frames_run) == FRAMES and shown_count(at) == own_knobs  # the frames as processed, no network
+    assert not [c for c in at.caption if "RPN knobs set on Inspect are in use" in c.value]
+
+    click(at, "Process the clip with the current RPN knobs")
+    assert len(frames_run) == 2 * FRAMES
+    assert not [md for md in at.markdown if "processed with other RPN knobs" in md.value]
+    assert any("RPN knobs set on Inspect are in use" in c.value for c in at.caption)
+    clip = at.session_state["video"]
+    first, now = clip.processings.values()
+    assert now is clip.shown and now.rpn.post_nms_top_n == 5 and first.rpn.post_nms_top_n > 5
+    assert all(len(set((c.ids // c.num_classes).tolist())) <= 5 for c in now.candidates)  # 5 proposals a frame
+    assert any(len(set((c.ids // c.num_classes).tolist())) > 5 for c in first.candidates)
+    assert shown_count(at) == len(now.candidates[2].refilter(LOW.replace(score_thresh=0.3, max_detections=100)))
+    assert shown_count(at) < own_knobs  # the knobs made a difference
+
+    at.session_state["rpn_overrides"] = {}  # Inspect's "Defaults"
+    at.run()
+    assert len(frames_run) == 2 * FRAMES and shown_count(at) == own_knobs  # kept: shown at once
+    assert not [md for md in at.markdown if "processed with other RPN knobs" in md.value]
+
+
 def test_app_clip_takes_a_run_slot_per_frame(app_env, clip_bytes, monkeypatch):
     import ui.state
     slot, events, learns = ui.state.network_slot, [], []

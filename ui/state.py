@@ -215,8 +215,12 @@ def reset_rpn_knobs() -> None:
 def rpn_note(rpn: RpnSettings, loaded: zoo.LoadedModel) -> None:
     """Detect's and a clip's note that Inspect's RPN knobs, which change what is found, are not the model's own."""
     if rpn != model_rpn_settings(loaded.model):
-        st.caption(f":orange[RPN knobs set on Inspect are in use] (pre-NMS top-N {rpn.pre_nms_top_n}, post-NMS "
-                   f"top-N {rpn.post_nms_top_n}, NMS IoU {rpn.nms_thresh:.2f}, score ≥ {rpn.score_thresh:.2f})")
+        st.caption(f":orange[RPN knobs set on Inspect are in use] ({rpn_text(rpn)})")
+
+
+def rpn_text(rpn: RpnSettings) -> str:
+    return (f"pre-NMS top-N {rpn.pre_nms_top_n}, post-NMS top-N {rpn.post_nms_top_n}, NMS IoU "
+            f"{rpn.nms_thresh:.2f}, score ≥ {rpn.score_thresh:.2f}")
 
 
 # ---- models -----------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ decoded and the last annotated clip made).
 
 Frames run as Detect's images do: with the session's RPN knobs (Inspect's), each in one of the server's run
 slots with its memory reserved in the trace cache's budget (``state.network_slot``), taken per frame so that
-another session waits at most one frame. The frames are processed again when anything that changes what the
-network computes changes (``run_key``: model, weights, device, precision, RPN knobs).
+another session waits at most one frame. The frames are processed again when the model, its weights, device
+or precision change (``run_key``). A change of Inspect's RPN knobs alone asks first: processing a clip takes
+minutes, and the knobs are turned while looking at one frame. The last few processings are kept (a few KB a
+frame), so going back to earlier settings shows their frames at once.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import hashlib
 import io
 import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,20 +39,29 @@ from ui import state
 
 UPLOAD_TYPES = list(CLIP_EXTENSIONS)  # and animated GIFs, which the image list already has
 DISPLAY_KEYS = ("show_masks", "show_boxes", "show_labels", "show_outlines", "color_by", "opacity")
+KEPT_PROCESSINGS = 3  # a clip's processings kept per session, the one shown included
+
+
+@dataclass(eq=False)
+class Processing:
+    """Every frame of a clip processed under one ``run_key``."""
+
+    rpn: RpnSettings  # the RPN knobs the frames were processed with
+    pts: list  # frame index -> timestamp (Clip.frame_at)
+    times: list  # frame index -> seconds
+    candidates: list  # frame index -> FrameCandidates
+    seconds: float  # processing time
 
 
 @dataclass(eq=False)
 class ClipState:
-    """The open clip and, once processed under a model, each frame's candidates."""
+    """The open clip and, once processed, each frame's candidates under the settings it is shown with
+    (``run_key``) and under the last few others (``processings``, least recently shown first)."""
 
     upload_id: str  # the uploader's file id: a failure is recorded under it
     clip: Clip
-    run_key: tuple | None = None  # what the frames were processed with (``run_key``); None: not yet
-    rpn: RpnSettings = field(default_factory=RpnSettings)  # the RPN knobs the frames were processed with
-    pts: list = field(default_factory=list)  # frame index -> timestamp (Clip.frame_at)
-    times: list = field(default_factory=list)  # frame index -> seconds
-    candidates: list = field(default_factory=list)  # frame index -> FrameCandidates
-    seconds: float = 0.0  # processing time
+    run_key: tuple | None = None  # the processing shown; None: none yet
+    processings: OrderedDict = field(default_factory=OrderedDict)  # run_key -> Processing
     over_image: str | None = None  # the image the clip is shown over; choosing another closes the clip
 
     @property
@@ -57,8 +69,31 @@ class ClipState:
         return self.clip.info.name
 
     @property
+    def shown(self) -> Processing:
+        return self.processings[self.run_key]
+
+    @property
+    def candidates(self) -> list:
+        return self.shown.candidates if self.run_key is not None else []
+
+    @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.candidates)
+
+    def show(self, key: tuple) -> None:
+        self.run_key = key
+        self.processings.move_to_end(key)
+
+    def keep(self, key: tuple, processing: Processing) -> None:
+        self.processings[key] = processing
+        self.show(key)
+        while len(self.processings) > KEPT_PROCESSINGS:
+            self.processings.popitem(last=False)
+
+    def forget_shown(self) -> None:
+        """Drop the processing shown (to process the clip again under the same settings)."""
+        self.processings.pop(self.run_key, None)
+        self.run_key = None
 
 
 def is_clip_upload(upload) -> bool:
@@ -139,9 +174,7 @@ def _process(loaded, clip: ClipState, rpn: RpnSettings) -> bool:
         st.error(f"**{state.literal(clip.name)}** was not processed: {state.literal(err)}", icon=":material/broken_image:")
         return False
     bar.empty()
-    clip.pts, clip.times, clip.candidates, clip.rpn = pts, times, candidates, rpn
-    clip.run_key = run_key(loaded, rpn)
-    clip.seconds = time.perf_counter() - start
+    clip.keep(run_key(loaded, rpn), Processing(rpn, pts, times, candidates, time.perf_counter() - start))
     st.session_state["video_frame"] = min(st.session_state.get("video_frame", 0), len(candidates) - 1)
     return True
 
@@ -152,7 +185,7 @@ def _frame_pixels(clip: ClipState, index: int) -> np.ndarray:
     cached = ss.get("video_shown_frame")
     if cached is not None and cached[0] == (id(clip), index):
         return cached[1]
-    array = clip.clip.frame_at(index, clip.pts[index])
+    array = clip.clip.frame_at(index, clip.shown.pts[index])
     ss["video_shown_frame"] = ((id(clip), index), array)
     return array
 
@@ -171,26 +204,28 @@ def _explore(loaded, clip: ClipState, controls: Callable[[list[str]], dict]) -> 
     with ctrl:
         opts = controls([c for c in dict.fromkeys(loaded.categories[1:]) if c != "N/A"])
     thresholds = state.thresholds()
-    n = len(clip.candidates)
+    shown = clip.shown
+    n = len(shown.candidates)
     with out:
         index = st.slider("Frame", 0, max(n - 1, 1), key="video_frame", disabled=n < 2, persist_state="session",
                           help="Each frame's detections were computed once; moving this only re-filters them")
         index = min(int(index), n - 1)
         start = time.perf_counter()
-        frame_cands: FrameCandidates = clip.candidates[index]
+        frame_cands: FrameCandidates = shown.candidates[index]
         dets = frame_cands.refilter(thresholds).of_classes(opts.get("class_filter", []))
         refilter_ms = (time.perf_counter() - start) * 1000.0
         array = _frame_pixels(clip, index)
         st.markdown(f"### {len(dets)} detections")
-        st.caption(f"Frame {index + 1} of {n} · {clip.times[index]:.2f} s · re-filtered in {refilter_ms:.0f} ms — "
-                   f"the network ran once per frame ({clip.seconds:.0f} s for the clip)")
+        st.caption(f"Frame {index + 1} of {n} · {shown.times[index]:.2f} s · re-filtered in {refilter_ms:.0f} ms — "
+                   f"the network ran once per frame ({shown.seconds:.0f} s for the clip)")
         if not frame_cands.exact_for(thresholds):
             st.caption(f":orange[The frames keep candidates scoring above {frame_cands.floor:.2f}: lower "
                        "thresholds show only those.]")
             if st.button("Process the clip again at this threshold", key="video_again", icon=":material/replay:"):
-                clip.run_key = None
+                clip.forget_shown()
                 st.rerun()
-        state.rpn_note(clip.rpn, loaded)
+        if shown.rpn == state.rpn_settings(loaded):  # else _offer_rpn_processing says which knobs they had
+            state.rpn_note(shown.rpn, loaded)
         st.image(draw_detections(array, dets, **state.display_settings()), width="stretch")
         st.caption(f"{state.literal(clip.name)} · {clip.clip.info.width}×{clip.clip.info.height} px · {clip.clip.info.fps:.3g} fps "
                    f"· model `{loaded.name}` · kept per frame: {clip.nbytes / n / 1e3:.0f} KB on average")
@@ -241,6 +276,28 @@ def render(loaded, controls: Callable[[list[str]], dict]) -> None:
         close_clip()
         st.rerun()
     rpn = state.rpn_settings(loaded)
-    if clip.run_key != run_key(loaded, rpn) and not _process(loaded, clip, rpn):
-        return
+    wanted = run_key(loaded, rpn)
+    if clip.run_key != wanted:
+        if wanted in clip.processings:  # processed under these settings before: shown at once
+            clip.show(wanted)
+        elif clip.run_key is not None and clip.run_key[:-1] == wanted[:-1]:  # only Inspect's RPN knobs changed
+            if not _offer_rpn_processing(loaded, clip, rpn):
+                return
+        elif not _process(loaded, clip, rpn):
+            return
     _explore(loaded, clip, controls)
+
+
+def _offer_rpn_processing(loaded, clip: ClipState, rpn: RpnSettings) -> bool:
+    """Inspect's RPN knobs changed since the clip was processed: the frames stay as they were processed
+    until the user asks for the clip to be processed again. False after a message (the clip failed)."""
+    with st.container(border=True):
+        st.markdown(f":orange[These frames were processed with other RPN knobs] ({state.rpn_text(clip.shown.rpn)}); "
+                    f"Inspect's are now {state.rpn_text(rpn)}. Processing the clip again runs the network on "
+                    f"every frame (it took {clip.shown.seconds:.0f} s).")
+        if not st.button("Process the clip with the current RPN knobs", key="video_rpn_again",
+                         icon=":material/replay:"):
+            return True
+    if _process(loaded, clip, rpn):
+        st.rerun()  # drawn again without this offer
+    return False
