@@ -31,8 +31,10 @@ def imported_r50(tmp_path, monkeypatch):
 
 def test_imported_r50_finetunes_on_new_classes_and_exports_to_torchvision(tmp_path, imported_r50):
     write_dataset(tmp_path / "data", 4, seed=5, size=128, classes=("star", "ring"))
-    cfg = TrainConfig(model="my-r50", data=str(tmp_path / "data"), steps=2, batch_size=1, lr=0.01,
-                      warmup_steps=0, image_size=128, checkpoint_every=0, log_every=1, device="cpu", threads=2,
+    # one step shows what trains and what stays frozen; no threads setting: train() would keep it for the
+    # rest of this process (threads=2 made one of the suite's two workers take both cores for every later test)
+    cfg = TrainConfig(model="my-r50", data=str(tmp_path / "data"), steps=1, batch_size=1, lr=0.01,
+                      warmup_steps=0, image_size=128, checkpoint_every=0, log_every=1, device="cpu",
                       out=str(tmp_path / "run"))
     result = train(cfg, verbose=False)
     assert result.state == "finished", result.message

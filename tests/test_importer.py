@@ -63,6 +63,22 @@ def test_class_names_from_coco_annotations_and_sidecars(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def forward_settings(model) -> dict:
+    """What an eval-mode forward reads besides the weights: the resize, the RPN's and the box heads' settings."""
+    rpn, heads, transform = model.rpn, model.roi_heads, model.transform
+    return {"transform": (transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+                          transform.size_divisible, transform.fixed_size),
+            "rpn": (rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh, rpn.min_size),
+            "heads": (heads.score_thresh, heads.nms_thresh, heads.detections_per_img)}
+
+
+def fewer_proposals(model) -> None:
+    """100 proposals and 10 detections, not 1000 and 100: with every class's score raised each proposal is
+    a detection, and the box and mask heads' work on them was most of each R50 forward (4 s for v2)."""
+    model.rpn._post_nms_top_n = dict(model.rpn._post_nms_top_n, testing=100)
+    model.roi_heads.detections_per_img = 10
+
+
 @pytest.mark.parametrize("builder, num_classes, wrap", [(maskrcnn_resnet50_fpn, 3, "ddp"),
                                                        (maskrcnn_resnet50_fpn_v2, 5, "references")])
 def test_imported_torchvision_model_detects_exactly_as_torchvision(tmp_path, builder, num_classes, wrap):
@@ -79,6 +95,9 @@ def test_imported_torchvision_model_detects_exactly_as_torchvision(tmp_path, bui
     imported = import_model(src, classes=names, min_size=128, max_size=160, dest_dir=tmp_path / "models")
     loaded = load_model(str(imported.checkpoint), device="cpu")
     assert loaded.arch["name"] == builder.__name__ and loaded.categories[1:] == names
+    assert forward_settings(loaded.model) == forward_settings(reference)
+    for model in (loaded.model, reference):  # both alike, after the check above: see fewer_proposals
+        fewer_proposals(model)
     image = torch.from_numpy(scene(96, 128, seed=3)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         ours, theirs = loaded.model([image])[0], reference([image])[0]
