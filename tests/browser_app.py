@@ -104,6 +104,36 @@ def browser():
         b.close()
 
 
+# Counts the script runs a page sees start (its app root's data-test-script-state leaving "notRunning") and
+# notes when that state last changed: a run that starts and ends between two looks is still counted, and a
+# rerun that follows another at once ("notRunning" for a moment between them) is not taken for the end.
+RUN_COUNTER = """(() => {
+  window.__mrcnnRuns = 0;
+  window.__mrcnnStateChanged = performance.now();
+  new MutationObserver((records) => {
+    for (const r of records) {
+      window.__mrcnnStateChanged = performance.now();
+      if (r.target.getAttribute("data-test-script-state") !== "notRunning") window.__mrcnnRuns++;
+    }
+  }).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-test-script-state"]});
+})();"""
+IDLE = """(quietMs) => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  return app !== null && app.dataset.testScriptState === "notRunning"
+    && performance.now() - window.__mrcnnStateChanged >= quietMs;
+}"""
+
+
+def new_page(browser, height: int = 1000, errors: list[str] | None = None):
+    """A page in a browser context of its own (a new session), 1400 px wide, counting its script runs
+    (``script_runs``); its JavaScript errors go to ``errors``."""
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.add_init_script(RUN_COUNTER)
+    if errors is not None:
+        page.on("pageerror", lambda err: errors.append(str(err)))
+    return page
+
+
 def detection_count(page) -> int:
     heading = page.locator("h3").filter(has_text=COUNT).first
     heading.wait_for(timeout=60_000)
@@ -131,18 +161,68 @@ def wait_count_change(page, old: int, timeout: float = 30.0) -> int:
     return old if new is None else new
 
 
-def wait_for_rerun(page, timeout: float = 30.0) -> None:
-    """Wait until the script run an action started has ended (the app root's ``data-test-script-state``
-    leaves "notRunning" and comes back to it), then a moment for what it sent to be drawn; a run that ended
-    before we looked is not waited for."""
-    busy = page.locator('[data-testid="stApp"]:not([data-test-script-state="notRunning"])')
+def script_runs(page) -> int:
+    """How many script runs this page has seen start (RUN_COUNTER, from ``new_page``): take it before an
+    action, give it to ``wait_for_rerun`` after."""
+    return page.evaluate("window.__mrcnnRuns")
+
+
+def wait_for_idle(page, quiet_ms: int = 150, timeout: float = 30.0) -> None:
+    """Until no script run is going: the app root's ``data-test-script-state`` is "notRunning" and has not
+    changed for ``quiet_ms`` (a page from ``new_page``)."""
+    page.wait_for_function(IDLE, arg=quiet_ms, polling=50, timeout=timeout * 1000)
+
+
+def wait_for_rerun(page, since: int, timeout: float = 30.0) -> None:
+    """Wait until the script run an action started has ended: a run started after ``since`` (``script_runs``
+    before the action) and none is going, then a moment for what it sent to be drawn (300 ms after the run
+    ended in all). Where no run is seen start (none came) the wait for one gives up after a second."""
     try:
-        busy.wait_for(state="attached", timeout=1_000)
-    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: it ended (or never started) already
+        page.wait_for_function(f"window.__mrcnnRuns > {since}", timeout=1_000)
+    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no run seen
         pass
-    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(
-        state="attached", timeout=timeout * 1000)
-    page.wait_for_timeout(300)
+    wait_for_idle(page, timeout=timeout)
+    page.wait_for_timeout(150)
+
+
+def screenshot(page, name: str, height: int | None = None) -> None:
+    """The whole page in test-artifacts/``name``. Streamlit scrolls inside its own container: for a page
+    taller than the window the window is made ``height`` px tall for the picture, then put back."""
+    size = page.viewport_size
+    if height is not None:
+        page.set_viewport_size({"width": size["width"], "height": height})
+    settle(page)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    if height is not None:
+        page.set_viewport_size(size)
+
+
+def settle(page) -> None:
+    """Until the page's pictures are loaded and two frames are drawn: what a resize re-laid out is painted."""
+    page.wait_for_function("() => [...document.images].every((img) => img.complete)", timeout=10_000)
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
+def pick_file_named(page, file_input, path: Path, name: str) -> None:
+    """Give ``file_input`` the file at ``path`` under the name ``name`` (one no file on disk has, such as
+    "../x.pt"), as a crafted upload would. Playwright takes a file as bytes only under a name of our own,
+    and passes 10 MB of bytes in 2 s: the file goes in by its path to an input of our own, and the browser
+    renames it and hands it on, with the events Playwright sends itself."""
+    page.evaluate("""() => {
+      const picker = document.createElement("input");
+      Object.assign(picker, {type: "file", id: "mrcnn-test-picker", hidden: true});
+      document.body.append(picker);
+    }""")
+    page.locator("#mrcnn-test-picker").set_input_files(str(path))
+    file_input.evaluate("""(input, name) => {
+      const picker = document.getElementById("mrcnn-test-picker");
+      const renamed = new DataTransfer();
+      renamed.items.add(new File([picker.files[0]], name, {type: "application/octet-stream"}));
+      picker.remove();
+      input.files = renamed.files;
+      input.dispatchEvent(new Event("input", {bubbles: true, composed: true}));
+      input.dispatchEvent(new Event("change", {bubbles: true}));
+    }""", name)
 
 
 def slider_value(page, label: str) -> float:

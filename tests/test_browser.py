@@ -15,12 +15,15 @@ from pathlib import Path
 from PIL import Image
 
 from mrcnn.model.checkpoint import save_checkpoint
-from tests.browser_app import (ARTIFACTS, BROWSER_MARKS, CHROMIUM, COMPARE_RUN, ROOT, detection_count, press_keys,
-                               slider_value, wait_count, wait_count_change)
+from tests.browser_app import (ARTIFACTS, BROWSER_MARKS, CHROMIUM, COMPARE_RUN, ROOT, detection_count, new_page,
+                               pick_file_named, press_keys, screenshot, script_runs, settle, slider_value, wait_count,
+                               wait_count_change, wait_for_idle, wait_for_rerun)
 from tests.helpers import CATEGORIES, TINY_LIGHT, scene, tiny_loaded
 
-# The README's screenshots are rewritten only when asked (MRCNN_DOC_IMAGES=1): a test run changes no tracked file.
-DOC_IMAGES = ROOT / "docs" / "images" if os.environ.get("MRCNN_DOC_IMAGES") == "1" else ARTIFACTS
+# The README's screenshots are rewritten only when asked (MRCNN_DOC_IMAGES=1): a test run changes no tracked file,
+# and takes its pictures of them as they come, to test-artifacts/.
+MAKING_DOC_IMAGES = os.environ.get("MRCNN_DOC_IMAGES") == "1"
+DOC_IMAGES = ROOT / "docs" / "images" if MAKING_DOC_IMAGES else ARTIFACTS
 
 # CI sets MRCNN_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip.
 if not Path(CHROMIUM).exists() and os.environ.get("MRCNN_REQUIRE_BROWSER") == "1":
@@ -32,9 +35,8 @@ def test_upload_detect_slide_and_inspect(server, browser):
     url, tmp = server
     image = tmp / "upload.png"
     Image.fromarray(scene(150, 200, seed=7)).save(image)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
+    page = new_page(browser, errors=errors)
     try:
         page.goto(url, wait_until="domcontentloaded")
         detection_count(page)  # the starting sample scene
@@ -50,18 +52,12 @@ def test_upload_detect_slide_and_inspect(server, browser):
         assert at_low != at_default, f"count stayed at {at_default} after moving the score slider to 0"
         assert at_low > at_default
         page.get_by_text("network not re-run").first.wait_for(timeout=30_000)
-        page.set_viewport_size({"width": 1400, "height": 2200})
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(ARTIFACTS / "detect.png"), full_page=True)
-        page.set_viewport_size({"width": 1400, "height": 1000})
+        screenshot(page, "detect.png", height=2200)
 
         page.get_by_role("link", name="Inspect").first.click()
         page.get_by_text("10 Where the time went").first.wait_for(timeout=60_000)
         page.get_by_text("Kept (proposals)").first.wait_for(timeout=30_000)
-        # Streamlit scrolls inside its own container: a tall viewport gets the whole page in the picture.
-        page.set_viewport_size({"width": 1400, "height": 7000})
-        page.wait_for_timeout(1500)
-        page.screenshot(path=str(ARTIFACTS / "inspect.png"), full_page=True)
+        screenshot(page, "inspect.png", height=7000)
         assert not page.get_by_text("Traceback").count()
         assert not errors, errors
     finally:
@@ -72,9 +68,8 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
     """Start a short real training run (the train CLI in the background) and watch its loss curve. The form's
     smallest settings keep it quick: 2 steps of 1 image at 128 px, validated once (40 scenes) at the end."""
     url, tmp = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})
     errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
+    page = new_page(browser, height=1400, errors=errors)
     try:
         page.goto(f"{url}/finetune", wait_until="domcontentloaded")
         steps = page.get_by_label("Steps")
@@ -93,8 +88,7 @@ def test_finetune_run_from_the_browser_shows_its_loss_curve(server, browser):
         # the loss chart is drawn from metrics.jsonl while (or once) the job runs
         page.locator(".js-plotly-plot").first.wait_for(timeout=120_000)
         page.get_by_text("New checkpoint").first.wait_for(timeout=180_000)
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(ARTIFACTS / "finetune.png"), full_page=True)
+        screenshot(page, "finetune.png")
         assert list((tmp / "runs").glob("finetune-*/checkpoint.pt")), "the run wrote no checkpoint"
         assert '"image_size": 128' in next((tmp / "runs").glob("finetune-*/config.json")).read_text()
         assert not page.get_by_text("Traceback").count()
@@ -127,7 +121,8 @@ def open_link(page, url: str, path: str) -> None:
     Once `/detect` answered "Page not found": the default page was served at `/` only."""
     page.goto(f"{url}/{path}", wait_until="domcontentloaded")
     page.locator("h1").filter(has_text=PAGE_TITLES[path]).first.wait_for(timeout=60_000)
-    page.wait_for_timeout(500)  # the "Page not found" dialog comes with the first run
+    # the "Page not found" dialog comes with the run, before its page: in once the run has ended
+    wait_for_idle(page)
     assert not page.get_by_text("Page not found").count(), path
     assert page.url == f"{url}/{path}"
 
@@ -137,9 +132,8 @@ def test_shared_controls_and_detections_survive_a_walk_through_every_page(server
     (a change made on Inspect included), Detect shows the same detections, and each page is at its own
     address. Then every page answers at its own link, opened directly, as the root does with Detect."""
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
+    page = new_page(browser, errors=errors)
     try:
         page.goto(url, wait_until="domcontentloaded")
         at_default = detection_count(page)
@@ -151,10 +145,12 @@ def test_shared_controls_and_detections_survive_a_walk_through_every_page(server
         press_keys(page, "NMS IoU (per class)", "PageUp", "PageUp")  # 0.50 -> 0.70 (a page: a tenth of the range)
         press_keys(page, "Max detections", "PageDown", "PageDown")  # 100 -> 40 (pages of 30)
         press_keys(page, "Mask opacity", "PageUp", "ArrowRight")  # 0.50 -> 0.65
-        for label in ("Labels", "Outlines"):
-            flip_toggle(page, label)
-        page.wait_for_timeout(1500)
-        # the presses' reruns may lag behind the keys: this count is the one of every setting above
+        flip_toggle(page, "Labels")
+        runs = script_runs(page)
+        flip_toggle(page, "Outlines")
+        # the presses' reruns may lag behind the keys: once the last one's run has ended, this count is the
+        # one of every setting above
+        wait_for_rerun(page, runs)
         count = wait_count(page, lambda n: n <= 40)
         assert count <= 40, "Max detections 40 did not cap the count"
         expected = {label: slider_value(page, label) for label in
@@ -177,7 +173,7 @@ def test_shared_controls_and_detections_survive_a_walk_through_every_page(server
         open_page(page, url, "evaluate")
         open_page(page, url, "detect")
         assert detection_count(page) == count
-        page.wait_for_timeout(1000)
+        wait_for_idle(page, quiet_ms=500)  # a rerun the page's first run would set off has come and gone
         assert {label: slider_value(page, label) for label in expected} == expected
         assert toggle_states(page, toggles) == toggles
         assert detection_count(page) == count  # not re-drawn from defaults after a late rerun
@@ -196,20 +192,18 @@ def test_add_a_model_from_the_sidebar_and_detect_with_it(server, browser):
     url, tmp = server
     upload = tmp / "upload.pt"
     save_checkpoint(upload, TINY_LIGHT, CATEGORIES, tiny_loaded(seed=3).model.state_dict(), half=True)  # 10 MB
-    page = browser.new_page(viewport={"width": 1400, "height": 1200})
     errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
+    page = new_page(browser, height=1200, errors=errors)
     try:
         page.goto(f"{url}/detect", wait_until="domcontentloaded")
         detection_count(page)
         sidebar = page.locator('[data-testid="stSidebar"]')
         sidebar.get_by_text("Add a model").first.click()
-        sidebar.locator('input[type="file"]').set_input_files(
-            files=[{"name": "../../my-shapes.pt", "mimeType": "application/octet-stream",
-                    "buffer": upload.read_bytes()}])
+        pick_file_named(page, sidebar.locator('input[type="file"]'), upload, "../../my-shapes.pt")
         sidebar.get_by_label("Class names, comma-separated").fill("disc, box, wedge")
+        runs = script_runs(page)
         sidebar.get_by_label("Class names, comma-separated").press("Enter")
-        page.wait_for_timeout(500)
+        wait_for_rerun(page, runs)  # the names are in the page's state before Add is pressed
         sidebar.get_by_role("button", name="Add", exact=True).click()
         sidebar.get_by_text(re.compile(r"Added my-shapes")).first.wait_for(timeout=60_000)
         detection_count(page)  # the page runs the new model
@@ -222,10 +216,23 @@ def test_add_a_model_from_the_sidebar_and_detect_with_it(server, browser):
         page.close()
 
 
+def settle_for_doc_image(page, wait_ms: int) -> None:
+    """Until what is to be pictured is drawn; for the README, ``wait_ms`` more, to the last pixel (tables'
+    canvases, a popover's fade)."""
+    settle(page)
+    if MAKING_DOC_IMAGES:
+        page.wait_for_timeout(wait_ms)
+
+
 def save_doc_image(png: bytes, name: str, width: int = 800) -> None:
-    """A README screenshot: scaled to ``width`` and reduced to 128 colours (under 150 kB)."""
+    """A README screenshot: scaled to ``width`` and reduced to 128 colours (under 150 kB); in test-artifacts/
+    as it is."""
     import io
 
+    if not MAKING_DOC_IMAGES:
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / name).write_bytes(png)
+        return
     image = Image.open(io.BytesIO(png)).convert("RGB")
     image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
     DOC_IMAGES.mkdir(parents=True, exist_ok=True)
@@ -236,9 +243,8 @@ def test_compare_two_models_and_open_a_shared_link_in_a_fresh_browser(server, br
     """Detect compares the sidebar's model with a second one; its "Copy link" opened in a new browser
     context (no cookies, a new session) shows the same detections, sliders and comparison."""
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
+    page = new_page(browser, errors=errors)
     fresh = None
     try:
         page.goto(f"{url}/detect", wait_until="domcontentloaded")
@@ -255,7 +261,7 @@ def test_compare_two_models_and_open_a_shared_link_in_a_fresh_browser(server, br
         summary = matched.inner_text().split(" · ")[0]
         count = detection_count(page)  # drawn with the comparison, after every score key's rerun
         page.set_viewport_size({"width": 1400, "height": 2600})  # the whole section in sight
-        page.wait_for_timeout(1000)
+        settle_for_doc_image(page, 1000)
         top = page.get_by_text("Compare with another model").first.bounding_box()
         table = page.locator('[data-testid="stDataFrame"]').last.bounding_box()  # matched / only A / only B
         save_doc_image(page.screenshot(clip={"x": top["x"] - 8, "y": top["y"] - 8, "width": table["width"] + 16,
@@ -266,14 +272,12 @@ def test_compare_two_models_and_open_a_shared_link_in_a_fresh_browser(server, br
         code.wait_for(timeout=30_000)
         link = code.inner_text().strip()
         assert link.startswith(f"{url}/detect?model=shapes&") and "compare=" in link, link
-        page.wait_for_timeout(500)
+        settle_for_doc_image(page, 500)
         save_doc_image(page.locator('[data-testid="stPopoverBody"]').first.screenshot(), "share.png", width=700)
         expected = {label: slider_value(page, label) for label in ("Score threshold", "Mask opacity")}
         assert expected == {"Score threshold": 0.28, "Mask opacity": 0.7}
 
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        fresh = context.new_page()
-        fresh.on("pageerror", lambda err: errors.append(str(err)))
+        fresh = new_page(browser, errors=errors)  # a browser context of its own
         fresh.goto(link, wait_until="domcontentloaded")
         assert detection_count(fresh) == count
         fresh.get_by_text(summary).first.wait_for(timeout=60_000)  # B ran, and the same pairs matched
@@ -283,4 +287,4 @@ def test_compare_two_models_and_open_a_shared_link_in_a_fresh_browser(server, br
     finally:
         page.close()
         if fresh is not None:
-            fresh.context.close()
+            fresh.close()

@@ -11,7 +11,7 @@ from mrcnn.data.video import open_clip
 from mrcnn.inference.structures import Thresholds
 from mrcnn.inference.video import detect_frames
 from mrcnn.model.zoo import load_model
-from tests.browser_app import ARTIFACTS, BROWSER_MARKS, detection_count, press_keys
+from tests.browser_app import BROWSER_MARKS, detection_count, new_page, press_keys, screenshot, wait_count
 from tests.test_video import encode, scenes
 
 FRAMES, TARGET = 4, 3
@@ -28,9 +28,8 @@ def test_upload_a_clip_scrub_to_a_frame_and_see_its_detections(server, browser):
     loaded = load_model(str(tmp / "weights" / "shapes.pt"), device="cpu", precision="auto")
     expected = [len(r.detections) for r in detect_frames(loaded, open_clip(clip_path), SCORE)]
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
+    page = new_page(browser, errors=errors)
     try:
         page.goto(url, wait_until="domcontentloaded")
         detection_count(page)  # the starting sample scene
@@ -44,11 +43,9 @@ def test_upload_a_clip_scrub_to_a_frame_and_see_its_detections(server, browser):
 
         press_keys(page, "Frame", *["ArrowRight"] * TARGET)
         page.get_by_text(re.compile(rf"Frame {TARGET + 1} of {FRAMES} ")).first.wait_for(timeout=30_000)
-        page.wait_for_timeout(500)
-        assert detection_count(page) == expected[TARGET], expected
-        page.set_viewport_size({"width": 1400, "height": 1800})
-        page.wait_for_timeout(800)
-        page.screenshot(path=str(ARTIFACTS / "detect-clip.png"), full_page=True)
+        # the frame's count follows its caption; a wrong one is the last read after 30 s
+        assert wait_count(page, lambda count: count == expected[TARGET]) == expected[TARGET], expected
+        screenshot(page, "detect-clip.png", height=1800)
         assert not page.get_by_text("Traceback").count()
         assert not errors, errors
     finally:

@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from mrcnn.inference.structures import Detections
 from mrcnn.model.checkpoint import save_checkpoint
-from tests.browser_app import BROWSER_MARKS, detection_count, wait_for_rerun
+from tests.browser_app import BROWSER_MARKS, detection_count, new_page, script_runs, wait_for_idle, wait_for_rerun
 from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, nested_detections, scene, tiny_loaded
 from ui import overlay_view
 
@@ -132,7 +132,7 @@ def open_detect(server, browser, score: str = "0.05"):
     url, tmp = server
     image = tmp / "overlay-view.png"
     Image.fromarray(scene(150, 200, seed=3)).save(image)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = new_page(browser)
     page.goto(f"{url}/detect?score_thresh={score}", wait_until="domcontentloaded")
     detection_count(page)
     page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(image))
@@ -205,15 +205,17 @@ def test_an_arrow_key_shows_the_picture_sent_ahead_and_the_rerun_keeps_it(server
     page = open_detect(server, browser, "0.29")  # random weights score ~0.27-0.30: each step changes the picture
     try:
         page.locator(".mrcnn-ov-ahead").first.wait_for(state="attached", timeout=30_000)
+        wait_for_idle(page)  # the upload's run, and the pictures it sent ahead, are in (and decoded)
+        page.wait_for_timeout(150)
         changed = 0
         for key in ("ArrowRight", "ArrowLeft", "ArrowLeft"):
-            wait_for_rerun(page)  # the rerun before, and the pictures it sent ahead, are in
             page.evaluate(WATCH_PICTURES)
             before = page.locator(PICTURE).first.get_attribute("src")
             thumb = page.get_by_role("slider", name="Score threshold")
             thumb.focus()
+            runs = script_runs(page)
             thumb.press(key)
-            wait_for_rerun(page)  # the rerun for the new score comes back
+            wait_for_rerun(page, runs)  # the rerun for the new score, and the pictures it sent ahead, are in
             # one new picture at most (none when the step changed nothing), shown from the pictures sent
             # ahead, and the rerun's is that same picture (it would be shown from the server otherwise)
             pictures = page.evaluate("window.__pictures")
