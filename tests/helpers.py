@@ -62,6 +62,23 @@ def nested_detections(n: int, h: int = 60, w: int = 80) -> Detections:
                       np.arange(n), CATEGORIES, (h, w))
 
 
+def forward_settings(model) -> dict:
+    """What an eval-mode forward reads besides the weights: the resize, the RPN's and the box heads' settings."""
+    rpn, heads, transform = model.rpn, model.roi_heads, model.transform
+    return {"transform": (transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+                          transform.size_divisible, transform.fixed_size),
+            "rpn": (rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh, rpn.min_size),
+            "heads": (heads.score_thresh, heads.nms_thresh, heads.detections_per_img)}
+
+
+def fewer_proposals(model) -> None:
+    """100 proposals and 10 detections, not 1000 and 100: where each proposal is a detection (random weights,
+    class scores raised), the heads' work on them was most of an R50 forward (4 s for v2). For comparing two
+    models' forwards: done to both, after asserting their forward_settings are equal."""
+    model.rpn._post_nms_top_n = dict(model.rpn._post_nms_top_n, testing=100)
+    model.roi_heads.detections_per_img = 10
+
+
 @contextmanager
 def app_folders(tmp_path: Path, monkeypatch, shapes_checkpoint: Path):
     """The app's folders under ``tmp_path`` for an AppTest: weights/shapes.pt is ``shapes_checkpoint``; runs,

@@ -13,7 +13,7 @@ from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import load_model
 from mrcnn.training.config import TrainConfig
 from mrcnn.training.engine import train
-from tests.helpers import scene
+from tests.helpers import fewer_proposals, forward_settings, scene
 
 FROZEN_STAGES = ("backbone.body.conv1.", "backbone.body.layer1.")  # 3 trainable stages: layer4, layer3, layer2
 TRAINED_STAGE = "backbone.body.layer4."
@@ -40,19 +40,21 @@ def test_imported_r50_finetunes_on_new_classes_and_exports_to_torchvision(tmp_pa
     assert result.state == "finished", result.message
 
     before = load_checkpoint(imported_r50.checkpoint)["state_dict"]
-    after = load_checkpoint(result.checkpoint)
-    assert after["categories"] == ["__background__", "star", "ring"]
-    changed = {k for k, v in after["state_dict"].items() if k in before and before[k].shape == v.shape
+    loaded = load_model(result.checkpoint, device="cpu")  # the run's checkpoint, read once
+    assert loaded.categories == ["__background__", "star", "ring"]
+    changed = {k for k, v in loaded.model.state_dict().items() if k in before and before[k].shape == v.shape
                and not torch.equal(before[k].float(), v.float())}
     assert not [k for k in changed if k.startswith(FROZEN_STAGES)]
     assert not [k for k in changed if k.startswith("backbone.body.") and "bn" in k.split(".")[-2]]  # frozen norms
     assert any(k.startswith(TRAINED_STAGE) for k in changed) and any(k.startswith("roi_heads.") for k in changed)
 
-    loaded = load_model(result.checkpoint, device="cpu")
     export = export_model(loaded, tmp_path / "export", "torchvision")
     plain = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=128,
                                   max_size=loaded.arch["max_size"])
     plain.load_state_dict(torch.load(export.folder / "model.pt", weights_only=True), strict=True)
+    assert forward_settings(loaded.model) == forward_settings(plain)
+    for model in (loaded.model, plain):
+        fewer_proposals(model)
     image = torch.from_numpy(scene(128, 128, seed=3)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         ours, theirs = loaded.model([image])[0], plain.eval()([image])[0]

@@ -16,7 +16,8 @@ from mrcnn.model.architectures import build_model
 from mrcnn.model.checkpoint import load_checkpoint, save_checkpoint
 from mrcnn.model.importer import import_model
 from mrcnn.model.zoo import list_models, load_model
-from tests.helpers import CATEGORIES, TINY_LIGHT, scene, shaped_state_dict, shown
+from tests.helpers import (CATEGORIES, TINY_LIGHT, fewer_proposals, forward_settings, scene, shaped_state_dict,
+                           shown)
 from tests.test_app import env, tiny_shapes  # noqa: F401  (fixtures)
 
 
@@ -61,22 +62,6 @@ def test_class_names_from_coco_annotations_and_sidecars(tmp_path):
     with pytest.raises(CheckpointError, match="2 classes .* but 3 names came from"):
         import_model(src, classes=["a", "b", "c"], dest_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
-
-
-def forward_settings(model) -> dict:
-    """What an eval-mode forward reads besides the weights: the resize, the RPN's and the box heads' settings."""
-    rpn, heads, transform = model.rpn, model.roi_heads, model.transform
-    return {"transform": (transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
-                          transform.size_divisible, transform.fixed_size),
-            "rpn": (rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh, rpn.score_thresh, rpn.min_size),
-            "heads": (heads.score_thresh, heads.nms_thresh, heads.detections_per_img)}
-
-
-def fewer_proposals(model) -> None:
-    """100 proposals and 10 detections, not 1000 and 100: with every class's score raised each proposal is
-    a detection, and the box and mask heads' work on them was most of each R50 forward (4 s for v2)."""
-    model.rpn._post_nms_top_n = dict(model.rpn._post_nms_top_n, testing=100)
-    model.roi_heads.detections_per_img = 10
 
 
 @pytest.mark.parametrize("builder, num_classes, wrap", [(maskrcnn_resnet50_fpn, 3, "ddp"),
