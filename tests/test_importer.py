@@ -177,8 +177,8 @@ def test_add_a_model_from_the_sidebar(env, monkeypatch):
     at.file_uploader(key="add_model_file").upload("../../../x/my_pets.pth", src.read_bytes(),
                                                   "application/octet-stream").run()
     at.text_input(key="add_model_classes").set_value("cat, dog").run()
-    at.number_input(key="add_model_min_size").set_value(128).run()  # the sample scene at 128 px, not 800
-    at.number_input(key="add_model_max_size").set_value(128).run()
+    at.number_input(key="add_model_min_size").set_value(64).run()  # the sample scene at 64 px, not 800
+    at.number_input(key="add_model_max_size").set_value(64).run()
     at.button(key="add_model").click().run()
     assert not at.exception
     assert any("Added **my_pets**" in s.value for s in at.success), [e.value for e in at.error]
