@@ -436,8 +436,8 @@ def imported_r50(env, monkeypatch):
     monkeypatch.setenv("MRCNN_MODELS_DIR", str(env / "models"))
     source = env / "r50.pth"
     torch.save(shaped_state_dict("maskrcnn_resnet50_fpn", 3), source)
-    # at 128 px, not 800: the app runs it on Detect's sample scene before the Fine-tune page opens
-    import_model(source, classes=["cat", "dog"], name="my-r50", min_size=128, max_size=128)
+    # at 64 px, not 800: the app runs it on Detect's sample scene before the Fine-tune page opens
+    import_model(source, classes=["cat", "dog"], name="my-r50", min_size=64, max_size=64)
     monkeypatch.setattr(finetune, "measure_seconds_per_image", lambda *args: 0.5)
     return "my-r50"
 
