@@ -18,7 +18,8 @@ from streamlit.testing.v1 import AppTest
 
 from mrcnn.inference.structures import Detections
 from mrcnn.model.checkpoint import save_checkpoint
-from tests.browser_app import BROWSER_MARKS, detection_count, new_page, script_runs, wait_for_idle, wait_for_rerun
+from tests.browser_app import BROWSER_MARKS, detection_count, script_runs, wait_for_idle, wait_for_rerun
+from tests.browser_app import tab  # noqa: F401 - the fixture: the browser tests' shared page
 from tests.helpers import CATEGORIES, TINY_LIGHT, app_folders, nested_detections, scene, tiny_loaded
 from ui import overlay_view
 
@@ -128,18 +129,16 @@ def test_no_pictures_are_sent_ahead_for_a_picture_of_many_instances(env, monkeyp
     assert component_data(at, "overlay_next")["next"]["pictures"] == {}
 
 # ---- in chromium ----------------------------------------------------------------------------------------
-def open_detect(server, browser, score: str = "0.05"):
+def open_detect(server, page, score: str = "0.05"):
     url, tmp = server
     image = tmp / "overlay-view.png"
     Image.fromarray(scene(150, 200, seed=3)).save(image)
-    page = new_page(browser)
     page.goto(f"{url}/detect?score_thresh={score}", wait_until="domcontentloaded")
     detection_count(page)
     page.locator('[data-testid="stMain"] input[type="file"]').first.set_input_files(str(image))
     page.get_by_text(re.compile(r"overlay-view\.png · 200×150 px")).first.wait_for(timeout=60_000)
     page.locator(PICTURE).first.wait_for(timeout=60_000)
     page.locator(PICTURE).first.scroll_into_view_if_needed()
-    return page
 
 
 # A point inside an instance's outline where that outline is the topmost element (in page pixels), and its index.
@@ -159,35 +158,33 @@ TOPMOST_POINT = """() => {
 
 
 @in_browser
-def test_hover_names_the_instance_and_the_picture_zooms(server, browser):
-    page = open_detect(server, browser, "0.00")  # every candidate: random weights score low
-    try:
-        assert detection_count(page) > 0
-        point = page.evaluate(TOPMOST_POINT)
-        assert point is not None, "no instance outline can be hovered"
-        x, y, index = point
-        page.mouse.move(x, y)
-        tip = page.locator(".mrcnn-ov-tip")
-        tip.wait_for(state="visible", timeout=10_000)
-        assert re.match(rf"#{index} \w+\s+score \d\.\d{{3}}\s+box \[", tip.inner_text())
+def test_hover_names_the_instance_and_the_picture_zooms(server, tab):
+    page = tab.page
+    open_detect(server, page, "0.00")  # every candidate: random weights score low
+    assert detection_count(page) > 0
+    point = page.evaluate(TOPMOST_POINT)
+    assert point is not None, "no instance outline can be hovered"
+    x, y, index = point
+    page.mouse.move(x, y)
+    tip = page.locator(".mrcnn-ov-tip")
+    tip.wait_for(state="visible", timeout=10_000)
+    assert re.match(rf"#{index} \w+\s+score \d\.\d{{3}}\s+box \[", tip.inner_text())
 
-        view = page.locator(VIEW).first
-        box = view.bounding_box()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        page.mouse.wheel(0, -400)  # scroll up: zoom in around the cursor
-        page.wait_for_function(f"document.querySelector('{VIEW}').dataset.zoom > 1.5", timeout=10_000)
-        page.mouse.dblclick(box["x"] + 10, box["y"] + 10)
-        page.wait_for_function(f"document.querySelector('{VIEW}').dataset.zoom === '1.000'", timeout=10_000)
-        # a rectangle a quarter of the picture wide zooms in about four times
-        page.mouse.move(box["x"] + 20, box["y"] + 20)
-        page.mouse.down()
-        page.mouse.move(box["x"] + 20 + box["width"] / 4, box["y"] + 20 + box["height"] / 4, steps=5)
-        page.mouse.up()
-        zoom = float(view.get_attribute("data-zoom"))
-        assert 3.5 < zoom < 4.5, zoom
-        assert page.locator(PICTURE).first.evaluate("img => img.complete && img.naturalWidth") == 200
-    finally:
-        page.close()
+    view = page.locator(VIEW).first
+    box = view.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -400)  # scroll up: zoom in around the cursor
+    page.wait_for_function(f"document.querySelector('{VIEW}').dataset.zoom > 1.5", timeout=10_000)
+    page.mouse.dblclick(box["x"] + 10, box["y"] + 10)
+    page.wait_for_function(f"document.querySelector('{VIEW}').dataset.zoom === '1.000'", timeout=10_000)
+    # a rectangle a quarter of the picture wide zooms in about four times
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 20 + box["width"] / 4, box["y"] + 20 + box["height"] / 4, steps=5)
+    page.mouse.up()
+    zoom = float(view.get_attribute("data-zoom"))
+    assert 3.5 < zoom < 4.5, zoom
+    assert page.locator(PICTURE).first.evaluate("img => img.complete && img.naturalWidth") == 200
 
 
 WATCH_PICTURES = """() => {
@@ -201,30 +198,28 @@ WATCH_PICTURES = """() => {
 
 
 @in_browser
-def test_an_arrow_key_shows_the_picture_sent_ahead_and_the_rerun_keeps_it(server, browser):
-    page = open_detect(server, browser, "0.29")  # random weights score ~0.27-0.30: each step changes the picture
-    try:
-        page.locator(".mrcnn-ov-ahead").first.wait_for(state="attached", timeout=30_000)
-        wait_for_idle(page)  # the upload's run, and the pictures it sent ahead, are in (and decoded)
-        page.wait_for_timeout(150)
-        changed = 0
-        for key in ("ArrowRight", "ArrowLeft", "ArrowLeft"):
-            page.evaluate(WATCH_PICTURES)
-            before = page.locator(PICTURE).first.get_attribute("src")
-            thumb = page.get_by_role("slider", name="Score threshold")
-            thumb.focus()
-            runs = script_runs(page)
-            thumb.press(key)
-            wait_for_rerun(page, runs)  # the rerun for the new score, and the pictures it sent ahead, are in
-            # one new picture at most (none when the step changed nothing), shown from the pictures sent
-            # ahead, and the rerun's is that same picture (it would be shown from the server otherwise)
-            pictures = page.evaluate("window.__pictures")
-            assert len(pictures) <= 1, f"{len(pictures)} pictures after one key press"
-            assert (pictures or [before])[-1] == page.locator(PICTURE).first.get_attribute("src")
-            if pictures:
-                assert page.locator(VIEW).first.get_attribute("data-shown-from") == "ahead"
-            assert page.locator(".mrcnn-ov-regions polygon").count() == detection_count(page)
-            changed += len(pictures)
-        assert changed, "no key press changed the picture: the test saw nothing sent ahead"
-    finally:
-        page.close()
+def test_an_arrow_key_shows_the_picture_sent_ahead_and_the_rerun_keeps_it(server, tab):
+    page = tab.page
+    open_detect(server, page, "0.29")  # random weights score ~0.27-0.30: each step changes the picture
+    page.locator(".mrcnn-ov-ahead").first.wait_for(state="attached", timeout=30_000)
+    wait_for_idle(page)  # the upload's run, and the pictures it sent ahead, are in (and decoded)
+    page.wait_for_timeout(150)
+    changed = 0
+    for key in ("ArrowRight", "ArrowLeft", "ArrowLeft"):
+        page.evaluate(WATCH_PICTURES)
+        before = page.locator(PICTURE).first.get_attribute("src")
+        thumb = page.get_by_role("slider", name="Score threshold")
+        thumb.focus()
+        runs = script_runs(page)
+        thumb.press(key)
+        wait_for_rerun(page, runs)  # the rerun for the new score, and the pictures it sent ahead, are in
+        # one new picture at most (none when the step changed nothing), shown from the pictures sent
+        # ahead, and the rerun's is that same picture (it would be shown from the server otherwise)
+        pictures = page.evaluate("window.__pictures")
+        assert len(pictures) <= 1, f"{len(pictures)} pictures after one key press"
+        assert (pictures or [before])[-1] == page.locator(PICTURE).first.get_attribute("src")
+        if pictures:
+            assert page.locator(VIEW).first.get_attribute("data-shown-from") == "ahead"
+        assert page.locator(".mrcnn-ov-regions polygon").count() == detection_count(page)
+        changed += len(pictures)
+    assert changed, "no key press changed the picture: the test saw nothing sent ahead"
