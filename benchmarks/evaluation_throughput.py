@@ -26,11 +26,6 @@ from mrcnn.model.zoo import load_model  # noqa: E402
 from ui.evaluation_bar import IMAGES_PER_BATCH as PAGE_BATCH  # noqa: E402
 
 
-def page_slot(cache: TraceCache, loaded):
-    """What the Evaluate page enters around each batch's network run (without its progress bar)."""
-    return lambda shape, images: cache.network_run(loaded, shape, images=images)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=50)
@@ -41,10 +36,12 @@ def main(argv=None) -> int:
                             categories=loaded.categories)
     cache = TraceCache(budget=4e9, max_runs=max_concurrent_runs())  # the server's, as the page gets it
     ways = {"one image at a time": {"batch_size": 1, "workers": 1}, "batched, worker threads": {},
-            "the Evaluate page's (run slots)": {"batch_size": PAGE_BATCH, "run_slot": page_slot(cache, loaded)}}
+            "the Evaluate page's (run slots)": {"batch_size": PAGE_BATCH, "run_slot": None}}
     rates, aps = {way: [] for way in ways}, {}
     for _ in range(args.rounds):
         for way, options in ways.items():
+            if "run_slot" in options:  # what the Evaluate page gives each evaluation (ui/evaluation_bar.py)
+                options["run_slot"] = cache.round_slots(loaded)
             start = time.perf_counter()
             result = evaluate(loaded, dataset, keep_predictions=False, **options)
             rates[way].append(args.scenes / (time.perf_counter() - start))

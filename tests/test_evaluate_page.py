@@ -117,7 +117,7 @@ def test_evaluation_runs_take_the_servers_slot_one_round_at_a_time(env, monkeypa
     at = open_page("ui/evaluate.py")
     cache = state.trace_cache()
     assert cache.max_runs == 1
-    events, in_flight, most = [], Counter(), Counter()
+    events, learned, in_flight, most = [], [], Counter(), Counter()
     lock = threading.Lock()
     original = TraceCache.network_run
 
@@ -137,6 +137,7 @@ def test_evaluation_runs_take_the_servers_slot_one_round_at_a_time(env, monkeypa
                     in_flight["runs"] += 1
                     most["runs"] = max(most["runs"], in_flight["runs"])
                     events.append((who, tuple(image_shape[:2]), images))
+                    learned.append(learn)
                     first = sum(1 for e in events if e[0] == "evaluation" and e[1] != "waits") == 1
                 if who == "evaluation" and first:  # another session's Detect asks for a run now
                     other.start()
@@ -164,6 +165,10 @@ def test_evaluation_runs_take_the_servers_slot_one_round_at_a_time(env, monkeypa
     assert {r[1] for r in rounds} == {(SIZE, SIZE)} and sum(r[2] for r in rounds) == SCENES
     assert len(rounds) == -(-SCENES // torch.get_num_threads())  # a round: one image per worker (a thread each)
     assert browsers == ("evaluation", (SIZE, SIZE), 1)
+    # a round's memory is learned on the first of its kind only (learning trims the process's freed memory first)
+    learns = [learned[i] for i in evaluation_runs[:-1]]
+    assert learns == [i == 0 or rounds[i] not in rounds[:i] for i in range(len(rounds))]
+    assert learns.count(False) >= 1
     assert most["runs"] == 1, "two runs at once under MRCNN_MAX_CONCURRENT_RUNS=1"
     assert runs.index(("other session", (SIZE, SIZE), 1)) < evaluation_runs[-2], \
         "the other session waited for the whole evaluation"

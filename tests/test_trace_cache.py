@@ -202,15 +202,45 @@ def test_a_run_measures_its_peak_and_the_cache_remembers_the_largest(loaded):
     assert cache.bytes_per_pixel(loaded) == measured
 
 
-def test_a_run_that_does_not_learn_starts_no_sampler(loaded, monkeypatch):
-    """A clip's later frames: the sampler thread woke every few ms through each run (~15% of a frame's time)."""
+def test_a_run_that_does_not_learn_starts_no_sampler_and_keeps_freed_memory(loaded, monkeypatch):
+    """A clip's later frames: the sampler thread woke every few ms through each run (~15% of a frame's time).
+    Freed memory given back to the system before each run made the run fault its working memory in again."""
     import mrcnn.inference.trace_cache as trace_cache
     cache = TraceCache(budget=1e12)
     monkeypatch.setattr(trace_cache, "_PeakGrowth", lambda device: pytest.fail("sampled a run that does not learn"))
+    monkeypatch.setattr(trace_cache, "_return_freed_memory", lambda: pytest.fail("trimmed for a run that does not "
+                                                                                 "learn, with nothing evicted"))
     with cache.network_run(loaded, SHAPE, learn=False) as held:
         assert held.nbytes == pytest.approx(_estimate(loaded)) and cache.reserved_bytes() == held.nbytes
     assert cache.reserved_bytes() == 0 and cache.bytes_per_pixel(loaded) == _estimate(loaded) / input_pixels(
         loaded, SHAPE)
+
+
+def test_an_evaluations_rounds_learn_once_per_image_shape_and_count(loaded, monkeypatch):
+    """round_slots (what the Evaluate page's rounds take): the first round of each kind learns, after giving
+    freed memory back so that its growth shows; the rounds after it neither trim nor sample."""
+    import mrcnn.inference.trace_cache as trace_cache
+    cache = TraceCache(budget=1e12)
+    calls = []
+    real_growth = trace_cache._PeakGrowth
+    monkeypatch.setattr(trace_cache, "_return_freed_memory", lambda: calls.append("trim"))
+    monkeypatch.setattr(trace_cache, "_PeakGrowth", lambda device: calls.append("sample") or real_growth(device))
+    slot = cache.round_slots(loaded)
+    rounds = [(SHAPE, 2), (SHAPE, 2), (SHAPE, 2), ((64, 48, 3), 2), (SHAPE, 1), ((64, 48, 3), 2)]
+    learned = []
+    for shape, images in rounds:
+        calls.clear()
+        with slot(shape, images):
+            pass
+        assert calls in ([], ["trim", "sample"]), calls
+        learned.append(bool(calls))
+    assert learned == [True, False, False, True, True, False]
+    assert cache.reserved_bytes() == 0
+    fresh = cache.round_slots(loaded)  # another evaluation learns again
+    calls.clear()
+    with fresh(SHAPE, 2):
+        pass
+    assert calls == ["trim", "sample"]
 
 
 def test_one_network_run_at_a_time_by_default(loaded, monkeypatch):

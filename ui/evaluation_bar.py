@@ -3,9 +3,9 @@ run slots its network runs take.
 
 ``run_slot`` is what ``mrcnn.evaluation.evaluate`` enters around each round of network runs (one batch per
 worker, side by side, in the page's own thread): one of the server's run slots and room in its memory budget
-for the round's images (``TraceCache.network_run``, as Detect's runs take), so another session's run waits
-one round, not a whole evaluation. While a round waits, the bar says so (``state.network_slot``'s spinner
-would land below whatever the page drew last).
+for the round's images (``TraceCache.round_slots``: a ``network_run`` each, as Detect's runs take), so
+another session's run waits one round, not a whole evaluation. While a round waits, the bar says so
+(``state.network_slot``'s spinner would land below whatever the page drew last).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class EvaluationBar:
     def model(self, loaded, label: str) -> "EvaluationBar":
         """The model evaluated from now on, and the bar's text before "3/50" ("Evaluating image")."""
         self.loaded, self.label, self.fraction = loaded, label, 0.0
+        self._slots = state.trace_cache().round_slots(loaded, waiting=self._waiting)
         return self
 
     def images(self, done: int, total: int) -> None:
@@ -33,7 +34,7 @@ class EvaluationBar:
         self.bar.progress(self.fraction, text=f"{self.label} {done}/{total}")
 
     def run_slot(self, image_shape: tuple[int, ...], images: int = 1):
-        return state.trace_cache().network_run(self.loaded, image_shape, waiting=self._waiting, images=images)
+        return self._slots(image_shape, images)
 
     @contextmanager
     def _waiting(self):
