@@ -344,6 +344,7 @@ def test_an_exif_orientation_that_keeps_the_size_is_one_note_and_annotations_fol
         "img_002.png (mirrored)): annotations are read as drawn on the image as shown, turned as the tag says "
         "(as detectron2 reads them); if they were drawn on the pixels as stored, remove the tag")
     assert f"  {report.notes[0]}" in report.summary().splitlines()
+    assert report.summary().splitlines()[0].endswith("0 errors, 0 warnings, 1 note")
     with caplog.at_level("WARNING", logger="mrcnn"):
         ds = open_data(str(root))
     assert [r.getMessage() for r in caplog.records] == [f"{root}: {report.notes[0].where}: {report.notes[0].message}"]

@@ -10,8 +10,9 @@ image or annotation is left out, and ``load_dataset`` (mrcnn.data.coco) refuses 
 *Warnings* name an annotation that is skipped but leaves the data usable (zero-width box, empty mask):
 ``report.warnings`` lists them, one ValidationIssue each, and ``open_data`` logs them (the CLI prints them
 as ``warning: ...`` lines). *Notes* (``report.notes``) say how something was read that a person may not
-expect (images an EXIF orientation mirrors or turns 180°); nothing is left out, and they are logged too. ``scan_dataset`` returns the valid part, which CocoDataset reads from: no
-instance in it is one torchvision would reject.
+expect (images an EXIF orientation mirrors or turns 180°); nothing is left out, and they are logged too.
+``scan_dataset`` returns the valid part, which CocoDataset reads from: no instance in it is one torchvision
+would reject.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ class ValidationReport:
         cats = f" ({', '.join(self.categories)})" if self.categories else ""
         head = (f"{self.root + ': ' if self.root else ''}{self.num_images} images, {self.num_annotations} "
                 f"annotations, {len(self.categories)} categories{cats}; "
-                f"{n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)}")
+                f"{n_err} error{'s' * (n_err != 1)}, {n_warn} warning{'s' * (n_warn != 1)}"
+                + (f", {len(self.notes)} note{'s' * (len(self.notes) != 1)}" if self.notes else ""))
         # Errors first: they are what stops the dataset from loading.
         shown = (self.errors + self.warnings + self.notes)[:max_issues]
         lines = [head] + [f"  {issue}" for issue in shown]
