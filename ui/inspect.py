@@ -86,8 +86,9 @@ def _backbone(trace) -> None:
         rows = []
         for name in names:
             _, ch, h, w = trace.features[name].shape
+            sy, sx = anchor_strides(trace, h, w)
             rows.append({"level": labels[name], "shape (C×H×W)": f"{ch}×{h}×{w}",
-                         "stride": f"{trace.padded_size[0] / h:.0f}"})
+                         "stride": f"{sy}" if sy == sx else f"{sy} (y), {sx} (x)"})
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     maps = [(labels[n], plots.downsample(plots.feature_map_2d(_np(trace.features[n][0]), channel))) for n in names]
     c2.plotly_chart(plots.heatmap_grid(maps, cols=3), key="feat_grid", width="stretch")
@@ -107,12 +108,19 @@ def _anchor_rows(trace) -> list[dict]:
     return rows
 
 
+def anchor_strides(trace, h: int, w: int) -> tuple[int, int]:
+    """(y, x) strides torchvision's AnchorGenerator tiles an h×w level's anchors at: the padded input's size
+    // the grid's. The pooled level's grid rounds up (P5's 11 cells → 6), so its stride is then 58, not 64."""
+    return trace.padded_size[0] // h, trace.padded_size[1] // w
+
+
 def feature_cell(trace, level: int, x: float, y: float) -> tuple[int, int]:
-    """The feature-map cell of a level under an original-image pixel (x, y)."""
+    """The cell of a level whose anchors are centred nearest an original-image pixel (x, y): torchvision
+    centres a cell's anchors on the cell's index × stride."""
     _, fh, fw = trace.objectness_maps[level].shape
-    stride_y, stride_x = trace.padded_size[0] / fh, trace.padded_size[1] / fw
-    cy = int(min(max(y * trace.scale / stride_y, 0), fh - 1))
-    cx = int(min(max(x * trace.scale / stride_x, 0), fw - 1))
+    stride_y, stride_x = anchor_strides(trace, fh, fw)
+    cy = int(min(max(round(y * trace.scale / stride_y), 0), fh - 1))
+    cx = int(min(max(round(x * trace.scale / stride_x), 0), fw - 1))
     return cy, cx
 
 
